@@ -1,0 +1,31 @@
+# Quick start: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch==2.13.0 is the CPU build on this project's machines; an existing torch in $(VENV) is kept.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.peftkern-installed
+
+.PHONY: venv test test-torch test-triton demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) -m peftkern.cli demo
+
+bench: venv
+	$(PY) benchmarks/bench_lora.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,8 @@
+"""peftkern: fused kernels for parameter-efficient fine-tuning."""
+from .backend import available_backends, get_backend, set_backend, use_backend
+from .ops.lora import dora_linear, lora_linear
+from . import nn  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["available_backends", "get_backend", "set_backend", "use_backend", "lora_linear", "dora_linear", "nn"]

@@ -1,0 +1,154 @@
+"""One registry: which implementation serves an op on which device.
+
+Each op (``"lora_forward"``, ``"lora_backward"``, ...) has implementations registered per backend:
+
+* ``"torch"``  - eager PyTorch, any device (the CPU path);
+* ``"triton"`` - Triton kernels, CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` (how CI tests them);
+* ``"cuda"``   - the CUDA library built from ``csrc/`` (ctypes), CUDA tensors.
+
+The backend in force is, in order: ``use_backend(...)`` / ``set_backend(...)``, the ``PEFTKERN_BACKEND``
+environment variable, else ``"auto"``. ``"auto"`` picks the best backend able to serve the op on the tensors'
+device and falls back silently; a backend named explicitly either serves the op or raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+from typing import Callable, Iterator, NamedTuple
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+_CHOICES = ("auto",) + BACKENDS
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("torch",)}
+
+_registry: dict[str, dict[str, Callable]] = {}
+_state = threading.local()
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str  # why it is unavailable, or what it serves
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` implements ``op`` on ``backend``."""
+    _check_name(backend, BACKENDS)
+
+    def wrap(fn: Callable) -> Callable:
+        _registry.setdefault(op, {})[backend] = fn
+        return fn
+
+    return wrap
+
+
+def registered(op: str) -> dict[str, Callable]:
+    return dict(_registry.get(op, {}))
+
+
+def ops() -> list[str]:
+    return sorted(_registry)
+
+
+def _check_name(name: str, choices: tuple[str, ...], what: str = "backend") -> str:
+    if not isinstance(name, str) or name not in choices:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {', '.join(choices)}")
+    return name
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # pragma: no cover - broken installs
+        return f"triton failed to import: {e}"
+    return None
+
+
+def _cuda_library_error() -> str | None:
+    from . import _cuda_lib
+
+    return _cuda_lib.load_error()
+
+
+def _device_error(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        err = _triton_import_error()
+        if err:
+            return err
+        if device.type == "cuda" or (device.type == "cpu" and interpret_mode()):
+            return None
+        return f"triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {device.type}"
+    if device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got {device.type}"
+    return _cuda_library_error()
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Each backend, whether it can run here, and the reason when it cannot."""
+    cuda = torch.device("cuda") if torch.cuda.is_available() else None
+    out = {"torch": BackendStatus(True, "eager PyTorch on any device")}
+    terr = _triton_import_error()
+    if terr is None and cuda is None and not interpret_mode():
+        terr = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"
+    out["triton"] = BackendStatus(terr is None, terr or ("CUDA" if cuda is not None else "CPU interpreter"))
+    cerr = _cuda_library_error() if cuda is not None else "no CUDA device"
+    out["cuda"] = BackendStatus(cerr is None, cerr or "CUDA library")
+    return out
+
+
+def get_backend() -> str:
+    explicit = getattr(_state, "backend", None)
+    if explicit is not None:
+        return explicit
+    return _check_name(os.environ.get("PEFTKERN_BACKEND", "auto") or "auto", _CHOICES, "PEFTKERN_BACKEND")
+
+
+def set_backend(name: str) -> None:
+    """Force a backend for every op (``"auto"`` restores automatic choice)."""
+    _state.backend = _check_name(name, _CHOICES)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager form of :func:`set_backend`."""
+    _check_name(name, _CHOICES)
+    previous = getattr(_state, "backend", None)
+    _state.backend = name
+    try:
+        yield
+    finally:
+        _state.backend = previous
+
+
+def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
+    """The (backend name, implementation) that serves ``op`` for tensors on ``device``."""
+    impls = _registry.get(op)
+    if not impls:
+        raise KeyError(f"no implementation registered for op {op!r}")
+    requested = get_backend()
+    if requested != "auto":
+        if requested not in impls:
+            raise RuntimeError(f"backend {requested!r} has no implementation of {op!r} "
+                               f"(it has: {', '.join(impls)})")
+        err = _device_error(requested, device)
+        if err:
+            raise RuntimeError(f"backend {requested!r} cannot run {op!r}: {err}")
+        return requested, impls[requested]
+    for name in _AUTO_ORDER.get(device.type, ("torch",)):
+        if name in impls and _device_error(name, device) is None:
+            return name, impls[name]
+    raise RuntimeError(f"no backend can run {op!r} on {device}")

@@ -1,0 +1,1 @@
+"""Training-time algorithms built on the ops (AdaLoRA allocator, ...)."""

@@ -1,0 +1,135 @@
+"""LoRA ops registered with torch.library (autograd + fake tensors), and the functional API."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ... import _validate as V
+from ...backend import resolve
+from . import torch_impl
+
+
+@torch.library.custom_op("peftkern::lora_forward", mutates_args=())
+def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                 rank_scale: Optional[Tensor], scaling: float, dropout_p: float,
+                 seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    _, impl = resolve("lora_forward", x.device)
+    return impl(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, _seed_int(seed))
+
+
+@lora_forward.register_fake
+def _(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed):
+    return (x.new_empty(x.shape[0], weight.shape[0]),
+            x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch_impl.lora_dtype(x, lora_A)))
+
+
+@torch.library.custom_op("peftkern::lora_backward", mutates_args=())
+def lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                  rank_scale: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float,
+                  seed: Optional[Tensor], compute_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _, impl = resolve("lora_backward", x.device)
+    dx, dA, dB, de = impl(grad_y.contiguous(), x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p,
+                          _seed_int(seed), compute_dx)
+    # custom ops return tensors only: empty ones stand for "not computed"
+    return (dx if dx is not None else x.new_empty(0), dA, dB,
+            de if de is not None else lora_A.new_empty(0))
+
+
+@lora_backward.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed, compute_dx):
+    return (torch.empty_like(x) if compute_dx else x.new_empty(0), torch.empty_like(lora_A),
+            torch.empty_like(lora_B), torch.empty_like(rank_scale) if rank_scale is not None else lora_A.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, rank_scale, output[1], seed)
+    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+
+
+def _backward(ctx, grad_y, _grad_h):
+    x, weight, lora_A, lora_B, rank_scale, h, seed = ctx.saved_tensors
+    dx, dA, dB, de = lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, ctx.scaling,
+                                   ctx.dropout_p, seed, ctx.needs_input_grad[0])
+    db = grad_y.sum(0) if ctx.needs_input_grad[2] else None
+    return (dx if ctx.needs_input_grad[0] else None, None, db, dA, dB,
+            de if ctx.needs_input_grad[5] else None, None, None, None)
+
+
+torch.library.register_autograd("peftkern::lora_forward", _backward, setup_context=_setup_context)
+
+
+def _seed_int(seed: Optional[Tensor]) -> Optional[int]:
+    return None if seed is None else int(seed.item())
+
+
+def new_seed() -> Tensor:
+    """A 31-bit dropout seed from torch's CPU generator (``torch.manual_seed`` reproduces it)."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale):
+    V.tensor("x", x, min_ndim=1)
+    V.tensor("weight", weight, ndim=2)
+    V.tensor("lora_A", lora_A, ndim=2)
+    V.tensor("lora_B", lora_B, ndim=2)
+    out_f, in_f = weight.shape
+    r = lora_A.shape[0]
+    if r == 0:
+        raise ValueError("lora_A has rank r=0; the rank must be >= 1")
+    if x.shape[-1] != in_f:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {in_f} ([out, in] = {tuple(weight.shape)})")
+    V.shape("lora_A", lora_A, (r, in_f), "[r, in]")
+    V.shape("lora_B", lora_B, (out_f, r), "[out, r]")
+    V.same_dtype("x", x, weight=weight, bias=bias)
+    V.same_dtype("lora_A", lora_A, lora_B=lora_B, rank_scale=rank_scale)
+    V.same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, rank_scale=rank_scale)
+    if bias is not None:
+        V.tensor("bias", bias, ndim=1)
+        V.shape("bias", bias, (out_f,), "[out]")
+    if rank_scale is not None:
+        V.tensor("rank_scale", rank_scale)
+        if rank_scale.dim() == 2 and rank_scale.shape[1] == 1:
+            raise ValueError(f"rank_scale must be 1-D [r]={r}, got shape {tuple(rank_scale.shape)} (use .view(-1))")
+        V.shape("rank_scale", rank_scale, (r,), "[r], one scale per rank")
+    V.number("scaling", scaling)
+    V.number("dropout_p", dropout_p, low=0.0, high=1.0)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise ValueError("weight must be frozen (requires_grad=False): the fused LoRA op computes no weight gradient")
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+                *, dropout_p: float = 0.0, training: bool = False, rank_scale: Optional[Tensor] = None) -> Tensor:
+    """``y = x W^T + b + scaling * (dropout(x) A^T * rank_scale) B^T`` (PEFT layouts: A [r, in], B [out, r]).
+
+    x has any leading shape; W is frozen; dropout applies only when ``training``; ``rank_scale`` [r] is
+    AdaLoRA's per-rank scale and gets a gradient.
+    """
+    _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
+    p = float(dropout_p) if training else 0.0
+    seed = new_seed() if p > 0.0 else None
+    y, _ = lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, rank_scale,
+                        float(scaling), p, seed)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                     weight_sq_norm: Optional[Tensor] = None) -> Tensor:
+    """||W + s B A|| per output row, without materializing B A ([out], detached as in PEFT)."""
+    with torch.no_grad():
+        return torch_impl.dora_weight_norm(weight, lora_A, lora_B, float(scaling), weight_sq_norm)
+
+
+def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
+                magnitude: Tensor, *, dropout_p: float = 0.0, training: bool = False,
+                weight_sq_norm: Optional[Tensor] = None) -> Tensor:
+    """DoRA: ``y = (magnitude / ||W + s B A||) * (x W^T + s drop(x) A^T B^T) + b``, the norm detached (PEFT)."""
+    _check_lora_args(x, weight, None, lora_A, lora_B, scaling, dropout_p, None)
+    V.tensor("magnitude", magnitude, ndim=1)
+    V.shape("magnitude", magnitude, (weight.shape[0],), "[out]")
+    norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
+    y = lora_linear(x, weight, None, lora_A, lora_B, scaling, dropout_p=dropout_p, training=training)
+    y = (y * (magnitude / norm)).to(x.dtype)
+    return y if bias is None else y + bias

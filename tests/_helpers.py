@@ -1,0 +1,74 @@
+"""Shared test utilities: tolerances against fp64, NaN poisoning, saved-for-backward accounting, ids."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import pytest
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+requires_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def backends() -> list:
+    """Every backend that can run here: torch always; triton on CUDA or the CPU interpreter."""
+    out = ["torch"]
+    if HAS_TRITON and pk_backend_ok("triton"):
+        out.append(pytest.param("triton", marks=pytest.mark.triton))
+    return out
+
+
+def pk_backend_ok(name: str) -> bool:
+    import peftkern as pk
+
+    return pk.available_backends()[name].available
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close(out: torch.Tensor, ref64: torch.Tensor, *, eager: torch.Tensor | None = None, name: str = "",
+                 rtol32: float = 2e-5, atol: float = 1e-6) -> None:
+    """fp32/fp64: max error <= rtol32 * max|ref| (+atol); fp16/bf16: <= 2x eager PyTorch's error + atol."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
+    err = max_err(out, ref64)
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    if out.dtype in (torch.float32, torch.float64):
+        bound = rtol32 * scale + atol
+    else:
+        assert eager is not None, f"{name}: low precision needs eager's result to compare"
+        bound = 2.0 * max_err(eager, ref64) + atol * max(scale, 1.0)
+    assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (|ref| max {scale:.3e})"
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN so an unwritten element fails the test."""
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+
+@contextlib.contextmanager
+def saved_bytes(exclude=(), counter=None):
+    """Count unique storages autograd saves for backward, excluding the tensors in ``exclude`` (parameters)."""
+    counter = {} if counter is None else counter
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in skip and ptr != 0:
+            counter[ptr] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield counter
+
+
+def shape_id(**dims) -> str:
+    return "-".join(f"{k}{v}" for k, v in dims.items())
