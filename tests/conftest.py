@@ -8,11 +8,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import peftkern as pk  # noqa: E402
+from peftkern import backend  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _reset_backend():
-    pk.set_backend("auto")
+    """Each test starts with no explicit backend (environment or auto decides)."""
+    backend._state.__dict__.clear()
     yield
-    pk.set_backend("auto")
+    backend._state.__dict__.clear()

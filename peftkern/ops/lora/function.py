@@ -14,15 +14,16 @@ from . import torch_impl
 @torch.library.custom_op("peftkern::lora_forward", mutates_args=())
 def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                  rank_scale: Optional[Tensor], scaling: float, dropout_p: float,
-                 seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                 seed: Optional[Tensor], promote_output: bool) -> tuple[Tensor, Tensor]:
     _, impl = resolve("lora_forward", x.device)
-    return impl(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, _seed_int(seed))
+    return impl(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, _seed_int(seed), promote_output)
 
 
 @lora_forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed):
-    return (x.new_empty(x.shape[0], weight.shape[0]),
-            x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch_impl.lora_dtype(x, lora_A)))
+def _(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, promote_output):
+    ldt = torch_impl.lora_dtype(x, lora_A)
+    return (x.new_empty(x.shape[0], weight.shape[0], dtype=ldt if promote_output else x.dtype),
+            x.new_empty(x.shape[0], lora_A.shape[0], dtype=ldt))
 
 
 @torch.library.custom_op("peftkern::lora_backward", mutates_args=())
@@ -44,7 +45,7 @@ def _(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed = inputs
+    x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, _ = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, rank_scale, output[1], seed)
     ctx.scaling, ctx.dropout_p = scaling, dropout_p
 
@@ -55,7 +56,7 @@ def _backward(ctx, grad_y, _grad_h):
                                    ctx.dropout_p, seed, ctx.needs_input_grad[0])
     db = grad_y.sum(0) if ctx.needs_input_grad[2] else None
     return (dx if ctx.needs_input_grad[0] else None, None, db, dA, dB,
-            de if ctx.needs_input_grad[5] else None, None, None, None)
+            de if ctx.needs_input_grad[5] else None, None, None, None, None)
 
 
 torch.library.register_autograd("peftkern::lora_forward", _backward, setup_context=_setup_context)
@@ -108,10 +109,14 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     AdaLoRA's per-rank scale and gets a gradient.
     """
     _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
+    return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, rank_scale, False)
+
+
+def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, rank_scale, promote_output):
     p = float(dropout_p) if training else 0.0
     seed = new_seed() if p > 0.0 else None
     y, _ = lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, rank_scale,
-                        float(scaling), p, seed)
+                        float(scaling), p, seed, promote_output)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -130,6 +135,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     V.tensor("magnitude", magnitude, ndim=1)
     V.shape("magnitude", magnitude, (weight.shape[0],), "[out]")
     norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
-    y = lora_linear(x, weight, None, lora_A, lora_B, scaling, dropout_p=dropout_p, training=training)
+    # the rescale happens in the LoRA dtype (fp32 adapters over a half base): its gradient reaches A, B unrounded
+    y = _lora_linear(x, weight, None, lora_A, lora_B, scaling, dropout_p, training, None, True)
     y = (y * (magnitude / norm)).to(x.dtype)
     return y if bias is None else y + bias

@@ -27,15 +27,20 @@ def lora_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
 
 
 @register("lora_forward", "torch")
-def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dropout_p: float, seed):
-    """(y [N, out], h [N, r]) for x [N, in]; h = drop(x) A^T before the rank scale."""
+def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dropout_p: float, seed,
+                 promote_output: bool = False):
+    """(y [N, out], h [N, r]) for x [N, in]; h = drop(x) A^T before the rank scale.
+
+    y is in x's dtype, or in the LoRA dtype promote(x, A) when ``promote_output`` (DoRA rescales it there).
+    """
     ldt = lora_dtype(x, lora_A)
     h = _dropped(x, dropout_p, seed, ldt) @ lora_A.t()
     he = h if rank_scale is None else h * rank_scale
     y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
     if ldt == x.dtype:
         return y.addmm_(he, lora_B.t(), alpha=scaling), h
-    return torch.addmm(y.to(ldt), he, lora_B.to(ldt).t(), alpha=scaling).to(x.dtype), h
+    y = torch.addmm(y.to(ldt), he, lora_B.to(ldt).t(), alpha=scaling)
+    return (y if promote_output else y.to(x.dtype)), h
 
 
 @register("lora_backward", "torch")
@@ -60,16 +65,23 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling: flo
         if ldt == x.dtype:
             dx = torch.addmm(t, grad_y, weight)
         else:
-            dx = (grad_y @ weight).to(ldt).add_(t).to(x.dtype)
+            dx = (grad_y.to(weight.dtype) @ weight).to(ldt).add_(t).to(x.dtype)
     return dx, dA, dB, d_rank_scale
 
 
-def dora_weight_norm(weight, lora_A, lora_B, scaling: float, weight_sq_norm=None):
-    """Row norms of W + s B A without forming B A: ||W||^2 + 2s rowsum((W A^T) B) + s^2 rowsum((B A A^T) B)."""
+def dora_weight_norm(weight, lora_A, lora_B, scaling: float, weight_sq_norm=None, rows_per_chunk: int = 4096):
+    """Row norms of W + s B A without forming B A: ||W||^2 + 2s rowsum((W A^T) B) + s^2 rowsum((B A A^T) B).
+
+    Computed in fp32 (or fp64) whatever W's dtype, upcasting W a chunk of rows at a time.
+    """
     dt = torch.promote_types(lora_A.dtype, torch.float32)
     A, B = lora_A.to(dt), lora_B.to(dt)
-    if weight_sq_norm is None:
-        weight_sq_norm = weight.to(dt).square().sum(1)
-    cross = ((weight @ lora_A.to(weight.dtype).t()).to(dt) * B).sum(1)
+    sq, cross = [], []
+    for w, b in zip(weight.split(rows_per_chunk), B.split(rows_per_chunk)):
+        w = w.to(dt)
+        cross.append(((w @ A.t()) * b).sum(1))
+        if weight_sq_norm is None:
+            sq.append(w.square().sum(1))
+    sq = weight_sq_norm.to(dt) if weight_sq_norm is not None else torch.cat(sq)
     quad = ((B @ (A @ A.t())) * B).sum(1)
-    return (weight_sq_norm.to(dt) + 2.0 * scaling * cross + scaling * scaling * quad).clamp_min(0).sqrt()
+    return (sq + 2.0 * scaling * torch.cat(cross) + scaling * scaling * quad).clamp_min(0).sqrt()
