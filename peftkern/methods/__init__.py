@@ -1,1 +1,4 @@
-"""Training-time algorithms built on the ops (AdaLoRA allocator, ...)."""
+"""Training-time algorithms built on the ops."""
+from .adalora import AdaLoRAAllocator, adalora_scaling, prepare_adalora
+
+__all__ = ["AdaLoRAAllocator", "adalora_scaling", "prepare_adalora"]

@@ -229,6 +229,9 @@ def _ddp_worker(rank, world, init_file, state, x, target, out_dir):
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
+    # the reducer must not hold the last reference to the process group: its destructor joins gloo's threads
+    # with the GIL held, while they may need the GIL to free their last work item (a teardown deadlock)
+    del ddp, loss
     dist.destroy_process_group()
 
 

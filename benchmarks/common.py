@@ -1,0 +1,208 @@
+"""Shared benchmark utilities: interleaved timing, saved-for-backward bytes, run metadata, tables and JSON.
+
+Timing rules (DESIGN.md section 6): the implementations being compared run side by side in one process, their
+repetitions interleaved (A B B A A B ...) so that a change of machine load hits both alike; we report the
+median wall clock of each and their ratio. On a CUDA device ``triton.testing.do_bench`` times each repetition
+(median of its own inner runs, CUDA events, L2 flushed) and the repetitions are interleaved the same way.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from peftkern.demo import SavedBytes, fmt_bytes  # noqa: F401  (one implementation of the saved-bytes counter)
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+
+
+# --------------------------------------------------------------------------------------------------- timing
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2,
+                      device: str = "cpu", min_time_s: float = 0.0,
+                      cpu_times: Optional[dict[str, list[float]]] = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, ``reps`` samples each, the calls interleaved (the order alternates each round).
+
+    CPU: wall clock (``time.perf_counter``) around one call; if ``cpu_times`` is given it also receives the
+    process CPU time of each call (``time.process_time``: all threads, time spent preempted by other processes
+    not counted; OpenMP spin-waits are). CUDA: ``triton.testing.do_bench`` (median of its own repetitions, ms)
+    per sample when triton is importable, else CUDA events. ``min_time_s`` adds rounds until every fn has been
+    timed for at least that long in total (more samples for fast configs).
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    _sync(device)
+    bench = _do_bench() if device == "cuda" else None
+    out: dict[str, list[float]] = {n: [] for n in names}
+    if cpu_times is not None:
+        cpu_times.update({n: [] for n in names})
+    r = 0
+    while r < reps or (min_time_s and min(sum(v) for v in out.values()) < min_time_s and r < 50 * reps):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            if bench is not None:
+                out[n].append(bench(fns[n]) * 1e-3)
+            elif device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fns[n]()
+                end.record()
+                torch.cuda.synchronize()
+                out[n].append(start.elapsed_time(end) * 1e-3)
+            else:
+                c0, t0 = time.process_time(), time.perf_counter()
+                fns[n]()
+                out[n].append(time.perf_counter() - t0)
+                if cpu_times is not None:
+                    cpu_times[n].append(time.process_time() - c0)
+        r += 1
+    return out
+
+
+def _do_bench():
+    try:
+        from triton.testing import do_bench
+    except Exception:  # pragma: no cover - triton missing or broken
+        return None
+    return lambda fn: do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def summarize(samples: Sequence[float]) -> dict:
+    """median / min / p25 / p75 in milliseconds."""
+    ms = sorted(s * 1e3 for s in samples)
+    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+    return {"median_ms": statistics.median(ms), "min_ms": ms[0], "p25_ms": q[0], "p75_ms": q[2], "n": len(ms)}
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median of per-round ratios a_i / b_i (rounds interleave a and b, so each pair saw similar load)."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def steady_malloc() -> str:
+    """Make glibc's malloc behave as in a long training run: blocks up to 32 MiB come from the heap and are reused
+    (no fresh mmap + page faults per call), and the heap is not trimmed between calls.
+
+    glibc raises its mmap threshold dynamically as large blocks are freed, so without this the cost of a call
+    depends on what the process did before (measured here: the same config 0.87x in a fresh process, 1.07x after
+    other configs). Fixing the thresholds removes that history; both implementations get the same allocator.
+    Returns a description for the JSON ("default" where it does not apply).
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or torch.cuda.is_available():
+        return "default"
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return "default"
+    return "glibc mallopt: M_MMAP_THRESHOLD=32MiB, M_TRIM_THRESHOLD=1GiB" if ok else "default"
+
+
+# --------------------------------------------------------------------------------------------------- metadata
+def git_commit() -> Optional[str]:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("-dirty" if dirty else "")) or None
+
+
+def _version(mod: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(mod)
+    except Exception:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    cuda = torch.cuda.is_available()
+    flags = ""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+        "load_average_at_start": load,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "versions": {"torch": torch.__version__, "peft": _version("peft"), "transformers": _version("transformers"),
+                     "triton": _version("triton"), "bitsandbytes": _version("bitsandbytes"),
+                     "peftkern": _version("peftkern")},
+    }
+
+
+# --------------------------------------------------------------------------------------------------- output
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A fixed-width text table; ``columns`` = [(key, header)]; floats get 3 significant decimals."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+        return "" if v is None else str(v)
+
+    body = [[cell(r.get(k)) for k, _ in columns] for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, (_, h) in enumerate(columns)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line([h for _, h in columns]), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def write_json(payload: dict, path: Optional[str | os.PathLike] = None, stem: str = "bench") -> Path:
+    """Write ``payload`` to ``path`` or to benchmarks/results/<stem>-<date>-<commit>.json (gitignored)."""
+    if path is None:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        commit = (payload.get("machine", {}).get("git_commit") or "nogit")[:12]
+        path = RESULTS_DIR / f"{stem}-{stamp}-{commit}.json"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    return path
+
+
+def storages_desc(storages: Iterable[tuple[int, tuple[int, ...], torch.dtype]]) -> list[str]:
+    return [f"{list(shape)} {str(dt).replace('torch.', '')} {fmt_bytes(n)}" for n, shape, dt in storages]

@@ -1,0 +1,173 @@
+"""Ahead-of-time compilation of the Triton kernels, no GPU needed: PTX and cubin per arch, registers and spills.
+
+Each family's ``triton_impl`` lists its kernels in ``KERNELS`` (:class:`KernelSpec`: the jit function, a
+representative signature, its constexprs, launch options). :func:`compile_spec` compiles one for a CUDA
+arch and reads the register and spill figures from the log of Triton's bundled ``ptxas -v`` (re-running it on
+the PTX when Triton's cache served the cubin).
+
+The compilation must run with ``TRITON_INTERPRET`` unset (with it set, the jit functions are interpreter
+objects): :func:`report` runs :func:`main` with ``--json`` in a clean subprocess, so callers that interpret
+(the tests) can use it too. ``python -c "import peftkern._aot as a; a.main()" [--arch 80 90]`` prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, NamedTuple
+
+KERNEL_MODULES = ("peftkern.ops.lora.triton_impl",)
+DEFAULT_ARCHS = (80, 90)
+
+
+class KernelSpec(NamedTuple):
+    """One jit kernel in a representative configuration (the launcher's GPU defaults)."""
+    fn: Any  # the @triton.jit function
+    signature: dict  # runtime argument -> Triton type ("*bf16", "*fp32", "i32", "fp32")
+    constexprs: dict  # constexpr argument -> value
+    num_warps: int = 4
+    num_stages: int = 3
+    aligned: tuple = ()  # runtime arguments hinted divisible by 16 (pointers, sizes, strides), as the JIT would
+    variant: str = ""  # what this configuration represents, e.g. "bf16 x, fp32 adapters, dropout"
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+
+def kernel_specs() -> list[KernelSpec]:
+    specs = []
+    for mod in KERNEL_MODULES:
+        specs.extend(importlib.import_module(mod).KERNELS)
+    return specs
+
+
+def _ast_source(spec: KernelSpec):
+    import triton
+
+    fn = spec.fn
+    unknown = (set(spec.signature) | set(spec.constexprs)) - set(fn.arg_names)
+    missing = set(fn.arg_names) - set(spec.signature) - set(spec.constexprs)
+    if unknown or missing:
+        raise ValueError(f"{spec.name}: signature does not match the kernel (unknown {sorted(unknown)}, "
+                         f"missing {sorted(missing)})")
+    signature = {a: ("constexpr" if a in spec.constexprs else spec.signature[a]) for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
+    return triton.compiler.ASTSource(fn, signature, dict(spec.constexprs), attrs)
+
+
+_PTXAS_USED = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_ptxas_log(log: str) -> dict | None:
+    """Registers, spill bytes and stack frame from a ``ptxas -v`` log of one kernel (None if there are none)."""
+    regs, spill = _PTXAS_USED.search(log), _PTXAS_SPILL.search(log)
+    if regs is None or spill is None:
+        return None
+    return {"registers": int(regs.group(1)), "stack_bytes": int(spill.group(1)),
+            "spill_store_bytes": int(spill.group(2)), "spill_load_bytes": int(spill.group(3))}
+
+
+def ptxas_usage(ptx: str, arch: int) -> dict:
+    """Run Triton's bundled ``ptxas -v`` on ``ptx`` with the flags Triton's make_cubin passes."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.cubin")]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    usage = parse_ptxas_log(log)
+    if usage is None:
+        raise RuntimeError(f"unexpected ptxas -v output:\n{log}")
+    return usage
+
+
+def compile_spec(spec: KernelSpec, arch: int) -> dict:
+    """Compile ``spec`` for ``sm_<arch>``; the result row: kernel, arch, registers, spills, shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    start = time.perf_counter()
+    log = io.StringIO()
+    # Triton runs ptxas -v itself; its log is printed only when asked (and not at all on a cache hit)
+    with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        triton.knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(_ast_source(spec), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    if not compiled.asm.get("cubin"):
+        raise RuntimeError(f"{spec.name}: no cubin for sm_{arch}")
+    usage = parse_ptxas_log(log.getvalue()) or ptxas_usage(compiled.asm["ptx"], arch)
+    return {"kernel": spec.name, "variant": spec.variant, "arch": arch, "gpu": sm_arch_from_capability(arch),
+            "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+            "shared_bytes": int(compiled.metadata.shared), **usage,
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _compile_job(index: int, arch: int) -> dict:
+    return compile_spec(kernel_specs()[index], arch)
+
+
+def compile_all(archs=DEFAULT_ARCHS, workers: int | None = None) -> list[dict]:
+    """Every kernel of :data:`KERNEL_MODULES` for every arch, in ``workers`` processes (default: the CPUs, <= 8)."""
+    if _interpreting():
+        raise RuntimeError("unset TRITON_INTERPRET to compile ahead of time (or call peftkern._aot.report())")
+    jobs = [(i, arch) for i in range(len(kernel_specs())) for arch in archs]
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers == 1:
+        return [_compile_job(*job) for job in jobs]
+    # processes, not threads: Triton's compiler holds the GIL through most of a compile
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_job, *zip(*jobs)))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def report(archs=DEFAULT_ARCHS, timeout: float | None = 600, workers: int | None = None) -> list[dict]:
+    """:func:`compile_all` in a subprocess with ``TRITON_INTERPRET`` unset (safe from an interpreting process)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its current default
+    # -c, not -m: peftkern's own import already loads this module (runpy would warn)
+    cmd = [sys.executable, "-c", "import sys, peftkern._aot as a; sys.exit(a.main())", "--json", "--arch",
+           *map(str, archs)] + (["--workers", str(workers)] if workers else [])
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"ahead-of-time compilation failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])  # the JSON line, after anything a compiler printed
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'kernel':<28} {'variant':<36} {'arch':>6} {'warps':>5} {'regs':>5} {'spill st/ld B':>14} {'smem B':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        spills = f"{r['spill_store_bytes']}/{r['spill_load_bytes']}"
+        lines.append(f"{r['kernel']:<28} {r['variant']:<36} {r['gpu']:>6} {r['num_warps']:>5} {r['registers']:>5} "
+                     f"{spills:>14} {r['shared_bytes']:>7}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="peftkern._aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--workers", type=int, default=None, help="compile processes (default: the CPUs, <= 8)")
+    args = parser.parse_args(argv)
+    rows = report(args.arch, workers=args.workers) if _interpreting() else compile_all(args.arch, args.workers)
+    print(json.dumps(rows) if args.json else format_table(rows))
+    return 0

@@ -1,0 +1,194 @@
+"""The ``peftkern`` command (``python -m peftkern.cli``): info, bench, demo, kernels.
+
+    peftkern info [--json]            versions, backends (with the reason one is unavailable), CUDA library status
+    peftkern bench [lora] [--quick] [--json FILE]     LoRALinear vs PEFT (benchmarks/bench_lora.py)
+    peftkern demo [--quick]           a real LoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
+    peftkern kernels [--arch 80 90] [--json]          compile the Triton kernels ahead of time (peftkern/_aot.py)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+BENCHMARKS = {"lora": "bench_lora"}
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _library_archs(path: Path) -> Optional[list[str]]:
+    """SASS archs embedded in the built CUDA library (``cuobjdump --list-elf``), None if unknown."""
+    tool = shutil.which("cuobjdump")
+    if not path.exists() or tool is None:
+        return None
+    try:
+        out = subprocess.run([tool, "--list-elf", str(path)], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    import re
+
+    return sorted(set(re.findall(r"sm_\d+a?", out)))
+
+
+def collect_info() -> dict:
+    """Everything ``peftkern info`` prints, as a dict (the ``--json`` output)."""
+    import torch
+
+    import peftkern as pk
+    from peftkern import _cuda_lib
+
+    backends = {name: {"available": st.available, "reason": st.reason}
+                for name, st in pk.available_backends().items()}
+    lib_path = _cuda_lib.LIB_DIR / _cuda_lib.LIB_NAME
+    err = _cuda_lib.load_error()
+    cuda = torch.cuda.is_available()
+    devices = []
+    if cuda:
+        for i in range(torch.cuda.device_count()):
+            major, minor = torch.cuda.get_device_capability(i)
+            devices.append({"index": i, "name": torch.cuda.get_device_name(i), "arch": f"sm_{major}{minor}"})
+    nvcc = shutil.which("nvcc")
+    return {
+        "peftkern": pk.__version__,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "triton": _version("triton"),
+            "peft": _version("peft"),
+            "transformers": _version("transformers"),
+            "bitsandbytes": _version("bitsandbytes"),
+        },
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda_available": cuda,
+        "torch_cuda": torch.version.cuda,
+        "devices": devices,
+        "backend": pk.get_backend(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "backends": backends,
+        "cuda_library": {"path": str(lib_path), "built": lib_path.exists(), "loaded": err is None, "error": err},
+        "cuda_archs": {
+            "devices": [d["arch"] for d in devices],
+            "torch_built_for": list(torch.cuda.get_arch_list()) if cuda else [],
+            "library": _library_archs(lib_path),
+            "nvcc": nvcc,
+        },
+    }
+
+
+def cmd_info(args) -> int:
+    info = collect_info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    v = info["versions"]
+    print(f"peftkern {info['peftkern']}  (python {v['python']}, {info['platform']})")
+    for name in ("torch", "triton", "peft", "transformers", "bitsandbytes"):
+        print(f"  {name:13s} {v[name] or 'not installed'}")
+    dev = ", ".join(f"{d['name']} ({d['arch']})" for d in info["devices"]) or "none"
+    print(f"CUDA devices: {dev}; torch CUDA {info['torch_cuda'] or '-'}; CPU threads {info['cpu_threads']}")
+    print(f"backend in force: {info['backend']}  (TRITON_INTERPRET={info['triton_interpret'] or 'unset'})")
+    print("backends:")
+    for name, st in info["backends"].items():
+        print(f"  {name:7s} {'yes' if st['available'] else 'no ':3s}  {st['reason']}")
+    lib = info["cuda_library"]
+    state = "loaded" if lib["loaded"] else ("built, failed to load" if lib["built"] else "not built")
+    print(f"CUDA library: {state}: {lib['path']}" + (f"\n  {lib['error']}" if lib["error"] else ""))
+    archs = info["cuda_archs"]
+    print(f"CUDA archs: devices {archs['devices'] or '-'}, library {archs['library'] or '-'}, "
+          f"torch built for {archs['torch_built_for'] or '-'}, nvcc {archs['nvcc'] or 'not found'}")
+    return 0
+
+
+def _load_benchmark(name: str):
+    """The benchmark module from the source tree's benchmarks/ folder (benchmarks are not installed)."""
+    path = _REPO / "benchmarks" / f"{BENCHMARKS[name]}.py"
+    if not path.exists():
+        raise SystemExit(f"peftkern bench: {path} not found; the benchmarks live in the source tree "
+                         f"(git checkout, pip install -e .)")
+    if str(_REPO) not in sys.path:
+        sys.path.insert(0, str(_REPO))
+    return importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
+
+
+def cmd_bench(args) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    mod = _load_benchmark(args.which)
+    mod.run_from_args(args)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from . import demo
+
+    return demo.run_from_args(args)
+
+
+def cmd_kernels(args) -> int:
+    if importlib.util.find_spec("peftkern._aot") is None or importlib.util.find_spec("triton") is None:
+        print("peftkern kernels: needs triton and peftkern._aot", file=sys.stderr)
+        return 2
+    from . import _aot
+
+    return _aot.main(args.aot_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="peftkern", description="Fused kernels for parameter-efficient fine-tuning.")
+    sub = ap.add_subparsers(dest="command", metavar="{info,bench,demo,kernels}")
+    sub.required = True
+
+    p = sub.add_parser("info", help="versions, backends, CUDA library status")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="benchmarks against the peers (benchmarks/)")
+    p.add_argument("which", nargs="?", default="lora", choices=sorted(BENCHMARKS))
+    p.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
+    p.add_argument("--json", metavar="FILE", default=None, help="JSON output (default: benchmarks/results/)")
+    p.add_argument("--reps", type=int, default=None, help="interleaved repetitions per config (minimum)")
+    p.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16+fp32A", "bf16"])
+    p.add_argument("--shapes", nargs="+", default=None, metavar="TxIxO", help="e.g. 512x1024x1024")
+    p.add_argument("--no-model", action="store_true", help="skip the all-MiniLM-L6-v2 measurements")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                   help="steady (default): fixed glibc mmap/trim thresholds, as in a long training run")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="LoRA fine-tune of all-MiniLM-L6-v2 on the CPU")
+    from .demo import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("kernels", help="compile the Triton kernels ahead of time (registers, spills)")
+    p.add_argument("aot_args", nargs=argparse.REMAINDER, help="passed to peftkern._aot (--arch, --json, ...)")
+    p.set_defaults(func=cmd_kernels)
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

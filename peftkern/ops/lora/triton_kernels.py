@@ -1,0 +1,213 @@
+"""Triton kernels of the LoRA family: ``@triton.jit`` bodies only (launchers: triton_impl.py).
+
+Notation (README.md): x [N, K] (K = in features), W [O, K], bias [O], A [R, K], B [O, R], e [R] (rank scale),
+g = dL/dy [N, O], h = drop(x) A^T [N, R], dh [N, R] (fp32 workspace). Outputs are contiguous row-major.
+Tiles: BLOCK_M rows, BLOCK_N output columns, BLOCK_K reduction, BLOCK_R ranks (a power of two >= 16, the
+minimum tl.dot size; ranks past R are masked to 0). Accumulation is fp32. Dot operands are cast to
+DOT_DTYPE (the base GEMM: x's dtype) or LORA_DOT_DTYPE (the LoRA path: promote(x, A)); the launcher passes
+fp32 there for bf16 under the interpreter, where bf16 tl.dot is wrong. PRECISION is tl.dot's input_precision
+for fp32 operands ("ieee", or "tf32" when torch allows TF32).
+Dropout: keep = tl.rand(seed, row * K + col) >= p on the logical 2-D x, offsets in int64 so no two elements
+share a draw; the 1/(1-p) scale is applied by the caller of lora_keep_mask.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def lora_keep_mask(seed, rows, cols, n_cols, p):
+    """Bernoulli(1-p) keep mask [len(rows), len(cols)] of x's elements, regenerated from the seed."""
+    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    return tl.rand(seed, offsets) >= p
+
+
+@triton.jit
+def lora_grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a 1-D program id, GROUP_M row tiles at a time so their operands stay in L2."""
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * grid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+    return pid_m, pid_n
+
+
+@triton.jit
+def lora_rank_expand(acc, lhs_ptr, scale_ptr, rhs_ptr, rows, cols, M, N, R, stride_lhs, stride_rhs_r, stride_rhs_c,
+                     alpha, HAS_SCALE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    """acc [BM, BN] + alpha * (lhs[rows, :] * scale) @ rhs[:, cols]; lhs [M, R] with row stride stride_lhs,
+    rhs [R, N] strided."""
+    for r0 in range(0, R, BLOCK_R):
+        ranks = r0 + tl.arange(0, BLOCK_R)
+        lhs = tl.load(lhs_ptr + rows[:, None] * stride_lhs + ranks[None, :],
+                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0).to(tl.float32)  # [BM, BR]
+        if HAS_SCALE:
+            lhs = lhs * tl.load(scale_ptr + ranks, mask=ranks < R, other=0.0).to(tl.float32)[None, :]
+        # alpha is folded into the small [BM, BR] tile rather than the [BM, BN] product
+        lhs = (lhs * alpha).to(LORA_DOT_DTYPE)
+        rhs = tl.load(rhs_ptr + ranks[:, None] * stride_rhs_r + cols[None, :] * stride_rhs_c,
+                      mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0)  # [BR, BN]
+        acc = tl.dot(lhs, rhs.to(LORA_DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def lora_shrink_kernel(x_ptr, a_ptr, h_ptr, N, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
+                       seed, p, keep_scale,
+                       DROPOUT: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """h[N, R] = drop(x) @ A^T, one [BLOCK_M, BLOCK_R] tile of h per program; grid (cdiv(N, BM), cdiv(R, BR))."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # [BM, BK]
+        if DROPOUT:
+            x = tl.where(lora_keep_mask(seed, rows, cols, K, p), x, 0.0)
+        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+                      mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)  # [BK, BR] = A^T tile
+        acc = tl.dot(x.to(LORA_DOT_DTYPE), a_t.to(LORA_DOT_DTYPE), acc, input_precision=PRECISION)
+    if DROPOUT:
+        # the 1/(1-p) scale is uniform, so it is applied once to the sum instead of to every x element
+        acc = acc * keep_scale
+    tl.store(h_ptr + rows[:, None] * R + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
+             mask=(rows[:, None] < N) & (ranks[None, :] < R))
+
+
+@triton.jit
+def lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, b_ptr, y_ptr, N, K, O, R,
+                    stride_xm, stride_xk, stride_wo, stride_wk, stride_bo, stride_br, scaling,
+                    HAS_BIAS: tl.constexpr, HAS_RANK_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                    LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """y[N, O] = x @ W^T + bias + scaling * (h * e) @ B^T: the base GEMM with bias and LoRA expand in its epilogue."""
+    pid_m, pid_n = lora_grouped_tile(tl.program_id(0), N, O, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    outs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # [BM, BK]
+        w_t = tl.load(w_ptr + outs[None, :] * stride_wo + cols[:, None] * stride_wk,
+                      mask=(outs[None, :] < O) & (cols[:, None] < K), other=0.0)  # [BK, BN] = W^T tile
+        acc = tl.dot(x.to(DOT_DTYPE), w_t.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    # B^T [R, O] is B read with swapped strides
+    acc = lora_rank_expand(acc, h_ptr, e_ptr, b_ptr, rows, outs, N, O, R, R, stride_br, stride_bo, scaling,
+                           HAS_RANK_SCALE, LORA_DOT_DTYPE, PRECISION, BLOCK_R)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + outs, mask=outs < O, other=0.0).to(tl.float32)[None, :]
+    # base, bias and LoRA sum in fp32 and round once to y's dtype
+    tl.store(y_ptr + rows[:, None] * O + outs[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows[:, None] < N) & (outs[None, :] < O))
+
+
+@triton.jit
+def lora_bwd_dB_dh_kernel(g_ptr, b_ptr, h_ptr, e_ptr, dh_ptr, db_ptr, de_ptr, N, O, R,
+                          stride_gm, stride_go, stride_bo, stride_br, stride_dh, scaling,
+                          HAS_RANK_SCALE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One pass over g: dB += s g^T (h*e), dhe = s g B, de += colsum(dhe*h), dh = dhe*e.
+
+    Grid (cdiv(N, BM), cdiv(R, BR)); db_ptr [O, R] and de_ptr [R] are zeroed fp32; dh_ptr [N, R] fp32 with row
+    stride stride_dh (the launcher pads it to a multiple of 16 so the dh tiles load vectorized).
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    row_ok = rows < N
+    rank_ok = ranks < R
+    h = tl.load(h_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+                other=0.0).to(tl.float32)  # [BM, BR]
+    e = tl.load(e_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32) if HAS_RANK_SCALE else 1.0  # [BR]
+    he = (h * e).to(LORA_DOT_DTYPE)
+    dhe = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for o0 in range(0, O, BLOCK_N):
+        outs = o0 + tl.arange(0, BLOCK_N)  # [BN]
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + outs[None, :] * stride_go,
+                    mask=row_ok[:, None] & (outs[None, :] < O), other=0.0).to(LORA_DOT_DTYPE)  # [BM, BN]
+        b = tl.load(b_ptr + outs[:, None] * stride_bo + ranks[None, :] * stride_br,
+                    mask=(outs[:, None] < O) & rank_ok[None, :], other=0.0)  # [BN, BR]
+        dhe = tl.dot(g, b.to(LORA_DOT_DTYPE), dhe, input_precision=PRECISION)
+        db = tl.dot(tl.trans(g), he, input_precision=PRECISION)  # [BN, BR] partial over this row block
+        # fp32 atomics: no [row blocks, O, R] split workspace; the summation order (last bits) may vary by run
+        tl.atomic_add(db_ptr + outs[:, None] * R + ranks[None, :], db * scaling,
+                      mask=(outs[:, None] < O) & rank_ok[None, :], sem="relaxed")
+    dhe = dhe * scaling
+    if HAS_RANK_SCALE:
+        tl.atomic_add(de_ptr + ranks, tl.sum(dhe * h, axis=0), mask=rank_ok, sem="relaxed")
+    tl.store(dh_ptr + rows[:, None] * stride_dh + ranks[None, :], dhe * e, mask=row_ok[:, None] & rank_ok[None, :])
+
+
+@triton.jit
+def lora_bwd_dA_kernel(dh_ptr, x_ptr, da_ptr, N, K, R, stride_dh, stride_xm, stride_xk, rows_per_split, seed, p,
+                       keep_scale,
+                       DROPOUT: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dA[R, K] += dh^T @ drop(x) over one split of the rows; grid (cdiv(K, BK), cdiv(R, BR), splits).
+
+    da_ptr is zeroed fp32; rows_per_split is a multiple of BLOCK_M. The mask is regenerated from the seed.
+    """
+    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+    ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    row_start = tl.program_id(2) * rows_per_split
+    row_end = min(row_start + rows_per_split, N)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)  # [BM]
+        dh_t = tl.load(dh_ptr + rows[None, :] * stride_dh + ranks[:, None],
+                       mask=(rows[None, :] < row_end) & (ranks[:, None] < R), other=0.0)  # [BR, BM] = dh^T tile
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=(rows[:, None] < row_end) & (cols[None, :] < K), other=0.0)  # [BM, BK]
+        if DROPOUT:
+            x = tl.where(lora_keep_mask(seed, rows, cols, K, p), x, 0.0)
+        acc = tl.dot(dh_t.to(LORA_DOT_DTYPE), x.to(LORA_DOT_DTYPE), acc, input_precision=PRECISION)
+    if DROPOUT:
+        acc = acc * keep_scale
+    # fp32 atomics over the row splits: splits fill the GPU when K / BLOCK_K alone gives too few programs
+    tl.atomic_add(da_ptr + ranks[:, None] * K + cols[None, :], acc,
+                  mask=(ranks[:, None] < R) & (cols[None, :] < K), sem="relaxed")
+
+
+@triton.jit
+def lora_bwd_dx_kernel(g_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr, N, K, O, R,
+                       stride_gm, stride_go, stride_wo, stride_wk, stride_dh, stride_ar, stride_ak, seed, p, keep_scale,
+                       DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    """dx[N, K] = g @ W + (dh @ A) * mask / (1-p): the dgrad GEMM (reduction over O), LoRA term in its epilogue."""
+    pid_m, pid_n = lora_grouped_tile(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns of dx (input features)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for o0 in range(0, O, BLOCK_K):
+        outs = o0 + tl.arange(0, BLOCK_K)  # [BK]
+        g = tl.load(g_ptr + rows[:, None] * stride_gm + outs[None, :] * stride_go,
+                    mask=(rows[:, None] < N) & (outs[None, :] < O), other=0.0)  # [BM, BK]
+        w = tl.load(w_ptr + outs[:, None] * stride_wo + cols[None, :] * stride_wk,
+                    mask=(outs[:, None] < O) & (cols[None, :] < K), other=0.0)  # [BK, BN]
+        acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if DROPOUT:
+        # the mask is elementwise on dh @ A, so that product needs its own accumulator
+        lora = lora_rank_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), dh_ptr, dh_ptr, a_ptr, rows, cols,
+                                N, K, R, stride_dh, stride_ar, stride_ak, 1.0, False, LORA_DOT_DTYPE, PRECISION,
+                                BLOCK_R)
+        acc += tl.where(lora_keep_mask(seed, rows, cols, K, p), lora * keep_scale, 0.0)
+    else:
+        acc = lora_rank_expand(acc, dh_ptr, dh_ptr, a_ptr, rows, cols, N, K, R, stride_dh, stride_ar, stride_ak, 1.0,
+                               False, LORA_DOT_DTYPE, PRECISION, BLOCK_R)
+    tl.store(dx_ptr + rows[:, None] * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=(rows[:, None] < N) & (cols[None, :] < K))
+
+
+@triton.jit
+def lora_dropout_mask_kernel(keep_ptr, N, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """keep[N, K] (bool) = the mask the LoRA kernels draw for x [N, K]; grid (cdiv(N, BM), cdiv(K, BK))."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+    tl.store(keep_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], lora_keep_mask(seed, rows, cols, K, p),
+             mask=(rows[:, None] < N) & (cols[None, :] < K))

@@ -1,0 +1,390 @@
+"""Triton launchers of multi-adapter LoRA (SGMV): plan, allocate, choose blocks, launch (kernels: triton_kernels.py).
+
+The registered ops have the signatures and return conventions of torch_impl.py. :func:`plan` groups the rows by
+adapter on the device (no host sync); the per-kernel launchers (:func:`shrink`, :func:`forward_gemm`,
+:func:`grad_shrink`, :func:`grad_b`, :func:`grad_a`, :func:`dgrad`) take a plan and, for the outputs the kernels fill
+row by row, optional ``out=`` buffers so tests can hand them NaN-poisoned ones. float64 tensors are served by
+torch_impl (the kernels accumulate in fp32). ``KERNELS`` lists every kernel in its GPU default configuration for
+ahead-of-time compilation (``peftkern._aot``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._aot import KernelSpec
+from ...backend import interpret_mode, register
+from . import torch_impl
+from .triton_kernels import (multi_lora_dA_kernel, multi_lora_dB_kernel, multi_lora_dx_kernel, multi_lora_fwd_kernel,
+                             multi_lora_grad_shrink_kernel, multi_lora_shrink_kernel)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+# GPU defaults. BLOCK_M is the row block of the SGMV table (shared by the row-block kernels): 64 rows, so an adapter
+# with few tokens wastes little of a block (Punica uses 16-64). Base GEMMs with the LoRA epilogue (forward, dgrad):
+# 64x128 tiles, K step 64 for 16-bit (32 for fp32), 8 warps (4 spill on sm_90 with the LoRA accumulator), 3 stages.
+# Rank-sized kernels: K step 64, 4 warps. dB / dA: 64-row chunks of an adapter's segment into 64-wide tiles.
+# BLOCK_R caps the rank chunk held in registers (64; 32 for fp32 LoRA math, whose FMA dots spill at 64 in the dgrad
+# epilogue); larger ranks loop (epilogues) or add grid columns. Spill-free on sm_80/sm_90 per ``peftkern._aot``.
+_GPU = {
+    "block_m": 64,
+    "gemm": dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    "gemm_fp32": dict(BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    "rank": dict(BLOCK_K=64, num_warps=4, num_stages=3),
+    "reduce": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "max_block_r": 64,
+    "max_block_r_fp32": 32,
+}
+# The interpreter runs each program as numpy ops: 16-wide tiles make small test shapes span several blocks per
+# adapter, several tiles and several K steps, so every mask and loop runs.
+_INTERPRET = {
+    "block_m": 16,
+    "gemm": dict(BLOCK_N=16, BLOCK_K=16),
+    "gemm_fp32": dict(BLOCK_N=16, BLOCK_K=16),
+    "rank": dict(BLOCK_K=16),
+    "reduce": dict(BLOCK_M=16, BLOCK_N=16),
+    "max_block_r": 16,
+    "max_block_r_fp32": 16,
+}
+
+
+def _configs() -> dict:
+    return _INTERPRET if interpret_mode() else _GPU
+
+
+def _gemm_config(dtype: torch.dtype) -> dict:
+    return _configs()["gemm_fp32" if dtype == torch.float32 else "gemm"]
+
+
+def _block_r(r: int, lora_dtype: torch.dtype) -> int:
+    """Rank chunk: the next power of two >= 16, capped (32 for fp32 LoRA math, whose FMA dots spill past that)."""
+    cap = _configs()["max_block_r"]
+    if lora_dtype == torch.float32:
+        cap = min(cap, _configs()["max_block_r_fp32"])
+    return min(max(16, triton.next_power_of_2(r)), cap)
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """tl.dot operand dtype for tensors of ``dtype``: itself, except bf16 under the interpreter (wrong there)."""
+    if dtype == torch.bfloat16 and interpret_mode():
+        return tl.float32
+    return _TL_DTYPES[dtype]
+
+
+def _precision() -> str:
+    """fp32 tl.dot precision: TF32 only where PyTorch's own matmuls would use it."""
+    if not interpret_mode() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _launch_opts(cfg: dict) -> dict:
+    return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """How many programs fill the device: 4 per SM on a GPU; 2 under the interpreter, to exercise splitting."""
+    if device.type == "cuda":
+        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2
+
+
+def _out(out, shape, dtype, device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
+        raise ValueError(f"out must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+
+
+class Plan(NamedTuple):
+    """Rows grouped by adapter, all on the device. ``perm`` [N] int32: sorted position -> row of x; ``table``
+    [blocks, 3] int32: (start, end, adapter) of each row block of at most ``block_m`` sorted rows, inside one
+    adapter's segment (start == end past the real count); ``segs`` [n, 2] int32: each adapter's [start, end) in
+    sorted positions (empty when unused)."""
+    perm: torch.Tensor
+    table: torch.Tensor
+    segs: torch.Tensor
+    blocks: int
+    block_m: int
+
+
+def plan(adapter_ids: torch.Tensor, seq_len: int, n: int, device: torch.device, block_m: int | None = None) -> Plan:
+    """Sort the B sequences by adapter (stable), expand them to their ``seq_len`` rows, cut segments into blocks.
+
+    Torch ops on the device, no host sync: the grid is sized by the bound ``N // block_m + n + 1`` on the number of
+    blocks (each of the n + 1 groups, base included, adds at most one partly filled block).
+    """
+    block_m = block_m or _configs()["block_m"]
+    ids = adapter_ids.to(device=device, dtype=torch.int64, non_blocking=True).view(-1)
+    B = ids.numel()
+    N = B * seq_len
+    order = torch.argsort(ids, stable=True)
+    if seq_len == 1:
+        perm = order
+    else:
+        perm = (order[:, None] * seq_len + torch.arange(seq_len, device=device)).view(-1)
+    counts = torch.bincount(ids + 1, minlength=n + 1)[: n + 1] * seq_len  # group 0: base-only rows
+    ends = counts.cumsum(0)
+    starts = ends - counts
+    nblk = (counts + block_m - 1) // block_m
+    cum = nblk.cumsum(0)
+    blocks = N // block_m + n + 1
+    j = torch.arange(blocks, device=device)
+    group = torch.searchsorted(cum, j, right=True)
+    active = group <= n
+    g = group.clamp(max=n)
+    start = starts[g] + (j - (cum[g] - nblk[g])) * block_m
+    end = torch.minimum(start + block_m, ends[g])
+    zero = torch.zeros_like(start)
+    table = torch.stack([torch.where(active, start, zero), torch.where(active, end, zero), g - 1], 1)
+    segs = torch.stack([starts[1:], ends[1:]], 1)
+    return Plan(perm.to(torch.int32), table.to(torch.int32).contiguous(), segs.to(torch.int32).contiguous(),
+                blocks, block_m)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+
+def shrink(x, lora_A, p: Plan, *, out=None) -> torch.Tensor:
+    """h [N, r] = x[rows] A_a^T per block, in promote(x, A)'s dtype; 0 for the rows of base-only sequences."""
+    N, K = x.shape
+    R = lora_A.shape[1]
+    h = _out(out, (N, R), torch_impl.lora_dtype(x, lora_A), x.device)
+    cfg, block_r = _configs()["rank"], _block_r(R, h.dtype)
+    grid = (p.blocks, triton.cdiv(R, block_r))
+    multi_lora_shrink_kernel[grid](
+        x, lora_A, h, p.perm, p.table, K, R,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), h.stride(0), h.stride(1),
+        BLOCK_M=p.block_m, BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], LORA_DOT_DTYPE=_dot_dtype(h.dtype),
+        PRECISION=_precision(), BF16_RNE=interpret_mode(), **_launch_opts(cfg))
+    return h
+
+
+def forward_gemm(x, weight, bias, h, lora_B, scalings, p: Plan, *, out=None) -> torch.Tensor:
+    """y [N, out] = x W^T + bias + s_a h B_a^T (no LoRA term for adapter -1), in x's dtype, one write of y."""
+    N, K = x.shape
+    O = weight.shape[0]
+    R = h.shape[1]
+    y = _out(out, (N, O), x.dtype, x.device)
+    cfg = _gemm_config(x.dtype)
+    grid = (p.blocks, triton.cdiv(O, cfg["BLOCK_N"]))
+    multi_lora_fwd_kernel[grid](
+        x, weight, bias if bias is not None else y, h, lora_B, scalings, y, p.perm, p.table, O, K, R,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
+        lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=p.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=_block_r(R, h.dtype), DOT_DTYPE=_dot_dtype(x.dtype), LORA_DOT_DTYPE=_dot_dtype(h.dtype),
+        PRECISION=_precision(), BF16_RNE=interpret_mode(), **_launch_opts(cfg))
+    return y
+
+
+def grad_shrink(grad_y, lora_B, scalings, lora_dtype: torch.dtype, p: Plan) -> torch.Tensor:
+    """dh [N, r] = s_a g B_a in the LoRA dtype; rows of base-only sequences are left unwritten (never read)."""
+    N, O = grad_y.shape
+    R = lora_B.shape[2]
+    dh = torch.empty((N, R), dtype=lora_dtype, device=grad_y.device)
+    cfg, block_r = _configs()["rank"], _block_r(R, lora_dtype)
+    grid = (p.blocks, triton.cdiv(R, block_r))
+    multi_lora_grad_shrink_kernel[grid](
+        grad_y, lora_B, scalings, dh, p.perm, p.table, O, R,
+        grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
+        dh.stride(0), dh.stride(1),
+        BLOCK_M=p.block_m, BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], LORA_DOT_DTYPE=_dot_dtype(lora_dtype),
+        PRECISION=_precision(), BF16_RNE=interpret_mode(), **_launch_opts(cfg))
+    return dh
+
+
+def _splits(device, tiles: int, rows: int, block_m: int, splits: int | None) -> int:
+    if splits is None:
+        splits = triton.cdiv(_programs_wanted(device), tiles)
+    return max(1, min(splits, triton.cdiv(rows, block_m)))
+
+
+def grad_b(grad_y, h, scalings, n: int, p: Plan, *, splits: int | None = None) -> torch.Tensor:
+    """dB [n, out, r] fp32: s_a g^T h over each adapter's rows (zero for unused adapters); rows split to fill the
+    device, the splits' partial sums added here."""
+    N, O = grad_y.shape
+    R = h.shape[1]
+    cfg, block_r = _configs()["reduce"], _block_r(R, h.dtype)
+    tiles = triton.cdiv(O, cfg["BLOCK_N"]) * triton.cdiv(R, block_r)
+    splits = _splits(grad_y.device, n * tiles, N, cfg["BLOCK_M"], splits)
+    ws = torch.empty((splits, n, O, R), dtype=torch.float32, device=grad_y.device)
+    multi_lora_dB_kernel[(n, tiles, splits)](
+        grad_y, h, scalings, ws, p.perm, p.segs, O, R, splits,
+        grad_y.stride(0), grad_y.stride(1), h.stride(0), h.stride(1), ws.stride(0), ws.stride(1), ws.stride(2),
+        ws.stride(3),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, LORA_DOT_DTYPE=_dot_dtype(h.dtype),
+        PRECISION=_precision(), **_launch_opts(cfg))
+    return ws[0] if splits == 1 else ws.sum(0)
+
+
+def grad_a(dh, x, n: int, p: Plan, *, splits: int | None = None) -> torch.Tensor:
+    """dA [n, r, in] fp32: dh^T x over each adapter's rows (zero for unused adapters)."""
+    N, K = x.shape
+    R = dh.shape[1]
+    cfg, block_r = _configs()["reduce"], _block_r(R, dh.dtype)
+    tiles = triton.cdiv(K, cfg["BLOCK_N"]) * triton.cdiv(R, block_r)
+    splits = _splits(x.device, n * tiles, N, cfg["BLOCK_M"], splits)
+    ws = torch.empty((splits, n, R, K), dtype=torch.float32, device=x.device)
+    multi_lora_dA_kernel[(n, tiles, splits)](
+        dh, x, ws, p.perm, p.segs, K, R, splits,
+        dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), ws.stride(0), ws.stride(1), ws.stride(2),
+        ws.stride(3),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_R=block_r, LORA_DOT_DTYPE=_dot_dtype(dh.dtype),
+        PRECISION=_precision(), **_launch_opts(cfg))
+    return ws[0] if splits == 1 else ws.sum(0)
+
+
+def dgrad(grad_y, weight, dh, lora_A, p: Plan, *, out=None) -> torch.Tensor:
+    """dx [N, in] = g W + dh A_a (no LoRA term for adapter -1), in g's dtype."""
+    N, O = grad_y.shape
+    K = weight.shape[1]
+    R = lora_A.shape[1]
+    dx = _out(out, (N, K), grad_y.dtype, grad_y.device)
+    cfg = _gemm_config(grad_y.dtype)
+    grid = (p.blocks, triton.cdiv(K, cfg["BLOCK_N"]))
+    multi_lora_dx_kernel[grid](
+        grad_y, weight, dh, lora_A, dx, p.perm, p.table, O, K, R,
+        grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), dh.stride(0), dh.stride(1),
+        lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), dx.stride(0), dx.stride(1),
+        BLOCK_M=p.block_m, BLOCK_K=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_K"], BLOCK_R=_block_r(R, dh.dtype),
+        DOT_DTYPE=_dot_dtype(grad_y.dtype), LORA_DOT_DTYPE=_dot_dtype(dh.dtype), PRECISION=_precision(),
+        BF16_RNE=interpret_mode(), **_launch_opts(cfg))
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------- registered ops
+
+
+def _served_by_torch(x, weight, lora_A) -> bool:
+    """float64 (the kernels accumulate in fp32), empty problems and weights of 2**31 elements or more (the kernels
+    index W with int32) go to torch_impl."""
+    return (x.dtype == torch.float64 or lora_A.dtype == torch.float64 or x.numel() == 0
+            or weight.numel() >= 2**31)
+
+
+def _scalings(scalings, device) -> torch.Tensor:
+    return scalings.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
+
+
+@register("multi_lora_forward", "triton")
+def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
+    """(y [B, S, out], h [B, S, r]) for x [B, S, in]; h is 0 for the rows of base-only sequences."""
+    if _served_by_torch(x, weight, lora_A):
+        return torch_impl.multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids)
+    B, S, K = x.shape
+    n = lora_A.shape[0]
+    x2 = x.reshape(B * S, K)
+    p = plan(adapter_ids, S, n, x.device)
+    h = shrink(x2, lora_A, p)
+    y = forward_gemm(x2, weight, bias, h, lora_B, _scalings(scalings, x.device), p)
+    return y.view(B, S, -1), h.view(B, S, -1)
+
+
+@register("multi_lora_backward", "triton")
+def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h, compute_dx: bool,
+                        compute_dlora: bool):
+    """(dx [B, S, in] or None, dA [n, r, in] or None, dB [n, out, r] or None); unused adapters get zeros."""
+    if _served_by_torch(x, weight, lora_A):
+        return torch_impl.multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h,
+                                              compute_dx, compute_dlora)
+    B, S, K = x.shape
+    n = lora_A.shape[0]
+    x2 = x.reshape(B * S, K)
+    g2 = grad_y.reshape(B * S, -1)
+    h2 = h.reshape(B * S, -1)
+    scal = _scalings(scalings, x.device)
+    p = plan(adapter_ids, S, n, x.device)
+    dh = grad_shrink(g2, lora_B, scal, h.dtype, p)
+    dA = dB = dx = None
+    if compute_dlora:
+        dB = grad_b(g2, h2, scal, n, p).to(lora_B.dtype)
+        dA = grad_a(dh, x2, n, p).to(lora_A.dtype)
+    if compute_dx:
+        dx = dgrad(g2, weight, dh, lora_A, p).view(B, S, K)
+    return dx, dA, dB
+
+
+# ------------------------------------------------------------------------------------- ahead-of-time listing
+
+
+def _kernel_specs() -> list[KernelSpec]:
+    """Representative GPU launches: bf16 x/W with PEFT's fp32 adapters, r = 16, TF32 off, contiguous tensors."""
+    bm, gemm, rank, red = _GPU["block_m"], _GPU["gemm"], _GPU["rank"], _GPU["reduce"]
+    opts = lambda cfg: dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])  # noqa: E731
+    lora = dict(LORA_DOT_DTYPE=tl.float32, PRECISION="ieee")
+    rne = dict(BF16_RNE=False)
+    variant = "bf16 x/W, fp32 adapters, r16"
+    idx = dict(perm_ptr="*i32", table_ptr="*i32")
+    return [
+        KernelSpec(multi_lora_shrink_kernel,
+                   dict(x_ptr="*bf16", a_ptr="*fp32", h_ptr="*fp32", K="i32", R="i32", stride_xm="i32",
+                        stride_an="i32", stride_ar="i32", stride_hm="i32", **idx),
+                   dict(stride_xk=1, stride_ak=1, stride_hr=1, BLOCK_M=bm, BLOCK_R=16, BLOCK_K=rank["BLOCK_K"],
+                        **lora, **rne),
+                   aligned=("x_ptr", "a_ptr", "h_ptr", "K", "R", "stride_xm", "stride_an", "stride_ar", "stride_hm"),
+                   variant=variant, **opts(rank)),
+        KernelSpec(multi_lora_fwd_kernel,
+                   dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", h_ptr="*fp32", b_ptr="*fp32",
+                        scal_ptr="*fp32", y_ptr="*bf16", N="i32", K="i32", R="i32", stride_xm="i32", stride_wn="i32",
+                        stride_hm="i32", stride_bad="i32", stride_bn="i32", stride_ym="i32", **idx),
+                   dict(stride_xk=1, stride_wk=1, stride_hr=1, stride_br=1, stride_yn=1, HAS_BIAS=True,
+                        BLOCK_M=bm, BLOCK_N=gemm["BLOCK_N"], BLOCK_K=gemm["BLOCK_K"], BLOCK_R=16,
+                        DOT_DTYPE=tl.bfloat16, **lora, **rne),
+                   aligned=("x_ptr", "w_ptr", "bias_ptr", "h_ptr", "b_ptr", "y_ptr", "N", "K", "R", "stride_xm",
+                            "stride_wn", "stride_hm", "stride_bad", "stride_bn", "stride_ym"),
+                   variant=variant + ", bias", **opts(gemm)),
+        KernelSpec(multi_lora_grad_shrink_kernel,
+                   dict(g_ptr="*bf16", b_ptr="*fp32", scal_ptr="*fp32", dh_ptr="*fp32", N="i32", R="i32",
+                        stride_gm="i32", stride_bad="i32", stride_bn="i32", stride_dm="i32", **idx),
+                   dict(stride_gn=1, stride_br=1, stride_dr=1, BLOCK_M=bm, BLOCK_R=16, BLOCK_K=rank["BLOCK_K"],
+                        **lora, **rne),
+                   aligned=("g_ptr", "b_ptr", "dh_ptr", "N", "R", "stride_gm", "stride_bad", "stride_bn",
+                            "stride_dm"),
+                   variant=variant, **opts(rank)),
+        KernelSpec(multi_lora_dB_kernel,
+                   dict(g_ptr="*bf16", h_ptr="*fp32", scal_ptr="*fp32", ws_ptr="*fp32", perm_ptr="*i32",
+                        seg_ptr="*i32", N="i32", R="i32", SPLIT="i32", stride_gm="i32", stride_hm="i32",
+                        stride_ws="i32", stride_wa="i32", stride_wn="i32"),
+                   dict(stride_gn=1, stride_hr=1, stride_wr=1, BLOCK_M=red["BLOCK_M"], BLOCK_N=red["BLOCK_N"],
+                        BLOCK_R=16, **lora),
+                   aligned=("g_ptr", "h_ptr", "ws_ptr", "N", "R", "stride_gm", "stride_hm", "stride_ws",
+                            "stride_wa", "stride_wn"),
+                   variant=variant, **opts(red)),
+        KernelSpec(multi_lora_dA_kernel,
+                   dict(dh_ptr="*fp32", x_ptr="*bf16", ws_ptr="*fp32", perm_ptr="*i32", seg_ptr="*i32", K="i32",
+                        R="i32", SPLIT="i32", stride_dm="i32", stride_xm="i32", stride_ws="i32", stride_wa="i32",
+                        stride_wr="i32"),
+                   dict(stride_dr=1, stride_xk=1, stride_wk=1, BLOCK_M=red["BLOCK_M"], BLOCK_K=red["BLOCK_N"],
+                        BLOCK_R=16, **lora),
+                   aligned=("dh_ptr", "x_ptr", "ws_ptr", "K", "R", "stride_dm", "stride_xm", "stride_ws",
+                            "stride_wa", "stride_wr"),
+                   variant=variant, **opts(red)),
+        KernelSpec(multi_lora_dx_kernel,
+                   dict(g_ptr="*bf16", w_ptr="*bf16", dh_ptr="*fp32", a_ptr="*fp32", dx_ptr="*bf16", N="i32",
+                        K="i32", R="i32", stride_gm="i32", stride_wn="i32", stride_dm="i32", stride_aad="i32",
+                        stride_ar="i32", stride_xm="i32", **idx),
+                   dict(stride_gn=1, stride_wk=1, stride_dr=1, stride_ak=1, stride_xk=1, BLOCK_M=bm,
+                        BLOCK_K=gemm["BLOCK_N"], BLOCK_N=gemm["BLOCK_K"], BLOCK_R=16, DOT_DTYPE=tl.bfloat16, **lora,
+                        **rne),
+                   aligned=("g_ptr", "w_ptr", "dh_ptr", "a_ptr", "dx_ptr", "N", "K", "R", "stride_gm", "stride_wn",
+                            "stride_dm", "stride_aad", "stride_ar", "stride_xm"),
+                   variant=variant, **opts(gemm)),
+    ]
+
+
+KERNELS: list[KernelSpec] = _kernel_specs()

