@@ -152,3 +152,15 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
         if name in impls and _device_error(name, device) is None:
             return name, impls[name]
     raise RuntimeError(f"no backend can run {op!r} on {device}")
+
+
+def fallback(op: str, reason: str, error: type[Exception] = TypeError) -> Callable:
+    """The torch implementation of ``op``, for inputs the backend in force cannot serve (``reason``).
+
+    Only ``"auto"`` falls back, silently; a backend named explicitly raises ``error`` instead.
+    """
+    requested = get_backend()
+    if requested != "auto":
+        raise error(f"backend {requested!r} cannot run {op!r} on these inputs: {reason} "
+                    f"(use the 'torch' or 'auto' backend)")
+    return _registry[op]["torch"]

@@ -3,6 +3,7 @@ import copy
 import math
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -244,7 +245,14 @@ def test_ddp_gloo_matches_single_process():
     x, target = torch.randn(8, 5, 16), torch.randn(8, 5, 8)
     (model(x) - target).square().mean().backward()
     with tempfile.TemporaryDirectory() as d:
-        torch.multiprocessing.spawn(_ddp_worker, args=(2, os.path.join(d, "init"), state, x, target, d), nprocs=2)
+        procs = torch.multiprocessing.spawn(_ddp_worker, args=(2, os.path.join(d, "init"), state, x, target, d),
+                                            nprocs=2, join=False)
+        deadline = time.monotonic() + 180
+        while not procs.join(timeout=5):
+            if time.monotonic() > deadline:  # a hang fails the test instead of stalling the suite
+                for proc in procs.processes:
+                    proc.kill()
+                pytest.fail("the DDP workers did not finish within 180 s")
         g0 = torch.load(os.path.join(d, "grads0.pt"))
         g1 = torch.load(os.path.join(d, "grads1.pt"))
     for n, p in model.named_parameters():

@@ -383,3 +383,18 @@ def test_out_of_range_ids_caught_under_compile(backend):
         with pytest.raises(ValueError, match=r"adapter_ids must lie in \[-1, 2\)"):
             compiled(**_args(adapter_ids=torch.tensor([0, 3, 1])))
     torch._dynamo.reset()
+
+
+@requires_triton
+@pytest.mark.triton
+@pytest.mark.skipif(not pk_backend_ok("triton"), reason="triton backend unavailable here")
+def test_explicit_triton_refuses_float64_auto_falls_back(monkeypatch):
+    d = _data(2, 3, 4, 2, dtype=torch.float64)
+    with pk.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        _run(multi_lora_linear, d, [1, -1])
+    # "auto" picks triton where it can run (a GPU); with the kernels unable to serve float64 it falls back to torch
+    monkeypatch.setattr(pk.backend, "_AUTO_ORDER", {d["x"].device.type: ("triton", "torch")})
+    out = _run(multi_lora_linear, d, [1, -1])
+    ref = _run(multi_lora_linear_reference, d, [1, -1])
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-12)

@@ -8,7 +8,6 @@ compilation (``peftkern._aot``).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -16,12 +15,13 @@ import triton
 import triton.language as tl
 
 from ..._aot import KernelSpec
-from ...backend import interpret_mode, register
+from ...backend import fallback, interpret_mode, register, registered
+from ..triton_launch import (TL_DTYPES, dot_dtype, launch_opts, out_buffer, precision, programs_wanted, staged,
+                             unstage)
 from . import torch_impl
 from .triton_kernels import (lora_bwd_dA_kernel, lora_bwd_dB_dh_kernel, lora_bwd_dx_kernel,
                              lora_dropout_mask_kernel, lora_fwd_kernel, lora_shrink_kernel)
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _INT32_LIMIT = 2**31
 
 # GPU defaults, chosen spill-free on sm_80 and sm_90 (peftkern._aot). Base GEMMs: 128x128x32 tiles, 8 warps,
@@ -61,28 +61,14 @@ def _cfg(name: str) -> dict:
     return _configs()[name]
 
 
-def _dot_dtype(dtype: torch.dtype):
-    """tl.dot operand dtype for tensors of ``dtype``: itself, except bf16 under the interpreter (wrong there)."""
-    if dtype == torch.bfloat16 and interpret_mode():
-        return tl.float32
-    return _TL_DTYPES[dtype]
-
-
-def _precision() -> str:
-    """fp32 tl.dot precision: TF32 only where PyTorch's own matmuls would use it."""
-    matmul = torch.backends.cuda.matmul
-    if not interpret_mode() and (matmul.allow_tf32 or getattr(matmul, "fp32_precision", None) == "tf32"):
-        return "tf32"
-    return "ieee"
-
-
-def _lora_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
-    return torch_impl.lora_dtype(x, lora_A)
-
-
-def _served_by_torch(x: torch.Tensor, lora_A: torch.Tensor) -> bool:
-    """float64 (the kernels accumulate in fp32) and empty batches (nothing to launch) go to torch_impl."""
-    return x.dtype == torch.float64 or lora_A.dtype == torch.float64 or x.shape[0] == 0
+def _torch_fallback(op: str, x: torch.Tensor, lora_A: torch.Tensor):
+    """torch_impl's ``op`` for what the kernels do not serve, else None: empty batches (nothing to launch) and,
+    when the backend was chosen automatically, float64 (the kernels accumulate in fp32)."""
+    if x.shape[0] == 0:
+        return registered(op)["torch"]
+    if torch.float64 in (x.dtype, lora_A.dtype):
+        return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
+    return None
 
 
 def _check_int32(**operands) -> None:
@@ -98,26 +84,6 @@ def _check_int32(**operands) -> None:
                              f"(< 2**31); use the torch backend")
 
 
-def _out(out, shape, dtype, device) -> torch.Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, "
-                         f"got {out.dtype} {tuple(out.shape)}")
-    return out
-
-
-def _staged(out: torch.Tensor) -> torch.Tensor:
-    """The buffer a kernel writes ``out`` through: ``out`` itself, except bf16 under the interpreter, whose
-    fp32 -> bf16 cast truncates (GPUs round to nearest even): there an fp32 copy of ``out`` (so poison in
-    ``out`` survives where a kernel misses), copied back by :func:`_unstage` with torch's rounding."""
-    return out.to(torch.float32) if out.dtype == torch.bfloat16 and interpret_mode() else out
-
-
-def _unstage(out: torch.Tensor, staged: torch.Tensor) -> torch.Tensor:
-    return out if staged is out else out.copy_(staged)
-
-
 def _dropout_args(p: float, seed) -> tuple[int, float, float, bool]:
     """(seed, p, keep scale, DROPOUT) kernel arguments."""
     if p <= 0.0:
@@ -127,39 +93,23 @@ def _dropout_args(p: float, seed) -> tuple[int, float, float, bool]:
     return int(seed), float(p), 1.0 / (1.0 - float(p)), True
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _programs_wanted(device: torch.device) -> int:
-    """How many programs fill the device: 4 per SM on a GPU; 2 under the interpreter, to exercise splitting."""
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 2
-
-
 # ------------------------------------------------------------------------------------------------ launchers
-
-
-def _launch_opts(cfg: dict) -> dict:
-    return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
 
 
 def shrink(x, lora_A, dropout_p: float, seed, *, out=None) -> torch.Tensor:
     """h [N, r] = drop(x) A^T in promote(x, A)'s dtype."""
     N, K = x.shape
     R = lora_A.shape[0]
-    h = _out(out, (N, R), _lora_dtype(x, lora_A), x.device)
+    h = out_buffer(out, (N, R), torch_impl.lora_dtype(x, lora_A), x.device)
     cfg, block_r = _cfg("shrink"), _block_r(R, h.dtype)
     seed_, p, keep_scale, dropout = _dropout_args(dropout_p, seed)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
-    h_buf = _staged(h)
+    h_buf = staged(h)
     lora_shrink_kernel[grid](
         x, lora_A, h_buf, N, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), seed_, p, keep_scale,
-        DROPOUT=dropout, LORA_DOT_DTYPE=_dot_dtype(h.dtype), PRECISION=_precision(), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, **_launch_opts(cfg))
-    return _unstage(h, h_buf)
+        DROPOUT=dropout, LORA_DOT_DTYPE=dot_dtype(h.dtype), PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, **launch_opts(cfg))
+    return unstage(h, h_buf)
 
 
 def fwd(x, weight, bias, h, rank_scale, lora_B, scaling: float, *, out=None,
@@ -167,19 +117,19 @@ def fwd(x, weight, bias, h, rank_scale, lora_B, scaling: float, *, out=None,
     """y [N, out] = x W^T + bias + scaling (h * e) B^T, one write of y in ``out_dtype`` (default x's dtype)."""
     N, K = x.shape
     O, R = lora_B.shape
-    y = _out(out, (N, O), out_dtype or x.dtype, x.device)
+    y = out_buffer(out, (N, O), out_dtype or x.dtype, x.device)
     cfg = _cfg("fwd")
     grid = (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(O, cfg["BLOCK_N"]),)
-    y_buf = _staged(y)
+    y_buf = staged(y)
     lora_fwd_kernel[grid](
         x, weight, bias if bias is not None else y, h, rank_scale if rank_scale is not None else h, lora_B, y_buf,
         N, K, O, R, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0),
         lora_B.stride(1), float(scaling),
-        HAS_BIAS=bias is not None, HAS_RANK_SCALE=rank_scale is not None, DOT_DTYPE=_dot_dtype(x.dtype),
-        LORA_DOT_DTYPE=_dot_dtype(h.dtype), PRECISION=_precision(), BLOCK_M=cfg["BLOCK_M"],
+        HAS_BIAS=bias is not None, HAS_RANK_SCALE=rank_scale is not None, DOT_DTYPE=dot_dtype(x.dtype),
+        LORA_DOT_DTYPE=dot_dtype(h.dtype), PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_block_r(R, h.dtype), GROUP_M=cfg["GROUP_M"],
-        **_launch_opts(cfg))
-    return _unstage(y, y_buf)
+        **launch_opts(cfg))
+    return unstage(y, y_buf)
 
 
 def bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling: float, *, out_dh=None):
@@ -202,8 +152,8 @@ def bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling: float, *, out_dh=None):
     lora_bwd_dB_dh_kernel[grid](
         grad_y, lora_B, h, rank_scale if rank_scale is not None else h, dh, dB, de if de is not None else dB,
         N, O, R, grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), dh.stride(0), float(scaling),
-        HAS_RANK_SCALE=rank_scale is not None, LORA_DOT_DTYPE=_dot_dtype(h.dtype), PRECISION=_precision(),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, **_launch_opts(cfg))
+        HAS_RANK_SCALE=rank_scale is not None, LORA_DOT_DTYPE=dot_dtype(h.dtype), PRECISION=precision(),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, **launch_opts(cfg))
     return dh, dB, de
 
 
@@ -216,15 +166,15 @@ def bwd_dA(dh, x, lora_dtype: torch.dtype, dropout_p: float, seed, *, splits: in
     tiles = triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(R, block_r)
     row_blocks = triton.cdiv(N, cfg["BLOCK_M"])
     if splits is None:
-        splits = triton.cdiv(_programs_wanted(x.device), tiles)
+        splits = triton.cdiv(programs_wanted(x.device), tiles)
     splits = max(1, min(splits, row_blocks))
     rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
     seed_, p, keep_scale, dropout = _dropout_args(dropout_p, seed)
     grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(R, block_r), triton.cdiv(N, rows_per_split))
     lora_bwd_dA_kernel[grid](
         dh, x, dA, N, K, R, dh.stride(0), x.stride(0), x.stride(1), rows_per_split, seed_, p, keep_scale,
-        DROPOUT=dropout, LORA_DOT_DTYPE=_dot_dtype(lora_dtype), PRECISION=_precision(), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, **_launch_opts(cfg))
+        DROPOUT=dropout, LORA_DOT_DTYPE=dot_dtype(lora_dtype), PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, **launch_opts(cfg))
     return dA
 
 
@@ -233,18 +183,18 @@ def bwd_dx(grad_y, weight, dh, lora_A, lora_dtype: torch.dtype, dropout_p: float
     N, O = grad_y.shape
     K = weight.shape[1]
     R = lora_A.shape[0]
-    dx = _out(out, (N, K), weight.dtype, grad_y.device)
+    dx = out_buffer(out, (N, K), weight.dtype, grad_y.device)
     seed_, p, keep_scale, dropout = _dropout_args(dropout_p, seed)
     cfg = _cfg("bwd_dx_dropout" if dropout else "bwd_dx")
     grid = (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
-    dx_buf = _staged(dx)
+    dx_buf = staged(dx)
     lora_bwd_dx_kernel[grid](
         grad_y, weight, dh, lora_A, dx_buf, N, K, O, R, grad_y.stride(0), grad_y.stride(1), weight.stride(0),
         weight.stride(1), dh.stride(0), lora_A.stride(0), lora_A.stride(1), seed_, p, keep_scale,
-        DROPOUT=dropout, DOT_DTYPE=_dot_dtype(weight.dtype), LORA_DOT_DTYPE=_dot_dtype(lora_dtype),
-        PRECISION=_precision(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=_block_r(R, lora_dtype), GROUP_M=cfg["GROUP_M"], **_launch_opts(cfg))
-    return _unstage(dx, dx_buf)
+        DROPOUT=dropout, DOT_DTYPE=dot_dtype(weight.dtype), LORA_DOT_DTYPE=dot_dtype(lora_dtype),
+        PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=_block_r(R, lora_dtype), GROUP_M=cfg["GROUP_M"], **launch_opts(cfg))
+    return unstage(dx, dx_buf)
 
 
 # ------------------------------------------------------------------------------------------- registered ops
@@ -260,7 +210,7 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch
     cfg = _cfg("mask")
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
     lora_dropout_mask_kernel[grid](keep, N, K, int(seed), float(p), BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
-                                   **_launch_opts(cfg))
+                                   **launch_opts(cfg))
     return keep
 
 
@@ -271,9 +221,9 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
 
     y is in x's dtype, or in the LoRA dtype promote(x, A) when ``promote_output`` (DoRA rescales it there).
     """
-    if _served_by_torch(x, lora_A):
-        return torch_impl.lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed,
-                                       promote_output)
+    impl = _torch_fallback("lora_forward", x, lora_A)
+    if impl is not None:
+        return impl(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, promote_output)
     _check_int32(x=x, weight=weight, y=(x.shape[0], weight.shape[0]))
     h = shrink(x, lora_A, dropout_p, seed)
     y = fwd(x, weight, bias, h, rank_scale, lora_B, scaling, out_dtype=h.dtype if promote_output else None)
@@ -284,9 +234,9 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
 def lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling: float, dropout_p: float, seed,
                   compute_dx: bool):
     """(dx or None, dA, dB, d_rank_scale or None)."""
-    if _served_by_torch(x, lora_A):
-        return torch_impl.lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed,
-                                        compute_dx)
+    impl = _torch_fallback("lora_backward", x, lora_A)
+    if impl is not None:
+        return impl(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed, compute_dx)
     _check_int32(grad_y=grad_y, x=x, weight=weight)
     dh, dB, de = bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling)
     dA = bwd_dA(dh, x, h.dtype, dropout_p, seed)
@@ -321,7 +271,7 @@ def _kernel_specs() -> list[KernelSpec]:
     for adapter, r in ((torch.float32, 8), (torch.bfloat16, 64)):
         xt, at = "*bf16", "*" + _TL_NAMES[adapter]
         block_r = min(max(16, triton.next_power_of_2(r)), _GPU["max_block_r"][adapter])
-        lora = dict(LORA_DOT_DTYPE=_TL_DTYPES[adapter], PRECISION="ieee", BLOCK_R=block_r)
+        lora = dict(LORA_DOT_DTYPE=TL_DTYPES[adapter], PRECISION="ieee", BLOCK_R=block_r)
         r16 = ("R",) if r % 16 == 0 else ()
         variant = f"{_TL_NAMES[adapter]} adapters r{r}"
         specs += [

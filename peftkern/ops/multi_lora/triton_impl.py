@@ -9,7 +9,6 @@ ahead-of-time compilation (``peftkern._aot``).
 """
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -17,12 +16,11 @@ import triton
 import triton.language as tl
 
 from ..._aot import KernelSpec
-from ...backend import interpret_mode, register
+from ...backend import fallback, interpret_mode, register, registered
+from ..triton_launch import dot_dtype, launch_opts, out_buffer, precision, programs_wanted, staged, unstage
 from . import torch_impl
 from .triton_kernels import (multi_lora_dA_kernel, multi_lora_dB_kernel, multi_lora_dx_kernel, multi_lora_fwd_kernel,
                              multi_lora_grad_shrink_kernel, multi_lora_shrink_kernel)
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 # GPU defaults. BLOCK_M is the row block of the SGMV table (shared by the row-block kernels): 64 rows, so an adapter
 # with few tokens wastes little of a block (Punica uses 16-64). Base GEMMs with the LoRA epilogue (forward, dgrad):
@@ -66,45 +64,6 @@ def _block_r(r: int, lora_dtype: torch.dtype) -> int:
     if lora_dtype == torch.float32:
         cap = min(cap, _configs()["max_block_r_fp32"])
     return min(max(16, triton.next_power_of_2(r)), cap)
-
-
-def _dot_dtype(dtype: torch.dtype):
-    """tl.dot operand dtype for tensors of ``dtype``: itself, except bf16 under the interpreter (wrong there)."""
-    if dtype == torch.bfloat16 and interpret_mode():
-        return tl.float32
-    return _TL_DTYPES[dtype]
-
-
-def _precision() -> str:
-    """fp32 tl.dot precision: TF32 only where PyTorch's own matmuls would use it."""
-    if not interpret_mode() and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
-def _launch_opts(cfg: dict) -> dict:
-    return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _programs_wanted(device: torch.device) -> int:
-    """How many programs fill the device: 4 per SM on a GPU; 2 under the interpreter, to exercise splitting."""
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 2
-
-
-def _out(out, shape, dtype, device) -> torch.Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device:
-        raise ValueError(f"out must be a {dtype} tensor of shape {tuple(shape)} on {device}, "
-                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -163,15 +122,17 @@ def shrink(x, lora_A, p: Plan, *, out=None) -> torch.Tensor:
     """h [N, r] = x[rows] A_a^T per block, in promote(x, A)'s dtype; 0 for the rows of base-only sequences."""
     N, K = x.shape
     R = lora_A.shape[1]
-    h = _out(out, (N, R), torch_impl.lora_dtype(x, lora_A), x.device)
+    h = out_buffer(out, (N, R), torch_impl.lora_dtype(x, lora_A), x.device)
     cfg, block_r = _configs()["rank"], _block_r(R, h.dtype)
     grid = (p.blocks, triton.cdiv(R, block_r))
+    h_buf = staged(h)
     multi_lora_shrink_kernel[grid](
-        x, lora_A, h, p.perm, p.table, K, R,
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), h.stride(0), h.stride(1),
-        BLOCK_M=p.block_m, BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], LORA_DOT_DTYPE=_dot_dtype(h.dtype),
-        PRECISION=_precision(), BF16_RNE=interpret_mode(), **_launch_opts(cfg))
-    return h
+        x, lora_A, h_buf, p.perm, p.table, K, R,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), h_buf.stride(0),
+        h_buf.stride(1),
+        BLOCK_M=p.block_m, BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], LORA_DOT_DTYPE=dot_dtype(h.dtype),
+        PRECISION=precision(), **launch_opts(cfg))
+    return unstage(h, h_buf)
 
 
 def forward_gemm(x, weight, bias, h, lora_B, scalings, p: Plan, *, out=None) -> torch.Tensor:
@@ -179,17 +140,18 @@ def forward_gemm(x, weight, bias, h, lora_B, scalings, p: Plan, *, out=None) -> 
     N, K = x.shape
     O = weight.shape[0]
     R = h.shape[1]
-    y = _out(out, (N, O), x.dtype, x.device)
+    y = out_buffer(out, (N, O), x.dtype, x.device)
     cfg = _gemm_config(x.dtype)
     grid = (p.blocks, triton.cdiv(O, cfg["BLOCK_N"]))
+    y_buf = staged(y)
     multi_lora_fwd_kernel[grid](
-        x, weight, bias if bias is not None else y, h, lora_B, scalings, y, p.perm, p.table, O, K, R,
+        x, weight, bias if bias is not None else y, h, lora_B, scalings, y_buf, p.perm, p.table, O, K, R,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
-        lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), y.stride(0), y.stride(1),
+        lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), y_buf.stride(0), y_buf.stride(1),
         HAS_BIAS=bias is not None, BLOCK_M=p.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=_block_r(R, h.dtype), DOT_DTYPE=_dot_dtype(x.dtype), LORA_DOT_DTYPE=_dot_dtype(h.dtype),
-        PRECISION=_precision(), BF16_RNE=interpret_mode(), **_launch_opts(cfg))
-    return y
+        BLOCK_R=_block_r(R, h.dtype), DOT_DTYPE=dot_dtype(x.dtype), LORA_DOT_DTYPE=dot_dtype(h.dtype),
+        PRECISION=precision(), **launch_opts(cfg))
+    return unstage(y, y_buf)
 
 
 def grad_shrink(grad_y, lora_B, scalings, lora_dtype: torch.dtype, p: Plan) -> torch.Tensor:
@@ -199,18 +161,19 @@ def grad_shrink(grad_y, lora_B, scalings, lora_dtype: torch.dtype, p: Plan) -> t
     dh = torch.empty((N, R), dtype=lora_dtype, device=grad_y.device)
     cfg, block_r = _configs()["rank"], _block_r(R, lora_dtype)
     grid = (p.blocks, triton.cdiv(R, block_r))
+    dh_buf = staged(dh)
     multi_lora_grad_shrink_kernel[grid](
-        grad_y, lora_B, scalings, dh, p.perm, p.table, O, R,
+        grad_y, lora_B, scalings, dh_buf, p.perm, p.table, O, R,
         grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
-        dh.stride(0), dh.stride(1),
-        BLOCK_M=p.block_m, BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], LORA_DOT_DTYPE=_dot_dtype(lora_dtype),
-        PRECISION=_precision(), BF16_RNE=interpret_mode(), **_launch_opts(cfg))
-    return dh
+        dh_buf.stride(0), dh_buf.stride(1),
+        BLOCK_M=p.block_m, BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], LORA_DOT_DTYPE=dot_dtype(lora_dtype),
+        PRECISION=precision(), **launch_opts(cfg))
+    return unstage(dh, dh_buf)
 
 
 def _splits(device, tiles: int, rows: int, block_m: int, splits: int | None) -> int:
     if splits is None:
-        splits = triton.cdiv(_programs_wanted(device), tiles)
+        splits = triton.cdiv(programs_wanted(device), tiles)
     return max(1, min(splits, triton.cdiv(rows, block_m)))
 
 
@@ -227,8 +190,8 @@ def grad_b(grad_y, h, scalings, n: int, p: Plan, *, splits: int | None = None) -
         grad_y, h, scalings, ws, p.perm, p.segs, O, R, splits,
         grad_y.stride(0), grad_y.stride(1), h.stride(0), h.stride(1), ws.stride(0), ws.stride(1), ws.stride(2),
         ws.stride(3),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, LORA_DOT_DTYPE=_dot_dtype(h.dtype),
-        PRECISION=_precision(), **_launch_opts(cfg))
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, LORA_DOT_DTYPE=dot_dtype(h.dtype),
+        PRECISION=precision(), **launch_opts(cfg))
     return ws[0] if splits == 1 else ws.sum(0)
 
 
@@ -244,8 +207,8 @@ def grad_a(dh, x, n: int, p: Plan, *, splits: int | None = None) -> torch.Tensor
         dh, x, ws, p.perm, p.segs, K, R, splits,
         dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), ws.stride(0), ws.stride(1), ws.stride(2),
         ws.stride(3),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_R=block_r, LORA_DOT_DTYPE=_dot_dtype(dh.dtype),
-        PRECISION=_precision(), **_launch_opts(cfg))
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_R=block_r, LORA_DOT_DTYPE=dot_dtype(dh.dtype),
+        PRECISION=precision(), **launch_opts(cfg))
     return ws[0] if splits == 1 else ws.sum(0)
 
 
@@ -254,27 +217,35 @@ def dgrad(grad_y, weight, dh, lora_A, p: Plan, *, out=None) -> torch.Tensor:
     N, O = grad_y.shape
     K = weight.shape[1]
     R = lora_A.shape[1]
-    dx = _out(out, (N, K), grad_y.dtype, grad_y.device)
+    dx = out_buffer(out, (N, K), grad_y.dtype, grad_y.device)
     cfg = _gemm_config(grad_y.dtype)
     grid = (p.blocks, triton.cdiv(K, cfg["BLOCK_N"]))
+    dx_buf = staged(dx)
     multi_lora_dx_kernel[grid](
-        grad_y, weight, dh, lora_A, dx, p.perm, p.table, O, K, R,
+        grad_y, weight, dh, lora_A, dx_buf, p.perm, p.table, O, K, R,
         grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), dh.stride(0), dh.stride(1),
-        lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), dx.stride(0), dx.stride(1),
+        lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), dx_buf.stride(0), dx_buf.stride(1),
         BLOCK_M=p.block_m, BLOCK_K=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_K"], BLOCK_R=_block_r(R, dh.dtype),
-        DOT_DTYPE=_dot_dtype(grad_y.dtype), LORA_DOT_DTYPE=_dot_dtype(dh.dtype), PRECISION=_precision(),
-        BF16_RNE=interpret_mode(), **_launch_opts(cfg))
-    return dx
+        DOT_DTYPE=dot_dtype(grad_y.dtype), LORA_DOT_DTYPE=dot_dtype(dh.dtype), PRECISION=precision(),
+        **launch_opts(cfg))
+    return unstage(dx, dx_buf)
 
 
 # ---------------------------------------------------------------------------------------------- registered ops
 
 
-def _served_by_torch(x, weight, lora_A) -> bool:
-    """float64 (the kernels accumulate in fp32), empty problems and weights of 2**31 elements or more (the kernels
-    index W with int32) go to torch_impl."""
-    return (x.dtype == torch.float64 or lora_A.dtype == torch.float64 or x.numel() == 0
-            or weight.numel() >= 2**31)
+def _torch_fallback(op: str, x, weight, lora_A):
+    """torch_impl's ``op`` for what the kernels do not serve, else None: empty problems (nothing to launch) and,
+    when the backend was chosen automatically, float64 (the kernels accumulate in fp32) and weights of 2**31
+    elements or more (the kernels index W with int32)."""
+    if x.numel() == 0:
+        return registered(op)["torch"]
+    if torch.float64 in (x.dtype, lora_A.dtype):
+        return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
+    if weight.numel() >= 2**31:
+        return fallback(op, f"weight has {weight.numel()} elements (the Triton kernels index it with int32)",
+                        ValueError)
+    return None
 
 
 def _scalings(scalings, device) -> torch.Tensor:
@@ -284,8 +255,9 @@ def _scalings(scalings, device) -> torch.Tensor:
 @register("multi_lora_forward", "triton")
 def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
     """(y [B, S, out], h [B, S, r]) for x [B, S, in]; h is 0 for the rows of base-only sequences."""
-    if _served_by_torch(x, weight, lora_A):
-        return torch_impl.multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids)
+    impl = _torch_fallback("multi_lora_forward", x, weight, lora_A)
+    if impl is not None:
+        return impl(x, weight, bias, lora_A, lora_B, scalings, adapter_ids)
     B, S, K = x.shape
     n = lora_A.shape[0]
     x2 = x.reshape(B * S, K)
@@ -299,9 +271,9 @@ def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
 def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h, compute_dx: bool,
                         compute_dlora: bool):
     """(dx [B, S, in] or None, dA [n, r, in] or None, dB [n, out, r] or None); unused adapters get zeros."""
-    if _served_by_torch(x, weight, lora_A):
-        return torch_impl.multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h,
-                                              compute_dx, compute_dlora)
+    impl = _torch_fallback("multi_lora_backward", x, weight, lora_A)
+    if impl is not None:
+        return impl(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h, compute_dx, compute_dlora)
     B, S, K = x.shape
     n = lora_A.shape[0]
     x2 = x.reshape(B * S, K)
@@ -327,7 +299,6 @@ def _kernel_specs() -> list[KernelSpec]:
     bm, gemm, rank, red = _GPU["block_m"], _GPU["gemm"], _GPU["rank"], _GPU["reduce"]
     opts = lambda cfg: dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])  # noqa: E731
     lora = dict(LORA_DOT_DTYPE=tl.float32, PRECISION="ieee")
-    rne = dict(BF16_RNE=False)
     variant = "bf16 x/W, fp32 adapters, r16"
     idx = dict(perm_ptr="*i32", table_ptr="*i32")
     return [
@@ -335,7 +306,7 @@ def _kernel_specs() -> list[KernelSpec]:
                    dict(x_ptr="*bf16", a_ptr="*fp32", h_ptr="*fp32", K="i32", R="i32", stride_xm="i32",
                         stride_an="i32", stride_ar="i32", stride_hm="i32", **idx),
                    dict(stride_xk=1, stride_ak=1, stride_hr=1, BLOCK_M=bm, BLOCK_R=16, BLOCK_K=rank["BLOCK_K"],
-                        **lora, **rne),
+                        **lora),
                    aligned=("x_ptr", "a_ptr", "h_ptr", "K", "R", "stride_xm", "stride_an", "stride_ar", "stride_hm"),
                    variant=variant, **opts(rank)),
         KernelSpec(multi_lora_fwd_kernel,
@@ -344,7 +315,7 @@ def _kernel_specs() -> list[KernelSpec]:
                         stride_hm="i32", stride_bad="i32", stride_bn="i32", stride_ym="i32", **idx),
                    dict(stride_xk=1, stride_wk=1, stride_hr=1, stride_br=1, stride_yn=1, HAS_BIAS=True,
                         BLOCK_M=bm, BLOCK_N=gemm["BLOCK_N"], BLOCK_K=gemm["BLOCK_K"], BLOCK_R=16,
-                        DOT_DTYPE=tl.bfloat16, **lora, **rne),
+                        DOT_DTYPE=tl.bfloat16, **lora),
                    aligned=("x_ptr", "w_ptr", "bias_ptr", "h_ptr", "b_ptr", "y_ptr", "N", "K", "R", "stride_xm",
                             "stride_wn", "stride_hm", "stride_bad", "stride_bn", "stride_ym"),
                    variant=variant + ", bias", **opts(gemm)),
@@ -352,7 +323,7 @@ def _kernel_specs() -> list[KernelSpec]:
                    dict(g_ptr="*bf16", b_ptr="*fp32", scal_ptr="*fp32", dh_ptr="*fp32", N="i32", R="i32",
                         stride_gm="i32", stride_bad="i32", stride_bn="i32", stride_dm="i32", **idx),
                    dict(stride_gn=1, stride_br=1, stride_dr=1, BLOCK_M=bm, BLOCK_R=16, BLOCK_K=rank["BLOCK_K"],
-                        **lora, **rne),
+                        **lora),
                    aligned=("g_ptr", "b_ptr", "dh_ptr", "N", "R", "stride_gm", "stride_bad", "stride_bn",
                             "stride_dm"),
                    variant=variant, **opts(rank)),
@@ -379,8 +350,7 @@ def _kernel_specs() -> list[KernelSpec]:
                         K="i32", R="i32", stride_gm="i32", stride_wn="i32", stride_dm="i32", stride_aad="i32",
                         stride_ar="i32", stride_xm="i32", **idx),
                    dict(stride_gn=1, stride_wk=1, stride_dr=1, stride_ak=1, stride_xk=1, BLOCK_M=bm,
-                        BLOCK_K=gemm["BLOCK_N"], BLOCK_N=gemm["BLOCK_K"], BLOCK_R=16, DOT_DTYPE=tl.bfloat16, **lora,
-                        **rne),
+                        BLOCK_K=gemm["BLOCK_N"], BLOCK_N=gemm["BLOCK_K"], BLOCK_R=16, DOT_DTYPE=tl.bfloat16, **lora),
                    aligned=("g_ptr", "w_ptr", "dh_ptr", "a_ptr", "dx_ptr", "N", "K", "R", "stride_gm", "stride_wn",
                             "stride_dm", "stride_aad", "stride_ar", "stride_xm"),
                    variant=variant, **opts(gemm)),

@@ -7,8 +7,7 @@ real count have start == end and exit at once; adapter -1 means the base layer o
 Constexprs shared by the kernels: ``DOT_DTYPE`` / ``LORA_DOT_DTYPE`` are the ``tl.dot`` operand dtypes of the base
 GEMM (x's dtype) and of the LoRA path (promote(x, A)), except fp32 for bf16 under the interpreter (its bf16
 ``tl.dot`` is wrong); ``PRECISION`` is ``tl.dot``'s ``input_precision`` for fp32 operands ("ieee", or "tf32" where
-PyTorch allows TF32 matmuls); ``BF16_RNE`` (interpreter only) rounds bf16 outputs by hand, see
-:func:`_multi_lora_round`. Accumulation is fp32; each output is rounded once.
+PyTorch allows TF32 matmuls). Accumulation is fp32; each output is rounded once.
 """
 import triton
 import triton.language as tl
@@ -21,24 +20,12 @@ def _multi_lora_mma(acc, a, b, DT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _multi_lora_round(v, DT: tl.constexpr, BF16_RNE: tl.constexpr):
-    """fp32 ``v`` rounded to DT. ``BF16_RNE`` (set under the interpreter only) rounds to bf16 to nearest even by hand:
-    the interpreter's fp32 -> bf16 cast truncates. On a GPU the plain cast rounds to nearest even already."""
-    if BF16_RNE:
-        if DT == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            v = bits.to(tl.float32, bitcast=True)
-    return v.to(DT)
-
-
-@triton.jit
 def multi_lora_shrink_kernel(
     x_ptr, a_ptr, h_ptr, perm_ptr, table_ptr,
     K, R,
     stride_xm, stride_xk, stride_an, stride_ar, stride_ak, stride_hm, stride_hr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BF16_RNE: tl.constexpr,
+    LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """h[rows, r-tile] = x[rows] A_a^T for one row block (zeros for adapter -1). Grid (blocks, r tiles)."""
     pid = tl.program_id(0)
@@ -64,7 +51,7 @@ def multi_lora_shrink_kernel(
             at = tl.load(a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                          mask=r_mask[None, :] & k_mask[:, None], other=0.0)
             acc = _multi_lora_mma(acc, xt, at, LORA_DOT_DTYPE, PRECISION)
-    out = _multi_lora_round(acc, h_ptr.dtype.element_ty, BF16_RNE)
+    out = acc.to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr, out,
              mask=m_mask[:, None] & r_mask[None, :])
 
@@ -77,7 +64,7 @@ def multi_lora_fwd_kernel(
     stride_bad, stride_bn, stride_br, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BF16_RNE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """y[rows, n-tile] = x W^T (+ s_a h B_a^T unless adapter -1) (+ b): the expand fused in the base GEMM's epilogue.
 
@@ -119,7 +106,7 @@ def multi_lora_fwd_kernel(
         acc += s * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    out = _multi_lora_round(acc, y_ptr.dtype.element_ty, BF16_RNE)
+    out = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, out,
              mask=m_mask[:, None] & n_mask[None, :])
 
@@ -130,7 +117,7 @@ def multi_lora_grad_shrink_kernel(
     N, R,
     stride_gm, stride_gn, stride_bad, stride_bn, stride_br, stride_dm, stride_dr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BF16_RNE: tl.constexpr,
+    LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dh[rows, r-tile] = s_a g[rows] B_a for one row block (nothing for adapter -1). Grid (blocks, r tiles)."""
     pid = tl.program_id(0)
@@ -156,7 +143,7 @@ def multi_lora_grad_shrink_kernel(
                      mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         acc = _multi_lora_mma(acc, gt, bt, LORA_DOT_DTYPE, PRECISION)
     s = tl.load(scal_ptr + adapter)
-    out = _multi_lora_round(acc * s, dh_ptr.dtype.element_ty, BF16_RNE)
+    out = (acc * s).to(dh_ptr.dtype.element_ty)
     tl.store(dh_ptr + rows[:, None] * stride_dm + offs_r[None, :] * stride_dr, out,
              mask=m_mask[:, None] & r_mask[None, :])
 
@@ -168,7 +155,7 @@ def multi_lora_dx_kernel(
     stride_gm, stride_gn, stride_wn, stride_wk, stride_dm, stride_dr,
     stride_aad, stride_ar, stride_ak, stride_xm, stride_xk,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BF16_RNE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dx[rows, in-tile] = g W (+ dh A_a unless adapter -1): the LoRA term fused in the dgrad GEMM's epilogue.
 
@@ -206,7 +193,7 @@ def multi_lora_dx_kernel(
             at = tl.load(a_base + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                          mask=r_mask[:, None] & k_mask[None, :], other=0.0)
             acc = _multi_lora_mma(acc, dht, at, LORA_DOT_DTYPE, PRECISION)
-    out = _multi_lora_round(acc, dx_ptr.dtype.element_ty, BF16_RNE)
+    out = acc.to(dx_ptr.dtype.element_ty)
     tl.store(dx_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, out,
              mask=m_mask[:, None] & k_mask[None, :])
 
