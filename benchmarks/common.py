@@ -178,15 +178,17 @@ def machine_info() -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- output
-def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
-    """A fixed-width text table; ``columns`` = [(key, header)]; floats get 3 significant decimals."""
+def format_table(rows: list[dict], columns: list[tuple[str, str]], min_widths: Optional[dict] = None) -> str:
+    """A fixed-width text table; ``columns`` = [(key, header)]; floats get 3 significant decimals.
+    ``min_widths`` {key: width} keeps the columns of tables printed row by row aligned."""
     def cell(v):
         if isinstance(v, float):
             return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
         return "" if v is None else str(v)
 
     body = [[cell(r.get(k)) for k, _ in columns] for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, (_, h) in enumerate(columns)]
+    min_widths = min_widths or {}
+    widths = [max(len(h), min_widths.get(k, 0), *(len(b[i]) for b in body)) for i, (k, h) in enumerate(columns)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line([h for _, h in columns]), line(["-" * w for w in widths])] + [line(b) for b in body])
 

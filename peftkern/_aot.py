@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of the Triton kernels, no GPU needed: PTX and cubin per arch, registers and spills.
 
-Each family's ``triton_impl`` lists its kernels in ``KERNELS`` (:class:`KernelSpec`: the jit function, a
+Each family's ``triton_impl`` (the module of its implementations registered for the "triton" backend, so a new
+family cannot be missed) lists its kernels in ``KERNELS`` (:class:`KernelSpec`: the jit function, a
 representative signature, its constexprs, launch options). :func:`compile_spec` compiles one for a CUDA
 arch and reads the register and spill figures from the log of Triton's bundled ``ptxas -v`` (re-running it on
 the PTX when Triton's cache served the cubin).
@@ -26,7 +27,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, NamedTuple
 
-KERNEL_MODULES = ("peftkern.ops.lora.triton_impl",)
 DEFAULT_ARCHS = (80, 90)
 
 
@@ -45,9 +45,18 @@ class KernelSpec(NamedTuple):
         return self.fn.__name__
 
 
+def kernel_modules() -> list[str]:
+    """The modules of every implementation registered for the "triton" backend, in registration order."""
+    import peftkern  # noqa: F401  (importing the package registers every family's implementations)
+    from peftkern import backend
+
+    mods = [backend.registered(op)["triton"].__module__ for op in backend.ops() if "triton" in backend.registered(op)]
+    return list(dict.fromkeys(mods))
+
+
 def kernel_specs() -> list[KernelSpec]:
     specs = []
-    for mod in KERNEL_MODULES:
+    for mod in kernel_modules():
         specs.extend(importlib.import_module(mod).KERNELS)
     return specs
 
@@ -112,8 +121,10 @@ def compile_spec(spec: KernelSpec, arch: int) -> dict:
     if not compiled.asm.get("cubin"):
         raise RuntimeError(f"{spec.name}: no cubin for sm_{arch}")
     usage = parse_ptxas_log(log.getvalue()) or ptxas_usage(compiled.asm["ptx"], arch)
+    tiles = {k: v for k, v in spec.constexprs.items() if k.startswith("BLOCK_") or k == "GROUP_M"}
     return {"kernel": spec.name, "variant": spec.variant, "arch": arch, "gpu": sm_arch_from_capability(arch),
             "num_warps": spec.num_warps, "num_stages": spec.num_stages,
+            "config": {**tiles, "num_warps": spec.num_warps, "num_stages": spec.num_stages},
             "shared_bytes": int(compiled.metadata.shared), **usage,
             "seconds": round(time.perf_counter() - start, 2)}
 
@@ -123,7 +134,7 @@ def _compile_job(index: int, arch: int) -> dict:
 
 
 def compile_all(archs=DEFAULT_ARCHS, workers: int | None = None) -> list[dict]:
-    """Every kernel of :data:`KERNEL_MODULES` for every arch, in ``workers`` processes (default: the CPUs, <= 8)."""
+    """Every kernel of :func:`kernel_modules` for every arch, in ``workers`` processes (default: the CPUs, <= 8)."""
     if _interpreting():
         raise RuntimeError("unset TRITON_INTERPRET to compile ahead of time (or call peftkern._aot.report())")
     jobs = [(i, arch) for i in range(len(kernel_specs())) for arch in archs]
@@ -143,12 +154,11 @@ def report(archs=DEFAULT_ARCHS, timeout: float | None = 600, workers: int | None
     """:func:`compile_all` in a subprocess with ``TRITON_INTERPRET`` unset (safe from an interpreting process)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its current default
-    # -c, not -m: peftkern's own import already loads this module (runpy would warn)
-    cmd = [sys.executable, "-c", "import sys, peftkern._aot as a; sys.exit(a.main())", "--json", "--arch",
-           *map(str, archs)] + (["--workers", str(workers)] if workers else [])
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    code = (f"import json, peftkern._aot as a; "
+            f"print(json.dumps(a.compile_all({tuple(archs)!r}, {workers!r})))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compilation failed ({' '.join(cmd)}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"ahead-of-time compilation failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])  # the JSON line, after anything a compiler printed
 
 
@@ -162,12 +172,30 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="peftkern._aot", description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
-    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
+                        help="compute capabilities (default: 80 90)")
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON to FILE")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: the CPUs, <= 8)")
-    args = parser.parse_args(argv)
+
+
+def run_from_args(args) -> int:
+    """Print the table (and write JSON); exit status 1 if a kernel spills (a compile failure raises)."""
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its current default
     rows = report(args.arch, workers=args.workers) if _interpreting() else compile_all(args.arch, args.workers)
-    print(json.dumps(rows) if args.json else format_table(rows))
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    spilled = [f"{r['kernel']} ({r['variant']}, {r['gpu']})" for r in rows
+               if r["spill_store_bytes"] or r["spill_load_bytes"]]
+    if spilled:
+        print(f"register spills: {', '.join(spilled)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="peftkern kernels", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))

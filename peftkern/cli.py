@@ -3,7 +3,7 @@
     peftkern info [--json]            versions, backends (with the reason one is unavailable), CUDA library status
     peftkern bench [lora] [--quick] [--json FILE]     LoRALinear vs PEFT (benchmarks/bench_lora.py)
     peftkern demo [--quick]           a real LoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
-    peftkern kernels [--arch 80 90] [--json]          compile the Triton kernels ahead of time (peftkern/_aot.py)
+    peftkern kernels [--arch 80 90] [--json FILE]     compile the Triton kernels ahead of time (peftkern/_aot.py)
 """
 from __future__ import annotations
 
@@ -143,12 +143,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_kernels(args) -> int:
-    if importlib.util.find_spec("peftkern._aot") is None or importlib.util.find_spec("triton") is None:
-        print("peftkern kernels: needs triton and peftkern._aot", file=sys.stderr)
-        return 2
     from . import _aot
 
-    return _aot.main(args.aot_args)
+    return _aot.run_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,8 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("kernels", help="compile the Triton kernels ahead of time (registers, spills)")
-    p.add_argument("aot_args", nargs=argparse.REMAINDER, help="passed to peftkern._aot (--arch, --json, ...)")
-    p.set_defaults(func=cmd_kernels)
+    if importlib.util.find_spec("triton") is not None:
+        from ._aot import add_arguments as add_kernels_arguments
+
+        add_kernels_arguments(p)
+        p.set_defaults(func=cmd_kernels)
+    else:
+        p.set_defaults(func=lambda args: print("peftkern kernels: needs triton (pip install triton)",
+                                               file=sys.stderr) or 2)
     return ap
 
 

@@ -114,3 +114,16 @@ def test_demo_is_deterministic_and_adapter_is_not_a_noop(tmp_path):
     lora_b = [v for k, v in sd.items() if k.endswith("lora_B.weight")]
     assert len(lora_b) == 36 and all(v.abs().max() > 0 for v in lora_b)  # trained away from PEFT's zero init
     assert all(k.startswith("base_model.model.") for k in sd)
+
+
+@pytest.mark.triton
+def test_kernels_subcommand_writes_json(tmp_path, capsys):
+    """``peftkern kernels --arch 80 --json FILE``: a table on stdout, the rows in FILE, exit 0 (nothing spills)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "kernels.json"
+    assert cli.main(["kernels", "--arch", "80", "--json", str(out)]) == 0
+    assert "lora_fwd_kernel" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert rows and {"kernel", "arch", "registers", "spill_store_bytes", "shared_bytes", "config"} <= set(rows[0])
+    assert {r["arch"] for r in rows} == {80}
+    assert all(r["config"]["num_warps"] >= 1 for r in rows)
