@@ -163,11 +163,11 @@ def report(archs=DEFAULT_ARCHS, timeout: float | None = 600, workers: int | None
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'kernel':<28} {'variant':<36} {'arch':>6} {'warps':>5} {'regs':>5} {'spill st/ld B':>14} {'smem B':>7}"
+    head = f"{'kernel':<30} {'variant':<44} {'arch':>6} {'warps':>5} {'regs':>5} {'spill st/ld B':>14} {'smem B':>7}"
     lines = [head, "-" * len(head)]
     for r in rows:
         spills = f"{r['spill_store_bytes']}/{r['spill_load_bytes']}"
-        lines.append(f"{r['kernel']:<28} {r['variant']:<36} {r['gpu']:>6} {r['num_warps']:>5} {r['registers']:>5} "
+        lines.append(f"{r['kernel']:<30} {r['variant']:<44} {r['gpu']:>6} {r['num_warps']:>5} {r['registers']:>5} "
                      f"{spills:>14} {r['shared_bytes']:>7}")
     return "\n".join(lines)
 

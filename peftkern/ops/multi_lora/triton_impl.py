@@ -19,8 +19,8 @@ from ..._aot import KernelSpec
 from ...backend import fallback, interpret_mode, register, registered
 from ..triton_launch import dot_dtype, launch_opts, out_buffer, precision, programs_wanted, staged, unstage
 from . import torch_impl
-from .triton_kernels import (multi_lora_dA_kernel, multi_lora_dB_kernel, multi_lora_dx_kernel, multi_lora_fwd_kernel,
-                             multi_lora_grad_shrink_kernel, multi_lora_shrink_kernel)
+from .triton_kernels import (multi_lora_gemm_kernel, multi_lora_grad_shrink_kernel, multi_lora_segment_grad_kernel,
+                             multi_lora_shrink_kernel)
 
 # GPU defaults. BLOCK_M is the row block of the SGMV table (shared by the row-block kernels): 64 rows, so an adapter
 # with few tokens wastes little of a block (Punica uses 16-64). Base GEMMs with the LoRA epilogue (forward, dgrad):
@@ -135,23 +135,30 @@ def shrink(x, lora_A, p: Plan, *, out=None) -> torch.Tensor:
     return unstage(h, h_buf)
 
 
+def _gemm(lhs, rhs_t, bias, lora_lhs, lora_rhs_t, scalings, out_dtype, p: Plan, out=None) -> torch.Tensor:
+    """out [N, C] = lhs rhs_t^T (+ (s_a) lora_lhs lora_rhs_t[a]^T unless adapter -1) (+ bias) in ``out_dtype``;
+    rhs_t [C, K] and lora_rhs_t [n, C, r] are read transposed through their strides."""
+    N, K = lhs.shape
+    C = rhs_t.shape[0]
+    R = lora_lhs.shape[1]
+    res = out_buffer(out, (N, C), out_dtype, lhs.device)
+    cfg = _gemm_config(lhs.dtype)
+    grid = (p.blocks, triton.cdiv(C, cfg["BLOCK_N"]))
+    buf = staged(res)
+    multi_lora_gemm_kernel[grid](
+        lhs, rhs_t, bias if bias is not None else buf, lora_lhs, lora_rhs_t,
+        scalings if scalings is not None else buf, buf, p.perm, p.table, C, K, R,
+        lhs.stride(0), lhs.stride(1), rhs_t.stride(1), rhs_t.stride(0), lora_lhs.stride(0), lora_lhs.stride(1),
+        lora_rhs_t.stride(0), lora_rhs_t.stride(2), lora_rhs_t.stride(1), buf.stride(0), buf.stride(1),
+        HAS_BIAS=bias is not None, HAS_SCALE=scalings is not None, BLOCK_M=p.block_m, BLOCK_C=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_block_r(R, lora_lhs.dtype), DOT_DTYPE=dot_dtype(lhs.dtype),
+        LORA_DOT_DTYPE=dot_dtype(lora_lhs.dtype), PRECISION=precision(), **launch_opts(cfg))
+    return unstage(res, buf)
+
+
 def forward_gemm(x, weight, bias, h, lora_B, scalings, p: Plan, *, out=None) -> torch.Tensor:
     """y [N, out] = x W^T + bias + s_a h B_a^T (no LoRA term for adapter -1), in x's dtype, one write of y."""
-    N, K = x.shape
-    O = weight.shape[0]
-    R = h.shape[1]
-    y = out_buffer(out, (N, O), x.dtype, x.device)
-    cfg = _gemm_config(x.dtype)
-    grid = (p.blocks, triton.cdiv(O, cfg["BLOCK_N"]))
-    y_buf = staged(y)
-    multi_lora_fwd_kernel[grid](
-        x, weight, bias if bias is not None else y, h, lora_B, scalings, y_buf, p.perm, p.table, O, K, R,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
-        lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), y_buf.stride(0), y_buf.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=p.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=_block_r(R, h.dtype), DOT_DTYPE=dot_dtype(x.dtype), LORA_DOT_DTYPE=dot_dtype(h.dtype),
-        PRECISION=precision(), **launch_opts(cfg))
-    return unstage(y, y_buf)
+    return _gemm(x, weight, bias, h, lora_B, scalings, x.dtype, p, out)
 
 
 def grad_shrink(grad_y, lora_B, scalings, lora_dtype: torch.dtype, p: Plan) -> torch.Tensor:
@@ -177,58 +184,37 @@ def _splits(device, tiles: int, rows: int, block_m: int, splits: int | None) -> 
     return max(1, min(splits, triton.cdiv(rows, block_m)))
 
 
-def grad_b(grad_y, h, scalings, n: int, p: Plan, *, splits: int | None = None) -> torch.Tensor:
-    """dB [n, out, r] fp32: s_a g^T h over each adapter's rows (zero for unused adapters); rows split to fill the
-    device, the splits' partial sums added here."""
-    N, O = grad_y.shape
-    R = h.shape[1]
-    cfg, block_r = _configs()["reduce"], _block_r(R, h.dtype)
-    tiles = triton.cdiv(O, cfg["BLOCK_N"]) * triton.cdiv(R, block_r)
-    splits = _splits(grad_y.device, n * tiles, N, cfg["BLOCK_M"], splits)
-    ws = torch.empty((splits, n, O, R), dtype=torch.float32, device=grad_y.device)
-    multi_lora_dB_kernel[(n, tiles, splits)](
-        grad_y, h, scalings, ws, p.perm, p.segs, O, R, splits,
-        grad_y.stride(0), grad_y.stride(1), h.stride(0), h.stride(1), ws.stride(0), ws.stride(1), ws.stride(2),
-        ws.stride(3),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, LORA_DOT_DTYPE=dot_dtype(h.dtype),
-        PRECISION=precision(), **launch_opts(cfg))
+def _segment_grad(lhs, rhs, scalings, out_shape, transposed: bool, n: int, p: Plan, splits: int | None):
+    """[n, *out_shape] fp32: per adapter, (s_a) lhs^T rhs over its rows ([C, R]; stored as [R, C] when
+    ``transposed``), rows split to fill the device, the splits' partial sums added here."""
+    N, C = lhs.shape
+    R = rhs.shape[1]
+    cfg, block_r = _configs()["reduce"], _block_r(R, rhs.dtype)
+    tiles = triton.cdiv(C, cfg["BLOCK_N"]) * triton.cdiv(R, block_r)
+    splits = _splits(lhs.device, n * tiles, N, cfg["BLOCK_M"], splits)
+    ws = torch.empty((splits, n, *out_shape), dtype=torch.float32, device=lhs.device)
+    stride_wc, stride_wr = (ws.stride(3), ws.stride(2)) if transposed else (ws.stride(2), ws.stride(3))
+    multi_lora_segment_grad_kernel[(n, tiles, splits)](
+        lhs, rhs, scalings if scalings is not None else ws, ws, p.perm, p.segs, C, R, splits,
+        lhs.stride(0), lhs.stride(1), rhs.stride(0), rhs.stride(1), ws.stride(0), ws.stride(1), stride_wc, stride_wr,
+        HAS_SCALE=scalings is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_N"], BLOCK_R=block_r,
+        LORA_DOT_DTYPE=dot_dtype(rhs.dtype), PRECISION=precision(), **launch_opts(cfg))
     return ws[0] if splits == 1 else ws.sum(0)
+
+
+def grad_b(grad_y, h, scalings, n: int, p: Plan, *, splits: int | None = None) -> torch.Tensor:
+    """dB [n, out, r] fp32: s_a g^T h over each adapter's rows (zero for unused adapters)."""
+    return _segment_grad(grad_y, h, scalings, (grad_y.shape[1], h.shape[1]), False, n, p, splits)
 
 
 def grad_a(dh, x, n: int, p: Plan, *, splits: int | None = None) -> torch.Tensor:
     """dA [n, r, in] fp32: dh^T x over each adapter's rows (zero for unused adapters)."""
-    N, K = x.shape
-    R = dh.shape[1]
-    cfg, block_r = _configs()["reduce"], _block_r(R, dh.dtype)
-    tiles = triton.cdiv(K, cfg["BLOCK_N"]) * triton.cdiv(R, block_r)
-    splits = _splits(x.device, n * tiles, N, cfg["BLOCK_M"], splits)
-    ws = torch.empty((splits, n, R, K), dtype=torch.float32, device=x.device)
-    multi_lora_dA_kernel[(n, tiles, splits)](
-        dh, x, ws, p.perm, p.segs, K, R, splits,
-        dh.stride(0), dh.stride(1), x.stride(0), x.stride(1), ws.stride(0), ws.stride(1), ws.stride(2),
-        ws.stride(3),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_N"], BLOCK_R=block_r, LORA_DOT_DTYPE=dot_dtype(dh.dtype),
-        PRECISION=precision(), **launch_opts(cfg))
-    return ws[0] if splits == 1 else ws.sum(0)
+    return _segment_grad(x, dh, None, (dh.shape[1], x.shape[1]), True, n, p, splits)
 
 
 def dgrad(grad_y, weight, dh, lora_A, p: Plan, *, out=None) -> torch.Tensor:
     """dx [N, in] = g W + dh A_a (no LoRA term for adapter -1), in g's dtype."""
-    N, O = grad_y.shape
-    K = weight.shape[1]
-    R = lora_A.shape[1]
-    dx = out_buffer(out, (N, K), grad_y.dtype, grad_y.device)
-    cfg = _gemm_config(grad_y.dtype)
-    grid = (p.blocks, triton.cdiv(K, cfg["BLOCK_N"]))
-    dx_buf = staged(dx)
-    multi_lora_dx_kernel[grid](
-        grad_y, weight, dh, lora_A, dx_buf, p.perm, p.table, O, K, R,
-        grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1), dh.stride(0), dh.stride(1),
-        lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), dx_buf.stride(0), dx_buf.stride(1),
-        BLOCK_M=p.block_m, BLOCK_K=cfg["BLOCK_N"], BLOCK_N=cfg["BLOCK_K"], BLOCK_R=_block_r(R, dh.dtype),
-        DOT_DTYPE=dot_dtype(grad_y.dtype), LORA_DOT_DTYPE=dot_dtype(dh.dtype), PRECISION=precision(),
-        **launch_opts(cfg))
-    return unstage(dx, dx_buf)
+    return _gemm(grad_y, weight.t(), None, dh, lora_A.transpose(1, 2), None, grad_y.dtype, p, out)
 
 
 # ---------------------------------------------------------------------------------------------- registered ops
@@ -309,16 +295,20 @@ def _kernel_specs() -> list[KernelSpec]:
                         **lora),
                    aligned=("x_ptr", "a_ptr", "h_ptr", "K", "R", "stride_xm", "stride_an", "stride_ar", "stride_hm"),
                    variant=variant, **opts(rank)),
-        KernelSpec(multi_lora_fwd_kernel,
-                   dict(x_ptr="*bf16", w_ptr="*bf16", bias_ptr="*bf16", h_ptr="*fp32", b_ptr="*fp32",
-                        scal_ptr="*fp32", y_ptr="*bf16", N="i32", K="i32", R="i32", stride_xm="i32", stride_wn="i32",
-                        stride_hm="i32", stride_bad="i32", stride_bn="i32", stride_ym="i32", **idx),
-                   dict(stride_xk=1, stride_wk=1, stride_hr=1, stride_br=1, stride_yn=1, HAS_BIAS=True,
-                        BLOCK_M=bm, BLOCK_N=gemm["BLOCK_N"], BLOCK_K=gemm["BLOCK_K"], BLOCK_R=16,
-                        DOT_DTYPE=tl.bfloat16, **lora),
-                   aligned=("x_ptr", "w_ptr", "bias_ptr", "h_ptr", "b_ptr", "y_ptr", "N", "K", "R", "stride_xm",
-                            "stride_wn", "stride_hm", "stride_bad", "stride_bn", "stride_ym"),
-                   variant=variant + ", bias", **opts(gemm)),
+        *[KernelSpec(multi_lora_gemm_kernel,
+                     dict(lhs_ptr="*bf16", rhs_ptr="*bf16", bias_ptr="*bf16", lora_lhs_ptr="*fp32",
+                          lora_rhs_ptr="*fp32", scal_ptr="*fp32", out_ptr="*bf16", C="i32", K="i32", R="i32",
+                          stride_lm="i32", stride_llm="i32", stride_lra="i32", stride_om="i32", **idx,
+                          **{name: "i32" for name in strided}),
+                     dict(stride_lk=1, stride_llr=1, stride_oc=1, **{name: 1 for name in unit}, HAS_BIAS=bias,
+                          HAS_SCALE=bias, BLOCK_M=bm, BLOCK_C=gemm["BLOCK_N"], BLOCK_K=gemm["BLOCK_K"], BLOCK_R=16,
+                          DOT_DTYPE=tl.bfloat16, **lora),
+                     aligned=("lhs_ptr", "rhs_ptr", "bias_ptr", "lora_lhs_ptr", "lora_rhs_ptr", "out_ptr", "C", "K",
+                              "R", "stride_lm", "stride_llm", "stride_lra", "stride_om") + strided,
+                     variant=f"{variant}, {what}", **opts(gemm))
+          for what, bias, unit, strided in (("forward, bias", True, ("stride_rk", "stride_lrr"),
+                                             ("stride_rc", "stride_lrc")),
+                                            ("dgrad", False, ("stride_rc", "stride_lrc"), ("stride_rk", "stride_lrr")))],
         KernelSpec(multi_lora_grad_shrink_kernel,
                    dict(g_ptr="*bf16", b_ptr="*fp32", scal_ptr="*fp32", dh_ptr="*fp32", N="i32", R="i32",
                         stride_gm="i32", stride_bad="i32", stride_bn="i32", stride_dm="i32", **idx),
@@ -327,33 +317,17 @@ def _kernel_specs() -> list[KernelSpec]:
                    aligned=("g_ptr", "b_ptr", "dh_ptr", "N", "R", "stride_gm", "stride_bad", "stride_bn",
                             "stride_dm"),
                    variant=variant, **opts(rank)),
-        KernelSpec(multi_lora_dB_kernel,
-                   dict(g_ptr="*bf16", h_ptr="*fp32", scal_ptr="*fp32", ws_ptr="*fp32", perm_ptr="*i32",
-                        seg_ptr="*i32", N="i32", R="i32", SPLIT="i32", stride_gm="i32", stride_hm="i32",
-                        stride_ws="i32", stride_wa="i32", stride_wn="i32"),
-                   dict(stride_gn=1, stride_hr=1, stride_wr=1, BLOCK_M=red["BLOCK_M"], BLOCK_N=red["BLOCK_N"],
-                        BLOCK_R=16, **lora),
-                   aligned=("g_ptr", "h_ptr", "ws_ptr", "N", "R", "stride_gm", "stride_hm", "stride_ws",
-                            "stride_wa", "stride_wn"),
-                   variant=variant, **opts(red)),
-        KernelSpec(multi_lora_dA_kernel,
-                   dict(dh_ptr="*fp32", x_ptr="*bf16", ws_ptr="*fp32", perm_ptr="*i32", seg_ptr="*i32", K="i32",
-                        R="i32", SPLIT="i32", stride_dm="i32", stride_xm="i32", stride_ws="i32", stride_wa="i32",
-                        stride_wr="i32"),
-                   dict(stride_dr=1, stride_xk=1, stride_wk=1, BLOCK_M=red["BLOCK_M"], BLOCK_K=red["BLOCK_N"],
-                        BLOCK_R=16, **lora),
-                   aligned=("dh_ptr", "x_ptr", "ws_ptr", "K", "R", "stride_dm", "stride_xm", "stride_ws",
-                            "stride_wa", "stride_wr"),
-                   variant=variant, **opts(red)),
-        KernelSpec(multi_lora_dx_kernel,
-                   dict(g_ptr="*bf16", w_ptr="*bf16", dh_ptr="*fp32", a_ptr="*fp32", dx_ptr="*bf16", N="i32",
-                        K="i32", R="i32", stride_gm="i32", stride_wn="i32", stride_dm="i32", stride_aad="i32",
-                        stride_ar="i32", stride_xm="i32", **idx),
-                   dict(stride_gn=1, stride_wk=1, stride_dr=1, stride_ak=1, stride_xk=1, BLOCK_M=bm,
-                        BLOCK_K=gemm["BLOCK_N"], BLOCK_N=gemm["BLOCK_K"], BLOCK_R=16, DOT_DTYPE=tl.bfloat16, **lora),
-                   aligned=("g_ptr", "w_ptr", "dh_ptr", "a_ptr", "dx_ptr", "N", "K", "R", "stride_gm", "stride_wn",
-                            "stride_dm", "stride_aad", "stride_ar", "stride_xm"),
-                   variant=variant, **opts(gemm)),
+        *[KernelSpec(multi_lora_segment_grad_kernel,
+                     dict(lhs_ptr="*bf16", rhs_ptr="*fp32", scal_ptr="*fp32", ws_ptr="*fp32", perm_ptr="*i32",
+                          seg_ptr="*i32", C="i32", R="i32", SPLIT="i32", stride_lm="i32", stride_rm="i32",
+                          stride_ws="i32", stride_wa="i32", **{free_stride: "i32"}),
+                     dict(stride_lc=1, stride_rr=1, **{unit_stride: 1}, HAS_SCALE=has_scale, BLOCK_M=red["BLOCK_M"],
+                          BLOCK_C=red["BLOCK_N"], BLOCK_R=16, **lora),
+                     aligned=("lhs_ptr", "rhs_ptr", "ws_ptr", "C", "R", "stride_lm", "stride_rm", "stride_ws",
+                              "stride_wa", free_stride),
+                     variant=f"{variant}, {what}", **opts(red))
+          for what, has_scale, free_stride, unit_stride in (("dB", True, "stride_wc", "stride_wr"),
+                                                            ("dA", False, "stride_wr", "stride_wc"))],
     ]
 
 

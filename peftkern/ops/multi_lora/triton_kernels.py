@@ -57,58 +57,60 @@ def multi_lora_shrink_kernel(
 
 
 @triton.jit
-def multi_lora_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, scal_ptr, y_ptr, perm_ptr, table_ptr,
-    N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr,
-    stride_bad, stride_bn, stride_br, stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+def multi_lora_gemm_kernel(
+    lhs_ptr, rhs_ptr, bias_ptr, lora_lhs_ptr, lora_rhs_ptr, scal_ptr, out_ptr, perm_ptr, table_ptr,
+    C, K, R,
+    stride_lm, stride_lk, stride_rk, stride_rc, stride_llm, stride_llr,
+    stride_lra, stride_lrr, stride_lrc, stride_om, stride_oc,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """y[rows, n-tile] = x W^T (+ s_a h B_a^T unless adapter -1) (+ b): the expand fused in the base GEMM's epilogue.
+    """out[rows, c-tile] = lhs[rows] rhs (+ (s_a) lora_lhs[rows] lora_rhs_a unless adapter -1) (+ bias): a base GEMM
+    over gathered rows with the adapter's LoRA term in its epilogue, one write of out.
 
-    Grid (blocks, out tiles): consecutive programs share the W tile.
+    Forward: lhs = x, rhs = W^T, lora_lhs = h, lora_rhs = B_a^T, HAS_SCALE, HAS_BIAS (C = out, K = in).
+    Dgrad: lhs = g, rhs = W, lora_lhs = dh (already scaled), lora_rhs = A_a (C = in, K = out).
+    Grid (blocks, c tiles): consecutive programs share the rhs tile.
     """
     pid = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_c = tl.program_id(1)
     row_start = tl.load(table_ptr + pid * 3)
     row_end = tl.load(table_ptr + pid * 3 + 1)
     adapter = tl.load(table_ptr + pid * 3 + 2)
     if row_start >= row_end:
         return
-    offs_m = row_start + tl.arange(0, BLOCK_M)
+    offs_m = row_start + tl.arange(0, BLOCK_M)  # [BM] sorted positions
     m_mask = offs_m < row_end
     rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
+    c_mask = offs_c < C
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         k_mask = offs_k < K
-        xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                     mask=n_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = _multi_lora_mma(acc, xt, wt, DOT_DTYPE, PRECISION)
+        lhs = tl.load(lhs_ptr + rows[:, None] * stride_lm + offs_k[None, :] * stride_lk,
+                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
+        rhs = tl.load(rhs_ptr + offs_k[:, None] * stride_rk + offs_c[None, :] * stride_rc,
+                      mask=k_mask[:, None] & c_mask[None, :], other=0.0)  # [BK, BC]
+        acc = _multi_lora_mma(acc, lhs, rhs, DOT_DTYPE, PRECISION)
     if adapter >= 0:
-        b_base = b_ptr + adapter.to(tl.int64) * stride_bad
-        lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        lora_rhs_base = lora_rhs_ptr + adapter.to(tl.int64) * stride_lra
         for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
+            offs_r = r0 + tl.arange(0, BLOCK_R)  # [BR]
             r_mask = offs_r < R
-            ht = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                         mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            bt = tl.load(b_base + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                         mask=n_mask[None, :] & r_mask[:, None], other=0.0)
-            lora = _multi_lora_mma(lora, ht, bt, LORA_DOT_DTYPE, PRECISION)
-        s = tl.load(scal_ptr + adapter)
-        acc += s * lora
+            lora_lhs = tl.load(lora_lhs_ptr + rows[:, None] * stride_llm + offs_r[None, :] * stride_llr,
+                               mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [BM, BR]
+            if HAS_SCALE:
+                # the adapter's scaling goes on the small [BM, BR] tile, not on the [BM, BC] product
+                lora_lhs = lora_lhs.to(tl.float32) * tl.load(scal_ptr + adapter)
+            lora_rhs = tl.load(lora_rhs_base + offs_r[:, None] * stride_lrr + offs_c[None, :] * stride_lrc,
+                               mask=r_mask[:, None] & c_mask[None, :], other=0.0)  # [BR, BC]
+            acc = _multi_lora_mma(acc, lora_lhs, lora_rhs, LORA_DOT_DTYPE, PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
-    out = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn, out,
-             mask=m_mask[:, None] & n_mask[None, :])
+        acc += tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + offs_c[None, :] * stride_oc, acc.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit
@@ -149,132 +151,44 @@ def multi_lora_grad_shrink_kernel(
 
 
 @triton.jit
-def multi_lora_dx_kernel(
-    g_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr, perm_ptr, table_ptr,
-    N, K, R,
-    stride_gm, stride_gn, stride_wn, stride_wk, stride_dm, stride_dr,
-    stride_aad, stride_ar, stride_ak, stride_xm, stride_xk,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """dx[rows, in-tile] = g W (+ dh A_a unless adapter -1): the LoRA term fused in the dgrad GEMM's epilogue.
-
-    Here the GEMM's reduction runs over ``N`` (out features) and its tile over ``K`` (in features). Grid (blocks,
-    in tiles).
-    """
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row_start = tl.load(table_ptr + pid * 3)
-    row_end = tl.load(table_ptr + pid * 3 + 1)
-    adapter = tl.load(table_ptr + pid * 3 + 2)
-    if row_start >= row_end:
-        return
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < row_end
-    rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        gt = tl.load(g_ptr + rows[:, None] * stride_gm + offs_n[None, :] * stride_gn,
-                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                     mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc = _multi_lora_mma(acc, gt, wt, DOT_DTYPE, PRECISION)
-    if adapter >= 0:
-        a_base = a_ptr + adapter.to(tl.int64) * stride_aad
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < R
-            dht = tl.load(dh_ptr + rows[:, None] * stride_dm + offs_r[None, :] * stride_dr,
-                          mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-            at = tl.load(a_base + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                         mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-            acc = _multi_lora_mma(acc, dht, at, LORA_DOT_DTYPE, PRECISION)
-    out = acc.to(dx_ptr.dtype.element_ty)
-    tl.store(dx_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk, out,
-             mask=m_mask[:, None] & k_mask[None, :])
-
-
-@triton.jit
-def multi_lora_dB_kernel(
-    g_ptr, h_ptr, scal_ptr, ws_ptr, perm_ptr, seg_ptr,
-    N, R, SPLIT,
-    stride_gm, stride_gn, stride_hm, stride_hr, stride_ws, stride_wa, stride_wn, stride_wr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+def multi_lora_segment_grad_kernel(
+    lhs_ptr, rhs_ptr, scal_ptr, ws_ptr, perm_ptr, seg_ptr,
+    C, R, SPLIT,
+    stride_lm, stride_lc, stride_rm, stride_rr, stride_ws, stride_wa, stride_wc, stride_wr,
+    HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
     LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """ws[split, a, n-tile, r-tile] = s_a sum over the split's row chunks of adapter a's segment of g^T h.
+    """ws[split, a, c-tile, r-tile] = (s_a) sum over the split's row chunks of adapter a's segment of lhs^T rhs.
 
-    Grid (n adapters, out tiles * r tiles, SPLIT); split ``j`` takes chunks j, j + SPLIT, ... of the segment. An
-    adapter no sequence uses writes zeros.
+    lhs [N, C], rhs [N, R]: dB = s_a g^T h (lhs = g, C = out, HAS_SCALE) and dA = (x^T dh)^T (lhs = x, C = in,
+    stored through transposed ws strides). Grid (n adapters, c tiles * r tiles, SPLIT); split ``j`` takes
+    chunks j, j + SPLIT, ... of the segment. An adapter no sequence uses writes zeros. The [c, r] accumulator
+    layout needs far fewer registers than [r, c] with the fp32 FMA dot.
     """
     adapter = tl.program_id(0)
     pid_t = tl.program_id(1)
     split = tl.program_id(2)
     num_r = tl.cdiv(R, BLOCK_R)
-    pid_n = pid_t // num_r
+    pid_c = pid_t // num_r
     pid_r = pid_t % num_r
     seg_start = tl.load(seg_ptr + adapter * 2)
     seg_end = tl.load(seg_ptr + adapter * 2 + 1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
+    c_mask = offs_c < C
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
     r_mask = offs_r < R
-    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     for m0 in range(seg_start + split * BLOCK_M, seg_end, SPLIT * BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_m = m0 + tl.arange(0, BLOCK_M)  # [BM] sorted positions
         m_mask = offs_m < seg_end
         rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        gt = tl.load(g_ptr + rows[None, :] * stride_gm + offs_n[:, None] * stride_gn,
-                     mask=n_mask[:, None] & m_mask[None, :], other=0.0)
-        ht = tl.load(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr,
-                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _multi_lora_mma(acc, gt, ht, LORA_DOT_DTYPE, PRECISION)
-    s = tl.load(scal_ptr + adapter)
+        lhs_t = tl.load(lhs_ptr + rows[None, :] * stride_lm + offs_c[:, None] * stride_lc,
+                        mask=c_mask[:, None] & m_mask[None, :], other=0.0)  # [BC, BM]
+        rhs = tl.load(rhs_ptr + rows[:, None] * stride_rm + offs_r[None, :] * stride_rr,
+                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [BM, BR]
+        acc = _multi_lora_mma(acc, lhs_t, rhs, LORA_DOT_DTYPE, PRECISION)
+    if HAS_SCALE:
+        acc = acc * tl.load(scal_ptr + adapter)
     out = ws_ptr + split.to(tl.int64) * stride_ws + adapter.to(tl.int64) * stride_wa
-    tl.store(out + offs_n[:, None] * stride_wn + offs_r[None, :] * stride_wr, acc * s,
-             mask=n_mask[:, None] & r_mask[None, :])
-
-
-@triton.jit
-def multi_lora_dA_kernel(
-    dh_ptr, x_ptr, ws_ptr, perm_ptr, seg_ptr,
-    K, R, SPLIT,
-    stride_dm, stride_dr, stride_xm, stride_xk, stride_ws, stride_wa, stride_wr, stride_wk,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """ws[split, a, r-tile, in-tile] = sum over the split's row chunks of adapter a's segment of dh^T x.
-
-    Grid (n adapters, r tiles * in tiles, SPLIT), as :func:`multi_lora_dB_kernel`.
-    """
-    adapter = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    split = tl.program_id(2)
-    num_r = tl.cdiv(R, BLOCK_R)
-    pid_k = pid_t // num_r
-    pid_r = pid_t % num_r
-    seg_start = tl.load(seg_ptr + adapter * 2)
-    seg_end = tl.load(seg_ptr + adapter * 2 + 1)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    k_mask = offs_k < K
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = offs_r < R
-    # accumulated transposed, acc [in-tile, r-tile] = x^T dh (the layout of multi_lora_dB_kernel: far fewer
-    # registers than dh^T x with the fp32 FMA dot)
-    acc = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
-    for m0 in range(seg_start + split * BLOCK_M, seg_end, SPLIT * BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_mask = offs_m < seg_end
-        rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        xt = tl.load(x_ptr + rows[None, :] * stride_xm + offs_k[:, None] * stride_xk,
-                     mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-        dht = tl.load(dh_ptr + rows[:, None] * stride_dm + offs_r[None, :] * stride_dr,
-                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = _multi_lora_mma(acc, xt, dht, LORA_DOT_DTYPE, PRECISION)
-    out = ws_ptr + split.to(tl.int64) * stride_ws + adapter.to(tl.int64) * stride_wa
-    tl.store(out + offs_k[:, None] * stride_wk + offs_r[None, :] * stride_wr, acc,
-             mask=k_mask[:, None] & r_mask[None, :])
+    tl.store(out + offs_c[:, None] * stride_wc + offs_r[None, :] * stride_wr, acc,
+             mask=c_mask[:, None] & r_mask[None, :])
