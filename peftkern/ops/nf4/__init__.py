@@ -1,0 +1,4 @@
+from . import torch_impl  # noqa: F401  (registers the "torch" backend of the NF4 ops)
+from .function import BLOCKSIZES, NF4Tensor, dequantize, quantize
+
+__all__ = ["NF4Tensor", "quantize", "dequantize", "BLOCKSIZES"]

@@ -1,0 +1,107 @@
+"""Eager PyTorch implementation of the NF4 ops (README.md): the CPU path. Vectorized over blocks; fp32 throughout."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from ...backend import register
+
+# bitsandbytes' NF4 table (QLoRA: quantiles of N(0, 1), sorted, 0 at index 7)
+NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+              -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+              0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+              0.7229568362236023, 1.0)
+NESTED_BLOCKSIZE = 256
+
+
+@functools.lru_cache(maxsize=None)
+def nf4_code(device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    return torch.tensor(NF4_VALUES, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_code(device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map: for e = 0..6 the midpoints of 2^e + 1 linear steps over [0.1, 1]
+    times 10^(e-6), both signs, then 0 and 1; sorted (256 values)."""
+    values = [0.0, 1.0]
+    for e in range(7):
+        bounds = torch.linspace(0.1, 1, 2**e + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += ((10 ** (e - 6)) * means).tolist() + (-(10 ** (e - 6)) * means).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+def _scaled_blocks(f: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s [blocks * blocksize] = clamp(f * (1 / absmax), -1, 1), zero past n; absmax [blocks] fp32) of flat fp32 f."""
+    n = f.numel()
+    blocks = -(-n // blocksize)
+    x = F.pad(f, (0, blocks * blocksize - n)).view(blocks, blocksize)
+    absmax = x.abs().amax(1)
+    inv = torch.reciprocal(absmax.clamp_min(1e-38))  # rounded to fp32 before the product, as CUDA does
+    return x.mul_(inv[:, None]).clamp_(-1.0, 1.0).view(-1), absmax
+
+
+@register("nf4_quantize", "torch")
+def quantize(w: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 [ceil(n/2), 1], absmax fp32 [ceil(n/blocksize)]) of any-shape w."""
+    f = w.reshape(-1).float() if w.dtype != torch.float32 else w.reshape(-1).clone()
+    n = f.numel()
+    s, absmax = _scaled_blocks(f, blocksize)
+    mids = (code[:-1] + code[1:]) / 2
+    # an odd count packs one more code: its s is the padding's 0 (blocksizes are even, so a padded block exists)
+    q = torch.bucketize(s[: n + n % 2], mids, out_int32=True).to(torch.uint8).view(-1, 2)
+    return (q[:, 0] << 4).bitwise_or_(q[:, 1]).view(-1, 1), absmax
+
+
+@register("nf4_quantize_absmax", "torch")
+def quantize_absmax(absmax: torch.Tensor, code8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Double quantization: (q uint8 [blocks], absmax2 fp32 [ceil(blocks/256)], offset fp32 0-d)."""
+    offset = absmax.mean()
+    n = absmax.numel()
+    s, absmax2 = _scaled_blocks(absmax - offset, NESTED_BLOCKSIZE)
+    s = s[:n]
+    j = (torch.searchsorted(code8, s, right=True) - 1).clamp_(0, code8.numel() - 2)
+    d_lo, d_hi = s - code8[j], code8[j + 1] - s
+    tie = j + (j & 1)  # exact ties go to the even index
+    q = torch.where(d_hi < d_lo, j + 1, torch.where(d_lo < d_hi, j, tie))
+    return q.to(torch.uint8), absmax2, offset
+
+
+@register("nf4_dequantize_absmax", "torch")
+def dequantize_absmax(q: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, code8: torch.Tensor,
+                      nested_blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    """absmax [blocks] fp32 = fp32(code8[q] * absmax2) + offset (two roundings)."""
+    return _times_block_scale(code8[q.reshape(-1).long()], absmax2, nested_blocksize).add_(offset)
+
+
+def _times_block_scale(v: torch.Tensor, scale: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """v [n] fp32 times scale[i // blocksize], in place where the blocks tile v exactly."""
+    n = v.numel()
+    full = n - n % blocksize
+    out = v
+    out[:full].view(-1, blocksize).mul_(scale[: full // blocksize, None])
+    if full < n:
+        out[full:].mul_(scale[full // blocksize])
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_table(code: tuple, device: torch.device) -> torch.Tensor:
+    """[256, 2] fp32: the two code values (high nibble, low nibble) of every byte."""
+    values = torch.tensor(code, dtype=torch.float32, device=device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([values[byte >> 4], values[byte & 0xF]], 1)
+
+
+@register("nf4_dequantize", "torch")
+def dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, code: torch.Tensor, shape: tuple,
+               dtype: torch.dtype) -> torch.Tensor:
+    """w [shape] in dtype = dtype(fp32(code[q] * absmax[i // blocksize]))."""
+    n = 1
+    for d in shape:
+        n *= d
+    table = _byte_table(tuple(code.tolist()), packed.device)
+    v = table[packed.reshape(-1).long()].view(-1)[:n]
+    return _times_block_scale(v, absmax, blocksize).to(dtype).view(shape)

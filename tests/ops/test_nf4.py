@@ -1,0 +1,157 @@
+"""NF4 format: bit-exact with bitsandbytes (codes, packing, absmax, double quant, dequantization) and with the
+element-by-element reference; lossless to_bnb / from_bnb; storage; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkern as pk
+from peftkern.ops.nf4 import torch_impl
+from peftkern.ops.nf4.reference import (blockwise8_quantize_reference, nf4_dequantize_reference,
+                                        nf4_quantize_reference)
+from tests._helpers import shape_id
+
+bnbF = pytest.importorskip("bitsandbytes.functional")
+default_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# odd counts, a partial last block, blocks spanning rows, a single block, one element, 3-D
+SHAPES = [(64, 64), (37, 29), (1, 33), (130,), (5, 1000), (3, 7, 11), (1,)]
+
+
+def _weight(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 3).to(dtype)
+
+
+def _bnb_generic_dequantize(packed, qs) -> torch.Tensor:
+    """bitsandbytes' generic torch path (not its CPU kernel, wrong when blocks span rows), run eagerly."""
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = default_ops._dequantize_blockwise_compute.__wrapped__(
+            qs.absmax, qs.state2.absmax, qs.state2.code, qs.state2.blocksize, torch.float32) + qs.offset
+    return default_ops._dequantize_4bit_compute.__wrapped__(
+        packed.view(-1), absmax, qs.code, qs.blocksize, qs.shape, qs.dtype).view(qs.shape)
+
+
+def test_code_tables_are_bitsandbytes():
+    assert torch.equal(torch_impl.nf4_code(), bnbF.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(torch_impl.dynamic_code(), bnbF.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096], ids=lambda b: f"bs{b}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_id(S="x".join(map(str, s))))
+def test_quantize_matches_bitsandbytes(shape, blocksize, dtype):
+    w = _weight(shape, dtype)
+    packed, qs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    q = pk.nf4.quantize(w, blocksize, double_quant=True)
+    assert torch.equal(q.packed, packed)  # the same codes, packing and odd-count padding
+    assert torch.equal(q.offset, qs.offset) and torch.equal(q.absmax2, qs.state2.absmax)
+    # the nested 8-bit codes follow the CUDA rule (exact nearest, ties to even); bitsandbytes' CPU build uses an
+    # approximate table, so they are checked against the reference instead
+    q8, absmax2 = blockwise8_quantize_reference(_plain_absmax(w, blocksize) - q.offset, torch_impl.dynamic_code())
+    assert torch.equal(q.qabsmax, q8) and torch.equal(q.absmax2, absmax2)
+    plain = pk.nf4.quantize(w, blocksize, double_quant=False)
+    assert torch.equal(plain.absmax, bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")[1].absmax)
+
+
+def _plain_absmax(w, blocksize):
+    return nf4_quantize_reference(w, torch_impl.nf4_code(), blocksize)[1]
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096], ids=lambda b: f"bs{b}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_id(S="x".join(map(str, s))))
+def test_dequantize_bitsandbytes_state_bit_for_bit(shape, blocksize, dtype, double_quant):
+    w = _weight(shape, dtype, seed=1)
+    packed, qs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
+    ours = pk.nf4.NF4Tensor.from_bnb(packed, qs).dequantize()
+    ref = _bnb_generic_dequantize(packed, qs)
+    assert ours.dtype == dtype and ours.shape == w.shape
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 128], ids=lambda b: f"bs{b}")
+@pytest.mark.parametrize("shape", [(37, 29), (3, 7, 11), (65,)], ids=lambda s: shape_id(S="x".join(map(str, s))))
+def test_torch_impl_matches_reference(shape, blocksize):
+    w = _weight(shape, torch.bfloat16, seed=2)
+    code = torch_impl.nf4_code()
+    packed, absmax = nf4_quantize_reference(w, code, blocksize)
+    q = pk.nf4.quantize(w, blocksize, double_quant=False)
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, absmax)
+    assert torch.equal(q.dequantize(), nf4_dequantize_reference(packed, absmax, code, blocksize, w.shape, w.dtype))
+
+
+def test_ties_go_to_the_lower_nf4_code_and_zero_blocks_to_zero():
+    code = torch_impl.nf4_code()
+    mids = (code[:-1] + code[1:]) / 2
+    w = torch.cat([mids, torch.ones(1), torch.zeros(64 - 16)])  # absmax 1: s = the midpoints themselves
+    q = pk.nf4.quantize(torch.cat([w, torch.zeros(64)]), 64, double_quant=False)
+    codes = torch.stack([q.packed.view(-1) >> 4, q.packed.view(-1) & 0xF], 1).view(-1)
+    assert codes[:15].tolist() == list(range(15))  # a midpoint k gets code k, not k + 1
+    assert (codes[64:] == 7).all() and q.absmax[1] == 0  # an all-zero block decodes to zeros
+    assert (q.dequantize()[64:] == 0).all()
+
+
+def test_nested_ties_go_to_the_even_index():
+    code8 = torch_impl.dynamic_code()
+    mids = (code8[:-1] + code8[1:]) / 2
+    ties = [k for k in range(255) if code8[k] < mids[k] < code8[k + 1] and mids[k] - code8[k] == code8[k + 1] - mids[k]]
+    assert len(ties) > 100  # most fp32 midpoints of the dynamic map are exact ties
+    m = mids[ties[:8]]
+    # offset = mean = 0 exactly and absmax2 = 1, so the scaled values are the midpoints themselves
+    absmax = torch.cat([m, -m, torch.tensor([1.0, -1.0])])
+    q, absmax2, offset = torch_impl.quantize_absmax(absmax, code8)
+    assert offset == 0 and absmax2.tolist() == [1.0]
+    even = [k + (k % 2) for k in ties[:8]]
+    assert q[:8].tolist() == even
+    assert torch.equal(q, blockwise8_quantize_reference(absmax - offset, code8)[0])
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+def test_to_bnb_from_bnb_lossless(double_quant):
+    w = _weight((37, 29), torch.bfloat16, seed=3)
+    q = pk.nf4.quantize(w, 64, double_quant)
+    packed, qs = q.to_bnb()
+    assert qs.quant_type == "nf4" and qs.nested == double_quant and qs.shape == w.shape and qs.dtype == w.dtype
+    # bitsandbytes reads our state to the same values
+    assert torch.equal(_bnb_generic_dequantize(packed, qs), q.dequantize())
+    back = pk.nf4.NF4Tensor.from_bnb(packed, qs)
+    for name in ("packed", "absmax", "qabsmax", "absmax2", "offset", "code", "code8"):
+        a, b = getattr(q, name), getattr(back, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    # through bitsandbytes' own serialisation (the transformers checkpoint format)
+    sd = qs.as_dict(packed=True)
+    qs2 = bnbF.QuantState.from_dict({k: v.clone() if torch.is_tensor(v) else v for k, v in sd.items()}, "cpu")
+    assert torch.equal(pk.nf4.NF4Tensor.from_bnb(packed, qs2).dequantize(), q.dequantize())
+
+
+def test_storage_bits_per_parameter():
+    q = pk.nf4.quantize(torch.randn(1024, 1024), 64, double_quant=True)
+    assert q.bits_per_parameter() <= 4 + 8 / 64 + 32 / (64 * 256) + 1e-3
+    assert pk.nf4.quantize(torch.randn(1024, 1024), 64, double_quant=False).bits_per_parameter() == 4.5
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pk.nf4.quantize(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pk.nf4.quantize(torch.tensor([1.0, float("inf")]))
+    with pytest.raises(ValueError, match="blocksize"):
+        pk.nf4.quantize(torch.randn(64), blocksize=48)
+    with pytest.raises(TypeError, match="w must be float32"):
+        pk.nf4.quantize(torch.randn(64, dtype=torch.float64))
+    with pytest.raises(TypeError, match="w must be a torch.Tensor"):
+        pk.nf4.quantize([1.0])
+    with pytest.raises(ValueError, match="empty"):
+        pk.nf4.quantize(torch.randn(0, 4))
+    with pytest.raises(TypeError, match="q must be an NF4Tensor"):
+        pk.nf4.dequantize(torch.randn(4))
+    packed, qs = bnbF.quantize_4bit(torch.randn(64), blocksize=64, quant_type="fp4")
+    with pytest.raises(ValueError, match="quant_type must be 'nf4'"):
+        pk.nf4.NF4Tensor.from_bnb(packed, qs)
+    q = pk.nf4.quantize(torch.randn(64), 64, double_quant=False)
+    with pytest.raises(ValueError, match="absmax must have shape"):
+        pk.nf4.NF4Tensor(q.packed, (64,), torch.float32, 32, absmax=q.absmax)
