@@ -8,6 +8,13 @@ import torch
 f32 = np.float32
 
 
+def _scaled_block(block) -> tuple:
+    """(absmax, [clamp(x * (1 / absmax), -1, 1) for x in block]) with every step rounded to fp32."""
+    am = f32(np.max(np.abs(block)))
+    inv = f32(1) / max(am, f32(1e-38))
+    return am, [min(max(f32(x * inv), f32(-1)), f32(1)) for x in block]
+
+
 def nf4_quantize_reference(w: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 [ceil(n/2), 1], absmax fp32 [ceil(n/b)])."""
     f = w.detach().reshape(-1).float().numpy()
@@ -16,13 +23,9 @@ def nf4_quantize_reference(w: torch.Tensor, code: torch.Tensor, blocksize: int) 
     n = f.size
     absmax, q = [], []
     for start in range(0, n, blocksize):
-        block = f[start:start + blocksize]
-        am = f32(np.max(np.abs(block)))
+        am, scaled = _scaled_block(f[start:start + blocksize])
         absmax.append(am)
-        inv = f32(1) / max(am, f32(1e-38))
-        for x in block:
-            s = min(max(f32(x * inv), f32(-1)), f32(1))
-            q.append(sum(1 for m in mids if m < s))
+        q += [sum(1 for m in mids if m < s) for s in scaled]
     if n % 2:
         q.append(sum(1 for m in mids if m < f32(0)))
     packed = [(q[2 * t] << 4) | q[2 * t + 1] for t in range(len(q) // 2)]
@@ -35,12 +38,9 @@ def blockwise8_quantize_reference(a: torch.Tensor, code8: torch.Tensor, blocksiz
     table = code8.float().numpy()
     q, absmax2 = [], []
     for start in range(0, f.size, blocksize):
-        block = f[start:start + blocksize]
-        am = f32(np.max(np.abs(block)))
+        am, scaled = _scaled_block(f[start:start + blocksize])
         absmax2.append(am)
-        inv = f32(1) / max(am, f32(1e-38))
-        for x in block:
-            s = min(max(f32(x * inv), f32(-1)), f32(1))
+        for s in scaled:
             dist = [abs(f32(s - c)) for c in table]
             best = min(dist)
             ties = [i for i, d in enumerate(dist) if d == best]
