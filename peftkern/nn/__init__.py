@@ -1,4 +1,5 @@
 """Drop-in modules built on peftkern's ops."""
 from .lora import LoRALinear
+from .nf4 import NF4Linear, QLoRALinear
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "NF4Linear", "QLoRALinear"]

@@ -16,7 +16,7 @@ def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
                  rank_scale: Optional[Tensor], scaling: float, dropout_p: float,
                  seed: Optional[Tensor], promote_output: bool) -> tuple[Tensor, Tensor]:
     _, impl = resolve("lora_forward", x.device)
-    return impl(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, _seed_int(seed), promote_output)
+    return impl(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed_int(seed), promote_output)
 
 
 @lora_forward.register_fake
@@ -32,7 +32,7 @@ def lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lor
                   seed: Optional[Tensor], compute_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _, impl = resolve("lora_backward", x.device)
     dx, dA, dB, de = impl(grad_y.contiguous(), x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p,
-                          _seed_int(seed), compute_dx)
+                          seed_int(seed), compute_dx)
     # custom ops return tensors only: empty ones stand for "not computed"
     return (dx if dx is not None else x.new_empty(0), dA, dB,
             de if de is not None else lora_A.new_empty(0))
@@ -62,7 +62,7 @@ def _backward(ctx, grad_y, _grad_h):
 torch.library.register_autograd("peftkern::lora_forward", _backward, setup_context=_setup_context)
 
 
-def _seed_int(seed: Optional[Tensor]) -> Optional[int]:
+def seed_int(seed: Optional[Tensor]) -> Optional[int]:
     return None if seed is None else int(seed.item())
 
 
@@ -74,19 +74,30 @@ def new_seed() -> Tensor:
 def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale):
     V.tensor("x", x, min_ndim=1)
     V.tensor("weight", weight, ndim=2)
+    V.same_dtype("x", x, weight=weight)
+    V.same_device("x", x, weight=weight)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise ValueError("weight must be frozen (requires_grad=False): the fused LoRA op computes no weight gradient")
+    check_adapter_args(x, tuple(weight.shape), bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
+
+
+def check_adapter_args(x, weight_shape, bias, lora_A, lora_B, scaling, dropout_p, rank_scale):
+    """The checks of everything but the base weight, whose [out, in] shape is ``weight_shape``."""
+    V.tensor("x", x, min_ndim=1)
     V.tensor("lora_A", lora_A, ndim=2)
     V.tensor("lora_B", lora_B, ndim=2)
-    out_f, in_f = weight.shape
+    out_f, in_f = weight_shape
     r = lora_A.shape[0]
     if r == 0:
         raise ValueError("lora_A has rank r=0; the rank must be >= 1")
     if x.shape[-1] != in_f:
-        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {in_f} ([out, in] = {tuple(weight.shape)})")
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {in_f} "
+                         f"([out, in] = {tuple(weight_shape)})")
     V.shape("lora_A", lora_A, (r, in_f), "[r, in]")
     V.shape("lora_B", lora_B, (out_f, r), "[out, r]")
-    V.same_dtype("x", x, weight=weight, bias=bias)
+    V.same_dtype("x", x, bias=bias)
     V.same_dtype("lora_A", lora_A, lora_B=lora_B, rank_scale=rank_scale)
-    V.same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, rank_scale=rank_scale)
+    V.same_device("x", x, bias=bias, lora_A=lora_A, lora_B=lora_B, rank_scale=rank_scale)
     if bias is not None:
         V.tensor("bias", bias, ndim=1)
         V.shape("bias", bias, (out_f,), "[out]")
@@ -97,8 +108,6 @@ def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_s
         V.shape("rank_scale", rank_scale, (r,), "[r], one scale per rank")
     V.number("scaling", scaling)
     V.number("dropout_p", dropout_p, low=0.0, high=1.0)
-    if torch.is_grad_enabled() and weight.requires_grad:
-        raise ValueError("weight must be frozen (requires_grad=False): the fused LoRA op computes no weight gradient")
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,

@@ -1,4 +1,4 @@
 from . import torch_impl  # noqa: F401  (registers the "torch" backend of the NF4 ops)
-from .function import BLOCKSIZES, NF4Tensor, dequantize, quantize
+from .function import BLOCKSIZES, NF4Tensor, dequantize, nf4_linear, qlora_linear, quantize
 
-__all__ = ["NF4Tensor", "quantize", "dequantize", "BLOCKSIZES"]
+__all__ = ["NF4Tensor", "quantize", "dequantize", "nf4_linear", "qlora_linear", "BLOCKSIZES"]

@@ -1,12 +1,16 @@
 """The NF4 functional API and :class:`NF4Tensor`, the bitsandbytes-compatible container (``pk.nf4``)."""
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import torch
 
+from torch import Tensor
+
 from ... import _validate as V
 from ...backend import resolve
+from ..lora.function import check_adapter_args, new_seed, seed_int
 from . import torch_impl
 from .torch_impl import NESTED_BLOCKSIZE, dynamic_code, nf4_code
 
@@ -69,8 +73,9 @@ class NF4Tensor:
         """The fp32 absmax of every block (decoded from the 8-bit state with double quantization)."""
         if not self.double_quant:
             return self.absmax
-        _, impl = resolve("nf4_dequantize_absmax", self.device)
-        return impl(self.qabsmax, self.absmax2, self.offset, self.code8, self.nested_blocksize)
+        # a few plain torch ops on 1/16 of the weight's bytes: any device, and torch.compile traces them
+        return torch_impl.dequantize_absmax(self.qabsmax, self.absmax2, self.offset, self.code8,
+                                            self.nested_blocksize)
 
     def dequantize(self) -> torch.Tensor:
         _, impl = resolve("nf4_dequantize", self.device)
@@ -117,9 +122,49 @@ class NF4Tensor:
                        code=qs.code.float(), code8=qs.state2.code.float(), nested_blocksize=qs.state2.blocksize)
         return cls(packed, qs.shape, qs.dtype, qs.blocksize, absmax=qs.absmax.float().reshape(-1), code=qs.code.float())
 
+    def state_dict_items(self) -> dict:
+        """The bitsandbytes / transformers 4-bit checkpoint entries, keys relative to the weight's name: ``""`` (the
+        packed codes), ``absmax``, ``quant_map``, [``nested_absmax``, ``nested_quant_map``],
+        ``quant_state.bitsandbytes__nf4`` (the other fields as JSON bytes, in bitsandbytes' order)."""
+        meta = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _dtype_name(self.dtype),
+                "shape": list(self.shape)}
+        items = {"": self.packed, "absmax": self.qabsmax if self.double_quant else self.absmax, "quant_map": self.code}
+        if self.double_quant:
+            items.update({"nested_absmax": self.absmax2, "nested_quant_map": self.code8})
+            meta.update({"nested_blocksize": self.nested_blocksize, "nested_dtype": "float32",
+                         "nested_offset": self.offset.item()})
+        items["quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode("utf-8")),
+                                                              dtype=torch.uint8)
+        return items
+
+    @classmethod
+    def from_state_dict_items(cls, items: dict, device=None) -> "NF4Tensor":
+        """The inverse of :meth:`state_dict_items` (a bitsandbytes Linear4bit's entries load too)."""
+        key = next((k for k in items if k.startswith("quant_state.bitsandbytes__")), None)
+        if key is None:
+            raise ValueError(f"no quant_state.bitsandbytes__nf4 entry among {sorted(items)}")
+        if key != "quant_state.bitsandbytes__nf4":
+            raise ValueError(f"only NF4 checkpoints load, got {key!r} (fp4 is not NF4)")
+        meta = json.loads(bytes(items[key].cpu().tolist()).decode("utf-8"))
+        device = device if device is not None else items[""].device
+        get = lambda k: items[k].to(device)  # noqa: E731
+        common = dict(code=get("quant_map").float())
+        dtype = getattr(torch, meta["dtype"])
+        if "nested_absmax" in items:
+            return cls(get("").view(torch.uint8).reshape(-1, 1), meta["shape"], dtype, meta["blocksize"],
+                       qabsmax=get("absmax").reshape(-1), absmax2=get("nested_absmax").float().reshape(-1),
+                       offset=torch.tensor(float(meta["nested_offset"]), device=device),
+                       code8=get("nested_quant_map").float(), nested_blocksize=meta["nested_blocksize"], **common)
+        return cls(get("").view(torch.uint8).reshape(-1, 1), meta["shape"], dtype, meta["blocksize"],
+                   absmax=get("absmax").float().reshape(-1), **common)
+
     def __repr__(self) -> str:
         return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
                 f"double_quant={self.double_quant}, {self.bits_per_parameter():.3f} bits/parameter)")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
@@ -155,4 +200,147 @@ def dequantize(q: NF4Tensor) -> torch.Tensor:
     return q.dequantize()
 
 
-__all__ = ["NF4Tensor", "quantize", "dequantize", "BLOCKSIZES", "torch_impl"]
+# ----------------------------------------------------------------------------------- ops over an NF4 weight
+# The NF4 state travels as tensors: packed uint8 [ceil(n/2), 1], absmax fp32 [blocks] (decoded once per call when
+# double-quantized: 1/16 of the packed bytes), code fp32 [16]; plus blocksize, [out, in] and the weight's dtype.
+
+
+@torch.library.custom_op("peftkern::nf4_matmul", mutates_args=())
+def nf4_matmul(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: list[int],
+               weight_dtype: torch.dtype, transpose_w: bool, bias: Optional[Tensor]) -> Tensor:
+    """``a deq(W)^T + bias`` (``transpose_w``) or ``a deq(W)``."""
+    _, impl = resolve("nf4_matmul", a.device)
+    return impl(a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias)
+
+
+@nf4_matmul.register_fake
+def _(a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias):
+    return a.new_empty(a.shape[0], shape[0] if transpose_w else shape[1])
+
+
+def _nf4_matmul_setup(ctx, inputs, output):
+    _, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias = inputs
+    ctx.save_for_backward(packed, absmax, code)
+    ctx.meta = (blocksize, shape, weight_dtype, transpose_w)
+
+
+def _nf4_matmul_backward(ctx, grad):
+    packed, absmax, code = ctx.saved_tensors
+    blocksize, shape, weight_dtype, transpose_w = ctx.meta
+    da = None
+    if ctx.needs_input_grad[0]:
+        da = nf4_matmul(grad.contiguous(), packed, absmax, code, blocksize, shape, weight_dtype, not transpose_w, None)
+    db = grad.sum(0) if ctx.needs_input_grad[8] else None
+    return da, None, None, None, None, None, None, None, db
+
+
+torch.library.register_autograd("peftkern::nf4_matmul", _nf4_matmul_backward, setup_context=_nf4_matmul_setup)
+
+
+def _check_nf4_weight(q, x) -> None:
+    if not isinstance(q, NF4Tensor):
+        raise TypeError(f"weight must be an NF4Tensor (pk.nf4.quantize), got {type(q).__name__}")
+    if len(q.shape) != 2:
+        raise ValueError(f"weight must be a 2-D [out, in] NF4Tensor, got shape {tuple(q.shape)}")
+    V.tensor("x", x, min_ndim=1)
+    if x.dtype == torch.float64:
+        raise TypeError("x must be float32, float16 or bfloat16 (the NF4 weight dequantizes to those), got float64")
+    if x.shape[-1] != q.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {q.shape[1]} "
+                         f"([out, in] = {tuple(q.shape)})")
+    if x.device != q.device:
+        raise ValueError(f"weight is on {q.device} but x is on {x.device}")
+
+
+def _state(q: NF4Tensor) -> tuple:
+    return q.packed, q.block_absmax(), q.code, q.blocksize, list(q.shape), q.dtype
+
+
+def nf4_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``y = x dequant(weight)^T + bias`` with ``weight`` an NF4Tensor [out, in]; x has any leading shape. Gradients
+    reach x (``dx = dy dequant(weight)``) and a trainable bias; the 4-bit weight is frozen."""
+    _check_nf4_weight(weight, x)
+    if bias is not None:
+        V.tensor("bias", bias, ndim=1)
+        V.shape("bias", bias, (weight.shape[0],), "[out]")
+        V.same_dtype("x", x, bias=bias)
+        V.same_device("x", x, bias=bias)
+    y = nf4_matmul(x.reshape(-1, x.shape[-1]), *_state(weight), True, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("peftkern::qlora_forward", mutates_args=())
+def qlora_forward(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: list[int],
+                  weight_dtype: torch.dtype, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                  rank_scale: Optional[Tensor], scaling: float, dropout_p: float,
+                  seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    _, impl = resolve("qlora_forward", x.device)
+    return impl(x, packed, absmax, code, blocksize, shape, weight_dtype, bias, lora_A, lora_B, rank_scale, scaling,
+                dropout_p, seed_int(seed))
+
+
+@qlora_forward.register_fake
+def _(x, packed, absmax, code, blocksize, shape, weight_dtype, bias, lora_A, lora_B, rank_scale, scaling, dropout_p,
+      seed):
+    return (x.new_empty(x.shape[0], shape[0]),
+            x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch.promote_types(x.dtype, lora_A.dtype)))
+
+
+@torch.library.custom_op("peftkern::qlora_backward", mutates_args=())
+def qlora_backward(grad_y: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int,
+                   shape: list[int], weight_dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor,
+                   rank_scale: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
+                   compute_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _, impl = resolve("qlora_backward", x.device)
+    dx, dA, dB, de = impl(grad_y.contiguous(), x, packed, absmax, code, blocksize, shape, weight_dtype, lora_A, lora_B,
+                          rank_scale, h, scaling, dropout_p, seed_int(seed), compute_dx)
+    # custom ops return tensors only: empty ones stand for "not computed"
+    return (dx if dx is not None else x.new_empty(0), dA, dB, de if de is not None else lora_A.new_empty(0))
+
+
+@qlora_backward.register_fake
+def _(grad_y, x, packed, absmax, code, blocksize, shape, weight_dtype, lora_A, lora_B, rank_scale, h, scaling,
+      dropout_p, seed, compute_dx):
+    return (torch.empty_like(x) if compute_dx else x.new_empty(0), torch.empty_like(lora_A),
+            torch.empty_like(lora_B), torch.empty_like(rank_scale) if rank_scale is not None else lora_A.new_empty(0))
+
+
+def _qlora_setup(ctx, inputs, output):
+    (x, packed, absmax, code, blocksize, shape, weight_dtype, bias, lora_A, lora_B, rank_scale, scaling, dropout_p,
+     seed) = inputs
+    # the 4-bit state is saved, never the dequantized weight
+    ctx.save_for_backward(x, packed, absmax, code, lora_A, lora_B, rank_scale, output[1], seed)
+    ctx.meta = (blocksize, shape, weight_dtype, scaling, dropout_p)
+
+
+def _qlora_backward(ctx, grad_y, _grad_h):
+    x, packed, absmax, code, lora_A, lora_B, rank_scale, h, seed = ctx.saved_tensors
+    blocksize, shape, weight_dtype, scaling, dropout_p = ctx.meta
+    need = ctx.needs_input_grad
+    dx, dA, dB, de = qlora_backward(grad_y, x, packed, absmax, code, blocksize, shape, weight_dtype, lora_A, lora_B,
+                                    rank_scale, h, scaling, dropout_p, seed, need[0])
+    db = grad_y.sum(0) if need[7] else None
+    return (dx if need[0] else None, None, None, None, None, None, None, db, dA, dB,
+            de if need[10] else None, None, None, None)
+
+
+torch.library.register_autograd("peftkern::qlora_forward", _qlora_backward, setup_context=_qlora_setup)
+
+
+def qlora_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                 scaling: float, *, dropout_p: float = 0.0, training: bool = False,
+                 rank_scale: Optional[Tensor] = None) -> Tensor:
+    """QLoRA: ``y = x dequant(weight)^T + b + scaling * (dropout(x) A^T * rank_scale) B^T`` over an NF4 base.
+
+    As :func:`peftkern.lora_linear`, with ``weight`` an NF4Tensor [out, in]: what autograd keeps for backward is x,
+    the rank-sized h, a dropout seed and the 4-bit state, never a dequantized weight.
+    """
+    _check_nf4_weight(weight, x)
+    check_adapter_args(x, tuple(weight.shape), bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
+    p = float(dropout_p) if training else 0.0
+    y, _ = qlora_forward(x.reshape(-1, x.shape[-1]), *_state(weight), bias, lora_A, lora_B, rank_scale,
+                         float(scaling), p, new_seed() if p > 0.0 else None)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+__all__ = ["NF4Tensor", "quantize", "dequantize", "nf4_linear", "qlora_linear", "BLOCKSIZES"]

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backend import register
+from ..lora import torch_impl as lora_torch
 
 # bitsandbytes' NF4 table (QLoRA: quantiles of N(0, 1), sorted, 0 at index 7)
 NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -69,7 +70,6 @@ def quantize_absmax(absmax: torch.Tensor, code8: torch.Tensor) -> tuple[torch.Te
     return q.to(torch.uint8), absmax2, offset
 
 
-@register("nf4_dequantize_absmax", "torch")
 def dequantize_absmax(q: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor, code8: torch.Tensor,
                       nested_blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
     """absmax [blocks] fp32 = fp32(code8[q] * absmax2) + offset (two roundings)."""
@@ -105,3 +105,35 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, code:
     table = _byte_table(tuple(code.tolist()), packed.device)
     v = table[packed.reshape(-1).long()].view(-1)[:n]
     return _times_block_scale(v, absmax, blocksize).to(dtype).view(shape)
+
+
+def _weight(packed, absmax, code, blocksize: int, shape, weight_dtype: torch.dtype, dtype: torch.dtype):
+    """The dequantized weight in ``weight_dtype`` (bitsandbytes' values), then cast to the compute ``dtype``."""
+    return dequantize(packed, absmax, blocksize, code, tuple(shape), weight_dtype).to(dtype)
+
+
+@register("nf4_matmul", "torch")
+def nf4_matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype: torch.dtype, transpose_w: bool,
+               bias=None):
+    """``a deq(W)^T + bias`` ([N, in] -> [N, out]) when ``transpose_w``, else ``a deq(W)`` ([N, out] -> [N, in]);
+    W [out, in] dequantized transiently (the CPU path: one dense GEMM beats dequantizing per tile here)."""
+    w = _weight(packed, absmax, code, blocksize, shape, weight_dtype, a.dtype)
+    if not transpose_w:
+        return a @ w
+    return torch.nn.functional.linear(a, w, bias)
+
+
+@register("qlora_forward", "torch")
+def qlora_forward(x, packed, absmax, code, blocksize: int, shape, weight_dtype, bias, lora_A, lora_B, rank_scale,
+                  scaling: float, dropout_p: float, seed):
+    """(y, h) of LoRA over the NF4 base: the LoRA family's torch path on the transiently dequantized weight."""
+    w = _weight(packed, absmax, code, blocksize, shape, weight_dtype, x.dtype)
+    return lora_torch.lora_forward(x, w, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed)
+
+
+@register("qlora_backward", "torch")
+def qlora_backward(grad_y, x, packed, absmax, code, blocksize: int, shape, weight_dtype, lora_A, lora_B, rank_scale,
+                   h, scaling: float, dropout_p: float, seed, compute_dx: bool):
+    """(dx or None, dA, dB, d_rank_scale or None); W is dequantized only when dx is needed."""
+    w = _weight(packed, absmax, code, blocksize, shape, weight_dtype, x.dtype) if compute_dx else None
+    return lora_torch.lora_backward(grad_y, x, w, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed, compute_dx)

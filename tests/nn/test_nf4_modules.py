@@ -1,0 +1,153 @@
+"""NF4Linear and QLoRALinear: bitsandbytes' checkpoint format both ways, QLoRA against PEFT + bitsandbytes on the
+same weights, training touches only the adapter, merge, torch.compile."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import peftkern as pk
+from peftkern.ops.lora.reference import lora_linear_reference
+from tests._helpers import max_err
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+
+
+def _linear(in_f, out_f, dtype, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_f, out_f).to(dtype)
+
+
+def _bnb_linear4bit(linear: nn.Linear, double_quant=True):
+    """A bitsandbytes Linear4bit (NF4) quantized from ``linear`` on the CPU."""
+    q4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           compute_dtype=linear.weight.dtype, quant_type="nf4", compress_statistics=double_quant)
+    q4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                  compress_statistics=double_quant, module=q4)
+    q4.weight._quantize("cpu")
+    if linear.bias is not None:
+        q4.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return q4
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["double", "single"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_state_dict_is_bitsandbytes_format(dtype, double_quant):
+    lin = _linear(130, 48, dtype)
+    ours = pk.nn.NF4Linear.from_linear(lin, blocksize=64, double_quant=double_quant).state_dict()
+    theirs = _bnb_linear4bit(lin, double_quant).state_dict()
+    assert sorted(ours) == sorted(theirs)
+    for k in theirs:
+        assert theirs[k].dtype == ours[k].dtype and torch.equal(theirs[k], ours[k]), k
+
+
+def test_loads_bitsandbytes_and_bitsandbytes_loads_ours():
+    lin = _linear(128, 64, torch.bfloat16)
+    q4 = _bnb_linear4bit(lin)
+    ours = pk.nn.NF4Linear(128, 64, dtype=torch.bfloat16)
+    ours.load_state_dict(q4.state_dict())
+    assert torch.equal(ours.dequantized_weight(), pk.nn.NF4Linear.from_bnb(q4).dequantized_weight())
+    sd = pk.nn.NF4Linear.from_linear(lin).state_dict()
+    stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+    p4 = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu")
+    assert torch.equal(bnb.functional.dequantize_4bit(p4.data, p4.quant_state), ours.dequantized_weight())
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        pk.nn.NF4Linear(64, 128, dtype=torch.bfloat16).load_state_dict(q4.state_dict())
+
+
+def _peft_qlora(q4, r, alpha):
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = q4
+
+        def forward(self, x):
+            return self.proj(x)
+
+    pm = peft.get_peft_model(Holder(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"]))
+    return pm.base_model.model.proj
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_qlora_matches_peft_bitsandbytes(dtype):
+    """Forward and gradients within 2x the error of PEFT + bitsandbytes against fp64 math on the same weights."""
+    lin = _linear(96, 80, dtype)
+    q4 = _bnb_linear4bit(lin)
+    layer = _peft_qlora(q4, 8, 16)
+    ours = pk.nn.QLoRALinear.from_bnb(q4, r=8, lora_alpha=16)
+    with torch.no_grad():
+        nn.init.normal_(ours.lora_B, std=0.05)
+        layer.lora_A["default"].weight.copy_(ours.lora_A)
+        layer.lora_B["default"].weight.copy_(ours.lora_B)
+    torch.manual_seed(1)
+    x = torch.randn(3, 7, 96, dtype=dtype)
+    g = torch.randn(3, 7, 80, dtype=dtype)
+
+    def grads(module, A, B):
+        xx = x.clone().requires_grad_()
+        y = module(xx)
+        y.backward(g)
+        return y.detach(), xx.grad, A.grad, B.grad
+
+    peft_out = grads(layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+    ours_out = grads(ours, ours.lora_A, ours.lora_B)
+    w = ours.dequantized_weight().double()
+    A, B = ours.lora_A.detach().double().requires_grad_(), ours.lora_B.detach().double().requires_grad_()
+    x64 = x.double().requires_grad_()
+    y64 = lora_linear_reference(x64.view(-1, 96), w, ours.bias.double(), A, B, ours.scaling).view(3, 7, 80)
+    y64.backward(g.double())
+    ref = (y64.detach(), x64.grad, A.grad, B.grad)
+    for name, o, p, r in zip(("y", "dx", "dA", "dB"), ours_out, peft_out, ref):
+        scale = r.abs().max().item()
+        assert max_err(o, r) <= 2 * max_err(p, r) + 2e-6 * scale, name
+
+
+def test_qlora_training_touches_only_the_adapter_and_merges():
+    lin = _linear(64, 32, torch.bfloat16)
+    layer = pk.nn.QLoRALinear.from_linear(lin, r=4, lora_alpha=8, lora_dropout=0.1)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    packed = layer.weight.packed.clone()
+    opt = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-2)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    for _ in range(3):
+        loss = layer(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(layer.weight.packed, packed) and layer.lora_B.abs().max() > 0
+    layer.eval()
+    merged = layer.merge()
+    assert isinstance(merged, nn.Linear) and merged.weight.dtype == torch.bfloat16
+    ref = layer(x).float()
+    assert (merged(x).float() - ref).abs().max() <= 0.02 * ref.abs().max()  # one bf16 rounding of the merge
+
+
+def test_torch_compile_fullgraph_same_numbers():
+    lin = _linear(64, 48, torch.float32)
+    layer = pk.nn.QLoRALinear.from_linear(lin, r=4, lora_alpha=8)
+    nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(5, 64)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+def test_to_moves_state_and_ignores_dtype_casts():
+    layer = pk.nn.NF4Linear(64, 32, dtype=torch.bfloat16)
+    before = layer.weight.packed.clone()
+    layer.to(torch.float32)
+    assert layer.weight.packed.dtype == torch.uint8 and torch.equal(layer.weight.packed, before)
+    assert layer.weight.dtype == torch.bfloat16
+    layer.to("meta")
+    assert layer.weight.device.type == "meta"
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="linear must be a torch.nn.Linear"):
+        pk.nn.NF4Linear.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(TypeError, match="Linear4bit"):
+        pk.nn.NF4Linear.from_bnb(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        pk.nn.QLoRALinear.from_linear(nn.Linear(64, 4), r=0)
+    with pytest.raises(ValueError, match="blocksize"):
+        pk.nn.NF4Linear(64, 4, blocksize=100)

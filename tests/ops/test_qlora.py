@@ -1,0 +1,137 @@
+"""nf4_linear and qlora_linear: forward and every gradient against fp64 math on the dequantized weight; QLoRA equals
+the LoRA op on the dequantized weight (same dropout mask); no dequantized weight is kept for backward; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkern as pk
+from peftkern.ops.lora.reference import lora_linear_reference
+from tests._helpers import assert_close, saved_bytes, shape_id
+
+SCALING = 0.75
+SHAPES = [(1, 37, 29, 1), (37, 130, 29, 4), (2 * 9, 64, 96, 16)]  # (N, in, out, r)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _case(N, I, O, R, dtype, *, blocksize=64, seed=0, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    q = pk.nf4.quantize(rnd(O, I, scale=I ** -0.5).to(dtype), blocksize)
+    adt = torch.float32 if dtype != torch.float32 else dtype  # PEFT's fp32 adapters over a half base
+    x_shape = (*lead, I) if lead else (N, I)
+    return dict(q=q, x=rnd(*x_shape).to(dtype), bias=rnd(O).to(dtype), A=rnd(R, I, scale=I ** -0.5).to(adt),
+                B=rnd(O, R).to(adt), e=(1 + 0.3 * rnd(R)).to(adt), g=rnd(*x_shape[:-1], O).to(dtype))
+
+
+def _run(fn, c, *, to=None, **kw):
+    cast = (lambda t: t) if to is None else (lambda t: t.to(to))
+    leaves = {k: cast(c[k]).detach().requires_grad_() for k in ("x", "bias", "A", "B", "e")}
+    y = fn(leaves, **kw)
+    y.backward(cast(c["g"]))
+    return (y.detach(), *(leaves[k].grad for k in ("x", "A", "B", "e", "bias")))
+
+
+def _ours(leaves, c, **kw):
+    return pk.qlora_linear(leaves["x"], c["q"], leaves["bias"], leaves["A"], leaves["B"], SCALING,
+                           rank_scale=leaves["e"], **kw)
+
+
+def _reference(leaves, c):
+    w = c["q"].dequantize().double()
+    x = leaves["x"]
+    y = lora_linear_reference(x.reshape(-1, x.shape[-1]), w, leaves["bias"], leaves["A"], leaves["B"], SCALING,
+                              rank_scale=leaves["e"])
+    return y.view(*x.shape[:-1], -1)
+
+
+def _eager(leaves, c):
+    """PEFT's way in the inputs' dtypes: base in x's dtype, LoRA path in promote(x, A), summed and cast back."""
+    x = leaves["x"]
+    w = c["q"].dequantize().to(x.dtype)
+    base = torch.nn.functional.linear(x, w, leaves["bias"])
+    ldt = torch.promote_types(x.dtype, leaves["A"].dtype)
+    lora = ((x.to(ldt) @ leaves["A"].t()) * leaves["e"]) @ leaves["B"].t() * SCALING
+    return (base.to(ldt) + lora).to(x.dtype)
+
+
+NAMES = ("y", "dx", "dA", "dB", "de", "db")
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("dims", SHAPES, ids=lambda d: shape_id(N=d[0], I=d[1], O=d[2], R=d[3]))
+def test_qlora_forward_and_grads(dims, dtype):
+    c = _case(*dims, dtype, lead=(2, dims[0] // 2) if dims[0] % 2 == 0 else None)
+    out = _run(lambda t: _ours(t, c), c)
+    ref = _run(lambda t: _reference(t, c), c, to=torch.float64)
+    eager = _run(lambda t: _eager(t, c), c)
+    for name, o, r, e in zip(NAMES, out, ref, eager):
+        assert o.dtype == e.dtype, name
+        assert_close(o, r, eager=e, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_nf4_linear_forward_and_dx(dtype):
+    c = _case(37, 130, 29, 4, dtype, blocksize=32)
+
+    def run(fn, to=None):
+        x = (c["x"] if to is None else c["x"].to(to)).detach().requires_grad_()
+        b = (c["bias"] if to is None else c["bias"].to(to)).detach().requires_grad_()
+        y = fn(x, b)
+        y.backward(c["g"] if to is None else c["g"].to(to))
+        return y.detach(), x.grad, b.grad
+
+    out = run(lambda x, b: pk.nf4_linear(x, c["q"], b))
+    ref = run(lambda x, b: torch.nn.functional.linear(x, c["q"].dequantize().double(), b), torch.float64)
+    eager = run(lambda x, b: torch.nn.functional.linear(x, c["q"].dequantize().to(x.dtype), b))
+    for name, o, r, e in zip(("y", "dx", "db"), out, ref, eager):
+        assert_close(o, r, eager=e, name=name)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_qlora_is_lora_on_the_dequantized_weight(p):
+    """The same numbers as pk.lora_linear over dequant(W), dropout mask included (same torch seed)."""
+    c = _case(37, 64, 29, 4, torch.bfloat16)
+    w = c["q"].dequantize()
+    results = []
+    for fn in (lambda t: _ours(t, c, dropout_p=p, training=True),
+               lambda t: pk.lora_linear(t["x"], w, t["bias"], t["A"], t["B"], SCALING, rank_scale=t["e"],
+                                        dropout_p=p, training=True)):
+        torch.manual_seed(7)
+        results.append(_run(fn, c))
+    for name, a, b in zip(NAMES, *results):
+        assert torch.equal(a, b), name
+
+
+def test_qlora_keeps_no_dequantized_weight_for_backward():
+    N, I, O, R = 64, 512, 384, 8
+    c = _case(N, I, O, R, torch.bfloat16)
+    x = c["x"].requires_grad_()
+    params = [c["A"].requires_grad_(), c["B"].requires_grad_()]
+    with saved_bytes(exclude=params) as saved:
+        y = pk.qlora_linear(x, c["q"], None, *params, SCALING, dropout_p=0.1, training=True)
+    dense = O * I * 2
+    assert max(saved.values()) < dense, "a dequantized weight was saved for backward"
+    # x, h [N, r] fp32, the seed, and the 4-bit state (packed codes, decoded absmax, code table)
+    packed = c["q"].packed.numel()
+    assert sum(saved.values()) <= N * I * 2 + N * R * 4 + 8 + packed + c["q"].block_absmax().numel() * 4 + 64
+    y.float().sum().backward()
+
+
+def test_bad_input():
+    c = _case(3, 64, 29, 4, torch.float32)
+    q, x, A, B = c["q"], c["x"], c["A"], c["B"]
+    with pytest.raises(TypeError, match="weight must be an NF4Tensor"):
+        pk.qlora_linear(x, q.dequantize(), None, A, B, 1.0)
+    with pytest.raises(ValueError, match="x has 63 features"):
+        pk.nf4_linear(torch.randn(3, 63), q)
+    with pytest.raises(TypeError, match="float64"):
+        pk.nf4_linear(x.double(), q)
+    with pytest.raises(ValueError, match="lora_A must have shape"):
+        pk.qlora_linear(x, q, None, torch.randn(4, 65), B, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        pk.qlora_linear(x, q, None, A, B, 1.0, dropout_p=1.0, training=True)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        pk.nf4_linear(x, q, torch.randn(5))
+    with pytest.raises(ValueError, match="2-D"):
+        pk.nf4_linear(x, pk.nf4.quantize(torch.randn(2, 29, 64)))
