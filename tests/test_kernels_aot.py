@@ -17,6 +17,7 @@ from tests._helpers import requires_triton
 pytestmark = [requires_triton, pytest.mark.triton]
 
 ARCHS = (80, 90)
+FAMILIES = ["peftkern.ops.lora.triton_impl", "peftkern.ops.multi_lora.triton_impl", "peftkern.ops.nf4.triton_impl"]
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,10 @@ def _jit_kernels(impl_module: str) -> set[str]:
 def test_registry_finds_every_family():
     from peftkern import _aot
 
-    assert {"peftkern.ops.lora.triton_impl", "peftkern.ops.multi_lora.triton_impl"} <= set(_aot.kernel_modules())
+    assert set(FAMILIES) <= set(_aot.kernel_modules())
 
 
-@pytest.mark.parametrize("impl_module", ["peftkern.ops.lora.triton_impl", "peftkern.ops.multi_lora.triton_impl"])
+@pytest.mark.parametrize("impl_module", FAMILIES)
 def test_kernel_list_covers_every_kernel(impl_module):
     family = impl_module.split(".")[2]
     listed = {spec.name for spec in importlib.import_module(impl_module).KERNELS}

@@ -9,7 +9,7 @@ import peftkern as pk
 from peftkern.ops.nf4 import torch_impl
 from peftkern.ops.nf4.reference import (blockwise8_quantize_reference, nf4_dequantize_reference,
                                         nf4_quantize_reference)
-from tests._helpers import shape_id
+from tests._helpers import backends, poison_, requires_triton, shape_id
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 default_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
@@ -39,20 +39,22 @@ def test_code_tables_are_bitsandbytes():
     assert torch.equal(torch_impl.dynamic_code(), bnbF.create_dynamic_map(signed=True))
 
 
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096], ids=lambda b: f"bs{b}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_id(S="x".join(map(str, s))))
-def test_quantize_matches_bitsandbytes(shape, blocksize, dtype):
+def test_quantize_matches_bitsandbytes(shape, blocksize, dtype, backend):
     w = _weight(shape, dtype)
     packed, qs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-    q = pk.nf4.quantize(w, blocksize, double_quant=True)
+    with pk.use_backend(backend):
+        q = pk.nf4.quantize(w, blocksize, double_quant=True)
+        plain = pk.nf4.quantize(w, blocksize, double_quant=False)
     assert torch.equal(q.packed, packed)  # the same codes, packing and odd-count padding
     assert torch.equal(q.offset, qs.offset) and torch.equal(q.absmax2, qs.state2.absmax)
     # the nested 8-bit codes follow the CUDA rule (exact nearest, ties to even); bitsandbytes' CPU build uses an
     # approximate table, so they are checked against the reference instead
     q8, absmax2 = blockwise8_quantize_reference(_plain_absmax(w, blocksize) - q.offset, torch_impl.dynamic_code())
     assert torch.equal(q.qabsmax, q8) and torch.equal(q.absmax2, absmax2)
-    plain = pk.nf4.quantize(w, blocksize, double_quant=False)
     assert torch.equal(plain.absmax, bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")[1].absmax)
 
 
@@ -60,14 +62,16 @@ def _plain_absmax(w, blocksize):
     return nf4_quantize_reference(w, torch_impl.nf4_code(), blocksize)[1]
 
 
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096], ids=lambda b: f"bs{b}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_id(S="x".join(map(str, s))))
-def test_dequantize_bitsandbytes_state_bit_for_bit(shape, blocksize, dtype, double_quant):
+def test_dequantize_bitsandbytes_state_bit_for_bit(shape, blocksize, dtype, double_quant, backend):
     w = _weight(shape, dtype, seed=1)
     packed, qs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
-    ours = pk.nf4.NF4Tensor.from_bnb(packed, qs).dequantize()
+    with pk.use_backend(backend):
+        ours = pk.nf4.NF4Tensor.from_bnb(packed, qs).dequantize()
     ref = _bnb_generic_dequantize(packed, qs)
     assert ours.dtype == dtype and ours.shape == w.shape
     assert torch.equal(ours, ref)
@@ -95,7 +99,8 @@ def test_ties_go_to_the_lower_nf4_code_and_zero_blocks_to_zero():
     assert (q.dequantize()[64:] == 0).all()
 
 
-def test_nested_ties_go_to_the_even_index():
+@pytest.mark.parametrize("backend", backends())
+def test_nested_ties_go_to_the_even_index(backend):
     code8 = torch_impl.dynamic_code()
     mids = (code8[:-1] + code8[1:]) / 2
     ties = [k for k in range(255) if code8[k] < mids[k] < code8[k + 1] and mids[k] - code8[k] == code8[k + 1] - mids[k]]
@@ -103,7 +108,9 @@ def test_nested_ties_go_to_the_even_index():
     m = mids[ties[:8]]
     # offset = mean = 0 exactly and absmax2 = 1, so the scaled values are the midpoints themselves
     absmax = torch.cat([m, -m, torch.tensor([1.0, -1.0])])
-    q, absmax2, offset = torch_impl.quantize_absmax(absmax, code8)
+    with pk.use_backend(backend):
+        _, impl = pk.backend.resolve("nf4_quantize_absmax", absmax.device)
+        q, absmax2, offset = impl(absmax, code8)
     assert offset == 0 and absmax2.tolist() == [1.0]
     even = [k + (k % 2) for k in ties[:8]]
     assert q[:8].tolist() == even
@@ -155,3 +162,31 @@ def test_bad_input():
     q = pk.nf4.quantize(torch.randn(64), 64, double_quant=False)
     with pytest.raises(ValueError, match="absmax must have shape"):
         pk.nf4.NF4Tensor(q.packed, (64,), torch.float32, 32, absmax=q.absmax)
+
+
+@requires_triton
+@pytest.mark.triton
+@pytest.mark.skipif(not pk.available_backends()["triton"].available, reason="triton backend unavailable here")
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+def test_triton_launchers_write_every_output(double_quant):
+    from peftkern.ops.nf4 import triton_impl
+
+    w = _weight((37, 29), torch.bfloat16, seed=4)
+    ref = pk.nf4.quantize(w, 32, double_quant)
+    packed = poison_(torch.empty_like(ref.packed))
+    absmax = poison_(torch.empty(ref.packed.numel() * 2 // 32 + 1))
+    triton_impl.quantize_absmax_blocks(w, 32, torch_impl.nf4_code(), out=packed, out_absmax=absmax)
+    assert torch.equal(packed, ref.packed) and torch.equal(absmax, _plain_absmax(w, 32))
+    out = poison_(torch.empty(37, 29, dtype=torch.bfloat16))
+    triton_impl.dequantize_into(ref, torch.bfloat16, out=out)
+    with pk.use_backend("torch"):
+        assert torch.equal(out, ref.dequantize())
+    for rows in (2, 19):  # the GEMV and the tiled matmul
+        x = torch.randn(rows, 29, dtype=torch.bfloat16)
+        y = poison_(torch.empty(rows, 37, dtype=torch.bfloat16))
+        args = (ref.packed, ref.block_absmax(), ref.code, 32, [37, 29], torch.bfloat16)
+        triton_impl.nf4_matmul(x, *args, True, None, out=y)
+        assert torch.isfinite(y).all()
+        dx = poison_(torch.empty(rows, 29, dtype=torch.bfloat16))
+        triton_impl.nf4_matmul(y, *args, False, None, out=dx)
+        assert torch.isfinite(dx).all()

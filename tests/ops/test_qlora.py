@@ -7,7 +7,7 @@ import torch
 
 import peftkern as pk
 from peftkern.ops.lora.reference import lora_linear_reference
-from tests._helpers import assert_close, saved_bytes, shape_id
+from tests._helpers import assert_close, backends, saved_bytes, shape_id
 
 SCALING = 0.75
 SHAPES = [(1, 37, 29, 1), (37, 130, 29, 4), (2 * 9, 64, 96, 16)]  # (N, in, out, r)
@@ -58,11 +58,13 @@ def _eager(leaves, c):
 NAMES = ("y", "dx", "dA", "dB", "de", "db")
 
 
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("dims", SHAPES, ids=lambda d: shape_id(N=d[0], I=d[1], O=d[2], R=d[3]))
-def test_qlora_forward_and_grads(dims, dtype):
+def test_qlora_forward_and_grads(dims, dtype, backend):
     c = _case(*dims, dtype, lead=(2, dims[0] // 2) if dims[0] % 2 == 0 else None)
-    out = _run(lambda t: _ours(t, c), c)
+    with pk.use_backend(backend):
+        out = _run(lambda t: _ours(t, c), c)
     ref = _run(lambda t: _reference(t, c), c, to=torch.float64)
     eager = _run(lambda t: _eager(t, c), c)
     for name, o, r, e in zip(NAMES, out, ref, eager):
@@ -70,9 +72,11 @@ def test_qlora_forward_and_grads(dims, dtype):
         assert_close(o, r, eager=e, name=name)
 
 
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("rows", [3, 37], ids=lambda n: f"N{n}")  # the GEMV and the tiled matmul
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_nf4_linear_forward_and_dx(dtype):
-    c = _case(37, 130, 29, 4, dtype, blocksize=32)
+def test_nf4_linear_forward_and_dx(dtype, rows, backend):
+    c = _case(rows, 130, 29, 4, dtype, blocksize=32)
 
     def run(fn, to=None):
         x = (c["x"] if to is None else c["x"].to(to)).detach().requires_grad_()
@@ -81,7 +85,8 @@ def test_nf4_linear_forward_and_dx(dtype):
         y.backward(c["g"] if to is None else c["g"].to(to))
         return y.detach(), x.grad, b.grad
 
-    out = run(lambda x, b: pk.nf4_linear(x, c["q"], b))
+    with pk.use_backend(backend):
+        out = run(lambda x, b: pk.nf4_linear(x, c["q"], b))
     ref = run(lambda x, b: torch.nn.functional.linear(x, c["q"].dequantize().double(), b), torch.float64)
     eager = run(lambda x, b: torch.nn.functional.linear(x, c["q"].dequantize().to(x.dtype), b))
     for name, o, r, e in zip(("y", "dx", "db"), out, ref, eager):

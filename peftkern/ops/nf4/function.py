@@ -79,7 +79,7 @@ class NF4Tensor:
 
     def dequantize(self) -> torch.Tensor:
         _, impl = resolve("nf4_dequantize", self.device)
-        return impl(self.packed, self.block_absmax(), self.blocksize, self.code, tuple(self.shape), self.dtype)
+        return impl(self)
 
     def storage_bytes(self) -> int:
         """Bytes of the quantized weight and its scales (the shared code tables excluded)."""

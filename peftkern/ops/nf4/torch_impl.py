@@ -95,7 +95,6 @@ def _byte_table(code: tuple, device: torch.device) -> torch.Tensor:
     return torch.stack([values[byte >> 4], values[byte & 0xF]], 1)
 
 
-@register("nf4_dequantize", "torch")
 def dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, code: torch.Tensor, shape: tuple,
                dtype: torch.dtype) -> torch.Tensor:
     """w [shape] in dtype = dtype(fp32(code[q] * absmax[i // blocksize]))."""
@@ -105,6 +104,12 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, code:
     table = _byte_table(tuple(code.tolist()), packed.device)
     v = table[packed.reshape(-1).long()].view(-1)[:n]
     return _times_block_scale(v, absmax, blocksize).to(dtype).view(shape)
+
+
+@register("nf4_dequantize", "torch")
+def dequantize_nf4(q) -> torch.Tensor:
+    """The weight an NF4Tensor stands for, in its dtype."""
+    return dequantize(q.packed, q.block_absmax(), q.blocksize, q.code, tuple(q.shape), q.dtype)
 
 
 def _weight(packed, absmax, code, blocksize: int, shape, weight_dtype: torch.dtype, dtype: torch.dtype):

@@ -1,0 +1,197 @@
+"""Triton launchers of the NF4 ops: allocate outputs, choose blocks, launch (kernels: triton_kernels.py).
+
+The registered ops have the signatures and return conventions of torch_impl.py. ``KERNELS`` lists every kernel in
+its GPU default configuration for ahead-of-time compilation (``peftkern._aot``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._aot import KernelSpec
+from ...backend import fallback, interpret_mode, register
+from ..lora import triton_impl as lora_triton
+from ..triton_launch import TL_DTYPES, dot_dtype, launch_opts, out_buffer, precision, staged, unstage
+from .function import NF4Tensor
+from .torch_impl import NESTED_BLOCKSIZE
+from .triton_kernels import (nf4_dequantize_kernel, nf4_gemv_kernel, nf4_matmul_kernel, nf4_quantize_absmax_kernel,
+                             nf4_quantize_kernel)
+
+# GPU defaults: element-wise kernels 1-4K elements per program, 4 warps; the matmul with in-register dequantization
+# uses 128x128 tiles with a 32-deep reduction step (the decode of a [32, 128] W tile rides along), 8 warps; the
+# GEMV serves up to 4 token rows with 16 output features x 256 inputs per program (wider tiles spill).
+_GPU = {
+    "dequantize": dict(BLOCK=1024, num_warps=4, num_stages=1),
+    "quantize_elements": 2048,
+    "quantize": dict(num_warps=4, num_stages=1),
+    "absmax": dict(num_warps=4, num_stages=1),
+    "matmul": dict(BLOCK_M=128, BLOCK_C=128, BLOCK_R=32, GROUP_M=8, num_warps=8, num_stages=3),
+    "gemv": dict(BLOCK_C=16, BLOCK_R=256, num_warps=4, num_stages=2),
+    "gemv_rows": 4,
+}
+# The interpreter runs each program as numpy ops: small tiles still exercise every mask and loop.
+_INTERPRET = {
+    "dequantize": dict(BLOCK=256), "quantize_elements": 256, "quantize": {}, "absmax": {},
+    "matmul": dict(BLOCK_M=16, BLOCK_C=32, BLOCK_R=32, GROUP_M=2), "gemv": dict(BLOCK_C=16, BLOCK_R=32),
+    "gemv_rows": 4,
+}
+
+
+def _cfg(name: str):
+    return (_INTERPRET if interpret_mode() else _GPU)[name]
+
+
+def quantize_absmax_blocks(w, blocksize: int, code, *, out=None, out_absmax=None):
+    """(packed uint8 [ceil(n/2), 1], absmax fp32 [blocks]) in one pass over w."""
+    n = w.numel()
+    blocks = triton.cdiv(n, blocksize)
+    packed = out_buffer(out, ((n + 1) // 2, 1), torch.uint8, w.device)
+    absmax = out_buffer(out_absmax, (blocks,), torch.float32, w.device)
+    rows = max(1, _cfg("quantize_elements") // blocksize)
+    nf4_quantize_kernel[(triton.cdiv(blocks, rows),)](w.reshape(-1), code, packed, absmax, n, BLOCKSIZE=blocksize,
+                                                        ROWS=rows, **launch_opts(_cfg("quantize")))
+    return packed, absmax
+
+
+@register("nf4_quantize", "triton")
+def quantize(w, blocksize: int, code):
+    return quantize_absmax_blocks(w.contiguous(), blocksize, code)
+
+
+@register("nf4_quantize_absmax", "triton")
+def quantize_absmax(absmax, code8):
+    """(q uint8 [blocks], absmax2 fp32 [ceil(blocks/256)], offset): offset is torch's mean, as bitsandbytes'."""
+    offset = absmax.mean()
+    blocks = absmax.numel()
+    q = torch.empty(blocks, dtype=torch.uint8, device=absmax.device)
+    absmax2 = torch.empty(triton.cdiv(blocks, NESTED_BLOCKSIZE), dtype=torch.float32, device=absmax.device)
+    nf4_quantize_absmax_kernel[(absmax2.numel(),)](absmax, offset, code8, q, absmax2, blocks,
+                                                   NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, **launch_opts(_cfg("absmax")))
+    return q, absmax2, offset
+
+
+def dequantize_into(q, dtype: torch.dtype, *, out=None) -> torch.Tensor:
+    """q's weight in ``dtype`` (bitsandbytes' values), one launch, the nested absmax decoded on the fly."""
+    w = out_buffer(out, tuple(q.shape), dtype, q.device)
+    n = q.numel()
+    cfg = _cfg("dequantize")
+    buf = staged(w)
+    dq = q.double_quant
+    first = q.packed  # stands in for the pointers a variant does not read
+    nf4_dequantize_kernel[(triton.cdiv(n, cfg["BLOCK"]),)](
+        q.packed, first if dq else q.absmax, q.qabsmax if dq else first, q.absmax2 if dq else first,
+        q.offset if dq else first, q.code, q.code8 if dq else q.code, buf, n, BLOCKSIZE=q.blocksize,
+        NESTED_BLOCKSIZE=q.nested_blocksize, DOUBLE_QUANT=dq, BLOCK=cfg["BLOCK"],
+        enable_fp_fusion=False, **launch_opts(cfg))  # code8[q] * absmax2 + offset rounds twice, as bitsandbytes'
+    return unstage(w, buf)
+
+
+@register("nf4_dequantize", "triton")
+def dequantize(q) -> torch.Tensor:
+    return dequantize_into(q, q.dtype)
+
+
+def _matmul_dtypes(a, weight_dtype):
+    return dict(W_DTYPE=TL_DTYPES[weight_dtype], X_DTYPE=TL_DTYPES[a.dtype], HAND_BF16=interpret_mode())
+
+
+@register("nf4_matmul", "triton")
+def nf4_matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype, transpose_w: bool, bias=None, *,
+               out=None):
+    """``a deq(W)^T + bias`` or ``a deq(W)``, W decoded tile by tile in registers; a GEMV for a few rows."""
+    if a.dtype == torch.float64:
+        return fallback("nf4_matmul", "float64 tensors (the Triton kernels accumulate in fp32)")(
+            a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias)
+    out_f, in_f = shape
+    M = a.shape[0]
+    C, R = (out_f, in_f) if transpose_w else (in_f, out_f)
+    y = out_buffer(out, (M, C), a.dtype, a.device)
+    if M == 0:
+        return y
+    buf = staged(y)
+    dtypes = _matmul_dtypes(a, weight_dtype)
+    if transpose_w and M <= _cfg("gemv_rows"):
+        cfg = _cfg("gemv")
+        nf4_gemv_kernel[(M, triton.cdiv(C, cfg["BLOCK_C"]))](
+            a, packed, absmax, code, bias if bias is not None else buf, buf, M, C, R, a.stride(0), a.stride(1),
+            HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, BLOCK_C=cfg["BLOCK_C"], BLOCK_R=cfg["BLOCK_R"],
+            **dtypes, **launch_opts(cfg))
+        return unstage(y, buf)
+    cfg = _cfg("matmul")
+    stride_wr, stride_wc = (1, in_f) if transpose_w else (in_f, 1)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_C"]),)
+    nf4_matmul_kernel[grid](
+        a, packed, absmax, code, bias if bias is not None else buf, buf, M, C, R, a.stride(0), a.stride(1),
+        stride_wr, stride_wc, HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, DOT_DTYPE=dot_dtype(a.dtype),
+        PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_R=cfg["BLOCK_R"],
+        GROUP_M=cfg["GROUP_M"], **dtypes, **launch_opts(cfg))
+    return unstage(y, buf)
+
+
+def _dense(packed, absmax, code, blocksize, shape, weight_dtype, dtype):
+    """The weight the torch path would use, decoded by the dequantize kernel (transient)."""
+    q = NF4Tensor(packed, shape, weight_dtype, blocksize, absmax=absmax, code=code)
+    return dequantize_into(q, weight_dtype).to(dtype)
+
+
+@register("qlora_forward", "triton")
+def qlora_forward(x, packed, absmax, code, blocksize: int, shape, weight_dtype, bias, lora_A, lora_B, rank_scale,
+                  scaling: float, dropout_p: float, seed):
+    """The fused LoRA kernels over the weight decoded by the dequantize kernel (a transient dense copy: the LoRA
+    epilogue is not fused into the NF4 matmul yet)."""
+    w = _dense(packed, absmax, code, blocksize, shape, weight_dtype, x.dtype)
+    return lora_triton.lora_forward(x, w, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed)
+
+
+@register("qlora_backward", "triton")
+def qlora_backward(grad_y, x, packed, absmax, code, blocksize: int, shape, weight_dtype, lora_A, lora_B, rank_scale,
+                   h, scaling: float, dropout_p: float, seed, compute_dx: bool):
+    w = _dense(packed, absmax, code, blocksize, shape, weight_dtype, x.dtype) if compute_dx else None
+    return lora_triton.lora_backward(grad_y, x, w, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed,
+                                     compute_dx)
+
+
+# ------------------------------------------------------------------------------------ ahead-of-time listing
+
+
+def _kernel_specs() -> list[KernelSpec]:
+    """Representative GPU launches: bf16 weights and activations, blocksize 64, double quantization."""
+    ew = dict(num_warps=4, num_stages=1)
+    mm, gv = _GPU["matmul"], _GPU["gemv"]
+    bf16 = dict(W_DTYPE=tl.bfloat16, X_DTYPE=tl.bfloat16, HAND_BF16=False)
+    matmul = dict(a_ptr="*bf16", packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", bias_ptr="*bf16",
+                  out_ptr="*bf16", M="i32", C="i32", R="i32", stride_am="i32")
+    specs = [
+        KernelSpec(nf4_dequantize_kernel,
+                   dict(packed_ptr="*u8", absmax_ptr="*fp32", qabsmax_ptr="*u8", absmax2_ptr="*fp32",
+                        offset_ptr="*fp32", code_ptr="*fp32", code8_ptr="*fp32", out_ptr="*bf16", n="i32"),
+                   dict(BLOCKSIZE=64, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, DOUBLE_QUANT=True,
+                        BLOCK=_GPU["dequantize"]["BLOCK"]),
+                   aligned=("packed_ptr", "qabsmax_ptr", "out_ptr", "n"), variant="bf16, double quant", **ew),
+        KernelSpec(nf4_quantize_kernel, dict(w_ptr="*bf16", code_ptr="*fp32", packed_ptr="*u8", absmax_ptr="*fp32",
+                                             n="i32"),
+                   dict(BLOCKSIZE=64, ROWS=_GPU["quantize_elements"] // 64), aligned=("w_ptr", "packed_ptr", "n"),
+                   variant="bf16, blocksize 64", **ew),
+        KernelSpec(nf4_quantize_absmax_kernel, dict(absmax_ptr="*fp32", offset_ptr="*fp32", code8_ptr="*fp32",
+                                                    q_ptr="*u8", absmax2_ptr="*fp32", blocks="i32"),
+                   dict(NESTED_BLOCKSIZE=NESTED_BLOCKSIZE), aligned=("absmax_ptr", "q_ptr"), variant="nested", **ew),
+        KernelSpec(nf4_gemv_kernel, dict(matmul),
+                   dict(stride_ar=1, HAS_BIAS=True, BLOCKSIZE=64, BLOCK_C=gv["BLOCK_C"], BLOCK_R=gv["BLOCK_R"],
+                        **bf16),
+                   aligned=("a_ptr", "packed_ptr", "out_ptr", "C", "R", "stride_am"), variant="bf16, bias",
+                   num_warps=gv["num_warps"], num_stages=gv["num_stages"]),
+    ]
+    for what, strides in (("forward, bias", dict(stride_wr=1)), ("dgrad", dict(stride_wc=1))):
+        free = "stride_wc" if "stride_wr" in strides else "stride_wr"
+        specs.append(KernelSpec(
+            nf4_matmul_kernel, {**matmul, free: "i32"},
+            dict(stride_ar=1, **strides, HAS_BIAS=what.endswith("bias"), BLOCKSIZE=64, DOT_DTYPE=tl.bfloat16,
+                 PRECISION="ieee", BLOCK_M=mm["BLOCK_M"], BLOCK_C=mm["BLOCK_C"], BLOCK_R=mm["BLOCK_R"],
+                 GROUP_M=mm["GROUP_M"], **bf16),
+            aligned=("a_ptr", "packed_ptr", "out_ptr", "C", "R", "stride_am", free), variant=f"bf16, {what}",
+            num_warps=mm["num_warps"], num_stages=mm["num_stages"]))
+    return specs
+
+
+KERNELS: list[KernelSpec] = _kernel_specs()
