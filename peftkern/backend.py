@@ -76,9 +76,9 @@ def _triton_import_error() -> str | None:
 
 
 def _cuda_library_error() -> str | None:
-    from . import _cuda_lib
+    from . import _native
 
-    return _cuda_lib.load_error()
+    return _native.CUDA.load_error()
 
 
 def _device_error(backend: str, device: torch.device) -> str | None:

@@ -1,7 +1,7 @@
 """The ``peftkern`` command (``python -m peftkern.cli``): info, bench, demo, kernels.
 
     peftkern info [--json]            versions, backends (with the reason one is unavailable), CUDA library status
-    peftkern bench [lora] [--quick] [--json FILE]     LoRALinear vs PEFT (benchmarks/bench_lora.py)
+    peftkern bench [lora|nf4] [--quick] [--json FILE] vs PEFT / bitsandbytes (benchmarks/bench_*.py)
     peftkern demo [--quick]           a real LoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
     peftkern kernels [--arch 80 90] [--json FILE]     compile the Triton kernels ahead of time (peftkern/_aot.py)
 """
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-BENCHMARKS = {"lora": "bench_lora"}
+BENCHMARKS = {"lora": "bench_lora", "nf4": "bench_nf4"}
 _REPO = Path(__file__).resolve().parent.parent
 
 
@@ -53,12 +53,12 @@ def collect_info() -> dict:
     import torch
 
     import peftkern as pk
-    from peftkern import _cuda_lib
+    from peftkern import _native
 
     backends = {name: {"available": st.available, "reason": st.reason}
                 for name, st in pk.available_backends().items()}
-    lib_path = _cuda_lib.LIB_DIR / _cuda_lib.LIB_NAME
-    err = _cuda_lib.load_error()
+    lib_path = _native.CUDA.path
+    err = _native.CUDA.load_error()
     cuda = torch.cuda.is_available()
     devices = []
     if cuda:
@@ -85,6 +85,8 @@ def collect_info() -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
         "backends": backends,
         "cuda_library": {"path": str(lib_path), "built": lib_path.exists(), "loaded": err is None, "error": err},
+        "cpu_library": {"path": str(_native.CPU.path), "loaded": _native.CPU.load_error() is None,
+                        "error": _native.CPU.load_error()},
         "cuda_archs": {
             "devices": [d["arch"] for d in devices],
             "torch_built_for": list(torch.cuda.get_arch_list()) if cuda else [],
@@ -112,6 +114,9 @@ def cmd_info(args) -> int:
     lib = info["cuda_library"]
     state = "loaded" if lib["loaded"] else ("built, failed to load" if lib["built"] else "not built")
     print(f"CUDA library: {state}: {lib['path']}" + (f"\n  {lib['error']}" if lib["error"] else ""))
+    cpu = info["cpu_library"]
+    print(f"CPU library: {'loaded' if cpu['loaded'] else 'not loaded'}: {cpu['path']}"
+          + (f"\n  {cpu['error']}" if cpu["error"] else ""))
     archs = info["cuda_archs"]
     print(f"CUDA archs: devices {archs['devices'] or '-'}, library {archs['library'] or '-'}, "
           f"torch built for {archs['torch_built_for'] or '-'}, nvcc {archs['nvcc'] or 'not found'}")

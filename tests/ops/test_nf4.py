@@ -14,6 +14,8 @@ from tests._helpers import backends, poison_, requires_triton, shape_id
 bnbF = pytest.importorskip("bitsandbytes.functional")
 default_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
 
+# the torch backend runs the csrc/cpu kernels on a CPU when built; "torch-pure" switches them off
+IMPLS = [*backends(), "torch-pure"]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # odd counts, a partial last block, blocks spanning rows, a single block, one element, 3-D
 SHAPES = [(64, 64), (37, 29), (1, 33), (130,), (5, 1000), (3, 7, 11), (1,)]
@@ -22,6 +24,22 @@ SHAPES = [(64, 64), (37, 29), (1, 33), (130,), (5, 1000), (3, 7, 11), (1,)]
 def _weight(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=g) * 3).to(dtype)
+
+
+@pytest.fixture
+def impl(request, monkeypatch):
+    """Runs the test body under the backend (or torch path) named by the ``backend`` parameter."""
+    name = request.node.callspec.params["backend"]
+    if name == "torch-pure":
+        monkeypatch.setattr(torch_impl, "USE_CPU_LIBRARY", False)
+    with pk.use_backend("torch" if name == "torch-pure" else name):
+        yield name
+
+
+def test_cpu_library_is_built():
+    from peftkern import _native
+
+    assert _native.CPU.load_error() is None  # setup.py builds it wherever a C++ compiler exists (CI included)
 
 
 def _bnb_generic_dequantize(packed, qs) -> torch.Tensor:
@@ -39,16 +57,15 @@ def test_code_tables_are_bitsandbytes():
     assert torch.equal(torch_impl.dynamic_code(), bnbF.create_dynamic_map(signed=True))
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096], ids=lambda b: f"bs{b}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_id(S="x".join(map(str, s))))
-def test_quantize_matches_bitsandbytes(shape, blocksize, dtype, backend):
+def test_quantize_matches_bitsandbytes(shape, blocksize, dtype, backend, impl):
     w = _weight(shape, dtype)
     packed, qs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
-    with pk.use_backend(backend):
-        q = pk.nf4.quantize(w, blocksize, double_quant=True)
-        plain = pk.nf4.quantize(w, blocksize, double_quant=False)
+    q = pk.nf4.quantize(w, blocksize, double_quant=True)
+    plain = pk.nf4.quantize(w, blocksize, double_quant=False)
     assert torch.equal(q.packed, packed)  # the same codes, packing and odd-count padding
     assert torch.equal(q.offset, qs.offset) and torch.equal(q.absmax2, qs.state2.absmax)
     # the nested 8-bit codes follow the CUDA rule (exact nearest, ties to even); bitsandbytes' CPU build uses an
@@ -62,24 +79,24 @@ def _plain_absmax(w, blocksize):
     return nf4_quantize_reference(w, torch_impl.nf4_code(), blocksize)[1]
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", IMPLS)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096], ids=lambda b: f"bs{b}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: shape_id(S="x".join(map(str, s))))
-def test_dequantize_bitsandbytes_state_bit_for_bit(shape, blocksize, dtype, double_quant, backend):
+def test_dequantize_bitsandbytes_state_bit_for_bit(shape, blocksize, dtype, double_quant, backend, impl):
     w = _weight(shape, dtype, seed=1)
     packed, qs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
-    with pk.use_backend(backend):
-        ours = pk.nf4.NF4Tensor.from_bnb(packed, qs).dequantize()
+    ours = pk.nf4.NF4Tensor.from_bnb(packed, qs).dequantize()
     ref = _bnb_generic_dequantize(packed, qs)
     assert ours.dtype == dtype and ours.shape == w.shape
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("backend", IMPLS)
 @pytest.mark.parametrize("blocksize", [32, 64, 128], ids=lambda b: f"bs{b}")
 @pytest.mark.parametrize("shape", [(37, 29), (3, 7, 11), (65,)], ids=lambda s: shape_id(S="x".join(map(str, s))))
-def test_torch_impl_matches_reference(shape, blocksize):
+def test_matches_reference(shape, blocksize, backend, impl):
     w = _weight(shape, torch.bfloat16, seed=2)
     code = torch_impl.nf4_code()
     packed, absmax = nf4_quantize_reference(w, code, blocksize)
@@ -88,7 +105,8 @@ def test_torch_impl_matches_reference(shape, blocksize):
     assert torch.equal(q.dequantize(), nf4_dequantize_reference(packed, absmax, code, blocksize, w.shape, w.dtype))
 
 
-def test_ties_go_to_the_lower_nf4_code_and_zero_blocks_to_zero():
+@pytest.mark.parametrize("backend", IMPLS)
+def test_ties_go_to_the_lower_nf4_code_and_zero_blocks_to_zero(backend, impl):
     code = torch_impl.nf4_code()
     mids = (code[:-1] + code[1:]) / 2
     w = torch.cat([mids, torch.ones(1), torch.zeros(64 - 16)])  # absmax 1: s = the midpoints themselves
@@ -141,11 +159,18 @@ def test_storage_bits_per_parameter():
     assert pk.nf4.quantize(torch.randn(1024, 1024), 64, double_quant=False).bits_per_parameter() == 4.5
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN/Inf, in the interpreter
+@pytest.mark.parametrize("backend", IMPLS)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_weights_refused(bad, dtype, backend, impl):
+    w = _weight((3, 70), dtype)
+    w[1, 65] = bad
+    with pytest.raises(ValueError, match="w contains NaN or Inf"):
+        pk.nf4.quantize(w, 64)
+
+
 def test_bad_input():
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        pk.nf4.quantize(torch.tensor([1.0, float("nan")]))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        pk.nf4.quantize(torch.tensor([1.0, float("inf")]))
     with pytest.raises(ValueError, match="blocksize"):
         pk.nf4.quantize(torch.randn(64), blocksize=48)
     with pytest.raises(TypeError, match="w must be float32"):

@@ -1,11 +1,17 @@
-"""Eager PyTorch implementation of the NF4 ops (README.md): the CPU path. Vectorized over blocks; fp32 throughout."""
+"""Eager PyTorch implementation of the NF4 ops (README.md): the CPU path, and any device without Triton.
+
+On a CPU, quantize and dequantize run the C++ kernels of csrc/cpu when they are built (``peftkern._native.CPU``);
+elsewhere, or without them, the vectorized PyTorch code below (the same bits either way).
+"""
 from __future__ import annotations
 
+import ctypes
 import functools
 
 import torch
 import torch.nn.functional as F
 
+from ... import _native
 from ...backend import register
 from ..lora import torch_impl as lora_torch
 
@@ -15,6 +21,20 @@ NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
               0.7229568362236023, 1.0)
 NESTED_BLOCKSIZE = 256
+USE_CPU_LIBRARY = True  # tests switch it off to check the pure PyTorch code
+_CPU_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _cpu_library(t: torch.Tensor):
+    """The csrc/cpu kernels for a CPU tensor, or None (not built, switched off, or another device)."""
+    if not USE_CPU_LIBRARY or t.device.type != "cpu" or _native.CPU.load_error() is not None:
+        return None
+    lib = _native.CPU.handle()
+    if lib.pk_nf4_quantize_cpu.argtypes is None:
+        p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+        lib.pk_nf4_quantize_cpu.argtypes = [p, i32, i64, i64, p, p, p]
+        lib.pk_nf4_dequantize_cpu.argtypes = [p, p, p, i64, i64, p, i32]
+    return lib
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,6 +67,17 @@ def _scaled_blocks(f: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch
 @register("nf4_quantize", "torch")
 def quantize(w: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed uint8 [ceil(n/2), 1], absmax fp32 [ceil(n/blocksize)]) of any-shape w."""
+    lib = _cpu_library(w)
+    if lib is not None:
+        w = w.contiguous()
+        n = w.numel()
+        packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
+        absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+        code = code.contiguous()
+        if lib.pk_nf4_quantize_cpu(w.data_ptr(), _CPU_DTYPES[w.dtype], n, blocksize, code.data_ptr(),
+                                   packed.data_ptr(), absmax.data_ptr()) != 0:
+            raise RuntimeError("pk_nf4_quantize_cpu refused its arguments")
+        return packed, absmax
     f = w.reshape(-1).float() if w.dtype != torch.float32 else w.reshape(-1).clone()
     n = f.numel()
     s, absmax = _scaled_blocks(f, blocksize)
@@ -101,6 +132,14 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, code:
     n = 1
     for d in shape:
         n *= d
+    lib = _cpu_library(packed)
+    if lib is not None:
+        out = torch.empty(shape, dtype=dtype)
+        packed, absmax, code = packed.contiguous(), absmax.contiguous(), code.contiguous()
+        if lib.pk_nf4_dequantize_cpu(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize,
+                                     out.data_ptr(), _CPU_DTYPES[dtype]) != 0:
+            raise RuntimeError("pk_nf4_dequantize_cpu refused its arguments")
+        return out
     table = _byte_table(tuple(code.tolist()), packed.device)
     v = table[packed.reshape(-1).long()].view(-1)[:n]
     return _times_block_scale(v, absmax, blocksize).to(dtype).view(shape)

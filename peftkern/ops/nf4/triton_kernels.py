@@ -66,6 +66,8 @@ def nf4_quantize_kernel(w_ptr, code_ptr, packed_ptr, absmax_ptr, n, BLOCKSIZE: t
     flat = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]  # [ROWS, BLOCKSIZE]
     x = tl.load(w_ptr + flat, mask=flat < n, other=0.0).to(tl.float32)
     absmax = tl.max(tl.abs(x), axis=1)  # [ROWS]
+    # NaN must reach absmax (the caller refuses a non-finite one); max reductions may skip it
+    absmax = tl.where(tl.sum((x != x).to(tl.int32), axis=1) > 0, float("nan"), absmax)
     inv = 1.0 / tl.maximum(absmax, 1e-38)
     s = tl.minimum(tl.maximum(x * inv[:, None], -1.0), 1.0)
     q = tl.zeros((ROWS, BLOCKSIZE), dtype=tl.int32)

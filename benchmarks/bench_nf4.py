@@ -1,0 +1,169 @@
+"""NF4 and QLoRA vs bitsandbytes and PEFT + bitsandbytes, side by side in one process: ratios first.
+
+    python benchmarks/bench_nf4.py [--quick] [--json FILE]        (or: peftkern bench nf4 [--quick])
+
+* quantize (double quant, blocksize 64) and dequantize of a bf16 weight: ``pk.nf4`` vs bitsandbytes' functional
+  API on the same device (on a CPU: bitsandbytes' CPU kernels; shapes whose rows are whole blocks, where its CPU
+  dequantize is right);
+* a QLoRA layer's forward + backward (dx, dA, dB) in bf16 with fp32 adapters: ``QLoRALinear`` vs PEFT's LoRA over a
+  ``bnb.nn.Linear4bit`` holding the same codes, and the bytes each keeps for backward (parameters excluded).
+torchao's NF4Tensor is measured when torchao is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import peftkern as pk  # noqa: E402
+from benchmarks.common import (SavedBytes, fmt_bytes, format_table, interleaved_times, machine_info,  # noqa: E402
+                               paired_ratio, steady_malloc, summarize, write_json)
+
+FULL_SHAPES = [(1024, 1024), (4096, 4096)]
+QUICK_SHAPES = [(1024, 1024), (2048, 2048)]
+
+
+def _ratio_row(times: dict, ours: str, peer: str) -> dict:
+    so, sp = summarize(times[ours]), summarize(times[peer])
+    return {"ratio": so["median_ms"] / sp["median_ms"], "ratio_paired": paired_ratio(times[ours], times[peer]),
+            "ours_ms": so["median_ms"], "peer_ms": sp["median_ms"]}
+
+
+def bench_format(out_f: int, in_f: int, reps: int, device: str) -> list[dict]:
+    import bitsandbytes.functional as F
+
+    w = torch.randn(out_f, in_f, dtype=torch.bfloat16, device=device)
+    q = pk.nf4.quantize(w, 64, True)
+    packed, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(q.packed, packed), "ours and bitsandbytes disagree"
+    fns = {"q_ours": lambda: pk.nf4.quantize(w, 64, True),
+           "q_bnb": lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
+           "d_ours": lambda: q.dequantize(), "d_bnb": lambda: F.dequantize_4bit(packed, qs, quant_type="nf4")}
+    try:
+        from torchao.dtypes.nf4tensor import to_nf4
+
+        fns["q_torchao"] = lambda: to_nf4(w, 64, 256)
+        nf4 = to_nf4(w, 64, 256)
+        fns["d_torchao"] = lambda: nf4.get_original_weight()
+    except Exception:
+        pass
+    times = interleaved_times(fns, reps=reps, device=device)
+    shape = f"{out_f}x{in_f}"
+    rows = [{"op": "quantize", "peer": "bitsandbytes", "shape": shape, **_ratio_row(times, "q_ours", "q_bnb")},
+            {"op": "dequantize", "peer": "bitsandbytes", "shape": shape, **_ratio_row(times, "d_ours", "d_bnb")}]
+    if "q_torchao" in times:
+        rows += [{"op": "quantize", "peer": "torchao", "shape": shape, **_ratio_row(times, "q_ours", "q_torchao")},
+                 {"op": "dequantize", "peer": "torchao", "shape": shape, **_ratio_row(times, "d_ours", "d_torchao")}]
+    return rows
+
+
+def _bnb_layer(linear: nn.Linear):
+    import bitsandbytes as bnb
+
+    q4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16,
+                           quant_type="nf4", compress_statistics=True)
+    q4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                  compress_statistics=True, module=q4)
+    q4.weight._quantize(linear.weight.device.type)
+    return q4
+
+
+def _peft_qlora(q4, r: int):
+    import peft
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = q4
+
+        def forward(self, x):
+            return self.proj(x)
+
+    return peft.get_peft_model(Holder(), peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1,
+                                                         target_modules=["proj"]))
+
+
+def bench_qlora(tokens: int, out_f: int, in_f: int, r: int, reps: int, device: str) -> dict:
+    torch.manual_seed(0)
+    linear = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16, device=device)
+    q4 = _bnb_layer(linear)
+    ours = pk.nn.QLoRALinear.from_bnb(q4, r=r, lora_alpha=2 * r, lora_dropout=0.1)
+    theirs = _peft_qlora(q4, r)
+    x = torch.randn(tokens, in_f, dtype=torch.bfloat16, device=device, requires_grad=True)
+    g = torch.randn(tokens, out_f, dtype=torch.bfloat16, device=device)
+
+    def step(m):
+        x.grad = None
+        m(x).backward(g)
+
+    params = [p for m in (ours, theirs) for p in m.parameters()]
+    saved = {}
+    for name, m in (("ours", ours), ("peft", theirs)):
+        with SavedBytes(exclude=params + [x]) as sb:
+            y = m(x)
+        y.backward(g)
+        saved[name] = sb.total
+    times = interleaved_times({"ours": lambda: step(ours), "peft": lambda: step(theirs)}, reps=reps, device=device)
+    return {"shape": f"{tokens}x{in_f}x{out_f}", "r": r, **_ratio_row(times, "ours", "peft"),
+            "saved_ours": saved["ours"], "saved_peft": saved["peft"]}
+
+
+def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int] = None, malloc: str = "steady",
+        log=print) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
+    reps = reps or (5 if quick else 11)
+    info = machine_info()
+    log(f"# NF4 / QLoRA vs bitsandbytes and PEFT+bitsandbytes, {device}: {info['cpu'] if device == 'cpu' else info['gpu']}, "
+        f"{info['torch_threads']} threads; torch {torch.__version__}, bitsandbytes {info['versions']['bitsandbytes']}")
+    log(f"# median of {reps} interleaved repetitions; ratio < 1: ours faster")
+    fmt = []
+    for out_f, in_f in (QUICK_SHAPES if quick else FULL_SHAPES):
+        fmt += bench_format(out_f, in_f, reps, device)
+    log(format_table(fmt, [("op", "op"), ("peer", "peer"), ("shape", "weight"), ("ratio", "ours/peer"),
+                           ("ratio_paired", "paired"), ("ours_ms", "ours ms"), ("peer_ms", "peer ms")]))
+    layers = [bench_qlora(512, 1024, 1024, 16, reps, device)]
+    if not quick:
+        layers.append(bench_qlora(512, 4096, 4096, 16, reps, device))
+    log("\n# QLoRA layer fwd+bwd, bf16 base, fp32 adapters r=16, dropout 0.1: QLoRALinear vs PEFT over Linear4bit")
+    log(format_table([{**row, "saved": f"{fmt_bytes(row['saved_ours'])} / {fmt_bytes(row['saved_peft'])}"}
+                      for row in layers],
+                     [("shape", "tokens x in x out"), ("ratio", "ours/PEFT"), ("ratio_paired", "paired"),
+                      ("ours_ms", "ours ms"), ("peer_ms", "PEFT ms"), ("saved", "saved ours / PEFT")]))
+    path = write_json({"machine": info, "malloc": malloc, "reps": reps, "format": fmt, "qlora": layers}, json_path,
+                      stem="bench_nf4")
+    log(f"\n# JSON: {path}")
+    return {"format": fmt, "qlora": layers}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="smaller weights, fewer repetitions")
+    ap.add_argument("--json", metavar="FILE", default=None, help="where to write the JSON")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions per config")
+    ap.add_argument("--malloc", choices=["steady", "default"], default="steady")
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return run(quick=args.quick, json_path=args.json, reps=args.reps, malloc=getattr(args, "malloc", "steady"))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    run_from_args(ap.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    raise SystemExit(main())

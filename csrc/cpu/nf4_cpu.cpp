@@ -1,0 +1,149 @@
+// NF4 quantize / dequantize on the CPU (peftkern/ops/nf4/README.md has the math), bit-exact with bitsandbytes.
+// Plain C++ with OpenMP over blocks, extern "C" entry points called through ctypes (peftkern/_cpu_lib.py).
+// dtype codes: 0 = float32, 1 = float16, 2 = bfloat16.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+inline float bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
+inline uint32_t float_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
+
+inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite inputs)
+  uint32_t b = float_to_bits(f);
+  return uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+inline float fp16_to_float(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  if (exp == 0x1F) return bits_to_float(sign | 0x7F800000u | (man << 13));
+  if (exp == 0) {  // zero or subnormal: man * 2^-24
+    float v = float(man) * 5.9604644775390625e-08f;
+    return sign ? -v : v;
+  }
+  return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+inline uint16_t float_to_fp16(float f) {  // round to nearest even (finite inputs; overflow gives inf)
+  uint32_t b = float_to_bits(f), sign = (b >> 16) & 0x8000u;
+  uint32_t a = b & 0x7FFFFFFFu;
+  if (a >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {  // below 2^-14: a subnormal half, the count of 2^-24 steps rounded to nearest even
+    return uint16_t(sign | uint32_t(std::nearbyint(bits_to_float(a) * 16777216.0f)));  // the scale is exact
+  }
+  uint32_t r = a + 0x0FFFu + ((a >> 13) & 1u);  // round the 13 dropped mantissa bits
+  return uint16_t(sign | ((r - 0x38000000u) >> 13));
+}
+
+template <int DT> inline float load(const void* p, int64_t i) {
+  if (DT == 0) return static_cast<const float*>(p)[i];
+  const uint16_t h = static_cast<const uint16_t*>(p)[i];
+  return DT == 1 ? fp16_to_float(h) : bf16_to_float(h);
+}
+
+constexpr int64_t kMaxBlock = 4096;
+
+// One block of at most kMaxBlock elements: its absmax, and its codes packed two per byte.
+template <int DT>
+void quantize_block(const void* w, int64_t start, int64_t len, const float* mids, uint8_t* packed,
+                    float* absmax_out) {
+  float x[kMaxBlock];
+  uint8_t q[kMaxBlock + 1];
+  float am = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < len; ++i) {
+    x[i] = load<DT>(w, start + i);
+    const float a = std::fabs(x[i]);
+    finite &= a <= 3.4028234663852886e38f;  // false for Inf and NaN
+    am = a > am ? a : am;
+  }
+  *absmax_out = finite ? am : NAN;  // the caller refuses a weight with a non-finite absmax
+  const float inv = 1.0f / (am > 1e-38f ? am : 1e-38f);
+  const int64_t padded = len + (len & 1);  // only the last block of an odd n is odd: its pad codes 0.0
+  for (int64_t i = 0; i < padded; ++i) {
+    float v = i < len ? x[i] * inv : 0.0f;
+    v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+    int idx = 0;
+    for (int k = 0; k < 15; ++k) idx += v > mids[k];  // midpoints strictly below: ties go to the lower code
+    q[i] = uint8_t(idx);
+  }
+  for (int64_t t = 0; t < padded / 2; ++t) packed[start / 2 + t] = uint8_t((q[2 * t] << 4) | q[2 * t + 1]);
+}
+
+template <int DT>
+void quantize_all(const void* w, int64_t n, int64_t blocksize, const float* mids, uint8_t* packed, float* absmax) {
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < blocks; ++j) {
+    const int64_t start = j * blocksize, len = start + blocksize < n ? blocksize : n - start;
+    quantize_block<DT>(w, start, len, mids, packed, absmax + j);
+  }
+}
+
+// out [n] 16-bit: two outputs per packed byte from the block's 16-entry table (element 2t in the low half).
+void dequantize_16bit(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+                      uint16_t* out, int dtype) {
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < blocks; ++j) {
+    uint16_t table[16];
+    for (int k = 0; k < 16; ++k) {
+      const float v = code[k] * absmax[j];
+      table[k] = dtype == 1 ? float_to_fp16(v) : float_to_bf16(v);
+    }
+    const int64_t start = j * blocksize, end = start + blocksize < n ? start + blocksize : n;
+    for (int64_t t = start / 2; t < end / 2; ++t) {
+      const uint8_t b = packed[t];
+      const uint32_t pair = uint32_t(table[b >> 4]) | (uint32_t(table[b & 0xF]) << 16);
+      std::memcpy(out + 2 * t, &pair, 4);
+    }
+    if (end & 1) out[end - 1] = table[packed[end / 2] >> 4];
+  }
+}
+
+void dequantize_fp32(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+                     float* out) {
+  const int64_t blocks = (n + blocksize - 1) / blocksize;
+#pragma omp parallel for schedule(static)
+  for (int64_t j = 0; j < blocks; ++j) {
+    float table[16];
+    for (int k = 0; k < 16; ++k) table[k] = code[k] * absmax[j];
+    const int64_t start = j * blocksize, end = start + blocksize < n ? start + blocksize : n;
+    for (int64_t t = start / 2; t < end / 2; ++t) {
+      const uint8_t b = packed[t];
+      out[2 * t] = table[b >> 4];
+      out[2 * t + 1] = table[b & 0xF];
+    }
+    if (end & 1) out[end - 1] = table[packed[end / 2] >> 4];
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// packed [ceil(n/2)] (high nibble first, an odd n pads code 7), absmax [ceil(n/blocksize)]; returns 0 on success.
+int pk_nf4_quantize_cpu(const void* w, int dtype, int64_t n, int64_t blocksize, const float* code, uint8_t* packed,
+                        float* absmax) {
+  if (n <= 0 || blocksize <= 0 || blocksize > kMaxBlock || (blocksize & 1) || dtype < 0 || dtype > 2) return 1;
+  float mids[15];
+  for (int k = 0; k < 15; ++k) mids[k] = (code[k] + code[k + 1]) / 2.0f;
+  if (dtype == 0) quantize_all<0>(w, n, blocksize, mids, packed, absmax);
+  else if (dtype == 1) quantize_all<1>(w, n, blocksize, mids, packed, absmax);
+  else quantize_all<2>(w, n, blocksize, mids, packed, absmax);
+  return 0;
+}
+
+// out [n] in dtype = dtype(fp32(code[q_i] * absmax[i / blocksize])); returns 0 on success.
+int pk_nf4_dequantize_cpu(const uint8_t* packed, const float* absmax, const float* code, int64_t n,
+                          int64_t blocksize, void* out, int dtype) {
+  if (n <= 0 || blocksize <= 0 || (blocksize & 1) || dtype < 0 || dtype > 2) return 1;
+  if (dtype == 0) dequantize_fp32(packed, absmax, code, n, blocksize, static_cast<float*>(out));
+  else dequantize_16bit(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out), dtype);
+  return 0;
+}
+
+}  // extern "C"

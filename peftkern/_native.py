@@ -1,0 +1,47 @@
+"""Lazy ctypes loaders of the native libraries built from csrc/ into peftkern/_lib/ by setup.py.
+
+``CPU``: csrc/cpu (C++ with OpenMP, built by the machine's C++ compiler), the torch backend's fast path on a CPU.
+``CUDA``: csrc/cuda (built by nvcc), the "cuda" backend. Either may be missing; callers fall back or report why.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+from typing import Optional
+
+LIB_DIR = Path(__file__).parent / "_lib"
+
+
+class Library:
+    def __init__(self, stem: str, build_hint: str):
+        self.stem, self.build_hint = stem, build_hint
+
+    @property
+    def path(self) -> Path:
+        """The built file: ``<stem>.so``, or the name setuptools gives an extension (``<stem>.cpython-...so``)."""
+        found = sorted(LIB_DIR.glob(f"{self.stem}*.so"))
+        return found[0] if found else LIB_DIR / f"{self.stem}.so"
+
+    @functools.cached_property
+    def _loaded(self) -> tuple[Optional[ctypes.CDLL], Optional[str]]:
+        path = self.path
+        if not path.exists():
+            return None, f"{self.stem} not built ({path} missing; {self.build_hint})"
+        try:
+            return ctypes.CDLL(str(path)), None
+        except OSError as e:
+            return None, f"{self.stem} failed to load: {e}"
+
+    def load_error(self) -> Optional[str]:
+        return self._loaded[1]
+
+    def handle(self) -> ctypes.CDLL:
+        lib, err = self._loaded
+        if lib is None:
+            raise RuntimeError(err)
+        return lib
+
+
+CPU = Library("libpeftkern_cpu", "pip install -e . builds it with the machine's C++ compiler")
+CUDA = Library("libpeftkern_cuda", "build with nvcc via setup.py")
