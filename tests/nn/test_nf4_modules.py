@@ -151,3 +151,22 @@ def test_bad_input():
         pk.nn.QLoRALinear.from_linear(nn.Linear(64, 4), r=0)
     with pytest.raises(ValueError, match="blocksize"):
         pk.nn.NF4Linear(64, 4, blocksize=100)
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_paged_adamw_trains_the_adapter(bits):
+    torch.manual_seed(0)
+    layer = pk.nn.QLoRALinear.from_linear(_linear(256, 64, torch.float32), r=8, lora_alpha=16)
+    opt = pk.optim.paged_adamw([layer.lora_A, layer.lora_B], lr=1e-2, bits=bits)
+    assert type(opt).__name__ == f"AdamW{bits}bit"  # unpaged on a CPU
+    x, target = torch.randn(64, 256), torch.randn(64, 64)
+    losses = []
+    for _ in range(20):
+        loss = (layer(x) - target).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    with pytest.raises(ValueError, match="bits must be 8 or 32"):
+        pk.optim.paged_adamw([layer.lora_A], bits=4)
