@@ -11,7 +11,7 @@ os.makedirs(os.path.join(os.path.dirname(os.path.abspath(__file__)), "peftkern",
 skip = os.environ.get("PEFTKERN_SKIP_CPU_BUILD", "0") not in ("", "0")
 ext_modules = [] if skip else [
     Extension("peftkern._lib.libpeftkern_cpu", sources=["csrc/cpu/nf4_cpu.cpp"], language="c++",
-              extra_compile_args=["-O3", "-fopenmp", "-std=c++17"], extra_link_args=["-fopenmp"], libraries=["m"],
+              extra_compile_args=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"], extra_link_args=["-fopenmp"], libraries=["m"],
               optional=True),
 ]
 

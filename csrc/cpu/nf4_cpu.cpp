@@ -4,6 +4,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -83,34 +89,91 @@ void quantize_all(const void* w, int64_t n, int64_t blocksize, const float* mids
   }
 }
 
-// out [n] 16-bit: two outputs per packed byte from the block's 16-entry table (element 2t in the low half).
-void dequantize_16bit(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+// The fp32 absmax of block j: stored, or decoded from the double-quantized state in two roundings.
+struct BlockScale {
+  const float* absmax;  // null with double quantization
+  const uint8_t* qabsmax;
+  const float* absmax2;
+  const float* code8;
+  float offset;
+  int64_t nested_blocksize;
+
+  float operator()(int64_t j) const {
+    if (absmax) return absmax[j];
+    volatile float scaled = code8[qabsmax[j]] * absmax2[j / nested_blocksize];  // rounded before the offset is added
+    return scaled + offset;
+  }
+};
+
+// 16-bit outputs of packed bytes [t0, t1) from a 16-entry table: two outputs per byte, element 2t in the low half.
+void lookup16_scalar(const uint8_t* packed, int64_t t0, int64_t t1, const uint16_t* table, uint16_t* out) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t b = packed[t];
+    const uint32_t pair = uint32_t(table[b >> 4]) | (uint32_t(table[b & 0xF]) << 16);
+    std::memcpy(out + 2 * t, &pair, 4);
+  }
+}
+
+#if defined(__x86_64__)
+// The same with SSSE3 byte shuffles: the table split into its low and high bytes, 32 outputs per 16 packed bytes.
+__attribute__((target("ssse3"))) void lookup16_ssse3(const uint8_t* packed, int64_t t0, int64_t t1,
+                                                     const uint16_t* table, uint16_t* out) {
+  alignas(16) uint8_t lo_bytes[16], hi_bytes[16];
+  for (int k = 0; k < 16; ++k) lo_bytes[k] = uint8_t(table[k]), hi_bytes[k] = uint8_t(table[k] >> 8);
+  const __m128i lo_t = _mm_load_si128(reinterpret_cast<const __m128i*>(lo_bytes));
+  const __m128i hi_t = _mm_load_si128(reinterpret_cast<const __m128i*>(hi_bytes));
+  const __m128i nibble = _mm_set1_epi8(0x0F);
+  int64_t t = t0;
+  for (; t + 16 <= t1; t += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + t));
+    const __m128i even = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);  // high nibbles: elements 2t
+    const __m128i odd = _mm_and_si128(b, nibble);                       // low nibbles: elements 2t + 1
+    const __m128i idx[2] = {_mm_unpacklo_epi8(even, odd), _mm_unpackhi_epi8(even, odd)};  // element order
+    for (int h = 0; h < 2; ++h) {
+      const __m128i lo = _mm_shuffle_epi8(lo_t, idx[h]), hi = _mm_shuffle_epi8(hi_t, idx[h]);
+      __m128i* dst = reinterpret_cast<__m128i*>(out + 2 * t + 16 * h);
+      _mm_storeu_si128(dst, _mm_unpacklo_epi8(lo, hi));
+      _mm_storeu_si128(dst + 1, _mm_unpackhi_epi8(lo, hi));
+    }
+  }
+  lookup16_scalar(packed, t, t1, table, out);
+}
+#endif
+
+// out [n] 16-bit: each block's 16 possible values computed once, then looked up.
+void dequantize_16bit(const uint8_t* packed, const BlockScale& scale, const float* code, int64_t n, int64_t blocksize,
                       uint16_t* out, int dtype) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
+#if defined(__x86_64__)
+  const bool ssse3 = __builtin_cpu_supports("ssse3");
+#endif
 #pragma omp parallel for schedule(static)
   for (int64_t j = 0; j < blocks; ++j) {
+    const float am = scale(j);
     uint16_t table[16];
     for (int k = 0; k < 16; ++k) {
-      const float v = code[k] * absmax[j];
+      const float v = code[k] * am;
       table[k] = dtype == 1 ? float_to_fp16(v) : float_to_bf16(v);
     }
     const int64_t start = j * blocksize, end = start + blocksize < n ? start + blocksize : n;
-    for (int64_t t = start / 2; t < end / 2; ++t) {
-      const uint8_t b = packed[t];
-      const uint32_t pair = uint32_t(table[b >> 4]) | (uint32_t(table[b & 0xF]) << 16);
-      std::memcpy(out + 2 * t, &pair, 4);
-    }
+#if defined(__x86_64__)
+    if (ssse3) lookup16_ssse3(packed, start / 2, end / 2, table, out);
+    else lookup16_scalar(packed, start / 2, end / 2, table, out);
+#else
+    lookup16_scalar(packed, start / 2, end / 2, table, out);
+#endif
     if (end & 1) out[end - 1] = table[packed[end / 2] >> 4];
   }
 }
 
-void dequantize_fp32(const uint8_t* packed, const float* absmax, const float* code, int64_t n, int64_t blocksize,
+void dequantize_fp32(const uint8_t* packed, const BlockScale& scale, const float* code, int64_t n, int64_t blocksize,
                      float* out) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
 #pragma omp parallel for schedule(static)
   for (int64_t j = 0; j < blocks; ++j) {
+    const float am = scale(j);
     float table[16];
-    for (int k = 0; k < 16; ++k) table[k] = code[k] * absmax[j];
+    for (int k = 0; k < 16; ++k) table[k] = code[k] * am;
     const int64_t start = j * blocksize, end = start + blocksize < n ? start + blocksize : n;
     for (int64_t t = start / 2; t < end / 2; ++t) {
       const uint8_t b = packed[t];
@@ -119,6 +182,18 @@ void dequantize_fp32(const uint8_t* packed, const float* absmax, const float* co
     }
     if (end & 1) out[end - 1] = table[packed[end / 2] >> 4];
   }
+}
+
+// A fresh multi-MiB output costs more in page faults than in decoding: ask Linux for 2 MiB pages where the range
+// allows (advice only; a no-op elsewhere or where transparent huge pages are off).
+void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(2) << 20, a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t first = (a + huge - 1) & ~(huge - 1), last = (a + uintptr_t(bytes)) & ~(huge - 1);
+  if (bytes >= int64_t(8) << 20 && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)p, (void)bytes;
+#endif
 }
 
 }  // namespace
@@ -137,12 +212,17 @@ int pk_nf4_quantize_cpu(const void* w, int dtype, int64_t n, int64_t blocksize, 
   return 0;
 }
 
-// out [n] in dtype = dtype(fp32(code[q_i] * absmax[i / blocksize])); returns 0 on success.
-int pk_nf4_dequantize_cpu(const uint8_t* packed, const float* absmax, const float* code, int64_t n,
+// out [n] in dtype = dtype(fp32(code[q_i] * absmax_j)), j = i / blocksize; absmax_j is absmax[j], or with absmax
+// null fp32(code8[qabsmax[j]] * absmax2[j / nested_blocksize]) + offset. Returns 0 on success.
+int pk_nf4_dequantize_cpu(const uint8_t* packed, const float* absmax, const uint8_t* qabsmax, const float* absmax2,
+                          const float* code8, float offset, int64_t nested_blocksize, const float* code, int64_t n,
                           int64_t blocksize, void* out, int dtype) {
   if (n <= 0 || blocksize <= 0 || (blocksize & 1) || dtype < 0 || dtype > 2) return 1;
-  if (dtype == 0) dequantize_fp32(packed, absmax, code, n, blocksize, static_cast<float*>(out));
-  else dequantize_16bit(packed, absmax, code, n, blocksize, static_cast<uint16_t*>(out), dtype);
+  if (!absmax && (!qabsmax || !absmax2 || !code8 || nested_blocksize <= 0)) return 1;
+  const BlockScale scale{absmax, qabsmax, absmax2, code8, offset, nested_blocksize};
+  advise_huge_pages(out, n * (dtype == 0 ? 4 : 2));
+  if (dtype == 0) dequantize_fp32(packed, scale, code, n, blocksize, static_cast<float*>(out));
+  else dequantize_16bit(packed, scale, code, n, blocksize, static_cast<uint16_t*>(out), dtype);
   return 0;
 }
 

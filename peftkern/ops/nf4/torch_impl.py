@@ -33,7 +33,7 @@ def _cpu_library(t: torch.Tensor):
     if lib.pk_nf4_quantize_cpu.argtypes is None:
         p, i32, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
         lib.pk_nf4_quantize_cpu.argtypes = [p, i32, i64, i64, p, p, p]
-        lib.pk_nf4_dequantize_cpu.argtypes = [p, p, p, i64, i64, p, i32]
+        lib.pk_nf4_dequantize_cpu.argtypes = [p, p, p, p, p, ctypes.c_float, i64, p, i64, i64, p, i32]
     return lib
 
 
@@ -136,8 +136,8 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, code:
     if lib is not None:
         out = torch.empty(shape, dtype=dtype)
         packed, absmax, code = packed.contiguous(), absmax.contiguous(), code.contiguous()
-        if lib.pk_nf4_dequantize_cpu(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), n, blocksize,
-                                     out.data_ptr(), _CPU_DTYPES[dtype]) != 0:
+        if lib.pk_nf4_dequantize_cpu(packed.data_ptr(), absmax.data_ptr(), None, None, None, 0.0, 0, code.data_ptr(),
+                                     n, blocksize, out.data_ptr(), _CPU_DTYPES[dtype]) != 0:
             raise RuntimeError("pk_nf4_dequantize_cpu refused its arguments")
         return out
     table = _byte_table(tuple(code.tolist()), packed.device)
@@ -147,8 +147,17 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, code:
 
 @register("nf4_dequantize", "torch")
 def dequantize_nf4(q) -> torch.Tensor:
-    """The weight an NF4Tensor stands for, in its dtype."""
-    return dequantize(q.packed, q.block_absmax(), q.blocksize, q.code, tuple(q.shape), q.dtype)
+    """The weight an NF4Tensor stands for, in its dtype (the C++ kernel decodes a nested absmax on the fly)."""
+    lib = _cpu_library(q.packed)
+    if lib is None or not q.double_quant:
+        return dequantize(q.packed, q.block_absmax(), q.blocksize, q.code, tuple(q.shape), q.dtype)
+    out = torch.empty(tuple(q.shape), dtype=q.dtype)
+    t = [x.contiguous() for x in (q.packed, q.qabsmax, q.absmax2, q.code8, q.code)]
+    if lib.pk_nf4_dequantize_cpu(t[0].data_ptr(), None, t[1].data_ptr(), t[2].data_ptr(), t[3].data_ptr(),
+                                 float(q.offset), q.nested_blocksize, t[4].data_ptr(), q.numel(), q.blocksize,
+                                 out.data_ptr(), _CPU_DTYPES[q.dtype]) != 0:
+        raise RuntimeError("pk_nf4_dequantize_cpu refused its arguments")
+    return out
 
 
 def _weight(packed, absmax, code, blocksize: int, shape, weight_dtype: torch.dtype, dtype: torch.dtype):
