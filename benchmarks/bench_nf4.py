@@ -12,6 +12,7 @@ torchao's NF4Tensor is measured when torchao is installed.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -37,6 +38,16 @@ def _ratio_row(times: dict, ours: str, peer: str) -> dict:
             "ours_ms": so["median_ms"], "peer_ms": sp["median_ms"]}
 
 
+def _torchao_to_nf4():
+    """torchao's ``to_nf4`` (its module moved between releases), or None where torchao is not installed."""
+    for mod in ("torchao.quantization.quantize_.workflows.nf4.nf4_tensor", "torchao.dtypes.nf4tensor"):
+        try:
+            return importlib.import_module(mod).to_nf4
+        except Exception:
+            continue
+    return None
+
+
 def bench_format(out_f: int, in_f: int, reps: int, device: str) -> list[dict]:
     import bitsandbytes.functional as F
 
@@ -47,14 +58,11 @@ def bench_format(out_f: int, in_f: int, reps: int, device: str) -> list[dict]:
     fns = {"q_ours": lambda: pk.nf4.quantize(w, 64, True),
            "q_bnb": lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True),
            "d_ours": lambda: q.dequantize(), "d_bnb": lambda: F.dequantize_4bit(packed, qs, quant_type="nf4")}
-    try:
-        from torchao.dtypes.nf4tensor import to_nf4
-
+    to_nf4 = _torchao_to_nf4()
+    if to_nf4 is not None:
         fns["q_torchao"] = lambda: to_nf4(w, 64, 256)
         nf4 = to_nf4(w, 64, 256)
         fns["d_torchao"] = lambda: nf4.get_original_weight()
-    except Exception:
-        pass
     times = interleaved_times(fns, reps=reps, device=device)
     shape = f"{out_f}x{in_f}"
     rows = [{"op": "quantize", "peer": "bitsandbytes", "shape": shape, **_ratio_row(times, "q_ours", "q_bnb")},

@@ -154,8 +154,10 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
     raise RuntimeError(f"no backend can run {op!r} on {device}")
 
 
-def fallback(op: str, reason: str, error: type[Exception] = TypeError) -> Callable:
-    """The torch implementation of ``op``, for inputs the backend in force cannot serve (``reason``).
+def fallback(op: str, reason: str, error: type[Exception] = TypeError, *, after: str | None = None,
+             device: torch.device | None = None) -> Callable:
+    """The implementation of ``op`` that serves inputs the backend in force cannot (``reason``): the next one in
+    "auto"'s order for ``device`` after backend ``after`` (given both), else torch's.
 
     Only ``"auto"`` falls back, silently; a backend named explicitly raises ``error`` instead.
     """
@@ -163,4 +165,10 @@ def fallback(op: str, reason: str, error: type[Exception] = TypeError) -> Callab
     if requested != "auto":
         raise error(f"backend {requested!r} cannot run {op!r} on these inputs: {reason} "
                     f"(use the 'torch' or 'auto' backend)")
-    return _registry[op]["torch"]
+    impls = _registry[op]
+    if after is not None and device is not None:
+        order = _AUTO_ORDER.get(device.type, ("torch",))
+        for name in order[order.index(after) + 1:] if after in order else ():
+            if name in impls and _device_error(name, device) is None:
+                return impls[name]
+    return impls["torch"]

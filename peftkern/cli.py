@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -35,17 +36,11 @@ def _version(dist: str) -> Optional[str]:
 
 
 def _library_archs(path: Path) -> Optional[list[str]]:
-    """SASS archs embedded in the built CUDA library (``cuobjdump --list-elf``), None if unknown."""
-    tool = shutil.which("cuobjdump")
-    if not path.exists() or tool is None:
+    """SASS archs in the built CUDA library, from the ptxas report setup.py keeps beside it (None if unknown)."""
+    report = path.with_name("libpeftkern_cuda.resource-usage.txt")
+    if not path.exists() or not report.exists():
         return None
-    try:
-        out = subprocess.run([tool, "--list-elf", str(path)], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    import re
-
-    return sorted(set(re.findall(r"sm_\d+a?", out)))
+    return sorted(set(re.findall(r"for '(sm_\d+a?)'", report.read_text())))
 
 
 def collect_info() -> dict:

@@ -1,0 +1,65 @@
+"""The native libraries of csrc/: built by setup.py, exported launchers, no register spills; the CUDA launchers
+against the torch path wherever a GPU exists (skipped elsewhere)."""
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+
+import peftkern as pk
+from peftkern import _native
+from peftkern.ops.nf4 import cuda_impl
+from tests._helpers import requires_cuda
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: the CUDA library is not built")
+
+
+def test_cpu_library_built_and_exports():
+    lib = _native.CPU.handle()
+    for name in ("pk_nf4_quantize_cpu", "pk_nf4_dequantize_cpu"):
+        assert hasattr(lib, name), name
+
+
+@needs_nvcc
+def test_cuda_library_built_for_every_arch_without_spills():
+    assert _native.CUDA.path.exists(), _native.CUDA.load_error()
+    log = (_native.LIB_DIR / "libpeftkern_cuda.resource-usage.txt").read_text()
+    for arch in ("sm_80", "sm_86", "sm_89", "sm_90"):
+        assert f"for '{arch}'" in log, arch
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    assert spills and all(s == ("0", "0") for s in spills), log
+    lib = _native.CUDA.handle()  # loads without a GPU: the CUDA runtime is linked statically
+    for name in cuda_impl._SIGNATURES:
+        assert hasattr(lib, name), name
+
+
+def test_auto_falls_back_along_its_order(monkeypatch):
+    from peftkern import backend
+
+    if not pk.available_backends()["triton"].available:
+        pytest.skip("triton backend unavailable here")
+    monkeypatch.setattr(backend, "_AUTO_ORDER", {"cpu": ("cuda", "triton", "torch")})
+    impl = backend.fallback("nf4_matmul", "test", after="cuda", device=torch.device("cpu"))
+    assert impl is backend.registered("nf4_matmul")["triton"]
+    with pk.use_backend("cuda"), pytest.raises(ValueError, match="cannot run 'nf4_matmul'"):
+        backend.fallback("nf4_matmul", "test", ValueError, after="cuda", device=torch.device("cpu"))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
+def test_cuda_nf4_matches_torch_path(dtype, double_quant):
+    w = torch.randn(37, 1029, device="cuda").to(dtype)
+    with pk.use_backend("torch"):
+        ref = pk.nf4.quantize(w.cpu(), 64, double_quant)
+        ref_w = ref.dequantize()
+    with pk.use_backend("cuda"):
+        q = pk.nf4.quantize(w, 64, double_quant)
+        assert torch.equal(q.packed.cpu(), ref.packed)
+        assert torch.equal(q.dequantize().cpu(), ref_w)
+        x = torch.randn(3, 1029, device="cuda").to(dtype)
+        y = pk.nf4_linear(x, q)
+    expected = x.double() @ ref_w.double().t().cuda()
+    assert (y.double() - expected).abs().max() <= 2e-2 * expected.abs().max()
