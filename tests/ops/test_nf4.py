@@ -210,8 +210,15 @@ def test_triton_launchers_write_every_output(double_quant):
         x = torch.randn(rows, 29, dtype=torch.bfloat16)
         y = poison_(torch.empty(rows, 37, dtype=torch.bfloat16))
         args = (ref.packed, ref.block_absmax(), ref.code, 32, [37, 29], torch.bfloat16)
-        triton_impl.nf4_matmul(x, *args, True, None, out=y)
+        triton_impl.matmul(x, *args, True, None, out=y)
         assert torch.isfinite(y).all()
         dx = poison_(torch.empty(rows, 29, dtype=torch.bfloat16))
-        triton_impl.nf4_matmul(y, *args, False, None, out=dx)
+        triton_impl.matmul(y, *args, False, None, out=dx)
         assert torch.isfinite(dx).all()
+        # QLoRA's epilogue: + 0.5 (h e) B^T
+        h, B, e = torch.randn(rows, 4), torch.randn(37, 4), torch.rand(4) + 0.5
+        term = triton_impl.LoRATerm(h, e, B, B.stride(1), B.stride(0), 0.5, torch.float32)
+        yl = poison_(torch.empty(rows, 37, dtype=torch.bfloat16))
+        triton_impl.matmul(x, *args, True, None, term, out=yl)
+        expected = x.float() @ ref.dequantize().float().t() + 0.5 * (h * e) @ B.t()
+        assert (yl.float() - expected).abs().max() <= 0.02 * expected.abs().max()

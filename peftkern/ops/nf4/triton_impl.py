@@ -5,6 +5,8 @@ its GPU default configuration for ahead-of-time compilation (``peftkern._aot``).
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -13,13 +15,13 @@ from ..._aot import KernelSpec
 from ...backend import fallback, interpret_mode, register
 from ..lora import triton_impl as lora_triton
 from ..triton_launch import TL_DTYPES, dot_dtype, launch_opts, out_buffer, precision, staged, unstage
-from .function import NF4Tensor
 from .torch_impl import NESTED_BLOCKSIZE
 from .triton_kernels import (nf4_dequantize_kernel, nf4_gemv_kernel, nf4_matmul_kernel, nf4_quantize_absmax_kernel,
                              nf4_quantize_kernel)
 
 # GPU defaults: element-wise kernels 1-4K elements per program, 4 warps; the matmul with in-register dequantization
-# uses 128x128 tiles with a 32-deep reduction step (the decode of a [32, 128] W tile rides along), 8 warps; the
+# uses 128x128 tiles with a 32-deep reduction step (the decode of a [32, 128] W tile rides along), 8 warps (128x64
+# with QLoRA's dropout epilogue, which holds the mask and a second accumulator: 128x128 spills); the
 # GEMV serves up to 4 token rows with 16 output features x 256 inputs per program (wider tiles spill).
 _GPU = {
     "dequantize": dict(BLOCK=1024, num_warps=4, num_stages=1),
@@ -27,13 +29,15 @@ _GPU = {
     "quantize": dict(num_warps=4, num_stages=1),
     "absmax": dict(num_warps=4, num_stages=1),
     "matmul": dict(BLOCK_M=128, BLOCK_C=128, BLOCK_R=32, GROUP_M=8, num_warps=8, num_stages=3),
+    "matmul_dropout": dict(BLOCK_M=128, BLOCK_C=64, BLOCK_R=32, GROUP_M=8, num_warps=8, num_stages=3),
     "gemv": dict(BLOCK_C=16, BLOCK_R=256, num_warps=4, num_stages=2),
     "gemv_rows": 4,
 }
 # The interpreter runs each program as numpy ops: small tiles still exercise every mask and loop.
 _INTERPRET = {
     "dequantize": dict(BLOCK=256), "quantize_elements": 256, "quantize": {}, "absmax": {},
-    "matmul": dict(BLOCK_M=16, BLOCK_C=32, BLOCK_R=32, GROUP_M=2), "gemv": dict(BLOCK_C=16, BLOCK_R=32),
+    "matmul": dict(BLOCK_M=16, BLOCK_C=32, BLOCK_R=32, GROUP_M=2),
+    "matmul_dropout": dict(BLOCK_M=16, BLOCK_C=32, BLOCK_R=32, GROUP_M=2), "gemv": dict(BLOCK_C=16, BLOCK_R=32),
     "gemv_rows": 4,
 }
 
@@ -92,17 +96,25 @@ def dequantize(q) -> torch.Tensor:
     return dequantize_into(q, q.dtype)
 
 
-def _matmul_dtypes(a, weight_dtype):
-    return dict(W_DTYPE=TL_DTYPES[weight_dtype], X_DTYPE=TL_DTYPES[a.dtype], HAND_BF16=interpret_mode())
+class LoRATerm(NamedTuple):
+    """QLoRA's term in the matmul's epilogue: ``alpha * (lhs * scale) @ rhs`` with lhs [M, RL] (unit column stride),
+    scale [RL] or None, rhs [RL, C] read through (stride_r, stride_c); a dropout mask on the product (dgrad) from
+    the seed. ``dtype`` is the LoRA path's, promote(x, A)."""
+    lhs: torch.Tensor
+    scale: Optional[torch.Tensor]
+    rhs: torch.Tensor
+    stride_r: int
+    stride_c: int
+    alpha: float
+    dtype: torch.dtype
+    dropout_p: float = 0.0
+    seed: Optional[int] = None
 
 
-@register("nf4_matmul", "triton")
-def nf4_matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype, transpose_w: bool, bias=None, *,
-               out=None):
-    """``a deq(W)^T + bias`` or ``a deq(W)``, W decoded tile by tile in registers; a GEMV for a few rows."""
-    if a.dtype == torch.float64:
-        return fallback("nf4_matmul", "float64 tensors (the Triton kernels accumulate in fp32)")(
-            a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias)
+def matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype, transpose_w: bool, bias=None,
+           lora: Optional[LoRATerm] = None, *, out=None) -> torch.Tensor:
+    """``a deq(W)^T + bias`` or ``a deq(W)`` (+ ``lora``), W decoded tile by tile in registers; the GEMV for a few
+    rows of a plain forward."""
     out_f, in_f = shape
     M = a.shape[0]
     C, R = (out_f, in_f) if transpose_w else (in_f, out_f)
@@ -110,46 +122,77 @@ def nf4_matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype, tra
     if M == 0:
         return y
     buf = staged(y)
-    dtypes = _matmul_dtypes(a, weight_dtype)
-    if transpose_w and M <= _cfg("gemv_rows"):
+    dtypes = dict(W_DTYPE=TL_DTYPES[weight_dtype], X_DTYPE=TL_DTYPES[a.dtype], HAND_BF16=interpret_mode())
+    bias_arg = bias if bias is not None else buf
+    if transpose_w and lora is None and M <= _cfg("gemv_rows"):
         cfg = _cfg("gemv")
         nf4_gemv_kernel[(M, triton.cdiv(C, cfg["BLOCK_C"]))](
-            a, packed, absmax, code, bias if bias is not None else buf, buf, M, C, R, a.stride(0), a.stride(1),
-            HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, BLOCK_C=cfg["BLOCK_C"], BLOCK_R=cfg["BLOCK_R"],
-            **dtypes, **launch_opts(cfg))
+            a, packed, absmax, code, bias_arg, buf, M, C, R, a.stride(0), a.stride(1), HAS_BIAS=bias is not None,
+            BLOCKSIZE=blocksize, BLOCK_C=cfg["BLOCK_C"], BLOCK_R=cfg["BLOCK_R"], **dtypes, **launch_opts(cfg))
         return unstage(y, buf)
-    cfg = _cfg("matmul")
     stride_wr, stride_wc = (1, in_f) if transpose_w else (in_f, 1)
+    if lora is None:
+        lora_args, rl, lora_dt = (buf, buf, buf, 0, 0, 0, 0, 0.0), 16, a.dtype
+        seed, p, keep_scale, dropout = 0, 0.0, 1.0, False
+    else:
+        rl, lora_dt = lora.lhs.shape[1], lora.dtype
+        lora_args = (lora.lhs, lora.scale if lora.scale is not None else lora.lhs, lora.rhs, rl, lora.lhs.stride(0),
+                     lora.stride_r, lora.stride_c, float(lora.alpha))
+        seed, p, keep_scale, dropout = lora_triton._dropout_args(lora.dropout_p, lora.seed)
+    cfg = _cfg("matmul_dropout" if dropout else "matmul")
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_C"]),)
     nf4_matmul_kernel[grid](
-        a, packed, absmax, code, bias if bias is not None else buf, buf, M, C, R, a.stride(0), a.stride(1),
-        stride_wr, stride_wc, HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, DOT_DTYPE=dot_dtype(a.dtype),
-        PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_R=cfg["BLOCK_R"],
-        GROUP_M=cfg["GROUP_M"], **dtypes, **launch_opts(cfg))
+        a, packed, absmax, code, bias_arg, buf, M, C, R, a.stride(0), a.stride(1), stride_wr, stride_wc, *lora_args,
+        seed, p, keep_scale, HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, DOT_DTYPE=dot_dtype(a.dtype),
+        PRECISION=precision(), HAS_LORA=lora is not None, HAS_LORA_SCALE=lora is not None and lora.scale is not None,
+        LORA_DROPOUT=dropout, LORA_DOT_DTYPE=dot_dtype(lora_dt), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_RL=lora_triton._block_r(rl, lora_dt), GROUP_M=cfg["GROUP_M"], **dtypes,
+        **launch_opts(cfg))
     return unstage(y, buf)
 
 
-def _dense(packed, absmax, code, blocksize, shape, weight_dtype, dtype):
-    """The weight the torch path would use, decoded by the dequantize kernel (transient)."""
-    q = NF4Tensor(packed, shape, weight_dtype, blocksize, absmax=absmax, code=code)
-    return dequantize_into(q, weight_dtype).to(dtype)
+@register("nf4_matmul", "triton")
+def nf4_matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype, transpose_w: bool, bias=None):
+    if a.dtype == torch.float64:
+        return fallback("nf4_matmul", "float64 tensors (the Triton kernels accumulate in fp32)")(
+            a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias)
+    return matmul(a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias)
+
+
+def _float64(op: str, x, lora_A):
+    if torch.float64 in (x.dtype, lora_A.dtype):
+        return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
+    return None
 
 
 @register("qlora_forward", "triton")
 def qlora_forward(x, packed, absmax, code, blocksize: int, shape, weight_dtype, bias, lora_A, lora_B, rank_scale,
                   scaling: float, dropout_p: float, seed):
-    """The fused LoRA kernels over the weight decoded by the dequantize kernel (a transient dense copy: the LoRA
-    epilogue is not fused into the NF4 matmul yet)."""
-    w = _dense(packed, absmax, code, blocksize, shape, weight_dtype, x.dtype)
-    return lora_triton.lora_forward(x, w, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed)
+    """(y, h): the shrink kernel, then the NF4 matmul with bias and the LoRA expand in its epilogue."""
+    impl = _float64("qlora_forward", x, lora_A)
+    if impl is not None:
+        return impl(x, packed, absmax, code, blocksize, shape, weight_dtype, bias, lora_A, lora_B, rank_scale,
+                    scaling, dropout_p, seed)
+    h = lora_triton.shrink(x, lora_A, dropout_p, seed)
+    term = LoRATerm(h, rank_scale, lora_B, lora_B.stride(1), lora_B.stride(0), scaling, h.dtype)
+    return matmul(x, packed, absmax, code, blocksize, shape, weight_dtype, True, bias, term), h
 
 
 @register("qlora_backward", "triton")
 def qlora_backward(grad_y, x, packed, absmax, code, blocksize: int, shape, weight_dtype, lora_A, lora_B, rank_scale,
                    h, scaling: float, dropout_p: float, seed, compute_dx: bool):
-    w = _dense(packed, absmax, code, blocksize, shape, weight_dtype, x.dtype) if compute_dx else None
-    return lora_triton.lora_backward(grad_y, x, w, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed,
-                                     compute_dx)
+    """The LoRA family's dB/dh and dA kernels, then the NF4 dgrad with drop'(dh A) in its epilogue."""
+    impl = _float64("qlora_backward", x, lora_A)
+    if impl is not None:
+        return impl(grad_y, x, packed, absmax, code, blocksize, shape, weight_dtype, lora_A, lora_B, rank_scale, h,
+                    scaling, dropout_p, seed, compute_dx)
+    dh, dB, de = lora_triton.bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling)
+    dA = lora_triton.bwd_dA(dh, x, h.dtype, dropout_p, seed)
+    dx = None
+    if compute_dx:
+        term = LoRATerm(dh, None, lora_A, lora_A.stride(0), lora_A.stride(1), 1.0, h.dtype, dropout_p, seed)
+        dx = matmul(grad_y, packed, absmax, code, blocksize, shape, weight_dtype, False, None, term)
+    return dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype), de.to(rank_scale.dtype) if de is not None else None
 
 
 # ------------------------------------------------------------------------------------ ahead-of-time listing
@@ -158,7 +201,7 @@ def qlora_backward(grad_y, x, packed, absmax, code, blocksize: int, shape, weigh
 def _kernel_specs() -> list[KernelSpec]:
     """Representative GPU launches: bf16 weights and activations, blocksize 64, double quantization."""
     ew = dict(num_warps=4, num_stages=1)
-    mm, gv = _GPU["matmul"], _GPU["gemv"]
+    gv = _GPU["gemv"]
     bf16 = dict(W_DTYPE=tl.bfloat16, X_DTYPE=tl.bfloat16, HAND_BF16=False)
     matmul = dict(a_ptr="*bf16", packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", bias_ptr="*bf16",
                   out_ptr="*bf16", M="i32", C="i32", R="i32", stride_am="i32")
@@ -182,15 +225,27 @@ def _kernel_specs() -> list[KernelSpec]:
                    aligned=("a_ptr", "packed_ptr", "out_ptr", "C", "R", "stride_am"), variant="bf16, bias",
                    num_warps=gv["num_warps"], num_stages=gv["num_stages"]),
     ]
-    for what, strides in (("forward, bias", dict(stride_wr=1)), ("dgrad", dict(stride_wc=1))):
-        free = "stride_wc" if "stride_wr" in strides else "stride_wr"
+    lora_sig = dict(lora_lhs_ptr="*fp32", lora_scale_ptr="*fp32", lora_rhs_ptr="*fp32", RL="i32", stride_ll="i32",
+                    seed="i32", p="fp32", keep_scale="fp32", lora_alpha="fp32")
+    # (variant, forward?, LoRA epilogue?, dropout in it?): nf4_linear's forward and dgrad, QLoRA's (fp32 adapters,
+    # r = 16, rank scale) forward and dgrad with dropout
+    for what, forward, lora, dropout in (("forward, bias", True, False, False), ("dgrad", False, False, False),
+                                         ("QLoRA forward, bias, rank scale", True, True, False),
+                                         ("QLoRA dgrad, dropout", False, True, True)):
+        free = "stride_wc" if forward else "stride_wr"
+        lora_strides = dict(stride_lrr=1) if forward else dict(stride_lrc=1)  # B^T / A rows
+        lora_free = "stride_lrc" if forward else "stride_lrr"
+        mm = _GPU["matmul_dropout" if dropout else "matmul"]
         specs.append(KernelSpec(
-            nf4_matmul_kernel, {**matmul, free: "i32"},
-            dict(stride_ar=1, **strides, HAS_BIAS=what.endswith("bias"), BLOCKSIZE=64, DOT_DTYPE=tl.bfloat16,
-                 PRECISION="ieee", BLOCK_M=mm["BLOCK_M"], BLOCK_C=mm["BLOCK_C"], BLOCK_R=mm["BLOCK_R"],
+            nf4_matmul_kernel, {**matmul, free: "i32", **lora_sig, lora_free: "i32"},
+            dict(stride_ar=1, **({"stride_wr": 1} if forward else {"stride_wc": 1}), **lora_strides,
+                 HAS_BIAS=forward, BLOCKSIZE=64, DOT_DTYPE=tl.bfloat16, PRECISION="ieee", HAS_LORA=lora,
+                 HAS_LORA_SCALE=lora and forward, LORA_DROPOUT=dropout, LORA_DOT_DTYPE=tl.float32,
+                 BLOCK_M=mm["BLOCK_M"], BLOCK_C=mm["BLOCK_C"], BLOCK_R=mm["BLOCK_R"], BLOCK_RL=16,
                  GROUP_M=mm["GROUP_M"], **bf16),
-            aligned=("a_ptr", "packed_ptr", "out_ptr", "C", "R", "stride_am", free), variant=f"bf16, {what}",
-            num_warps=mm["num_warps"], num_stages=mm["num_stages"]))
+            aligned=("a_ptr", "packed_ptr", "out_ptr", "C", "R", "stride_am", free, "lora_lhs_ptr", "lora_rhs_ptr",
+                     "RL", "stride_ll", lora_free),
+            variant=f"bf16, {what}", num_warps=mm["num_warps"], num_stages=mm["num_stages"]))
     return specs
 
 

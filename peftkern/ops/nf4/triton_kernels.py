@@ -7,6 +7,8 @@ nibble for even i; block absmax ``absmax[i // BLOCKSIZE]`` fp32. ``code`` fp32 [
 import triton
 import triton.language as tl
 
+from ..lora.triton_kernels import lora_keep_mask, lora_rank_expand
+
 
 @triton.jit
 def nf4_round(v, DT: tl.constexpr, HAND_BF16: tl.constexpr):
@@ -105,13 +107,19 @@ def nf4_quantize_absmax_kernel(absmax_ptr, offset_ptr, code8_ptr, q_ptr, absmax2
 
 @triton.jit
 def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, M, C, R, stride_am, stride_ar,
-                      stride_wr, stride_wc, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr,
-                      X_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, HAND_BF16: tl.constexpr,
-                      PRECISION: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-    """out[M, C] = a[M, R] @ Wop (+ bias), Wop[r, c] = W's flat element r * stride_wr + c * stride_wc dequantized in
-    registers, tile by tile, to bitsandbytes' values (W_DTYPE, then the compute dtype X_DTYPE), never written out.
-    Forward: Wop = W^T (R = in, C = out, strides (1, in)); dgrad: Wop = W (R = out, C = in, strides (in, 1))."""
+                      stride_wr, stride_wc, lora_lhs_ptr, lora_scale_ptr, lora_rhs_ptr, RL, stride_ll, stride_lrr,
+                      stride_lrc, lora_alpha, seed, p, keep_scale,
+                      HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr,
+                      DOT_DTYPE: tl.constexpr, HAND_BF16: tl.constexpr, PRECISION: tl.constexpr,
+                      HAS_LORA: tl.constexpr, HAS_LORA_SCALE: tl.constexpr, LORA_DROPOUT: tl.constexpr,
+                      LORA_DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_RL: tl.constexpr, GROUP_M: tl.constexpr):
+    """out[M, C] = a[M, R] @ Wop (+ bias) (+ the LoRA term), Wop[r, c] = W's flat element r * stride_wr + c * stride_wc
+    dequantized in registers, tile by tile, to bitsandbytes' values (W_DTYPE, then the compute dtype X_DTYPE), never
+    written out. Forward: Wop = W^T (R = in, C = out, strides (1, in)); dgrad: Wop = W (R = out, C = in, strides
+    (in, 1)). QLoRA's term in the epilogue: lora_alpha * (lora_lhs * e) @ lora_rhs ([M, RL] @ [RL, C], rhs strided):
+    s (h e) B^T in the forward, (dh A) * mask / (1 - p) in the dgrad (LORA_DROPOUT, the mask regenerated from seed).
+    """
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_c = tl.cdiv(C, BLOCK_C)
@@ -131,6 +139,17 @@ def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr
         flat = red.to(tl.int64)[:, None] * stride_wr + cols.to(tl.int64)[None, :] * stride_wc  # [BR, BC]
         w = nf4_weight(packed_ptr, absmax_ptr, code_ptr, flat, w_mask, BLOCKSIZE, W_DTYPE, X_DTYPE, HAND_BF16)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    if HAS_LORA:
+        if LORA_DROPOUT:
+            # the mask is elementwise on the LoRA product, so that product needs its own accumulator
+            lora = lora_rank_expand(tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), lora_lhs_ptr, lora_scale_ptr,
+                                    lora_rhs_ptr, rows, cols, M, C, RL, stride_ll, stride_lrr, stride_lrc, lora_alpha,
+                                    HAS_LORA_SCALE, LORA_DOT_DTYPE, PRECISION, BLOCK_RL)
+            acc += tl.where(lora_keep_mask(seed, rows, cols, C, p), lora * keep_scale, 0.0)
+        else:
+            acc = lora_rank_expand(acc, lora_lhs_ptr, lora_scale_ptr, lora_rhs_ptr, rows, cols, M, C, RL, stride_ll,
+                                   stride_lrr, stride_lrc, lora_alpha, HAS_LORA_SCALE, LORA_DOT_DTYPE, PRECISION,
+                                   BLOCK_RL)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None] * C + cols[None, :], acc.to(out_ptr.dtype.element_ty),
