@@ -65,12 +65,27 @@ def bench_format(out_f: int, in_f: int, reps: int, device: str) -> list[dict]:
         fns["d_torchao"] = lambda: nf4.get_original_weight()
     times = interleaved_times(fns, reps=reps, device=device)
     shape = f"{out_f}x{in_f}"
+    # bytes a dequantization moves: the 4-bit codes and 8-bit scales read, the bf16 weight written
+    moved = packed.numel() + q.qabsmax.numel() + q.absmax2.numel() * 4 + w.numel() * w.element_size()
     rows = [{"op": "quantize", "peer": "bitsandbytes", "shape": shape, **_ratio_row(times, "q_ours", "q_bnb")},
-            {"op": "dequantize", "peer": "bitsandbytes", "shape": shape, **_ratio_row(times, "d_ours", "d_bnb")}]
+            {"op": "dequantize", "peer": "bitsandbytes", "shape": shape, **_ratio_row(times, "d_ours", "d_bnb"),
+             "ours_GBps": moved / summarize(times["d_ours"])["median_ms"] / 1e6}]
+    peak = _peak_bandwidth_GBps(device)
+    if peak:
+        rows[1]["of_peak"] = rows[1]["ours_GBps"] / peak
     if "q_torchao" in times:
         rows += [{"op": "quantize", "peer": "torchao", "shape": shape, **_ratio_row(times, "q_ours", "q_torchao")},
                  {"op": "dequantize", "peer": "torchao", "shape": shape, **_ratio_row(times, "d_ours", "d_torchao")}]
     return rows
+
+
+def _peak_bandwidth_GBps(device: str) -> Optional[float]:
+    """The GPU's DRAM bandwidth from its memory clock and bus width (None on a CPU or where torch lacks them)."""
+    if device != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(0)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
 
 
 def _bnb_layer(linear: nn.Linear):
@@ -137,7 +152,8 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
     for out_f, in_f in (QUICK_SHAPES if quick else FULL_SHAPES):
         fmt += bench_format(out_f, in_f, reps, device)
     log(format_table(fmt, [("op", "op"), ("peer", "peer"), ("shape", "weight"), ("ratio", "ours/peer"),
-                           ("ratio_paired", "paired"), ("ours_ms", "ours ms"), ("peer_ms", "peer ms")]))
+                           ("ratio_paired", "paired"), ("ours_ms", "ours ms"), ("peer_ms", "peer ms"),
+                           ("ours_GBps", "ours GB/s"), ("of_peak", "of peak")]))
     layers = [bench_qlora(512, 1024, 1024, 16, reps, device)]
     if not quick:
         layers.append(bench_qlora(512, 4096, 4096, 16, reps, device))

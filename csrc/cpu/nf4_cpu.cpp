@@ -136,7 +136,40 @@ __attribute__((target("ssse3"))) void lookup16_ssse3(const uint8_t* packed, int6
       _mm_storeu_si128(dst + 1, _mm_unpackhi_epi8(lo, hi));
     }
   }
-  lookup16_scalar(packed, t, t1, table, out);
+  if (t < t1) lookup16_scalar(packed, t, t1, table, out);
+}
+
+// AVX2: the same shuffles on 32 packed bytes (64 outputs) per step; vpshufb works per 128-bit lane, so the table is
+// broadcast to both lanes and the interleaves keep lane order (fixed up by the final permutes).
+__attribute__((target("avx2"))) void lookup16_avx2(const uint8_t* packed, int64_t t0, int64_t t1,
+                                                   const uint16_t* table, uint16_t* out) {
+  alignas(16) uint8_t lo_bytes[16], hi_bytes[16];
+  for (int k = 0; k < 16; ++k) lo_bytes[k] = uint8_t(table[k]), hi_bytes[k] = uint8_t(table[k] >> 8);
+  const __m256i lo_t = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo_bytes)));
+  const __m256i hi_t = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi_bytes)));
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  int64_t t = t0;
+  for (; t + 32 <= t1; t += 32) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(packed + t));
+    const __m256i even = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+    const __m256i odd = _mm256_and_si256(b, nibble);
+    // per lane: idx_a = elements of bytes 0..7 of the lane, idx_b = bytes 8..15
+    const __m256i idx_a = _mm256_unpacklo_epi8(even, odd), idx_b = _mm256_unpackhi_epi8(even, odd);
+    const __m256i idx[2] = {idx_a, idx_b};
+    __m256i v[4];
+    for (int h = 0; h < 2; ++h) {
+      const __m256i lo = _mm256_shuffle_epi8(lo_t, idx[h]), hi = _mm256_shuffle_epi8(hi_t, idx[h]);
+      v[2 * h] = _mm256_unpacklo_epi8(lo, hi);      // lane L: outputs of bytes 8L+0..3 (h=0) / 8L+8..11 (h=1)
+      v[2 * h + 1] = _mm256_unpackhi_epi8(lo, hi);  // lane L: bytes 8L+4..7 / 8L+12..15
+    }
+    // v[0] = (bytes 0-3 | 16-19), v[1] = (4-7 | 20-23), v[2] = (8-11 | 24-27), v[3] = (12-15 | 28-31)
+    __m256i* dst = reinterpret_cast<__m256i*>(out + 2 * t);
+    _mm256_storeu_si256(dst, _mm256_permute2x128_si256(v[0], v[1], 0x20));      // bytes 0-7
+    _mm256_storeu_si256(dst + 1, _mm256_permute2x128_si256(v[2], v[3], 0x20));  // bytes 8-15
+    _mm256_storeu_si256(dst + 2, _mm256_permute2x128_si256(v[0], v[1], 0x31));  // bytes 16-23
+    _mm256_storeu_si256(dst + 3, _mm256_permute2x128_si256(v[2], v[3], 0x31));  // bytes 24-31
+  }
+  if (t < t1) lookup16_ssse3(packed, t, t1, table, out);
 }
 #endif
 
@@ -145,7 +178,7 @@ void dequantize_16bit(const uint8_t* packed, const BlockScale& scale, const floa
                       uint16_t* out, int dtype) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
 #if defined(__x86_64__)
-  const bool ssse3 = __builtin_cpu_supports("ssse3");
+  const bool avx2 = __builtin_cpu_supports("avx2"), ssse3 = __builtin_cpu_supports("ssse3");
 #endif
 #pragma omp parallel for schedule(static)
   for (int64_t j = 0; j < blocks; ++j) {
@@ -157,7 +190,8 @@ void dequantize_16bit(const uint8_t* packed, const BlockScale& scale, const floa
     }
     const int64_t start = j * blocksize, end = start + blocksize < n ? start + blocksize : n;
 #if defined(__x86_64__)
-    if (ssse3) lookup16_ssse3(packed, start / 2, end / 2, table, out);
+    if (avx2) lookup16_avx2(packed, start / 2, end / 2, table, out);
+    else if (ssse3) lookup16_ssse3(packed, start / 2, end / 2, table, out);
     else lookup16_scalar(packed, start / 2, end / 2, table, out);
 #else
     lookup16_scalar(packed, start / 2, end / 2, table, out);
