@@ -1,0 +1,155 @@
+"""Prefix attention: values and all five gradients against fp64 math on concatenated keys (GQA, shared and per-row
+prefixes, padding, causal and not, P = 0, S = 1, P > S), against SDPA on concatenated keys, what autograd keeps,
+torch.compile, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peftkern as pk
+from peftkern.backend import registered
+from peftkern.ops.prefix_attention.reference import prefix_attention_reference
+from tests._helpers import assert_close, backends, saved_bytes, shape_id
+
+BACKENDS = [b for b in backends() if getattr(b, "values", (b,))[0] in registered("prefix_attention_forward")]
+# (B, Hq, Hkv, S, P, D)
+SHAPES = [(2, 4, 2, 7, 3, 16), (1, 2, 2, 1, 5, 8), (2, 2, 1, 5, 9, 32), (2, 3, 3, 6, 0, 16), (1, 2, 1, 37, 4, 64)]
+NAMES = ("o", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
+
+
+def _case(B, Hq, Hkv, S, P, D, *, shared=True, padding=False, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    lead = () if shared else (B,)
+    kpm = None
+    if padding:
+        kpm = torch.zeros(B, S, dtype=torch.bool)
+        kpm[-1, : max(1, S // 3)] = True  # left padding on the last row (with P = 0 its first query sees nothing)
+    return dict(q=rnd(B, Hq, S, D), k=rnd(B, Hkv, S, D), v=rnd(B, Hkv, S, D), pk=rnd(*lead, Hkv, P, D),
+                pv=rnd(*lead, Hkv, P, D), kpm=kpm, g=rnd(B, Hq, S, D))
+
+
+def _run(fn, c, *, to=None, causal=True):
+    cast = (lambda t: t) if to is None else (lambda t: t.to(to))
+    leaves = [cast(c[n]).detach().requires_grad_() for n in ("q", "k", "v", "pk", "pv")]
+    o = fn(*leaves, causal=causal, key_padding_mask=c["kpm"])
+    grads = torch.autograd.grad(o, leaves, cast(c["g"]))
+    return (o.detach(), *grads)
+
+
+def _sdpa_concat(q, k, v, pk_, pv, *, causal, key_padding_mask):
+    """The peer: SDPA over [prefix; sequence] keys with the same visibility mask (what users do today)."""
+    B, Hq, S, D = q.shape
+    P = pk_.shape[-2]
+    expand = lambda t: t.expand(B, *t.shape[-3:]) if t.dim() == 3 else t  # noqa: E731
+    keys = torch.cat([expand(pk_), k], 2).repeat_interleave(Hq // k.shape[1], 1)
+    values = torch.cat([expand(pv), v], 2).repeat_interleave(Hq // k.shape[1], 1)
+    visible = torch.ones(B, 1, S, P + S, dtype=torch.bool)
+    if causal:
+        visible[..., P:] = torch.ones(S, S, dtype=torch.bool).tril()
+    if key_padding_mask is not None:
+        visible[..., P:] &= ~key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-row"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dims", SHAPES, ids=lambda d: shape_id(B=d[0], H=d[1], KV=d[2], S=d[3], P=d[4], D=d[5]))
+def test_fp32_values_and_grads(dims, causal, shared, padding, backend):
+    c = _case(*dims, shared=shared, padding=padding)
+    with pk.use_backend(backend):
+        out = _run(pk.prefix_attention, c, causal=causal)
+    ref = _run(prefix_attention_reference, c, to=torch.float64, causal=causal)
+    for name, o, r in zip(NAMES, out, ref):
+        assert_close(o, r, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dims", SHAPES[:3], ids=lambda d: shape_id(B=d[0], H=d[1], KV=d[2], S=d[3], P=d[4], D=d[5]))
+def test_low_precision_within_twice_eager_error(dims, dtype, backend):
+    c = _case(*dims, shared=False, padding=True, dtype=dtype)
+    with pk.use_backend(backend):
+        out = _run(pk.prefix_attention, c)
+    ref = _run(prefix_attention_reference, c, to=torch.float64)
+    eager = _run(prefix_attention_reference, c)  # the same math in the inputs' dtype
+    for name, o, r, e in zip(NAMES, out, ref, eager):
+        assert_close(o, r, eager=e, name=name)
+
+
+def test_matches_sdpa_on_concatenated_keys():
+    c = _case(2, 4, 2, 9, 5, 32, shared=True, padding=False)
+    ours = _run(pk.prefix_attention, c)
+    peer = _run(_sdpa_concat, c)
+    for name, a, b in zip(NAMES, ours, peer):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_non_contiguous_inputs():
+    """q/k/v as transformers lays them out ([B, S, H, D] transposed) and a sliced prefix."""
+    B, H, S, P, D = 2, 2, 6, 3, 16
+    c = _case(B, H, H, S, P, D, shared=True)
+    base = {n: c[n].transpose(1, 2).contiguous().transpose(1, 2) for n in ("q", "k", "v")}
+    assert not base["q"].is_contiguous()
+    wide = torch.randn(H, P, 2 * D)
+    c2 = {**c, **base, "pk": wide[..., ::2], "pv": wide[..., 1::2]}
+    out = _run(pk.prefix_attention, c2)
+    ref = _run(prefix_attention_reference, {**c2}, to=torch.float64)
+    for name, o, r in zip(NAMES, out, ref):
+        assert_close(o, r, name=name)
+
+
+def test_query_without_visible_key_outputs_zero():
+    c = _case(1, 2, 2, 4, 0, 8, padding=True)  # P = 0, key 0 padding: query 0 sees nothing (causal)
+    out = _run(pk.prefix_attention, c)
+    assert (out[0][:, :, 0] == 0).all() and (out[1][:, :, 0] == 0).all()
+    assert all(torch.isfinite(t).all() for t in out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saved_for_backward_is_linear_in_s(backend):
+    """S = 1024, P = 64: autograd keeps O(B H S D), never the B H S (P + S) matrix."""
+    B, H, S, P, D = 1, 2, 1024, 64, 32
+    c = _case(B, H, H, S, P, D)
+    leaves = [c[n].requires_grad_() for n in ("q", "k", "v", "pk", "pv")]
+    with pk.use_backend(backend), saved_bytes(exclude=leaves) as saved:
+        o = pk.prefix_attention(*leaves)
+    assert max(saved.values()) < B * H * S * (P + S) * 4 // 8
+    assert sum(saved.values()) <= 2 * B * H * S * D * 4  # o and lse
+    o.sum().backward()
+
+
+def test_torch_compile_fullgraph_same_numbers():
+    c = _case(2, 4, 2, 7, 3, 16)
+    fn = torch.compile(pk.prefix_attention, fullgraph=True, backend="aot_eager")
+    args = [c[n] for n in ("q", "k", "v", "pk", "pv")]
+    torch.testing.assert_close(fn(*args), pk.prefix_attention(*args), rtol=0, atol=0)
+
+
+def test_bad_input():
+    c = _case(2, 4, 2, 7, 3, 16)
+    q, k, v, pk_, pv = (c[n] for n in ("q", "k", "v", "pk", "pv"))
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        pk.prefix_attention(q[0], k, v, pk_, pv)
+    with pytest.raises(ValueError, match="multiple of k's 3 heads"):
+        pk.prefix_attention(q, torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16), torch.randn(3, 3, 16),
+                            torch.randn(3, 3, 16))
+    with pytest.raises(ValueError, match="k must be"):
+        pk.prefix_attention(q, torch.randn(2, 2, 6, 16), v, pk_, pv)
+    with pytest.raises(ValueError, match="prefix_k must have shape"):
+        pk.prefix_attention(q, k, v, torch.randn(2, 3, 8), pv)
+    with pytest.raises(ValueError, match="prefix_v must have shape"):
+        pk.prefix_attention(q, k, v, pk_, torch.randn(2, 4, 16))
+    with pytest.raises(TypeError, match="prefix_k has dtype"):
+        pk.prefix_attention(q, k, v, pk_.double(), pv)
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool"):
+        pk.prefix_attention(q, k, v, pk_, pv, key_padding_mask=torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        pk.prefix_attention(q, k, v, pk_, pv, key_padding_mask=torch.zeros(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="softmax_scale"):
+        pk.prefix_attention(q, k, v, pk_, pv, softmax_scale=0.0)
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        pk.prefix_attention(q, k, v, pk_, pv, causal=1)
