@@ -145,7 +145,8 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
     malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
     reps = reps or (5 if quick else 11)
     info = machine_info()
-    log(f"# NF4 / QLoRA vs bitsandbytes and PEFT+bitsandbytes, {device}: {info['cpu'] if device == 'cpu' else info['gpu']}, "
+    where = info["cpu"] if device == "cpu" else info["gpu"]
+    log(f"# NF4 / QLoRA vs bitsandbytes and PEFT+bitsandbytes, {device}: {where}, "
         f"{info['torch_threads']} threads; torch {torch.__version__}, bitsandbytes {info['versions']['bitsandbytes']}")
     log(f"# median of {reps} interleaved repetitions; ratio < 1: ours faster")
     fmt = []

@@ -17,7 +17,8 @@ from tests._helpers import requires_triton
 pytestmark = [requires_triton, pytest.mark.triton]
 
 ARCHS = (80, 90)
-FAMILIES = ["peftkern.ops.lora.triton_impl", "peftkern.ops.multi_lora.triton_impl", "peftkern.ops.nf4.triton_impl"]
+FAMILIES = ["peftkern.ops.lora.triton_impl", "peftkern.ops.multi_lora.triton_impl", "peftkern.ops.nf4.triton_impl",
+            "peftkern.ops.prefix_attention.triton_impl"]
 
 
 @pytest.fixture(scope="module")

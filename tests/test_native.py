@@ -13,7 +13,8 @@ from peftkern import _native
 from peftkern.ops.nf4 import cuda_impl
 from tests._helpers import requires_cuda
 
-needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: the CUDA library is not built")
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None,
+                                reason="nvcc not installed: the CUDA library is not built")
 
 
 def test_cpu_library_built_and_exports():

@@ -47,7 +47,8 @@ class LoRALinear(nn.Module):
         V.number("lora_dropout", lora_dropout, low=0.0, high=1.0)
         out_features, in_features = weight.shape
         self.in_features, self.out_features, self.r = in_features, out_features, r
-        self.lora_alpha, self.lora_dropout, self.use_rslora, self.use_dora = lora_alpha, float(lora_dropout), use_rslora, use_dora
+        self.lora_alpha, self.lora_dropout = lora_alpha, float(lora_dropout)
+        self.use_rslora, self.use_dora = use_rslora, use_dora
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.weight.requires_grad_(False)

@@ -306,9 +306,9 @@ def _kernel_specs() -> list[KernelSpec]:
                      aligned=("lhs_ptr", "rhs_ptr", "bias_ptr", "lora_lhs_ptr", "lora_rhs_ptr", "out_ptr", "C", "K",
                               "R", "stride_lm", "stride_llm", "stride_lra", "stride_om") + strided,
                      variant=f"{variant}, {what}", **opts(gemm))
-          for what, bias, unit, strided in (("forward, bias", True, ("stride_rk", "stride_lrr"),
-                                             ("stride_rc", "stride_lrc")),
-                                            ("dgrad", False, ("stride_rc", "stride_lrc"), ("stride_rk", "stride_lrr")))],
+          for what, bias, unit, strided in (
+              ("forward, bias", True, ("stride_rk", "stride_lrr"), ("stride_rc", "stride_lrc")),
+              ("dgrad", False, ("stride_rc", "stride_lrc"), ("stride_rk", "stride_lrr")))],
         KernelSpec(multi_lora_grad_shrink_kernel,
                    dict(g_ptr="*bf16", b_ptr="*fp32", scal_ptr="*fp32", dh_ptr="*fp32", N="i32", R="i32",
                         stride_gm="i32", stride_bad="i32", stride_bn="i32", stride_dm="i32", **idx),

@@ -1,0 +1,191 @@
+"""Triton kernels of prefix attention (flash-attention style): ``@triton.jit`` bodies only (launchers:
+triton_impl.py). README.md has the math.
+
+Notation: q [B, Hq, S, D], k/v [B, Hkv, S, D], prefix pk/pv [B or 1, Hkv, P, D] (batch stride 0 when shared),
+kpm [B, S] (True = padding), o [B, Hq, S, D], lse [B, Hq, S] fp32. Query head h reads key/value head h // G.
+Tiles: BLOCK_M queries, BLOCK_N keys, BLOCK_D >= D features (masked). Scores and statistics are fp32; dot operands
+are cast to DOT_DTYPE (the inputs' dtype; fp32 for bf16 under the interpreter).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def prefix_attention_scores(q, kt, cols, rows, n_keys, kpm_row_ptr, scale, PREFIX: tl.constexpr,
+                            CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                            PRECISION: tl.constexpr):
+    """Scaled scores [BM, BN] = q [BM, BD] @ kt [BD, BN], -inf where a key is not visible to a query: past the
+    keys; for sequence keys also after the query (CAUSAL) or padding (HAS_PAD). Prefix keys are always visible."""
+    s = tl.dot(q.to(DOT_DTYPE), kt.to(DOT_DTYPE), input_precision=PRECISION) * scale
+    visible = cols[None, :] < n_keys
+    if not PREFIX:
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None])
+        if HAS_PAD:
+            pad = tl.load(kpm_row_ptr + cols, mask=cols < n_keys, other=1).to(tl.int1)
+            visible = visible & ~pad[None, :]
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
+def prefix_attention_online(acc, m_i, l_i, s, v, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step: fold scores s [BM, BN] and values v [BN, BD] into (acc, running max, running sum)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet keeps zeros
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc * alpha[:, None], input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def prefix_attention_fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, kpm_ptr, o_ptr, lse_ptr, S, P, D, Hq, G, scale,
+                                stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb,
+                                stride_vh, stride_vs, stride_pkb, stride_pkh, stride_pkp, stride_pvb, stride_pvh,
+                                stride_pvp, stride_mb, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                                DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """o and lse of BLOCK_M queries of one (batch, head): the prefix keys, then the sequence keys up to the causal
+    bound, from their own buffers. Grid (cdiv(S, BLOCK_M), B * Hq); feature stride 1 everywhere."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    kvh = h // G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    dims = tl.arange(0, BLOCK_D)  # [BD]
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
+    q = tl.load(q_base + rows[:, None] * stride_qs + dims[None, :], mask=(rows[:, None] < S) & (dims[None, :] < D),
+                other=0.0)  # [BM, BD]
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    pk_base = pk_ptr + b.to(tl.int64) * stride_pkb + kvh * stride_pkh
+    pv_base = pv_ptr + b.to(tl.int64) * stride_pvb + kvh * stride_pvh
+    for n0 in range(0, P, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)  # [BN] prefix keys
+        kt = tl.load(pk_base + cols[None, :] * stride_pkp + dims[:, None],
+                     mask=(cols[None, :] < P) & (dims[:, None] < D), other=0.0)  # [BD, BN]
+        v = tl.load(pv_base + cols[:, None] * stride_pvp + dims[None, :],
+                    mask=(cols[:, None] < P) & (dims[None, :] < D), other=0.0)  # [BN, BD]
+        s = prefix_attention_scores(q, kt, cols, rows, P, kpm_ptr, scale, True, CAUSAL, False, DOT_DTYPE, PRECISION)
+        acc, m_i, l_i = prefix_attention_online(acc, m_i, l_i, s, v, DOT_DTYPE, PRECISION)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
+    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S  # keys past the last query are never visible
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)  # [BN] sequence keys
+        kt = tl.load(k_base + cols[None, :] * stride_ks + dims[:, None],
+                     mask=(cols[None, :] < S) & (dims[:, None] < D), other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :],
+                    mask=(cols[:, None] < S) & (dims[None, :] < D), other=0.0)
+        s = prefix_attention_scores(q, kt, cols, rows, S, kpm_ptr + b.to(tl.int64) * stride_mb, scale, False, CAUSAL,
+                                    HAS_PAD, DOT_DTYPE, PRECISION)
+        acc, m_i, l_i = prefix_attention_online(acc, m_i, l_i, s, v, DOT_DTYPE, PRECISION)
+    empty = l_i == 0.0  # no visible key: o = 0, lse = +inf (so the backward's probabilities are 0)
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    out_rows = bh.to(tl.int64) * S + rows
+    tl.store(o_ptr + out_rows[:, None] * D + dims[None, :], o.to(o_ptr.dtype.element_ty),
+             mask=(rows[:, None] < S) & (dims[None, :] < D))
+    tl.store(lse_ptr + out_rows, lse, mask=rows < S)
+
+
+@triton.jit
+def prefix_attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                                   S, P, D, Hq, G, scale, stride_qb, stride_qh, stride_qs, stride_kb, stride_kh,
+                                   stride_ks, stride_vb, stride_vh, stride_vs, stride_pkb, stride_pkh, stride_pkp,
+                                   stride_pvb, stride_pvh, stride_pvp, stride_mb, CAUSAL: tl.constexpr,
+                                   HAS_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dq of BLOCK_M queries: sum over visible keys of ds k, ds = p (do . v - delta), p recomputed from lse.
+    do, lse, delta, dq are contiguous [B * Hq * S, (D)]. Grid (cdiv(S, BLOCK_M), B * Hq)."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // Hq, bh % Hq
+    kvh = h // G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    dims = tl.arange(0, BLOCK_D)  # [BD]
+    row_ok = rows < S
+    tile = (rows[:, None] < S) & (dims[None, :] < D)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
+                mask=tile, other=0.0)
+    flat = bh.to(tl.int64) * S + rows
+    do = tl.load(do_ptr + flat[:, None] * D + dims[None, :], mask=tile, other=0.0)  # [BM, BD]
+    lse = tl.load(lse_ptr + flat, mask=row_ok, other=float("inf"))
+    delta = tl.load(delta_ptr + flat, mask=row_ok, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    pk_base = pk_ptr + b.to(tl.int64) * stride_pkb + kvh * stride_pkh
+    pv_base = pv_ptr + b.to(tl.int64) * stride_pvb + kvh * stride_pvh
+    for n0 in range(0, P, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        key_tile = (cols[:, None] < P) & (dims[None, :] < D)
+        k = tl.load(pk_base + cols[:, None] * stride_pkp + dims[None, :], mask=key_tile, other=0.0)  # [BN, BD]
+        v = tl.load(pv_base + cols[:, None] * stride_pvp + dims[None, :], mask=key_tile, other=0.0)
+        s = prefix_attention_scores(q, tl.trans(k), cols, rows, P, kpm_ptr, scale, True, CAUSAL, False, DOT_DTYPE,
+                                    PRECISION)
+        p = tl.exp(s - lse[:, None])
+        dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v).to(DOT_DTYPE), input_precision=PRECISION)
+        dq = tl.dot((p * (dp - delta[:, None])).to(DOT_DTYPE), k.to(DOT_DTYPE), dq, input_precision=PRECISION)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
+    hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        key_tile = (cols[:, None] < S) & (dims[None, :] < D)
+        k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=key_tile, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=key_tile, other=0.0)
+        s = prefix_attention_scores(q, tl.trans(k), cols, rows, S, kpm_ptr + b.to(tl.int64) * stride_mb, scale,
+                                    False, CAUSAL, HAS_PAD, DOT_DTYPE, PRECISION)
+        p = tl.exp(s - lse[:, None])
+        dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v).to(DOT_DTYPE), input_precision=PRECISION)
+        dq = tl.dot((p * (dp - delta[:, None])).to(DOT_DTYPE), k.to(DOT_DTYPE), dq, input_precision=PRECISION)
+    tl.store(dq_ptr + flat[:, None] * D + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=tile)
+
+
+@triton.jit
+def prefix_attention_bwd_dkdv_kernel(q_ptr, key_ptr, val_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                                     S, L, D, Hq, G, B_PER_PROGRAM, scale, stride_qb, stride_qh, stride_qs,
+                                     stride_keyb, stride_keyh, stride_keyl, stride_valb, stride_valh, stride_vall,
+                                     stride_mb, PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
+                                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dk, dv of BLOCK_N keys of one key/value head: sequence keys (L = S) or prefix keys (PREFIX, L = P), summed
+    over the head's G query heads and B_PER_PROGRAM batch rows (all of them for a shared prefix: batch stride 0,
+    one program per head). dk/dv are contiguous [NB, Hkv, L, D]. Grid (cdiv(L, BLOCK_N), Hkv, NB)."""
+    pid_n, kvh, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    Hkv = Hq // G
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    dims = tl.arange(0, BLOCK_D)  # [BD]
+    key_tile = (cols[:, None] < L) & (dims[None, :] < D)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    # sequence keys: only queries at or after the block's first key see it (causal)
+    m_lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL and not PREFIX else 0
+    for i in range(0, B_PER_PROGRAM):
+        b = pid_b.to(tl.int64) * B_PER_PROGRAM + i
+        k = tl.load(key_ptr + b * stride_keyb + kvh * stride_keyh + cols[:, None] * stride_keyl + dims[None, :],
+                    mask=key_tile, other=0.0)  # [BN, BD]
+        v = tl.load(val_ptr + b * stride_valb + kvh * stride_valh + cols[:, None] * stride_vall + dims[None, :],
+                    mask=key_tile, other=0.0)
+        kt = tl.trans(k)
+        for g in range(0, G):
+            h = kvh * G + g
+            bh = b * Hq + h
+            for m0 in range(m_lo, S, BLOCK_M):
+                rows = m0 + tl.arange(0, BLOCK_M)  # [BM]
+                tile = (rows[:, None] < S) & (dims[None, :] < D)
+                q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
+                            mask=tile, other=0.0)
+                flat = bh * S + rows
+                do = tl.load(do_ptr + flat[:, None] * D + dims[None, :], mask=tile, other=0.0)
+                lse = tl.load(lse_ptr + flat, mask=rows < S, other=float("inf"))
+                delta = tl.load(delta_ptr + flat, mask=rows < S, other=0.0)
+                s = prefix_attention_scores(q, kt, cols, rows, L, kpm_ptr + b * stride_mb, scale, PREFIX, CAUSAL,
+                                            HAS_PAD, DOT_DTYPE, PRECISION)
+                p = tl.exp(s - lse[:, None])  # [BM, BN]
+                dv = tl.dot(tl.trans(p).to(DOT_DTYPE), do.to(DOT_DTYPE), dv, input_precision=PRECISION)
+                dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v).to(DOT_DTYPE), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dk = tl.dot(tl.trans(ds).to(DOT_DTYPE), q.to(DOT_DTYPE), dk, input_precision=PRECISION)
+    out = (pid_b.to(tl.int64) * Hkv + kvh) * L + cols
+    tl.store(dk_ptr + out[:, None] * D + dims[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_tile)
+    tl.store(dv_ptr + out[:, None] * D + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=key_tile)
