@@ -9,10 +9,23 @@ import torch.nn.functional as F
 
 import peftkern as pk
 from peftkern.backend import registered
+from peftkern.ops.prefix_attention import torch_impl
 from peftkern.ops.prefix_attention.reference import prefix_attention_reference
 from tests._helpers import assert_close, backends, saved_bytes, shape_id
 
+# the torch backend runs PyTorch's CPU flash kernel on a CPU; "torch-chunked" switches it off
 BACKENDS = [b for b in backends() if getattr(b, "values", (b,))[0] in registered("prefix_attention_forward")]
+BACKENDS.append("torch-chunked")
+
+
+@pytest.fixture
+def use(request, monkeypatch):
+    """Enter the backend (or torch path) named by the test's ``backend`` parameter."""
+    name = request.node.callspec.params["backend"]
+    if name == "torch-chunked":
+        monkeypatch.setattr(torch_impl, "USE_CPU_FLASH", False)
+    with pk.use_backend("torch" if name == "torch-chunked" else name):
+        yield name
 # (B, Hq, Hkv, S, P, D)
 SHAPES = [(2, 4, 2, 7, 3, 16), (1, 2, 2, 1, 5, 8), (2, 2, 1, 5, 9, 32), (2, 3, 3, 6, 0, 16), (1, 2, 1, 37, 4, 64)]
 NAMES = ("o", "dq", "dk", "dv", "dprefix_k", "dprefix_v")
@@ -58,10 +71,9 @@ def _sdpa_concat(q, k, v, pk_, pv, *, causal, key_padding_mask):
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-row"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dims", SHAPES, ids=lambda d: shape_id(B=d[0], H=d[1], KV=d[2], S=d[3], P=d[4], D=d[5]))
-def test_fp32_values_and_grads(dims, causal, shared, padding, backend):
+def test_fp32_values_and_grads(dims, causal, shared, padding, backend, use):
     c = _case(*dims, shared=shared, padding=padding)
-    with pk.use_backend(backend):
-        out = _run(pk.prefix_attention, c, causal=causal)
+    out = _run(pk.prefix_attention, c, causal=causal)
     ref = _run(prefix_attention_reference, c, to=torch.float64, causal=causal)
     for name, o, r in zip(NAMES, out, ref):
         assert_close(o, r, name=name)
@@ -70,10 +82,9 @@ def test_fp32_values_and_grads(dims, causal, shared, padding, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("dims", SHAPES[:3], ids=lambda d: shape_id(B=d[0], H=d[1], KV=d[2], S=d[3], P=d[4], D=d[5]))
-def test_low_precision_within_twice_eager_error(dims, dtype, backend):
+def test_low_precision_within_twice_eager_error(dims, dtype, backend, use):
     c = _case(*dims, shared=False, padding=True, dtype=dtype)
-    with pk.use_backend(backend):
-        out = _run(pk.prefix_attention, c)
+    out = _run(pk.prefix_attention, c)
     ref = _run(prefix_attention_reference, c, to=torch.float64)
     eager = _run(prefix_attention_reference, c)  # the same math in the inputs' dtype
     for name, o, r, e in zip(NAMES, out, ref, eager):
@@ -102,7 +113,8 @@ def test_non_contiguous_inputs():
         assert_close(o, r, name=name)
 
 
-def test_query_without_visible_key_outputs_zero():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_query_without_visible_key_outputs_zero(backend, use):
     c = _case(1, 2, 2, 4, 0, 8, padding=True)  # P = 0, key 0 padding: query 0 sees nothing (causal)
     out = _run(pk.prefix_attention, c)
     assert (out[0][:, :, 0] == 0).all() and (out[1][:, :, 0] == 0).all()
@@ -110,12 +122,12 @@ def test_query_without_visible_key_outputs_zero():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_saved_for_backward_is_linear_in_s(backend):
+def test_saved_for_backward_is_linear_in_s(backend, use):
     """S = 1024, P = 64: autograd keeps O(B H S D), never the B H S (P + S) matrix."""
     B, H, S, P, D = 1, 2, 1024, 64, 32
     c = _case(B, H, H, S, P, D)
     leaves = [c[n].requires_grad_() for n in ("q", "k", "v", "pk", "pv")]
-    with pk.use_backend(backend), saved_bytes(exclude=leaves) as saved:
+    with saved_bytes(exclude=leaves) as saved:
         o = pk.prefix_attention(*leaves)
     assert max(saved.values()) < B * H * S * (P + S) * 4 // 8
     assert sum(saved.values()) <= 2 * B * H * S * D * 4  # o and lse

@@ -1,8 +1,10 @@
 """Eager PyTorch implementation of prefix attention (README.md): the CPU path, and any device without Triton.
 
-Queries are processed in chunks of CHUNK rows; the prefix and the sequence keys are scored separately (no
-concatenation) and combined in one softmax; GQA broadcasts the key/value heads over their G query heads without
-copying. The backward recomputes the probabilities from lse, so only O(B H S D) tensors are kept.
+On a CPU: PyTorch's fused flash-attention kernel for CPUs (``aten::_scaled_dot_product_flash_attention_for_cpu``
+and its backward) over keys concatenated on the fly, a transient copy rebuilt by the backward, never saved.
+Elsewhere (or with ``USE_CPU_FLASH`` off): queries in chunks of CHUNK rows, the prefix and the sequence keys scored
+separately (no concatenation) and combined in one softmax, GQA broadcast without copies. Either way autograd keeps
+q, k, v, the prefix, o and lse: O(B H S D).
 """
 from __future__ import annotations
 
@@ -13,6 +15,34 @@ import torch
 from ...backend import register
 
 CHUNK = 256  # query rows per step: bounds the transient [B, H, CHUNK, P + S] scores
+USE_CPU_FLASH = True  # tests switch it off to check the chunked path on the CPU
+
+
+def _cpu_flash(q: torch.Tensor) -> bool:
+    return USE_CPU_FLASH and q.device.type == "cpu"
+
+
+def _concatenated(q, k, v, prefix_k, prefix_v, key_padding_mask, causal):
+    """(keys, values [B, Hq, P + S, D], additive mask [B or 1, 1, S, P + S] in q's dtype or None, rows that see no
+    key [B or 1, 1, S] or None) for the CPU flash kernel."""
+    B, Hq, S, D = q.shape
+    g = Hq // k.shape[1]
+    P = prefix_k.shape[-2]
+    pk = prefix_k.expand(B, *prefix_k.shape) if prefix_k.dim() == 3 else prefix_k
+    pv = prefix_v.expand(B, *prefix_v.shape) if prefix_v.dim() == 3 else prefix_v
+    keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+    if g > 1:
+        keys, values = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
+    if not causal and key_padding_mask is None:
+        return keys, values, None, None
+    visible = torch.ones(1, 1, S, P + S, dtype=torch.bool, device=q.device)
+    if causal:
+        visible[..., P:] = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    if key_padding_mask is not None:
+        visible = visible & torch.cat([key_padding_mask.new_ones(B, P), ~key_padding_mask], 1)[:, None, None, :]
+    empty = ~visible.any(-1) if P == 0 else None
+    mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+    return keys, values, mask, (empty if empty is not None and empty.any() else None)
 
 
 def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -65,6 +95,13 @@ def _key_sum(t: torch.Tensor, over_batch: bool) -> torch.Tensor:
 @register("prefix_attention_forward", "torch")
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float):
     """(o [B, Hq, S, D] in q's dtype, lse [B, Hq, S] in the compute dtype; +inf for a query with no visible key)."""
+    if _cpu_flash(q):
+        keys, values, mask, empty = _concatenated(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False,
+                                                                           attn_mask=mask, scale=scale)
+        if empty is not None:
+            o, lse = o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("inf"))
+        return o, lse.to(compute_dtype(q))
     B, Hq, S, D = q.shape
     qg, kk, vv, pk, pv = _prep(q, k, v, prefix_k, prefix_v)
     o = torch.empty_like(qg)
@@ -88,6 +125,20 @@ def backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, caus
     """(dq, dk, dv, d prefix_k, d prefix_v) in their inputs' dtypes; a shared prefix's sums over the batch."""
     B, Hq, S, D = q.shape
     hkv = k.shape[1]
+    if _cpu_flash(q):
+        keys, values, mask, empty = _concatenated(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
+        if empty is not None:  # those rows have no gradient; a finite lse keeps their probabilities at 0
+            grad_o, lse = grad_o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, 0.0)
+        dq, dkeys, dvalues = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_o, q, keys, values, o, lse.float(), 0.0, False, attn_mask=mask, scale=scale)
+        P = prefix_k.shape[-2]
+        dkeys, dvalues = (t.view(B, hkv, Hq // hkv, P + S, D).sum(2) for t in (dkeys, dvalues))
+        dpk, dpv = dkeys[:, :, :P], dvalues[:, :, :P]
+        if prefix_k.dim() == 3:  # shared by the batch
+            dpk, dpv = dpk.sum(0), dpv.sum(0)
+        # copies: a custom op's outputs may not alias one another
+        own = lambda t, like: t.to(like.dtype, copy=True, memory_format=torch.contiguous_format)  # noqa: E731
+        return (dq, own(dkeys[:, :, P:], k), own(dvalues[:, :, P:], v), own(dpk, prefix_k), own(dpv, prefix_v))
     qg, kk, vv, pk, pv = _prep(q, k, v, prefix_k, prefix_v)
     do = _grouped(grad_o, hkv).to(qg.dtype)
     lse_g = lse.view(qg.shape[:-1]).unsqueeze(-1).to(qg.dtype)

@@ -1,0 +1,123 @@
+"""Prefix attention vs SDPA on concatenated keys (what users do today), side by side in one process: ratios first.
+
+    python benchmarks/bench_prefix.py [--quick] [--json FILE]        (or: peftkern bench prefix [--quick])
+
+A step is forward + backward (dq, dk, dv and the prefix gradients) of causal attention with a shared prefix, GQA
+(8 query heads over 2 key/value heads) and a padded batch row. The peer concatenates the prefix before the keys
+(expanding it over the batch and the KV heads over their query heads, as PEFT's past_key_values path ends up doing)
+and calls ``F.scaled_dot_product_attention`` with the boolean visibility mask. Saved bytes: unique storages autograd
+keeps for backward, the inputs excluded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import peftkern as pk  # noqa: E402
+from benchmarks.common import (SavedBytes, fmt_bytes, format_table, interleaved_times, machine_info,  # noqa: E402
+                               paired_ratio, steady_malloc, summarize, write_json)
+
+FULL = [(4, 512, 32, 64), (2, 1024, 64, 64), (1, 2048, 128, 128)]  # (B, S, P, D)
+QUICK = [(2, 256, 32, 64), (1, 1024, 64, 64)]
+HQ, HKV = 8, 2
+
+
+def sdpa_concat(q, k, v, prefix_k, prefix_v, key_padding_mask):
+    B, Hq, S, D = q.shape
+    P = prefix_k.shape[-2]
+    g = Hq // k.shape[1]
+    keys = torch.cat([prefix_k.expand(B, *prefix_k.shape), k], 2).repeat_interleave(g, 1)
+    values = torch.cat([prefix_v.expand(B, *prefix_v.shape), v], 2).repeat_interleave(g, 1)
+    visible = torch.ones(B, 1, S, P + S, dtype=torch.bool, device=q.device)
+    visible[..., P:] = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+    visible[..., P:] &= ~key_padding_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+
+
+def ours(q, k, v, prefix_k, prefix_v, key_padding_mask):
+    return pk.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask)
+
+
+def bench(B, S, P, D, dtype, reps, device) -> dict:
+    torch.manual_seed(0)
+    q = torch.randn(B, HQ, S, D, dtype=dtype, device=device, requires_grad=True)
+    k, v = (torch.randn(B, HKV, S, D, dtype=dtype, device=device, requires_grad=True) for _ in range(2))
+    prefix_k, prefix_v = (torch.randn(HKV, P, D, dtype=dtype, device=device, requires_grad=True) for _ in range(2))
+    kpm = torch.zeros(B, S, dtype=torch.bool, device=device)
+    kpm[-1, : S // 4] = True
+    kpm[-1, S // 4:] = False
+    inputs = (q, k, v, prefix_k, prefix_v, kpm)
+    g = torch.randn(B, HQ, S, D, dtype=dtype, device=device)
+    leaves = inputs[:5]
+
+    def step(fn):
+        for t in leaves:
+            t.grad = None
+        fn(*inputs).backward(g)
+
+    saved = {}
+    for name, fn in (("ours", ours), ("sdpa", sdpa_concat)):
+        with SavedBytes(exclude=leaves) as sb:
+            out = fn(*inputs)
+        out.backward(g)
+        saved[name] = sb.total
+    times = interleaved_times({"ours": lambda: step(ours), "sdpa": lambda: step(sdpa_concat)}, reps=reps,
+                              device=device)
+    so, sp = summarize(times["ours"]), summarize(times["sdpa"])
+    return {"shape": f"B{B} S{S} P{P} D{D}", "dtype": str(dtype).removeprefix("torch."),
+            "ratio": so["median_ms"] / sp["median_ms"], "ratio_paired": paired_ratio(times["ours"], times["sdpa"]),
+            "ours_ms": so["median_ms"], "sdpa_ms": sp["median_ms"], "saved_ours": saved["ours"],
+            "saved_sdpa": saved["sdpa"], "saved": f"{fmt_bytes(saved['ours'])} / {fmt_bytes(saved['sdpa'])}"}
+
+
+def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int] = None, malloc: str = "steady",
+        log=print) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
+    reps = reps or (5 if quick else 9)
+    info = machine_info()
+    where = info["cpu"] if device == "cpu" else info["gpu"]
+    log(f"# prefix attention vs SDPA on concatenated keys, fwd+bwd, causal, GQA {HQ}/{HKV} heads, shared prefix, "
+        f"{device}: {where}; torch {torch.__version__}; median of {reps} interleaved repetitions")
+    rows = [bench(B, S, P, D, dtype, reps, device) for B, S, P, D in (QUICK if quick else FULL)
+            for dtype in (torch.float32, torch.bfloat16)]
+    log(format_table(rows, [("shape", "shape"), ("dtype", "dtype"), ("ratio", "ours/SDPA"),
+                            ("ratio_paired", "paired"), ("ours_ms", "ours ms"), ("sdpa_ms", "SDPA ms"),
+                            ("saved", "saved ours / SDPA")]))
+    path = write_json({"machine": info, "malloc": malloc, "reps": reps, "rows": rows}, json_path,
+                      stem="bench_prefix")
+    log(f"\n# JSON: {path}")
+    return {"rows": rows}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
+    ap.add_argument("--json", metavar="FILE", default=None, help="where to write the JSON")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions per config")
+    ap.add_argument("--malloc", choices=["steady", "default"], default="steady")
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return run(quick=args.quick, json_path=args.json, reps=args.reps, malloc=getattr(args, "malloc", "steady"))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    run_from_args(ap.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
