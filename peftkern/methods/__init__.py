@@ -1,4 +1,5 @@
 """Training-time algorithms built on the ops."""
 from .adalora import AdaLoRAAllocator, adalora_scaling, prepare_adalora
+from .prefix_tuning import PrefixTuning
 
-__all__ = ["AdaLoRAAllocator", "adalora_scaling", "prepare_adalora"]
+__all__ = ["AdaLoRAAllocator", "adalora_scaling", "prepare_adalora", "PrefixTuning"]
