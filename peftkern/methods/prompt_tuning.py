@@ -70,6 +70,17 @@ class PromptTuning(nn.Module):
             return self.mlp_head(x)
         return x
 
+    def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
+        """Load a PEFT prompt-tuning / P-tuning adapter's ``prompt_embeddings`` [P, hidden] (what the model sees):
+        the table becomes them and a prompt encoder is dropped, as PEFT does for inference."""
+        expected = tuple(self.embedding.weight.shape)
+        if tuple(prompt_embeddings.shape) != expected:
+            raise ValueError(f"prompt_embeddings must have shape {expected} ([P, hidden]), "
+                             f"got {tuple(prompt_embeddings.shape)}")
+        with torch.no_grad():
+            self.embedding.weight.copy_(prompt_embeddings)
+        self.encoder, self.lstm_head, self.mlp_head = None, None, None
+
     def forward(self, input_ids=None, *, attention_mask=None, inputs_embeds=None, labels=None, token_type_ids=None,
                 **kwargs):
         if inputs_embeds is None:

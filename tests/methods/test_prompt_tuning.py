@@ -59,6 +59,23 @@ def test_matches_peft(arch, encoder):
                                rtol=1e-4, atol=1e-6)
 
 
+def test_loads_peft_saved_prompt_embeddings():
+    """PEFT saves what the model sees (the encoder's output for P-Tuning): loading it reproduces PEFT's logits."""
+    build, task = _models()["llama"]
+    torch.manual_seed(0)
+    model = build().eval()
+    ours = PromptTuning(copy.deepcopy(model), P, encoder="mlp", encoder_hidden_size=24)
+    pm = peft.get_peft_model(model, peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=P,
+                                                             encoder_hidden_size=24))
+    saved = peft.get_peft_model_state_dict(pm)["prompt_embeddings"]
+    ours.load_prompt_embeddings(saved)
+    assert ours.encoder is None
+    ids = torch.randint(0, 100, (2, 6))
+    torch.testing.assert_close(ours(input_ids=ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prompt_embeddings must have shape"):
+        ours.load_prompt_embeddings(saved[:, :3])
+
+
 def test_initialisations():
     build, _ = _models()["llama"]
     torch.manual_seed(0)
