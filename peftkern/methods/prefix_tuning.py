@@ -62,8 +62,9 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
 class PrefixTuning(nn.Module):
     """A frozen transformers model with a learned prefix at every layer; ``model(...)``'s arguments pass through.
 
-    ``num_virtual_tokens`` P (per task); ``prefix_projection`` the MLP reparameterization (Prefix Tuning; off:
-    P-Tuning v2) with ``encoder_hidden_size`` hidden units (default the model's hidden size).
+    ``num_virtual_tokens`` P (per task: several PrefixTuning over one frozen model each bring their own length);
+    ``prefix_projection`` the MLP reparameterization (Prefix Tuning; off: P-Tuning v2) with ``encoder_hidden_size``
+    hidden units (default the model's hidden size).
     """
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, prefix_projection: bool = False,

@@ -36,7 +36,7 @@ def _pair(build):
     table = pm.prompt_encoder["default"].embedding.weight
     torch.nn.init.normal_(table)
     ours = PrefixTuning(ours_base, P)
-    ours.load_prompt_embeddings(table.detach())
+    ours.load_prompt_embeddings(peft.get_peft_model_state_dict(pm)["prompt_embeddings"])  # PEFT's saved adapter
     if task == "SEQ_CLS":  # PEFT trains a copy of the head: give ours the same
         ours.model.classifier.load_state_dict(pm.base_model.classifier.modules_to_save["default"].state_dict())
     return pm, ours, table
@@ -61,6 +61,22 @@ def test_peft_logits_and_prefix_gradients(build):
     lp[keep].square().sum().backward()
     lo[keep].square().sum().backward()
     torch.testing.assert_close(ours.embedding.weight.grad, table.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_prompt_length_per_task_on_one_base():
+    """P-Tuning v2 style: two tasks with their own prefix lengths over one frozen model, each its own numbers."""
+    torch.manual_seed(0)
+    base, _ = _llama()
+    base.eval()
+    ids, mask = _batch()
+    tasks = {p: PrefixTuning(base, p) for p in (3, 8)}
+    for t in tasks.values():
+        torch.nn.init.normal_(t.embedding.weight)
+    alone = {p: t(input_ids=ids, attention_mask=mask).logits.detach() for p, t in tasks.items()}
+    interleaved = [tasks[p](input_ids=ids, attention_mask=mask).logits for p in (8, 3, 8)]
+    torch.testing.assert_close(interleaved[0], alone[8])
+    torch.testing.assert_close(interleaved[1], alone[3])
+    assert not torch.allclose(alone[3], alone[8])
 
 
 def test_gradient_checkpointing_same_gradients():
