@@ -4,9 +4,11 @@ from .ops.lora import dora_linear, lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .ops.nf4 import nf4_linear, qlora_linear
 from .ops.prefix_attention import prefix_attention
-from . import methods, nf4, nn, optim  # noqa: E402
+from .ops.sparse import sparse_diff_linear
+from . import methods, nf4, nn, optim, sparse  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["available_backends", "get_backend", "set_backend", "use_backend", "lora_linear", "dora_linear",
-           "multi_lora_linear", "nf4_linear", "qlora_linear", "prefix_attention", "methods", "nf4", "nn", "optim"]
+           "multi_lora_linear", "nf4_linear", "qlora_linear", "prefix_attention", "sparse_diff_linear", "methods", "nf4",
+           "nn", "optim", "sparse"]

@@ -1,7 +1,7 @@
 """The ``peftkern`` command (``python -m peftkern.cli``): info, bench, demo, kernels.
 
     peftkern info [--json]            versions, backends (with the reason one is unavailable), CUDA library status
-    peftkern bench [lora|nf4|prefix] [--quick] [--json FILE]   vs the peers (benchmarks/bench_*.py)
+    peftkern bench [lora|nf4|prefix|sparse] [--quick] [--json FILE]   vs the peers (benchmarks/bench_*.py)
     peftkern demo [--quick]           a real LoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
     peftkern kernels [--arch 80 90] [--json FILE]     compile the Triton kernels ahead of time (peftkern/_aot.py)
 """
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-BENCHMARKS = {"lora": "bench_lora", "nf4": "bench_nf4", "prefix": "bench_prefix"}
+BENCHMARKS = {"lora": "bench_lora", "nf4": "bench_nf4", "prefix": "bench_prefix", "sparse": "bench_sparse"}
 _REPO = Path(__file__).resolve().parent.parent
 
 

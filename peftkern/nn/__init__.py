@@ -1,5 +1,6 @@
 """Drop-in modules built on peftkern's ops."""
 from .lora import LoRALinear
 from .nf4 import NF4Linear, QLoRALinear
+from .sparse import SparseDiffLinear
 
-__all__ = ["LoRALinear", "NF4Linear", "QLoRALinear"]
+__all__ = ["LoRALinear", "NF4Linear", "QLoRALinear", "SparseDiffLinear"]

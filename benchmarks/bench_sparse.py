@@ -1,0 +1,102 @@
+"""Sparse diff updates vs the dense masked-gradient approach, side by side in one process: ratios first.
+
+    python benchmarks/bench_sparse.py [--quick] [--json FILE]        (or: peftkern bench sparse [--quick])
+
+The peer is what public Diff Pruning / FISH Mask code does: the whole weight trains, its gradient (a dense
+[out, in] dW) is multiplied by a 0/1 mask in a hook. Ours: ``SparseDiffLinear`` (values at the indices, an SDDMM
+for their gradient). A step is forward + backward with dx (a layer inside a network). Also reported: the bytes of
+trainable state (parameters + AdamW moments) each keeps.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import peftkern as pk  # noqa: E402
+from benchmarks.common import (fmt_bytes, format_table, interleaved_times, machine_info, paired_ratio,  # noqa: E402
+                               steady_malloc, summarize, write_json)
+
+DENSITIES = (0.001, 0.01, 0.1)
+
+
+def bench(tokens: int, in_f: int, out_f: int, density: float, dtype, reps: int, device: str) -> dict:
+    torch.manual_seed(0)
+    linear = nn.Linear(in_f, out_f, dtype=dtype, device=device)
+    nnz = max(1, int(density * in_f * out_f))
+    idx = torch.randperm(in_f * out_f, device=device)[:nnz].sort().values
+    ours = pk.nn.SparseDiffLinear.from_linear(nn.Linear(in_f, out_f, dtype=dtype, device=device), idx)
+    dense = nn.Linear(in_f, out_f, dtype=dtype, device=device)
+    mask = torch.zeros(out_f * in_f, dtype=dtype, device=device)
+    mask[idx] = 1
+    mask = mask.view(out_f, in_f)
+    dense.weight.register_hook(lambda g: g * mask)
+    dense.bias.requires_grad_(False)
+    x = torch.randn(tokens, in_f, dtype=dtype, device=device, requires_grad=True)
+    g = torch.randn(tokens, out_f, dtype=dtype, device=device)
+
+    def step(m):
+        x.grad = None
+        for p in m.parameters():
+            p.grad = None
+        m(x).backward(g)
+
+    times = interleaved_times({"ours": lambda: step(ours), "dense": lambda: step(dense)}, reps=reps, device=device)
+    so, sd = summarize(times["ours"]), summarize(times["dense"])
+    state = lambda params: sum(3 * p.numel() * 4 for p in params)  # noqa: E731  (fp32 param-sized AdamW moments x2)
+    return {"shape": f"{tokens}x{in_f}x{out_f}", "density": density, "dtype": str(dtype).removeprefix("torch."),
+            "ratio": so["median_ms"] / sd["median_ms"], "ratio_paired": paired_ratio(times["ours"], times["dense"]),
+            "ours_ms": so["median_ms"], "dense_ms": sd["median_ms"],
+            "state": f"{fmt_bytes(state([ours.values]))} / {fmt_bytes(state([dense.weight]))}"}
+
+
+def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int] = None, malloc: str = "steady",
+        log=print) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
+    reps = reps or (5 if quick else 9)
+    info = machine_info()
+    where = info["cpu"] if device == "cpu" else info["gpu"]
+    log(f"# SparseDiffLinear vs dense masked gradient, fwd+bwd (dx), {device}: {where}; torch {torch.__version__}; "
+        f"median of {reps} interleaved repetitions; ratio < 1: ours faster")
+    shapes = [(256, 1024, 1024)] if quick else [(256, 4096, 4096), (256, 1024, 1024)]
+    rows = [bench(*shape, d, dtype, reps, device) for shape in shapes for dtype in (torch.float32, torch.bfloat16)
+            for d in DENSITIES]
+    log(format_table(rows, [("shape", "tokens x in x out"), ("dtype", "dtype"), ("density", "density"),
+                            ("ratio", "ours/dense"), ("ratio_paired", "paired"), ("ours_ms", "ours ms"),
+                            ("dense_ms", "dense ms"), ("state", "trainable state ours / dense")]))
+    path = write_json({"machine": info, "malloc": malloc, "reps": reps, "rows": rows}, json_path,
+                      stem="bench_sparse")
+    log(f"\n# JSON: {path}")
+    return {"rows": rows}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
+    ap.add_argument("--json", metavar="FILE", default=None, help="where to write the JSON")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions per config")
+    ap.add_argument("--malloc", choices=["steady", "default"], default="steady")
+
+
+def run_from_args(args: argparse.Namespace) -> dict:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return run(quick=args.quick, json_path=args.json, reps=args.reps, malloc=getattr(args, "malloc", "steady"))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    run_from_args(ap.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,164 @@
+"""Sparse diff ops registered with torch.library (autograd + fake tensors), and the functional API."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ... import _validate as V
+from ...backend import resolve
+
+
+@torch.library.custom_op("peftkern::sparse_diff_forward", mutates_args=())
+def sparse_diff_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor) -> Tensor:
+    check_index_values(indices, weight.numel())  # data-dependent: on the real tensor, before any kernel
+    _, impl = resolve("sparse_diff_forward", x.device)
+    return impl(x, weight, bias, indices, values)
+
+
+@sparse_diff_forward.register_fake
+def _(x, weight, bias, indices, values):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("peftkern::sparse_masked_grad", mutates_args=())
+def sparse_masked_grad(grad_out: Tensor, x: Tensor, indices: Tensor, in_features: int) -> Tensor:
+    _, impl = resolve("sparse_masked_grad", x.device)
+    return impl(grad_out.contiguous(), x, indices, in_features)
+
+
+@sparse_masked_grad.register_fake
+def _(grad_out, x, indices, in_features):
+    return x.new_empty(indices.shape[0], dtype=torch.promote_types(grad_out.dtype, torch.float32))
+
+
+@torch.library.custom_op("peftkern::sparse_diff_dgrad", mutates_args=())
+def sparse_diff_dgrad(grad_out: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
+    _, impl = resolve("sparse_diff_dgrad", grad_out.device)
+    return impl(grad_out.contiguous(), weight, indices, values)
+
+
+@sparse_diff_dgrad.register_fake
+def _(grad_out, weight, indices, values):
+    return grad_out.new_empty(grad_out.shape[0], weight.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, indices, values = inputs
+    ctx.save_for_backward(x, weight, indices, values)
+
+
+def _backward(ctx, grad_y):
+    x, weight, indices, values = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx = sparse_diff_dgrad(grad_y, weight, indices, values) if need[0] else None
+    db = grad_y.sum(0) if need[2] else None
+    dv = sparse_masked_grad(grad_y, x, indices, weight.shape[1]).to(values.dtype) if need[4] else None
+    return dx, None, db, None, dv
+
+
+torch.library.register_autograd("peftkern::sparse_diff_forward", _backward, setup_context=_setup_context)
+
+
+def check_index_tensor(indices, name: str = "indices") -> None:
+    """1-D int64/int32."""
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be int64 or int32 flat positions, got {indices.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [nnz], got shape {tuple(indices.shape)}")
+
+
+def check_index_values(indices: Tensor, numel: int, name: str = "indices") -> None:
+    """Strictly increasing (sorted, unique) and inside [0, numel): a host sync, so the ops run it on real tensors."""
+    if indices.numel() == 0:
+        return
+    lo, hi = int(indices[0]), int(indices[-1])
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise ValueError(f"{name} must be sorted and unique (strictly increasing)")
+    if lo < 0 or hi >= numel:
+        raise ValueError(f"{name} must lie in [0, {numel}) (flat positions into the weight), got {lo if lo < 0 else hi}")
+
+
+def check_indices(indices, numel: int, name: str = "indices") -> None:
+    check_index_tensor(indices, name)
+    check_index_values(indices, numel, name)
+
+
+def _check(x, weight, bias, indices, values) -> None:
+    V.tensor("x", x, min_ndim=1)
+    V.tensor("weight", weight, ndim=2)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {weight.shape[1]} "
+                         f"([out, in] = {tuple(weight.shape)})")
+    V.same_dtype("x", x, weight=weight, bias=bias)
+    if bias is not None:
+        V.tensor("bias", bias, ndim=1)
+        V.shape("bias", bias, (weight.shape[0],), "[out]")
+    check_index_tensor(indices)  # the values of indices are checked inside the op (torch.compile traces this)
+    V.tensor("values", values, ndim=1)
+    if values.dtype not in (torch.float32, torch.float64, weight.dtype):
+        raise TypeError(f"values must be float32 or weight's dtype {weight.dtype}, got {values.dtype}")
+    if values.shape[0] != indices.shape[0]:
+        raise ValueError(f"values has {values.shape[0]} entries but indices has {indices.shape[0]}")
+    V.same_device("x", x, weight=weight, bias=bias, indices=indices, values=values)
+    if torch.is_grad_enabled() and weight.requires_grad:
+        raise ValueError("weight must be frozen (requires_grad=False): only values get a gradient")
+
+
+def sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor) -> Tensor:
+    """``y = x (W + scatter(values at indices))^T + b`` with W frozen; gradients reach x, values (only at the indices:
+    an SDDMM, never a dense dW) and a trainable bias. ``indices`` are sorted unique flat int64/int32 positions."""
+    _check(x, weight, bias, indices, values)
+    y = sparse_diff_forward(x.reshape(-1, x.shape[-1]), weight, bias, indices, values)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def masked_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
+    """``(grad_out^T x)`` at the flat ``indices`` of an [out, in] weight, fp32 [nnz]: the SDDMM alone."""
+    V.tensor("grad_out", grad_out, min_ndim=1)
+    V.tensor("x", x, min_ndim=1)
+    if grad_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} must share their leading dims")
+    out_f, in_f = grad_out.shape[-1], x.shape[-1]
+    check_indices(indices, out_f * in_f)
+    V.same_device("x", x, grad_out=grad_out, indices=indices)
+    return sparse_masked_grad(grad_out.reshape(-1, out_f), x.reshape(-1, in_f), indices, in_f)
+
+
+def _check_merge(weight, indices, values) -> None:
+    V.tensor("weight", weight)
+    check_indices(indices, weight.numel())
+    V.tensor("values", values, ndim=1)
+    if values.shape[0] != indices.shape[0]:
+        raise ValueError(f"values has {values.shape[0]} entries but indices has {indices.shape[0]}")
+    V.same_device("weight", weight, indices=indices, values=values)
+
+
+@torch.no_grad()
+def merge(weight: Tensor, indices: Tensor, values: Tensor, alpha: float = 1.0) -> Tensor:
+    """``weight.view(-1)[indices] += alpha * values`` in place (the sum rounded once to weight's dtype). Returns the
+    nnz entries it overwrote: :func:`unmerge` with them restores ``weight`` exactly."""
+    _check_merge(weight, indices, values)
+    V.number("alpha", alpha)
+    flat = weight.view(-1)
+    previous = flat[indices.long()].clone()
+    _, impl = resolve("sparse_scatter_add", weight.device)
+    impl(flat, indices, values, float(alpha))
+    return previous
+
+
+@torch.no_grad()
+def unmerge(weight: Tensor, indices: Tensor, values: Tensor, alpha: float = 1.0, *,
+            previous: Optional[Tensor] = None) -> Tensor:
+    """Undo :func:`merge`: exactly when given the ``previous`` entries it returned, else by subtracting
+    ``alpha * values`` (exact only where the merge's rounding was). Returns weight."""
+    _check_merge(weight, indices, values)
+    if previous is None:
+        merge(weight, indices, values, -float(alpha))
+        return weight
+    V.shape("previous", previous, tuple(indices.shape), "the entries merge returned")
+    weight.view(-1)[indices.long()] = previous.to(weight.dtype)
+    return weight

@@ -1,0 +1,135 @@
+"""Triton launchers of the sparse diff ops: the dense GEMMs stay with PyTorch (cuBLAS), the nnz-sized work runs in
+the kernels of triton_kernels.py. The registered ops have torch_impl.py's signatures and return conventions.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from ..._aot import KernelSpec
+from ...backend import fallback, interpret_mode, register
+from ..triton_launch import launch_opts, staged, unstage
+from .torch_impl import rows_cols
+from .triton_kernels import sparse_correction_kernel, sparse_scatter_add_kernel, sparse_sddmm_kernel
+
+_GPU = {"sddmm": dict(BLOCK_E=128, BLOCK_N=32, num_warps=4, num_stages=2),
+        "correction": dict(BLOCK_N=128, BLOCK_E=32, num_warps=4, num_stages=2),
+        "scatter": dict(BLOCK=1024, num_warps=4, num_stages=1)}
+_INTERPRET = {"sddmm": dict(BLOCK_E=16, BLOCK_N=8), "correction": dict(BLOCK_N=8, BLOCK_E=16),
+              "scatter": dict(BLOCK=64)}
+
+
+def _cfg(name: str) -> dict:
+    return (_INTERPRET if interpret_mode() else _GPU)[name]
+
+
+def _segments(keys: torch.Tensor, groups: int) -> torch.Tensor:
+    """seg [groups + 1] int32: group j's entries are [seg[j], seg[j + 1]) of entries sorted by key."""
+    counts = torch.bincount(keys, minlength=groups)
+    seg = torch.zeros(groups + 1, dtype=torch.int64, device=keys.device)
+    seg[1:] = counts.cumsum(0)
+    return seg.to(torch.int32)
+
+
+def add_correction_(out, src, group, src_pos, values) -> torch.Tensor:
+    """out[:, group_e] += src[:, src_pos_e] v_e in place, entries grouped by ``group`` (sorted within the call)."""
+    order = torch.argsort(group, stable=True)
+    group, src_pos, values = group[order], src_pos[order].to(torch.int32), values[order].contiguous()
+    seg = _segments(group, out.shape[1])
+    cfg = _cfg("correction")
+    buf = staged(out)
+    sparse_correction_kernel[(out.shape[1], triton.cdiv(out.shape[0], cfg["BLOCK_N"]))](
+        buf, src, seg, src_pos, values, out.shape[0], buf.stride(0), src.stride(0), BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_E=cfg["BLOCK_E"], **launch_opts(cfg))
+    return unstage(out, buf)
+
+
+def _float64(op, *tensors):
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
+    return None
+
+
+@register("sparse_diff_forward", "triton")
+def forward(x, weight, bias, indices, values):
+    impl = _float64("sparse_diff_forward", x, values)
+    if impl is not None:
+        return impl(x, weight, bias, indices, values)
+    rows, cols = rows_cols(indices, weight.shape[1])
+    y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+    if y.numel() and values.numel():
+        add_correction_(y, x.contiguous(), rows, cols, values)
+    return y
+
+
+@register("sparse_masked_grad", "triton")
+def masked_grad(grad_out, x, indices, in_features: int, *, out=None):
+    impl = _float64("sparse_masked_grad", grad_out, x)
+    if impl is not None:
+        return impl(grad_out, x, indices, in_features)
+    rows, cols = rows_cols(indices, in_features)
+    nnz = indices.numel()
+    res = torch.empty(nnz, dtype=torch.float32, device=x.device) if out is None else out
+    if nnz == 0:
+        return res
+    x = x.contiguous()
+    cfg = _cfg("sddmm")
+    sparse_sddmm_kernel[(triton.cdiv(nnz, cfg["BLOCK_E"]),)](
+        grad_out, x, rows.to(torch.int32), cols.to(torch.int32), res, x.shape[0], nnz, grad_out.stride(0),
+        x.stride(0), BLOCK_E=cfg["BLOCK_E"], BLOCK_N=cfg["BLOCK_N"], **launch_opts(cfg))
+    return res
+
+
+@register("sparse_diff_dgrad", "triton")
+def dgrad(grad_out, weight, indices, values):
+    impl = _float64("sparse_diff_dgrad", grad_out, values)
+    if impl is not None:
+        return impl(grad_out, weight, indices, values)
+    rows, cols = rows_cols(indices, weight.shape[1])
+    dx = grad_out @ weight
+    if dx.numel() and values.numel():
+        add_correction_(dx, grad_out, cols, rows, values)
+    return dx
+
+
+@register("sparse_scatter_add", "triton")
+def scatter_add_(flat, indices, values, alpha: float) -> None:
+    impl = _float64("sparse_scatter_add", flat, values)
+    if impl is not None:
+        return impl(flat, indices, values, alpha)
+    nnz = indices.numel()
+    if nnz == 0:
+        return None
+    cfg = _cfg("scatter")
+    buf = staged(flat)
+    sparse_scatter_add_kernel[(triton.cdiv(nnz, cfg["BLOCK"]),)](
+        buf, indices, values.contiguous(), nnz, float(alpha), BLOCK=cfg["BLOCK"], enable_fp_fusion=False,
+        **launch_opts(cfg))
+    unstage(flat, buf)
+    return None
+
+
+# ------------------------------------------------------------------------------------ ahead-of-time listing
+
+
+def _kernel_specs() -> list[KernelSpec]:
+    """bf16 activations, fp32 values."""
+    sd, co = _GPU["sddmm"], _GPU["correction"]
+    return [
+        KernelSpec(sparse_sddmm_kernel, dict(g_ptr="*bf16", x_ptr="*bf16", rows_ptr="*i32", cols_ptr="*i32",
+                                             out_ptr="*fp32", N="i32", NNZ="i32", stride_gn="i32", stride_xn="i32"),
+                   dict(BLOCK_E=sd["BLOCK_E"], BLOCK_N=sd["BLOCK_N"]), aligned=("g_ptr", "x_ptr", "out_ptr"),
+                   variant="bf16", num_warps=sd["num_warps"], num_stages=sd["num_stages"]),
+        KernelSpec(sparse_correction_kernel, dict(out_ptr="*bf16", src_ptr="*bf16", seg_ptr="*i32",
+                                                  src_pos_ptr="*i32", val_ptr="*fp32", N="i32", stride_on="i32",
+                                                  stride_sn="i32"),
+                   dict(BLOCK_N=co["BLOCK_N"], BLOCK_E=co["BLOCK_E"]), aligned=("out_ptr", "src_ptr"),
+                   variant="bf16, fp32 values", num_warps=co["num_warps"], num_stages=co["num_stages"]),
+        KernelSpec(sparse_scatter_add_kernel, dict(flat_ptr="*bf16", idx_ptr="*i64", val_ptr="*fp32", NNZ="i32",
+                                                   alpha="fp32"),
+                   dict(BLOCK=_GPU["scatter"]["BLOCK"]), aligned=("flat_ptr", "idx_ptr", "val_ptr"),
+                   variant="bf16 weight, fp32 values", num_warps=4, num_stages=1),
+    ]
+
+
+KERNELS: list[KernelSpec] = _kernel_specs()

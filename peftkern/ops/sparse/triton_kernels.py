@@ -1,0 +1,64 @@
+"""Triton kernels of the sparse diff family: ``@triton.jit`` bodies only (launchers: triton_impl.py).
+
+Entries e have a row r_e and a column c_e of the [out, in] weight and a value v_e. Activations are row-major with
+row strides; feature stride 1. Accumulation is fp32.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sparse_sddmm_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, out_ptr, N, NNZ, stride_gn, stride_xn,
+                        BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[e] = sum_n g[n, r_e] x[n, c_e] for BLOCK_E entries per program: only the sampled entries of g^T x."""
+    ents = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
+    ent_ok = ents < NNZ
+    rows = tl.load(rows_ptr + ents, mask=ent_ok, other=0).to(tl.int64)
+    cols = tl.load(cols_ptr + ents, mask=ent_ok, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        toks = n0 + tl.arange(0, BLOCK_N)  # [BN]
+        m = (toks[:, None] < N) & ent_ok[None, :]
+        g = tl.load(g_ptr + toks.to(tl.int64)[:, None] * stride_gn + rows[None, :], mask=m, other=0.0)  # [BN, BE]
+        x = tl.load(x_ptr + toks.to(tl.int64)[:, None] * stride_xn + cols[None, :], mask=m, other=0.0)
+        acc += tl.sum(g.to(tl.float32) * x.to(tl.float32), axis=0)
+    tl.store(out_ptr + ents, acc, mask=ent_ok)
+
+
+@triton.jit
+def sparse_correction_kernel(out_ptr, src_ptr, seg_ptr, src_pos_ptr, val_ptr, N, stride_on, stride_sn,
+                             BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """out[n, j] += sum over the entries of group j of src[n, src_pos_e] v_e: the sparse term of y (groups = output
+    rows, src = x, src_pos = c) or of dx (groups = input columns, src = g, src_pos = r). Entries are grouped:
+    group j owns [seg[j], seg[j + 1]). Grid (groups, cdiv(N, BLOCK_N)); every (n, j) has one writer: no atomics."""
+    j = tl.program_id(0)
+    toks = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    start = tl.load(seg_ptr + j)
+    end = tl.load(seg_ptr + j + 1)
+    if start == end:
+        return
+    tok_ok = toks < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for e0 in range(start, end, BLOCK_E):
+        ents = e0 + tl.arange(0, BLOCK_E)  # [BE]
+        ent_ok = ents < end
+        pos = tl.load(src_pos_ptr + ents, mask=ent_ok, other=0).to(tl.int64)
+        v = tl.load(val_ptr + ents, mask=ent_ok, other=0.0).to(tl.float32)
+        src = tl.load(src_ptr + toks.to(tl.int64)[:, None] * stride_sn + pos[None, :],
+                      mask=tok_ok[:, None] & ent_ok[None, :], other=0.0)  # [BN, BE]
+        acc += tl.sum(src.to(tl.float32) * v[None, :], axis=1)
+    ptrs = out_ptr + toks.to(tl.int64) * stride_on + j
+    base = tl.load(ptrs, mask=tok_ok, other=0.0).to(tl.float32)
+    tl.store(ptrs, (base + acc).to(out_ptr.dtype.element_ty), mask=tok_ok)
+
+
+@triton.jit
+def sparse_scatter_add_kernel(flat_ptr, idx_ptr, val_ptr, NNZ, alpha, BLOCK: tl.constexpr):
+    """flat[idx_e] += alpha v_e (indices unique: one writer per element); the sum in fp32, rounded once to flat's
+    dtype (the launcher turns FP fusion off, so alpha v is rounded before the add, as torch does)."""
+    ents = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = ents < NNZ
+    idx = tl.load(idx_ptr + ents, mask=ok, other=0).to(tl.int64)
+    v = tl.load(val_ptr + ents, mask=ok, other=0.0).to(tl.float32)
+    w = tl.load(flat_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    tl.store(flat_ptr + idx, (w + alpha * v).to(flat_ptr.dtype.element_ty), mask=ok)

@@ -1,0 +1,170 @@
+"""Sparse diff ops: output, dx and d values against dense fp64 math on odd shapes and densities (one entry to 50%),
+every backend; the SDDMM alone; merge/unmerge exact; nothing [out, in] kept for backward; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkern as pk
+from peftkern.backend import registered
+from peftkern.ops.sparse.reference import masked_weight_grad_reference, sparse_diff_linear_reference
+from tests._helpers import assert_close, backends, poison_, requires_triton, saved_bytes, shape_id
+
+BACKENDS = [b for b in backends() if getattr(b, "values", (b,))[0] in registered("sparse_diff_forward")]
+SHAPES = [(1, 37, 29), (37, 130, 29), (2 * 33, 64, 96)]  # (N, in, out)
+DENSITIES = [0.0, 0.001, 0.05, 0.5]  # 0.0: exactly one entry
+
+
+def _case(N, I, O, density, *, dtype=torch.float32, values_dtype=None, seed=0, lead=None):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    nnz = max(1, int(density * O * I))
+    idx = torch.randperm(O * I, generator=g)[:nnz].sort().values
+    x_shape = (*lead, I) if lead else (N, I)
+    return dict(x=rnd(*x_shape).to(dtype), weight=(rnd(O, I) * I ** -0.5).to(dtype), bias=rnd(O).to(dtype),
+                indices=idx, values=rnd(nnz).to(values_dtype or dtype), g=rnd(*x_shape[:-1], O).to(dtype))
+
+
+def _run(fn, c, to=None):
+    cast = (lambda t: t) if to is None else (lambda t: t.to(to))
+    x = cast(c["x"]).detach().requires_grad_()
+    b = cast(c["bias"]).detach().requires_grad_()
+    v = cast(c["values"]).detach().requires_grad_()
+    y = fn(x, cast(c["weight"]), b, c["indices"], v)
+    dx, db, dv = torch.autograd.grad(y, (x, b, v), cast(c["g"]).to(y.dtype))
+    return y.detach(), dx, db, dv
+
+
+NAMES = ("y", "dx", "db", "dvalues")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("dims", SHAPES, ids=lambda d: shape_id(N=d[0], I=d[1], O=d[2]))
+def test_fp32_against_dense_math(dims, density, backend):
+    c = _case(*dims, density, lead=(2, dims[0] // 2) if dims[0] % 2 == 0 else None)
+    with pk.use_backend(backend):
+        out = _run(pk.sparse_diff_linear, c)
+    ref = _run(sparse_diff_linear_reference, c, to=torch.float64)
+    for name, o, r in zip(NAMES, out, ref):
+        assert_close(o, r, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("values_dtype", [None, torch.float32], ids=["same", "fp32-values"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_within_twice_eager_error(dtype, values_dtype, backend):
+    c = _case(37, 130, 29, 0.05, dtype=dtype, values_dtype=values_dtype)
+    with pk.use_backend(backend):
+        out = _run(pk.sparse_diff_linear, c)
+    ref = _run(sparse_diff_linear_reference, c, to=torch.float64)
+    eager = _run(sparse_diff_linear_reference, c)  # the dense masked approach in the inputs' dtypes
+    for name, o, r, e in zip(NAMES, out, ref, eager):
+        assert o.dtype == e.dtype, name
+        assert_close(o, r, eager=e.to(o.dtype) if e.dtype != o.dtype else e, name=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_weight_grad_is_the_sampled_dense_grad(backend):
+    c = _case(37, 64, 29, 0.1)
+    with pk.use_backend(backend):
+        got = pk.sparse.masked_weight_grad(c["g"], c["x"], c["indices"])
+    ref = masked_weight_grad_reference(c["g"].double(), c["x"].double(), c["indices"])
+    assert_close(got, ref, name="masked_weight_grad")
+
+
+@requires_triton
+@pytest.mark.triton
+@pytest.mark.skipif(not pk.available_backends()["triton"].available, reason="triton backend unavailable here")
+def test_triton_kernels_write_every_output():
+    from peftkern.ops.sparse import triton_impl
+
+    c = _case(19, 37, 29, 0.2)
+    out = poison_(torch.empty(c["indices"].numel()))
+    triton_impl.masked_grad(c["g"], c["x"], c["indices"], 37, out=out)
+    assert_close(out, masked_weight_grad_reference(c["g"].double(), c["x"].double(), c["indices"]), name="sddmm")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_merge_unmerge_exact(dtype, backend):
+    c = _case(3, 37, 29, 0.1, dtype=dtype, values_dtype=torch.float32)
+    w = c["weight"].clone()
+    with pk.use_backend(backend):
+        previous = pk.sparse.merge(w, c["indices"], c["values"], alpha=0.5)
+        expected = c["weight"].double().view(-1).index_add(0, c["indices"], 0.5 * c["values"].double())
+        assert torch.equal(w.view(-1), expected.to(dtype))  # the sum rounded once
+        pk.sparse.unmerge(w, c["indices"], c["values"], alpha=0.5, previous=previous)
+    assert torch.equal(w, c["weight"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keeps_nothing_weight_sized_for_backward(backend):
+    O, I, N = 512, 384, 16
+    c = _case(N, I, O, 0.001)
+    x, v = c["x"].requires_grad_(), c["values"].requires_grad_()
+    with pk.use_backend(backend), saved_bytes(exclude=[c["weight"], v]) as saved:
+        y = pk.sparse_diff_linear(x, c["weight"], None, c["indices"], v)
+    assert max(saved.values()) < O * I * 4 // 4  # x and the indices only
+    y.sum().backward()
+
+
+def test_torch_compile_fullgraph_same_numbers():
+    c = _case(37, 64, 29, 0.05)
+    fn = torch.compile(pk.sparse_diff_linear, fullgraph=True, backend="aot_eager")
+    args = (c["x"], c["weight"], c["bias"], c["indices"], c["values"])
+    torch.testing.assert_close(fn(*args), pk.sparse_diff_linear(*args), rtol=0, atol=0)
+
+
+def test_bad_input():
+    c = _case(3, 8, 6, 0.2)
+    x, w, b, idx, v = (c[n] for n in ("x", "weight", "bias", "indices", "values"))
+    call = lambda **kw: pk.sparse_diff_linear(**{"x": x, "weight": w, "bias": b, "indices": idx,  # noqa: E731
+                                                 "values": v, **kw})
+    with pytest.raises(ValueError, match="must lie in"):
+        call(indices=torch.tensor([0, 48]), values=torch.randn(2))
+    with pytest.raises(ValueError, match="must lie in"):
+        call(indices=torch.tensor([-1, 3]), values=torch.randn(2))
+    with pytest.raises(ValueError, match="sorted and unique"):
+        call(indices=torch.tensor([5, 3]), values=torch.randn(2))
+    with pytest.raises(ValueError, match="sorted and unique"):
+        call(indices=torch.tensor([3, 3]), values=torch.randn(2))
+    with pytest.raises(TypeError, match="int64 or int32"):
+        call(indices=torch.tensor([1.0, 2.0]), values=torch.randn(2))
+    with pytest.raises(ValueError, match="values has 3 entries but indices has 2"):
+        call(indices=torch.tensor([1, 2]), values=torch.randn(3))
+    with pytest.raises(ValueError, match="x has 7 features"):
+        call(x=torch.randn(3, 7))
+    with pytest.raises(ValueError, match="weight must be frozen"):
+        call(weight=w.clone().requires_grad_())
+    with pytest.raises(TypeError, match="values must be float32"):
+        call(values=v.to(torch.float16))
+    with pytest.raises(ValueError, match="share their leading dims"):
+        pk.sparse.masked_weight_grad(torch.randn(4, 6), x, idx)
+
+
+def test_sparse_diff_linear_module_trains_only_values_and_merges_exactly():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    w0 = lin.weight.detach().clone()
+    idx = torch.randperm(64 * 48)[:30].sort().values
+    layer = pk.nn.SparseDiffLinear.from_linear(lin, idx)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["values"]
+    assert layer.values.dtype == torch.float32 and layer.values.numel() == 30
+    opt = torch.optim.AdamW([layer.values], lr=1e-2)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    for _ in range(3):
+        layer(x).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    state = opt.state[layer.values]
+    assert all(t.numel() in (1, 30) for t in state.values())  # optimizer state is nnz-sized
+    assert torch.equal(layer.weight, w0) and layer.values.abs().max() > 0
+    layer.eval()
+    before = layer(x)
+    layer.merge()
+    torch.testing.assert_close(layer(x), before, rtol=2e-2, atol=2e-2)  # one bf16 rounding of the merged weight
+    layer.unmerge()
+    assert torch.equal(layer.weight, w0)
+    sd = layer.diff_state_dict()
+    assert torch.equal(sd["indices"], idx) and sd["shape"].tolist() == [48, 64]
