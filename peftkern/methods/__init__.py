@@ -2,5 +2,8 @@
 from .adalora import AdaLoRAAllocator, adalora_scaling, prepare_adalora
 from .prefix_tuning import PrefixTuning
 from .prompt_tuning import PromptTuning
+from .selective import (DiffPruningLinear, bitfit, diff_pruning, diff_pruning_l0, diff_pruning_to_sparse, far_select,
+                        fish_mask)
 
-__all__ = ["AdaLoRAAllocator", "adalora_scaling", "prepare_adalora", "PrefixTuning", "PromptTuning"]
+__all__ = ["AdaLoRAAllocator", "adalora_scaling", "prepare_adalora", "PrefixTuning", "PromptTuning", "bitfit",
+           "fish_mask", "DiffPruningLinear", "diff_pruning", "diff_pruning_l0", "diff_pruning_to_sparse", "far_select"]

@@ -168,3 +168,29 @@ def test_sparse_diff_linear_module_trains_only_values_and_merges_exactly():
     assert torch.equal(layer.weight, w0)
     sd = layer.diff_state_dict()
     assert torch.equal(sd["indices"], idx) and sd["shape"].tolist() == [48, 64]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_dense_weight_sized_tensor_in_a_training_step(backend):
+    """Every tensor an op creates during forward + backward + optimizer step is far smaller than [out, in]."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and func is not torch.ops.aten.view.default:
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    O, I, N = 512, 384, 16
+    idx = torch.randperm(O * I)[: O * I // 1000].sort().values
+    layer = pk.nn.SparseDiffLinear.from_linear(torch.nn.Linear(I, O), idx)
+    opt = torch.optim.AdamW([layer.values], lr=1e-3)
+    x = torch.randn(N, I, requires_grad=True)
+    with pk.use_backend(backend), Largest():
+        layer(x).square().mean().backward()
+        opt.step()
+    assert 0 < Largest.largest <= max(N * O, N * I)  # activations at most, never O * I
