@@ -79,7 +79,8 @@ def check_index_values(indices: Tensor, numel: int, name: str = "indices") -> No
     if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
         raise ValueError(f"{name} must be sorted and unique (strictly increasing)")
     if lo < 0 or hi >= numel:
-        raise ValueError(f"{name} must lie in [0, {numel}) (flat positions into the weight), got {lo if lo < 0 else hi}")
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"{name} must lie in [0, {numel}) (flat positions into the weight), got {bad}")
 
 
 def check_indices(indices, numel: int, name: str = "indices") -> None:
