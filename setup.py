@@ -16,7 +16,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-CUDA_SOURCES = ["csrc/cuda/nf4.cu"]
+CUDA_SOURCES = ["csrc/cuda/nf4.cu", "csrc/cuda/sparse.cu"]
 CUDA_ARCHS = ("80", "86", "89", "90")
 
 

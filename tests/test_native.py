@@ -11,6 +11,7 @@ import torch
 import peftkern as pk
 from peftkern import _native
 from peftkern.ops.nf4 import cuda_impl
+from peftkern.ops.sparse import cuda_impl as sparse_cuda_impl
 from tests._helpers import requires_cuda
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None,
@@ -32,7 +33,7 @@ def test_cuda_library_built_for_every_arch_without_spills():
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     assert spills and all(s == ("0", "0") for s in spills), log
     lib = _native.CUDA.handle()  # loads without a GPU: the CUDA runtime is linked statically
-    for name in cuda_impl._SIGNATURES:
+    for name in (*cuda_impl._SIGNATURES, *sparse_cuda_impl._SIGNATURES):
         assert hasattr(lib, name), name
 
 
@@ -64,3 +65,20 @@ def test_cuda_nf4_matches_torch_path(dtype, double_quant):
         y = pk.nf4_linear(x, q)
     expected = x.double() @ ref_w.double().t().cuda()
     assert (y.double() - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_cuda_sparse_merge_matches_torch_path(dtype):
+    w = torch.randn(37, 129).to(dtype)
+    idx = torch.randperm(w.numel())[:200].sort().values
+    vals = torch.randn(200)
+    ref = w.clone()
+    with pk.use_backend("torch"):
+        pk.sparse.merge(ref, idx, vals, alpha=0.5)
+    got = w.cuda()
+    with pk.use_backend("cuda"):
+        previous = pk.sparse.merge(got, idx.cuda(), vals.cuda(), alpha=0.5)
+        assert torch.equal(got.cpu(), ref)
+        pk.sparse.unmerge(got, idx.cuda(), vals.cuda(), alpha=0.5, previous=previous)
+    assert torch.equal(got.cpu(), w)

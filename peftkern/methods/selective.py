@@ -2,7 +2,7 @@
 
 FISH Mask and Diff Pruning select entries and train them as :class:`~peftkern.nn.SparseDiffLinear` (values at fixed
 indices: nnz-sized storage, optimizer state and gradient work); FAR selects whole FFN rows (nodes) and trains them
-the same way, the row's entries as the indices.
+as one small dense block (:class:`~peftkern.nn.RowDiffLinear`).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import _validate as V
-from ..nn.sparse import SparseDiffLinear
+from ..nn.sparse import RowDiffLinear, SparseDiffLinear
 
 
 def _linears(model: nn.Module, target: Optional[str]) -> dict[str, nn.Linear]:
@@ -169,13 +169,13 @@ def diff_pruning_to_sparse(model: nn.Module, density: float) -> dict[str, Sparse
 
 
 def far_select(model: nn.Module, primed_weights: dict[str, torch.Tensor], fraction: float,
-               trainable_head: Iterable[str] = ("classifier",)) -> dict[str, SparseDiffLinear]:
+               trainable_head: Iterable[str] = ("classifier",)) -> dict[str, RowDiffLinear]:
     """FAR (Vucetic et al., 2022): after priming steps that trained the FFN Linears named in ``primed_weights``
-    (name -> weight before priming), rank each layer's rows (nodes) by the L1 change of their weights, keep the top
-    ``fraction`` of rows trainable (as SparseDiffLinear over those rows' entries) and freeze everything else. The
-    primed weights are restored first: the priming only chooses the nodes."""
+    (name -> weight before priming), rank each layer's rows (nodes) by the L1 change of their weights and train the
+    top ``fraction`` of rows as a small dense block (RowDiffLinear), everything else frozen. The primed weights are
+    restored first: the priming only chooses the nodes."""
     V.number("fraction", fraction, low=0.0, high=1.0, low_open=True, high_open=False)
-    selections = {}
+    out = {}
     for n, before in primed_weights.items():
         linear = model.get_submodule(n)
         if not isinstance(linear, nn.Linear):
@@ -184,8 +184,8 @@ def far_select(model: nn.Module, primed_weights: dict[str, torch.Tensor], fracti
             change = (linear.weight.float() - before.float()).abs().sum(1)  # [out]: L1 change per node
             linear.weight.copy_(before)
         k = max(1, int(round(fraction * change.numel())))
-        rows = torch.topk(change, k).indices.sort().values
-        cols = torch.arange(linear.in_features, device=rows.device)
-        selections[n] = (rows[:, None] * linear.in_features + cols[None, :]).view(-1)
+        out[n] = RowDiffLinear(linear, torch.topk(change, k).indices.sort().values)
     _freeze_except(model, trainable_head)
-    return _to_sparse(model, selections)
+    for n, m in out.items():
+        _replace(model, n, m)
+    return out

@@ -1,6 +1,6 @@
 """Drop-in modules built on peftkern's ops."""
 from .lora import LoRALinear
 from .nf4 import NF4Linear, QLoRALinear
-from .sparse import SparseDiffLinear
+from .sparse import RowDiffLinear, SparseDiffLinear
 
-__all__ = ["LoRALinear", "NF4Linear", "QLoRALinear", "SparseDiffLinear"]
+__all__ = ["LoRALinear", "NF4Linear", "QLoRALinear", "SparseDiffLinear", "RowDiffLinear"]

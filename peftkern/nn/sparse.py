@@ -68,3 +68,44 @@ class SparseDiffLinear(nn.Module):
         density = self.indices.numel() / (self.out_features * self.in_features)
         return (f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.indices.numel()} "
                 f"({100 * density:.3g}%), merged={self.merged}")
+
+
+class RowDiffLinear(nn.Module):
+    """FAR's structured variant: ``y = x (W + scatter_rows(delta))^T + b`` with the selected rows' (nodes') diff
+    ``delta`` [k, in] trained as one small dense block: ``y[:, rows] += x delta^T``, ``d delta = g[:, rows]^T x``,
+    ``dx += g[:, rows] delta`` (plain autograd on k-row tensors); :meth:`merge` adds it back by rows."""
+
+    def __init__(self, linear: nn.Linear, rows: torch.Tensor):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        check_indices(rows, linear.out_features, "rows")
+        self.linear = linear
+        for p in linear.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("rows", rows.to(device=linear.weight.device, dtype=torch.int64))
+        dtype = torch.float32 if linear.weight.dtype in (torch.float16, torch.bfloat16) else linear.weight.dtype
+        self.delta = nn.Parameter(torch.zeros(rows.numel(), linear.in_features, device=linear.weight.device,
+                                              dtype=dtype))
+        self._previous: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        if self._previous is not None:
+            return y
+        extra = (x.to(self.delta.dtype) @ self.delta.t()).to(y.dtype)  # [..., k]
+        return y.index_add(-1, self.rows, extra)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W[rows] += delta in place (the previous rows are kept: unmerge is exact)."""
+        if self._previous is None:
+            w = self.linear.weight
+            self._previous = w[self.rows].clone()
+            w[self.rows] = (w[self.rows].to(self.delta.dtype) + self.delta).to(w.dtype)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._previous is not None:
+            self.linear.weight[self.rows] = self._previous
+            self._previous = None

@@ -104,11 +104,31 @@ def test_far_selects_the_most_changed_nodes():
         net.fc1.weight[5] += 0.01
     layers = pk.methods.far_select(net, before, fraction=2 / 16)
     layer = layers["fc1"]
-    rows = (layer.indices // 12).unique().tolist()
-    assert rows == [3, 9] and layer.indices.numel() == 2 * 12
-    assert torch.equal(layer.weight, before["fc1"])  # the priming only chose the nodes
-    assert {n for n, p in net.named_parameters() if p.requires_grad} == {"fc1.values", "classifier.weight",
+    assert layer.rows.tolist() == [3, 9] and tuple(layer.delta.shape) == (2, 12)
+    assert torch.equal(layer.linear.weight, before["fc1"])  # the priming only chose the nodes
+    assert {n for n, p in net.named_parameters() if p.requires_grad} == {"fc1.delta", "classifier.weight",
                                                                          "classifier.bias"}
+    # the dense-block math: y, dx and d delta equal dense math with the delta scattered into those rows
+    with torch.no_grad():
+        layer.delta.normal_()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    layer.double()
+    xr = x.clone().requires_grad_()
+    y = layer(xr)
+    g = torch.randn_like(y)
+    dx, dd = torch.autograd.grad(y, (xr, layer.delta), g)
+    delta = layer.delta.detach().clone().requires_grad_()
+    xd = x.clone().requires_grad_()
+    w = layer.linear.weight.index_add(0, layer.rows, delta)
+    y2 = nn.functional.linear(xd, w, layer.linear.bias)
+    dx2, dd2 = torch.autograd.grad(y2, (xd, delta), g)
+    for a, b in ((y, y2), (dx, dx2), (dd, dd2)):
+        torch.testing.assert_close(a, b)
+    w0 = layer.linear.weight.clone()
+    layer.merge()
+    torch.testing.assert_close(layer(x), y2.detach())
+    layer.unmerge()
+    assert torch.equal(layer.linear.weight, w0)
 
 
 def test_bad_input():

@@ -145,7 +145,7 @@ def merge(weight: Tensor, indices: Tensor, values: Tensor, alpha: float = 1.0) -
     _check_merge(weight, indices, values)
     V.number("alpha", alpha)
     flat = weight.view(-1)
-    previous = flat[indices.long()].clone()
+    previous = resolve("sparse_gather", weight.device)[1](flat, indices)
     _, impl = resolve("sparse_scatter_add", weight.device)
     impl(flat, indices, values, float(alpha))
     return previous

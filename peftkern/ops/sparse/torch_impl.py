@@ -71,3 +71,9 @@ def scatter_add_(flat: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
     idx = indices.long()
     dt = torch.promote_types(torch.promote_types(flat.dtype, values.dtype), torch.float32)
     flat[idx] = (flat[idx].to(dt) + alpha * values.to(dt)).to(flat.dtype)
+
+
+@register("sparse_gather", "torch")
+def gather(flat: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """flat[indices] (a copy)."""
+    return flat[indices.long()]

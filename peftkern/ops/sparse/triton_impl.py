@@ -92,6 +92,12 @@ def dgrad(grad_out, weight, indices, values):
     return dx
 
 
+@register("sparse_gather", "triton")
+def gather(flat, indices):
+    """flat[indices]: a plain indexing copy (no kernel needed)."""
+    return flat[indices.long()]
+
+
 @register("sparse_scatter_add", "triton")
 def scatter_add_(flat, indices, values, alpha: float) -> None:
     impl = _float64("sparse_scatter_add", flat, values)
