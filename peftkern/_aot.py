@@ -85,7 +85,8 @@ def parse_ptxas_log(log: str) -> dict | None:
     if regs is None or spill is None:
         return None
     return {"registers": int(regs.group(1)), "stack_bytes": int(spill.group(1)),
-            "spill_store_bytes": int(spill.group(2)), "spill_load_bytes": int(spill.group(3))}
+            "spill_store_bytes": int(spill.group(2)), "spill_load_bytes": int(spill.group(3)),
+            "spills": int(spill.group(2)) + int(spill.group(3))}
 
 
 def ptxas_usage(ptx: str, arch: int) -> dict:
@@ -188,7 +189,7 @@ def run_from_args(args) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
     spilled = [f"{r['kernel']} ({r['variant']}, {r['gpu']})" for r in rows
-               if r["spill_store_bytes"] or r["spill_load_bytes"]]
+               if r["spills"]]
     if spilled:
         print(f"register spills: {', '.join(spilled)}", file=sys.stderr)
         return 1

@@ -1,7 +1,7 @@
 """The ``peftkern`` command (``python -m peftkern.cli``): info, bench, demo, kernels.
 
     peftkern info [--json]            versions, backends (with the reason one is unavailable), CUDA library status
-    peftkern bench [lora|nf4|prefix|sparse] [--quick] [--json FILE]   vs the peers (benchmarks/bench_*.py)
+    peftkern bench [lora|nf4|prefix|sparse|all] [--quick] [--json FILE]   vs the peers (benchmarks/bench_*.py)
     peftkern demo [--quick]           a real LoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
     peftkern kernels [--arch 80 90] [--json FILE]     compile the Triton kernels ahead of time (peftkern/_aot.py)
 """
@@ -131,8 +131,15 @@ def _load_benchmark(name: str):
 
 def cmd_bench(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    mod = _load_benchmark(args.which)
-    mod.run_from_args(args)
+    families = sorted(BENCHMARKS) if args.which == "all" else [args.which]
+    for family in families:
+        if len(families) > 1:
+            print(f"\n## {family}")
+        run_args = argparse.Namespace(**vars(args))
+        if len(families) > 1 and args.json:  # one JSON per family beside the name given
+            stem, dot, ext = args.json.rpartition(".")
+            run_args.json = f"{stem}-{family}.{ext}" if dot else f"{args.json}-{family}"
+        _load_benchmark(family).run_from_args(run_args)
     return 0
 
 
@@ -158,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("bench", help="benchmarks against the peers (benchmarks/)")
-    p.add_argument("which", nargs="?", default="lora", choices=sorted(BENCHMARKS))
+    p.add_argument("which", nargs="?", default="lora", choices=sorted(BENCHMARKS) + ["all"])
     p.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
     p.add_argument("--json", metavar="FILE", default=None, help="JSON output (default: benchmarks/results/)")
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions per config (minimum)")

@@ -56,6 +56,9 @@ def test_bench_subcommand_parses():
     args = cli.build_parser().parse_args(["bench", "--quick", "--json", "x.json"])
     assert args.which == "lora" and args.quick and args.json == "x.json" and args.func is cli.cmd_bench
     assert (REPO / "benchmarks" / "bench_lora.py").exists()
+    assert cli.build_parser().parse_args(["bench", "all", "--quick"]).which == "all"
+    for family in cli.BENCHMARKS:
+        assert (REPO / "benchmarks" / f"{cli.BENCHMARKS[family]}.py").exists(), family
 
 
 @pytest.mark.slow
@@ -124,6 +127,7 @@ def test_kernels_subcommand_writes_json(tmp_path, capsys):
     assert cli.main(["kernels", "--arch", "80", "--json", str(out)]) == 0
     assert "lora_fwd_kernel" in capsys.readouterr().out
     rows = json.loads(out.read_text())
-    assert rows and {"kernel", "arch", "registers", "spill_store_bytes", "shared_bytes", "config"} <= set(rows[0])
+    assert rows and {"kernel", "arch", "registers", "spills", "shared_bytes", "config"} <= set(rows[0])
+    assert all(r["spills"] == 0 for r in rows)
     assert {r["arch"] for r in rows} == {80}
     assert all(r["config"]["num_warps"] >= 1 for r in rows)
