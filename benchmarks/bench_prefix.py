@@ -23,8 +23,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from benchmarks.common import (SavedBytes, fmt_bytes, format_table, interleaved_times, machine_info,  # noqa: E402
-                               paired_ratio, steady_malloc, summarize, write_json)
+from benchmarks.common import (SavedBytes, add_standard_arguments, bench_main, fmt_bytes, format_table,  # noqa: E402
+                               interleaved_times, machine_info, paired_ratio, run_standard, steady_malloc,
+                               summarize, write_json)
 
 FULL = [(4, 512, 32, 64), (2, 1024, 64, 64), (1, 2048, 128, 128)]  # (B, S, P, D)
 QUICK = [(2, 256, 32, 64), (1, 1024, 64, 64)]
@@ -100,23 +101,15 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
-    ap.add_argument("--json", metavar="FILE", default=None, help="where to write the JSON")
-    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions per config")
-    ap.add_argument("--malloc", choices=["steady", "default"], default="steady")
+    add_standard_arguments(ap)
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    return run(quick=args.quick, json_path=args.json, reps=args.reps, malloc=getattr(args, "malloc", "steady"))
+    return run_standard(run, args)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    run_from_args(ap.parse_args(argv))
-    return 0
+    return bench_main(__doc__, add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

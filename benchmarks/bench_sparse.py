@@ -21,8 +21,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from benchmarks.common import (fmt_bytes, format_table, interleaved_times, machine_info, paired_ratio,  # noqa: E402
-                               steady_malloc, summarize, write_json)
+from benchmarks.common import (add_standard_arguments, bench_main, fmt_bytes, format_table,  # noqa: E402
+                               interleaved_times, machine_info, paired_ratio, run_standard, steady_malloc,
+                               summarize, write_json)
 
 DENSITIES = (0.001, 0.01, 0.1)
 
@@ -79,23 +80,15 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
-    ap.add_argument("--json", metavar="FILE", default=None, help="where to write the JSON")
-    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions per config")
-    ap.add_argument("--malloc", choices=["steady", "default"], default="steady")
+    add_standard_arguments(ap)
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-    return run(quick=args.quick, json_path=args.json, reps=args.reps, malloc=getattr(args, "malloc", "steady"))
+    return run_standard(run, args)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    run_from_args(ap.parse_args(argv))
-    return 0
+    return bench_main(__doc__, add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

@@ -208,3 +208,29 @@ def write_json(payload: dict, path: Optional[str | os.PathLike] = None, stem: st
 
 def storages_desc(storages: Iterable[tuple[int, tuple[int, ...], torch.dtype]]) -> list[str]:
     return [f"{list(shape)} {str(dt).replace('torch.', '')} {fmt_bytes(n)}" for n, shape, dt in storages]
+
+
+# --------------------------------------------------------------------------------------------------- command line
+def add_standard_arguments(ap) -> None:
+    """--quick, --json, --reps, --malloc: the options every benchmark takes."""
+    ap.add_argument("--quick", action="store_true", help="smaller shapes, fewer repetitions")
+    ap.add_argument("--json", metavar="FILE", default=None, help="where to write the JSON")
+    ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions per config")
+    ap.add_argument("--malloc", choices=["steady", "default"], default="steady",
+                    help="steady (default): fixed glibc mmap/trim thresholds, as in a long training run")
+
+
+def run_standard(run: Callable, args) -> dict:
+    """``run(quick, json_path, reps, malloc)`` from parsed arguments (``peftkern bench``'s or the script's own)."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    return run(quick=args.quick, json_path=args.json, reps=args.reps, malloc=getattr(args, "malloc", "steady"))
+
+
+def bench_main(doc: str, add_arguments: Callable, run_from_args: Callable, argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_arguments(ap)
+    run_from_args(ap.parse_args(argv))
+    return 0

@@ -45,3 +45,16 @@ class Library:
 
 CPU = Library("libpeftkern_cpu", "pip install -e . builds it with the machine's C++ compiler")
 CUDA = Library("libpeftkern_cuda", "build with nvcc via setup.py")
+
+
+def cuda_call(name: str, argtypes: list, *args) -> None:
+    """Run launcher ``name`` of the CUDA library on torch's current stream (``argtypes`` without the trailing
+    stream); a non-zero cudaError_t raises."""
+    import torch
+
+    fn = getattr(CUDA.handle(), name)
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = [*argtypes, ctypes.c_void_p], ctypes.c_int
+    err = fn(*args, torch.cuda.current_stream().cuda_stream)
+    if err != 0:
+        raise RuntimeError(f"{name} failed with cudaError {err}")

@@ -17,20 +17,15 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GEMV_ROWS = 4  # the CUDA GEMV serves decode: up to this many token rows
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _SIGNATURES = {
-    "pk_nf4_quantize_cuda": [_P, _I32, _I64, _I64, _P, _P, _P, _P],
-    "pk_nf4_quantize_absmax_cuda": [_P, _I64, _P, _P, _P, _P, _P],
-    "pk_nf4_dequantize_cuda": [_P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _P, _I32, _P],
-    "pk_nf4_gemv_cuda": [_P, _I32, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I32, _P, _P, _P],
+    "pk_nf4_quantize_cuda": [_P, _I32, _I64, _I64, _P, _P, _P],
+    "pk_nf4_quantize_absmax_cuda": [_P, _I64, _P, _P, _P, _P],
+    "pk_nf4_dequantize_cuda": [_P, _P, _P, _P, _P, _P, _I64, _P, _I64, _I64, _P, _I32],
+    "pk_nf4_gemv_cuda": [_P, _I32, _I64, _I64, _P, _P, _P, _I64, _I64, _I64, _I32, _P, _P],
 }
 
 
 def _call(name: str, *args) -> None:
-    fn = getattr(_native.CUDA.handle(), name)
-    if fn.argtypes is None:
-        fn.argtypes, fn.restype = _SIGNATURES[name], ctypes.c_int
-    err = fn(*args, torch.cuda.current_stream().cuda_stream)
-    if err != 0:
-        raise RuntimeError(f"{name} failed with cudaError {err}")
+    _native.cuda_call(name, _SIGNATURES[name], *args)
 
 
 def _ptr(t):

@@ -14,18 +14,13 @@ from ...backend import fallback, register
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _P, _I32, _I64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
 _SIGNATURES = {
-    "pk_sparse_scatter_add_cuda": [_P, _I32, _P, _P, _I64, ctypes.c_float, _P],
-    "pk_sparse_gather_cuda": [_P, _I32, _P, _I64, _P, _P],
+    "pk_sparse_scatter_add_cuda": [_P, _I32, _P, _P, _I64, ctypes.c_float],
+    "pk_sparse_gather_cuda": [_P, _I32, _P, _I64, _P],
 }
 
 
 def _call(name: str, *args) -> None:
-    fn = getattr(_native.CUDA.handle(), name)
-    if fn.argtypes is None:
-        fn.argtypes, fn.restype = _SIGNATURES[name], ctypes.c_int
-    err = fn(*args, torch.cuda.current_stream().cuda_stream)
-    if err != 0:
-        raise RuntimeError(f"{name} failed with cudaError {err}")
+    _native.cuda_call(name, _SIGNATURES[name], *args)
 
 
 @register("sparse_scatter_add", "cuda")
