@@ -32,8 +32,8 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmarks.common import (SavedBytes, fmt_bytes, format_table, interleaved_times, machine_info,  # noqa: E402
-                               paired_ratio, steady_malloc, storages_desc, summarize, write_json)
+from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes, format_table, interleaved_times,  # noqa: E402
+                               machine_info, paired_ratio, steady_malloc, storages_desc, summarize, write_results)
 
 DTYPES = {  # name: (base dtype, adapters in fp32?)
     "fp32": (torch.float32, True),
@@ -222,13 +222,13 @@ def model_step_time(batch: int, seq: int, r: int, dropout: float, reps: int, see
 
 COLUMNS = [("shape", "tokens x in x out"), ("dtype", "dtype"), ("dropout", "p"), ("ratio", "ours/PEFT"),
            ("ratio_paired", "paired"), ("ratio_min", "min/min"), ("ratio_cpu", "cpu-time"), ("ours_ms", "ours ms"),
-           ("peft_ms", "PEFT ms"),
+           ("peft_ms", "PEFT ms"), ("TFLOPs", "ours TFLOP/s"),
            ("mem_all", "saved all ours/PEFT"), ("mem_added", "added beyond x ours/PEFT")]
 
 
 def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int] = None,
         shapes: Optional[list] = None, dtypes: Optional[list] = None, model: bool = True, r: int = 16,
-        malloc: str = "steady", log=print) -> dict:
+        malloc: str = "steady", plot: Optional[str] = None, log=print) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     malloc = steady_malloc() if malloc == "steady" else "default"
     shapes = shapes or (QUICK_SHAPES if quick else FULL_SHAPES)
@@ -249,6 +249,9 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
             for p in DROPOUTS:
                 row = bench_layer(n_tok, in_f, out_f, r, p, dtype, reps, device, min_time_s)
                 row["shape"] = f"{n_tok}x{in_f}x{out_f}"
+                # fwd + bwd: base GEMM and dgrad (no dW), LoRA shrink / expand forward and their three backward GEMMs
+                add_roofline(row, device, row["ours_ms"] * 1e-3,
+                             flops=4 * n_tok * in_f * out_f + 6 * n_tok * r * (in_f + out_f))
                 row["mem_all"] = f"{fmt_bytes(row['mem_all_ours'])} / {fmt_bytes(row['mem_all_peft'])}"
                 row["mem_added"] = f"{fmt_bytes(row['mem_added_ours'])} / {fmt_bytes(row['mem_added_peft'])}"
                 rows.append(row)
@@ -299,7 +302,9 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
     payload = {"benchmark": "lora_linear_vs_peft", "quick": quick, "device": device, "r": r, "malloc": malloc,
                "machine": info,
                "layers": rows, "qkv_memory": qkv, "model_memory": models, "model_step_time": model_times}
-    path = write_json(payload, json_path, stem="bench_lora" + ("-quick" if quick else ""))
+    path = write_results(payload, rows, json_path, "bench_lora" + ("-quick" if quick else ""), plot,
+                         f"LoRALinear vs PEFT, fwd+bwd, r={r}, {device}",
+                         lambda rw: f"{rw['shape']} {rw['dtype']} p={rw['dropout']}")
     log(f"\n# JSON: {path}")
     payload["json_path"] = str(path)
     return payload
@@ -322,6 +327,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--malloc", choices=["steady", "default"], default="steady",
                     help="steady (default): fixed glibc mmap/trim thresholds, as in a long training run")
+    ap.add_argument("--plot", metavar="FILE.png", default=None, help="a bar chart of the ratios")
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
@@ -329,7 +335,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes] if args.shapes else None
     return run(quick=args.quick, json_path=args.json, reps=args.reps, shapes=shapes, dtypes=args.dtypes,
-               model=not args.no_model, malloc=getattr(args, "malloc", "steady"))
+               model=not args.no_model, malloc=getattr(args, "malloc", "steady"), plot=getattr(args, "plot", None))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -25,9 +25,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from benchmarks.common import (SavedBytes, add_standard_arguments, bench_main, fmt_bytes, format_table,  # noqa: E402
-                               interleaved_times, machine_info, paired_ratio, run_standard, steady_malloc,
-                               summarize, write_json)
+from benchmarks.common import (SavedBytes, add_roofline, add_standard_arguments, bench_main, fmt_bytes,  # noqa: E402
+                               format_table, interleaved_times, machine_info, paired_ratio, run_standard,
+                               steady_malloc, summarize, write_results)
 
 FULL_SHAPES = [(1024, 1024), (4096, 4096)]
 QUICK_SHAPES = [(1024, 1024), (2048, 2048)]
@@ -69,24 +69,12 @@ def bench_format(out_f: int, in_f: int, reps: int, device: str) -> list[dict]:
     # bytes a dequantization moves: the 4-bit codes and 8-bit scales read, the bf16 weight written
     moved = packed.numel() + q.qabsmax.numel() + q.absmax2.numel() * 4 + w.numel() * w.element_size()
     rows = [{"op": "quantize", "peer": "bitsandbytes", "shape": shape, **_ratio_row(times, "q_ours", "q_bnb")},
-            {"op": "dequantize", "peer": "bitsandbytes", "shape": shape, **_ratio_row(times, "d_ours", "d_bnb"),
-             "ours_GBps": moved / summarize(times["d_ours"])["median_ms"] / 1e6}]
-    peak = _peak_bandwidth_GBps(device)
-    if peak:
-        rows[1]["of_peak"] = rows[1]["ours_GBps"] / peak
+            {"op": "dequantize", "peer": "bitsandbytes", "shape": shape, **_ratio_row(times, "d_ours", "d_bnb")}]
+    add_roofline(rows[1], device, rows[1]["ours_ms"] * 1e-3, bytes_moved=moved)
     if "q_torchao" in times:
         rows += [{"op": "quantize", "peer": "torchao", "shape": shape, **_ratio_row(times, "q_ours", "q_torchao")},
                  {"op": "dequantize", "peer": "torchao", "shape": shape, **_ratio_row(times, "d_ours", "d_torchao")}]
     return rows
-
-
-def _peak_bandwidth_GBps(device: str) -> Optional[float]:
-    """The GPU's DRAM bandwidth from its memory clock and bus width (None on a CPU or where torch lacks them)."""
-    if device != "cuda":
-        return None
-    props = torch.cuda.get_device_properties(0)
-    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
-    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9 if clock_khz and bus_bits else None
 
 
 def _bnb_layer(linear: nn.Linear):
@@ -141,7 +129,7 @@ def bench_qlora(tokens: int, out_f: int, in_f: int, r: int, reps: int, device: s
 
 
 def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int] = None, malloc: str = "steady",
-        log=print) -> dict:
+        plot: Optional[str] = None, log=print) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
     reps = reps or (5 if quick else 11)
@@ -155,7 +143,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
         fmt += bench_format(out_f, in_f, reps, device)
     log(format_table(fmt, [("op", "op"), ("peer", "peer"), ("shape", "weight"), ("ratio", "ours/peer"),
                            ("ratio_paired", "paired"), ("ours_ms", "ours ms"), ("peer_ms", "peer ms"),
-                           ("ours_GBps", "ours GB/s"), ("of_peak", "of peak")]))
+                           ("GBps", "ours GB/s"), ("of_peak_bw", "of peak")]))
     layers = [bench_qlora(512, 1024, 1024, 16, reps, device)]
     if not quick:
         layers.append(bench_qlora(512, 4096, 4096, 16, reps, device))
@@ -164,8 +152,10 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
                       for row in layers],
                      [("shape", "tokens x in x out"), ("ratio", "ours/PEFT"), ("ratio_paired", "paired"),
                       ("ours_ms", "ours ms"), ("peer_ms", "PEFT ms"), ("saved", "saved ours / PEFT")]))
-    path = write_json({"machine": info, "malloc": malloc, "reps": reps, "format": fmt, "qlora": layers}, json_path,
-                      stem="bench_nf4")
+    path = write_results({"machine": info, "malloc": malloc, "reps": reps, "format": fmt, "qlora": layers},
+                         fmt + layers, json_path, "bench_nf4", plot,
+                         f"NF4 / QLoRA vs bitsandbytes, PEFT, torchao, {device}",
+                         lambda r: f"{r.get('op', 'QLoRA layer')} {r['shape']} vs {r.get('peer', 'PEFT')}")
     log(f"\n# JSON: {path}")
     return {"format": fmt, "qlora": layers}
 

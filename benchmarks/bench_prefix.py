@@ -23,9 +23,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from benchmarks.common import (SavedBytes, add_standard_arguments, bench_main, fmt_bytes, format_table,  # noqa: E402
-                               interleaved_times, machine_info, paired_ratio, run_standard, steady_malloc,
-                               summarize, write_json)
+from benchmarks.common import (SavedBytes, add_roofline, add_standard_arguments, bench_main, fmt_bytes,  # noqa: E402
+                               format_table, interleaved_times, machine_info, paired_ratio, run_standard,
+                               steady_malloc, summarize, write_results)
 
 FULL = [(4, 512, 32, 64), (2, 1024, 64, 64), (1, 2048, 128, 128)]  # (B, S, P, D)
 QUICK = [(2, 256, 32, 64), (1, 1024, 64, 64)]
@@ -74,14 +74,17 @@ def bench(B, S, P, D, dtype, reps, device) -> dict:
     times = interleaved_times({"ours": lambda: step(ours), "sdpa": lambda: step(sdpa_concat)}, reps=reps,
                               device=device)
     so, sp = summarize(times["ours"]), summarize(times["sdpa"])
-    return {"shape": f"B{B} S{S} P{P} D{D}", "dtype": str(dtype).removeprefix("torch."),
+    # forward 4 B Hq S D (P + S / 2) (causal); the backward recomputes the scores and adds three products: 2.5x
+    flops = 3.5 * 4 * B * HQ * S * D * (P + S / 2)
+    return add_roofline({"shape": f"B{B} S{S} P{P} D{D}", "dtype": str(dtype).removeprefix("torch."),
             "ratio": so["median_ms"] / sp["median_ms"], "ratio_paired": paired_ratio(times["ours"], times["sdpa"]),
             "ours_ms": so["median_ms"], "sdpa_ms": sp["median_ms"], "saved_ours": saved["ours"],
-            "saved_sdpa": saved["sdpa"], "saved": f"{fmt_bytes(saved['ours'])} / {fmt_bytes(saved['sdpa'])}"}
+            "saved_sdpa": saved["sdpa"], "saved": f"{fmt_bytes(saved['ours'])} / {fmt_bytes(saved['sdpa'])}"},
+                        device, so["median_ms"] * 1e-3, flops=flops)
 
 
 def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int] = None, malloc: str = "steady",
-        log=print) -> dict:
+        plot: Optional[str] = None, log=print) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
     reps = reps or (5 if quick else 9)
@@ -93,9 +96,10 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
             for dtype in (torch.float32, torch.bfloat16)]
     log(format_table(rows, [("shape", "shape"), ("dtype", "dtype"), ("ratio", "ours/SDPA"),
                             ("ratio_paired", "paired"), ("ours_ms", "ours ms"), ("sdpa_ms", "SDPA ms"),
-                            ("saved", "saved ours / SDPA")]))
-    path = write_json({"machine": info, "malloc": malloc, "reps": reps, "rows": rows}, json_path,
-                      stem="bench_prefix")
+                            ("TFLOPs", "ours TFLOP/s"), ("saved", "saved ours / SDPA")]))
+    path = write_results({"machine": info, "malloc": malloc, "reps": reps, "rows": rows}, rows, json_path,
+                         "bench_prefix", plot, f"prefix attention vs SDPA on concatenated keys, {device}",
+                         lambda r: f"{r['shape']} {r['dtype']}")
     log(f"\n# JSON: {path}")
     return {"rows": rows}
 

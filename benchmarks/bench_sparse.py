@@ -21,9 +21,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from benchmarks.common import (add_standard_arguments, bench_main, fmt_bytes, format_table,  # noqa: E402
+from benchmarks.common import (add_roofline, add_standard_arguments, bench_main, fmt_bytes, format_table,  # noqa: E402
                                interleaved_times, machine_info, paired_ratio, run_standard, steady_malloc,
-                               summarize, write_json)
+                               summarize, write_results)
 
 DENSITIES = (0.001, 0.01, 0.1)
 
@@ -52,14 +52,18 @@ def bench(tokens: int, in_f: int, out_f: int, density: float, dtype, reps: int, 
     times = interleaved_times({"ours": lambda: step(ours), "dense": lambda: step(dense)}, reps=reps, device=device)
     so, sd = summarize(times["ours"]), summarize(times["dense"])
     state = lambda params: sum(3 * p.numel() * 4 for p in params)  # noqa: E731  (fp32 param-sized AdamW moments x2)
-    return {"shape": f"{tokens}x{in_f}x{out_f}", "density": density, "dtype": str(dtype).removeprefix("torch."),
+    # ours: the forward and dgrad GEMMs plus nnz-sized work per token (two corrections and the SDDMM)
+    flops = 4 * tokens * in_f * out_f + 6 * tokens * nnz
+    return add_roofline({"shape": f"{tokens}x{in_f}x{out_f}", "density": density,
+            "dtype": str(dtype).removeprefix("torch."),
             "ratio": so["median_ms"] / sd["median_ms"], "ratio_paired": paired_ratio(times["ours"], times["dense"]),
             "ours_ms": so["median_ms"], "dense_ms": sd["median_ms"],
-            "state": f"{fmt_bytes(state([ours.values]))} / {fmt_bytes(state([dense.weight]))}"}
+            "state": f"{fmt_bytes(state([ours.values]))} / {fmt_bytes(state([dense.weight]))}"},
+                        device, so["median_ms"] * 1e-3, flops=flops)
 
 
 def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int] = None, malloc: str = "steady",
-        log=print) -> dict:
+        plot: Optional[str] = None, log=print) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
     reps = reps or (5 if quick else 9)
@@ -72,9 +76,11 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
             for d in DENSITIES]
     log(format_table(rows, [("shape", "tokens x in x out"), ("dtype", "dtype"), ("density", "density"),
                             ("ratio", "ours/dense"), ("ratio_paired", "paired"), ("ours_ms", "ours ms"),
-                            ("dense_ms", "dense ms"), ("state", "trainable state ours / dense")]))
-    path = write_json({"machine": info, "malloc": malloc, "reps": reps, "rows": rows}, json_path,
-                      stem="bench_sparse")
+                            ("dense_ms", "dense ms"), ("TFLOPs", "ours TFLOP/s"),
+                            ("state", "trainable state ours / dense")]))
+    path = write_results({"machine": info, "malloc": malloc, "reps": reps, "rows": rows}, rows, json_path,
+                         "bench_sparse", plot, f"SparseDiffLinear vs dense masked gradient, {device}",
+                         lambda r: f"{r['shape']} {r['dtype']} {100 * r['density']:g}%")
     log(f"\n# JSON: {path}")
     return {"rows": rows}
 

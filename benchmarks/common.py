@@ -7,6 +7,7 @@ median wall clock of each and their ratio. On a CUDA device ``triton.testing.do_
 """
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import json
 import os
@@ -206,6 +207,67 @@ def write_json(payload: dict, path: Optional[str | os.PathLike] = None, stem: st
     return path
 
 
+# Dense bf16 tensor-core TFLOP/s and DRAM GB/s from the vendors' datasheets, matched against the device name.
+GPU_PEAKS = {"H200": (989.0, 4800.0), "H100": (989.0, 3350.0), "A100": (312.0, 2039.0), "L40S": (362.0, 864.0),
+             "L4": (121.0, 300.0), "A10": (125.0, 600.0), "RTX 4090": (165.0, 1008.0)}
+
+
+def device_peak(device: str) -> tuple[Optional[float], Optional[float]]:
+    """(TFLOP/s, GB/s) of the GPU in use, or (None, None) on a CPU or an unknown GPU."""
+    if device != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(0)
+    return next((peak for key, peak in GPU_PEAKS.items() if key in name), (None, None))
+
+
+def add_roofline(row: dict, device: str, seconds: float, flops: float = 0.0, bytes_moved: float = 0.0) -> dict:
+    """Achieved TFLOP/s and GB/s of one call taking ``seconds``, and their share of the device's peak."""
+    peak_flops, peak_bw = device_peak(device)
+    if flops:
+        row["TFLOPs"] = flops / seconds / 1e12
+        if peak_flops:
+            row["of_peak_flops"] = row["TFLOPs"] / peak_flops
+    if bytes_moved:
+        row["GBps"] = bytes_moved / seconds / 1e9
+        if peak_bw:
+            row["of_peak_bw"] = row["GBps"] / peak_bw
+    return row
+
+
+def write_results(payload: dict, rows: list[dict], json_path, stem: str, plot_path=None, title: str = "",
+                  label: Optional[Callable[[dict], str]] = None) -> Path:
+    """The JSON (payload), a CSV of ``rows`` beside it, and with ``plot_path`` a bar chart of their ratios."""
+    path = write_json(payload, json_path, stem)
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float, str))))
+    with open(path.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    if plot_path:
+        plot_ratios(rows, plot_path, title, label or (lambda r: str(r.get("shape", ""))))
+    return path
+
+
+def plot_ratios(rows: list[dict], path, title: str, label: Callable[[dict], str]) -> None:
+    """Horizontal bars of ours/peer time per config (matplotlib, no display needed); < 1 is faster."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+    ratios = [r["ratio"] for r in rows]
+    ax.barh(range(len(rows)), ratios, color=["tab:green" if v <= 1 else "tab:red" for v in ratios])
+    ax.set_yticks(range(len(rows)), [label(r) for r in rows], fontsize=8)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.invert_yaxis()
+    ax.set_xlabel("time ours / peer (< 1: ours faster)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def storages_desc(storages: Iterable[tuple[int, tuple[int, ...], torch.dtype]]) -> list[str]:
     return [f"{list(shape)} {str(dt).replace('torch.', '')} {fmt_bytes(n)}" for n, shape, dt in storages]
 
@@ -218,13 +280,15 @@ def add_standard_arguments(ap) -> None:
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions per config")
     ap.add_argument("--malloc", choices=["steady", "default"], default="steady",
                     help="steady (default): fixed glibc mmap/trim thresholds, as in a long training run")
+    ap.add_argument("--plot", metavar="FILE.png", default=None, help="a bar chart of the ratios")
 
 
 def run_standard(run: Callable, args) -> dict:
     """``run(quick, json_path, reps, malloc)`` from parsed arguments (``peftkern bench``'s or the script's own)."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    return run(quick=args.quick, json_path=args.json, reps=args.reps, malloc=getattr(args, "malloc", "steady"))
+    return run(quick=args.quick, json_path=args.json, reps=args.reps, malloc=getattr(args, "malloc", "steady"),
+               plot=getattr(args, "plot", None))
 
 
 def bench_main(doc: str, add_arguments: Callable, run_from_args: Callable, argv=None) -> int:

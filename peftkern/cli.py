@@ -1,7 +1,7 @@
 """The ``peftkern`` command (``python -m peftkern.cli``): info, bench, demo, kernels.
 
     peftkern info [--json]            versions, backends (with the reason one is unavailable), CUDA library status
-    peftkern bench [lora|nf4|prefix|sparse|all] [--quick] [--json FILE]   vs the peers (benchmarks/bench_*.py)
+    peftkern bench [lora|nf4|prefix|sparse|all] [--quick] [--json F] [--plot F.png]   vs the peers (benchmarks/)
     peftkern demo [--quick]           a real LoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
     peftkern kernels [--arch 80 90] [--json FILE]     compile the Triton kernels ahead of time (peftkern/_aot.py)
 """
@@ -129,6 +129,13 @@ def _load_benchmark(name: str):
     return importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
 
 
+def _per_family(path: Optional[str], family: str) -> Optional[str]:
+    if not path:
+        return path
+    stem, dot, ext = path.rpartition(".")
+    return f"{stem}-{family}.{ext}" if dot else f"{path}-{family}"
+
+
 def cmd_bench(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     families = sorted(BENCHMARKS) if args.which == "all" else [args.which]
@@ -136,9 +143,8 @@ def cmd_bench(args) -> int:
         if len(families) > 1:
             print(f"\n## {family}")
         run_args = argparse.Namespace(**vars(args))
-        if len(families) > 1 and args.json:  # one JSON per family beside the name given
-            stem, dot, ext = args.json.rpartition(".")
-            run_args.json = f"{stem}-{family}.{ext}" if dot else f"{args.json}-{family}"
+        if len(families) > 1:  # one JSON / plot per family beside the names given
+            run_args.json, run_args.plot = (_per_family(path, family) for path in (args.json, args.plot))
         _load_benchmark(family).run_from_args(run_args)
     return 0
 
@@ -167,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks against the peers (benchmarks/)")
     p.add_argument("which", nargs="?", default="lora", choices=sorted(BENCHMARKS) + ["all"])
     p.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
-    p.add_argument("--json", metavar="FILE", default=None, help="JSON output (default: benchmarks/results/)")
+    p.add_argument("--json", metavar="FILE", default=None, help="JSON output (default: benchmarks/results/), "
+                                                               "a CSV beside it")
+    p.add_argument("--plot", metavar="FILE.png", default=None, help="a bar chart of the ratios (matplotlib)")
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions per config (minimum)")
     p.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16+fp32A", "bf16"])
     p.add_argument("--shapes", nargs="+", default=None, metavar="TxIxO", help="e.g. 512x1024x1024")
