@@ -165,3 +165,18 @@ def test_bad_input():
         pk.prefix_attention(q, k, v, pk_, pv, softmax_scale=0.0)
     with pytest.raises(TypeError, match="causal must be a bool"):
         pk.prefix_attention(q, k, v, pk_, pv, causal=1)
+
+
+@pytest.mark.skipif("triton" not in registered("prefix_attention_forward")
+                    or not pk.available_backends()["triton"].available, reason="triton backend unavailable here")
+def test_wide_heads_beyond_the_triton_kernels():
+    """D = 256: "auto" serves it through torch (values right), an explicit "triton" refuses it by name."""
+    from peftkern.ops.prefix_attention import triton_impl
+
+    c = _case(1, 2, 2, 5, 3, 256)
+    args = [c[n] for n in ("q", "k", "v", "pk", "pv")]
+    with pk.use_backend("triton"), pytest.raises(ValueError, match="head dim 256 > 128"):
+        pk.prefix_attention(*args)
+    impl = triton_impl.forward  # what auto would reach on a GPU
+    o, _ = impl(*args, None, True, 256 ** -0.5)
+    assert_close(o, prefix_attention_reference(*[a.double() for a in args]), name="o")

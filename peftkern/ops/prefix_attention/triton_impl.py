@@ -16,16 +16,15 @@ from .triton_kernels import (prefix_attention_bwd_dkdv_kernel, prefix_attention_
                              prefix_attention_fwd_kernel)
 
 # GPU defaults by head dim (spill-free on sm_80/sm_90, peftkern._aot): forward and dq 64x64 tiles up to D = 64,
-# 64x32 up to 128, 32x32 up to 256; 4 warps, 2 stages. The interpreter takes 16x16 tiles (small shapes still cross
+# 64x32 up to 128; 4 warps, 2 stages. The interpreter takes 16x16 tiles (small shapes still cross
 # several blocks).
 _GPU = [(64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-        (128, dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)),
-        (256, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2))]
+        (128, dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2))]
+MAX_HEAD_DIM = 128  # wider heads spill the dk/dv kernel's two [BLOCK_N, D] accumulators: the torch path serves them
 # The dk/dv kernel holds two [BLOCK_N, D] accumulators beside the recomputed tiles: 64x32 with one stage up to
-# D = 64 (more stages or wider tiles spill on sm_80), 32x64 with 8 warps up to 128, 32x32 up to 256.
+# D = 64 (more stages or wider tiles spill on sm_80), 32x64 with 8 warps up to 128.
 _GPU_DKDV = [(64, dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)),
-             (128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2)),
-             (256, dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2))]
+             (128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2))]
 _INTERPRET = dict(BLOCK_M=16, BLOCK_N=16)
 
 
@@ -62,8 +61,8 @@ def _common(q, k, v, prefix_k, prefix_v, key_padding_mask):
 def _too_wide(op: str, q, k):
     if q.dtype == torch.float64:
         return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
-    if q.shape[-1] > 256:
-        return fallback(op, f"head dim {q.shape[-1]} > 256", ValueError)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return fallback(op, f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} (the Triton kernels' limit)", ValueError)
     return None
 
 
@@ -134,7 +133,7 @@ def backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, caus
 
 
 def _kernel_specs() -> list[KernelSpec]:
-    """bf16, causal, padding, GQA, a shared prefix; head dims 64 and 128."""
+    """bf16, causal, padding, GQA, a shared prefix; head dims 64 and 128 (one per configuration)."""
     specs = []
     ptr = "*bf16"
     strides_fwd = ["stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
