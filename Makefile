@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.peftkern-installed
 
-.PHONY: venv test test-torch test-triton demo bench clean
+.PHONY: venv test demo bench kernels clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/bench_lora.py
+
+# every Triton kernel compiled ahead of time for sm_80 and sm_90; fails on a compile error or a register spill
+kernels: venv
+	$(VENV)/bin/peftkern kernels --arch 80 90
 
 clean:
 	rm -rf $(VENV) build *.egg-info
