@@ -11,7 +11,6 @@ keeps for backward, the inputs excluded.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional

@@ -30,7 +30,6 @@ DENSITIES = (0.001, 0.01, 0.1)
 
 def bench(tokens: int, in_f: int, out_f: int, density: float, dtype, reps: int, device: str) -> dict:
     torch.manual_seed(0)
-    linear = nn.Linear(in_f, out_f, dtype=dtype, device=device)
     nnz = max(1, int(density * in_f * out_f))
     idx = torch.randperm(in_f * out_f, device=device)[:nnz].sort().values
     ours = pk.nn.SparseDiffLinear.from_linear(nn.Linear(in_f, out_f, dtype=dtype, device=device), idx)

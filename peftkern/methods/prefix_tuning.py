@@ -15,7 +15,6 @@ Attention-probability dropout is not applied (the fused op has none).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch

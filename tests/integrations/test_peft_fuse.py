@@ -2,7 +2,6 @@
 PEFT's logits and gradients, parameter names and save/load unchanged; mixed-adapter batches; unfuse."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
