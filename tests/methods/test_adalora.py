@@ -10,8 +10,7 @@ from torch import nn
 from peftkern.methods.adalora import AdaLoRAAllocator, adalora_scaling, prepare_adalora
 from peftkern.nn import LoRALinear
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import transformers
 
 
 def _mlp(dtype=torch.float32):

@@ -10,8 +10,8 @@ import peftkern as pk
 from peftkern.ops.lora.reference import lora_linear_reference
 from tests._helpers import max_err
 
-bnb = pytest.importorskip("bitsandbytes")
-peft = pytest.importorskip("peft")
+import bitsandbytes as bnb
+import peft
 
 
 def _linear(in_f, out_f, dtype, seed=0):

@@ -16,8 +16,7 @@ import peftkern as pk
 from peftkern.backend import interpret_mode, resolve
 from peftkern.ops.lora import function
 from peftkern.ops.lora.reference import lora_linear_reference
-from tests._helpers import (DEVICE, HAS_TRITON, assert_close, backends, max_err, pk_backend_ok, poison_,
-                           requires_triton, shape_id)
+from tests._helpers import DEVICE, assert_close, backends, max_err, poison_, shape_id
 
 SCALING = 0.75
 GRAD_NAMES = ("x", "lora_A", "lora_B", "rank_scale", "bias")
@@ -318,17 +317,12 @@ def test_promote_output_keeps_the_lora_dtype(backend):
 # ------------------------------------------------------------------------------- Triton launchers directly
 
 
-triton_backend = pytest.mark.skipif(not (HAS_TRITON and pk_backend_ok("triton")),
-                                    reason="the triton backend cannot run here (no CUDA, TRITON_INTERPRET unset)")
-
-
 def _triton():
     from peftkern.ops.lora import triton_impl
 
     return triton_impl
 
 
-@triton_backend
 @pytest.mark.triton
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("shape", [(37, 130, 29, 40), (1, 37, 29, 1)],
@@ -366,7 +360,6 @@ def test_triton_launchers_write_every_output(shape, dropout_p):
     assert_close(dx, d(g) @ d(W) + (d(dh) @ d(A)) * keep / (1 - dropout_p), name="dx")
 
 
-@triton_backend
 @pytest.mark.triton
 def test_triton_bf16_outputs_round_to_nearest_even():
     """bf16 y, h, dx are the fp32 results rounded to nearest even, as on a GPU (the interpreter's own cast
@@ -386,7 +379,6 @@ def test_triton_bf16_outputs_round_to_nearest_even():
     assert torch.equal(dx, ti.bwd_dx(f(g), f(W), dh, f(A), torch.float32, 0.0, None).bfloat16())
 
 
-@requires_triton
 def test_triton_refuses_int32_overflowing_offsets():
     ti = _triton()
     ti._check_int32(y=(2**16, 2**15 - 1))
@@ -398,7 +390,6 @@ def test_triton_refuses_int32_overflowing_offsets():
         ti._check_int32(x=torch.empty_strided((2, 2), (2**31, 1), device="meta"))  # rows 2**31 apart
 
 
-@triton_backend
 @pytest.mark.triton
 def test_explicit_triton_refuses_float64_auto_falls_back(monkeypatch):
     case = make_case(37, 64, 29, 4, dtype=torch.float64)

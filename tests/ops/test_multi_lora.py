@@ -9,7 +9,7 @@ from torch import nn
 import peftkern as pk
 from peftkern.ops.multi_lora import multi_lora_linear
 from peftkern.ops.multi_lora.reference import multi_lora_linear_reference
-from tests._helpers import assert_close, backends, pk_backend_ok, poison_, requires_triton, shape_id
+from tests._helpers import assert_close, backends, poison_, shape_id
 
 I, O = 37, 29
 SCALINGS = [0.5, 2.0, 1.5]
@@ -197,7 +197,7 @@ class _Net(nn.Module):
 
 def _peft_model(dtype):
     """PEFT model with adapters "a0" (r 4) and "a1" (r 2): different ranks and alphas, random B (not PEFT's zeros)."""
-    peft = pytest.importorskip("peft")
+    import peft
     torch.manual_seed(0)
     model = peft.get_peft_model(_Net(dtype), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]),
                                 adapter_name="a0")
@@ -268,7 +268,6 @@ def test_torch_compile_fullgraph(backend):
 # ------------------------------------------------------------------------------------------------- Triton internals
 
 
-@requires_triton
 @pytest.mark.parametrize("ids, S, block_m", [([2, -1, 0, 2, -1, 0, 0], 5, 4), ([-1] * 3, 7, 16), ([1, 1], 1, 2),
                                              ([0, 3, 3, 1, 0], 9, 8)])
 def test_plan_covers_rows_once(ids, S, block_m):
@@ -292,8 +291,6 @@ def test_plan_covers_rows_once(ids, S, block_m):
 
 
 @pytest.mark.triton
-@requires_triton
-@pytest.mark.skipif(not pk_backend_ok("triton"), reason="triton kernels cannot run here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_kernels_write_every_output(dtype):
     """Launchers handed NaN-poisoned buffers: every element of h, y and dx is written."""
@@ -385,9 +382,7 @@ def test_out_of_range_ids_caught_under_compile(backend):
     torch._dynamo.reset()
 
 
-@requires_triton
 @pytest.mark.triton
-@pytest.mark.skipif(not pk_backend_ok("triton"), reason="triton backend unavailable here")
 def test_explicit_triton_refuses_float64_auto_falls_back(monkeypatch):
     d = _data(2, 3, 4, 2, dtype=torch.float64)
     with pk.use_backend("triton"), pytest.raises(TypeError, match="float64"):

@@ -9,10 +9,10 @@ import peftkern as pk
 from peftkern.ops.nf4 import torch_impl
 from peftkern.ops.nf4.reference import (blockwise8_quantize_reference, nf4_dequantize_reference,
                                         nf4_quantize_reference)
-from tests._helpers import backends, poison_, requires_triton, shape_id
+from tests._helpers import backends, poison_, shape_id
 
-bnbF = pytest.importorskip("bitsandbytes.functional")
-default_ops = pytest.importorskip("bitsandbytes.backends.default.ops")
+import bitsandbytes.functional as bnbF
+import bitsandbytes.backends.default.ops as default_ops
 
 # the torch backend runs the csrc/cpu kernels on a CPU when built; "torch-pure" switches them off
 IMPLS = [*backends(), "torch-pure"]
@@ -189,9 +189,7 @@ def test_bad_input():
         pk.nf4.NF4Tensor(q.packed, (64,), torch.float32, 32, absmax=q.absmax)
 
 
-@requires_triton
 @pytest.mark.triton
-@pytest.mark.skipif(not pk.available_backends()["triton"].available, reason="triton backend unavailable here")
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
 def test_triton_launchers_write_every_output(double_quant):
     from peftkern.ops.nf4 import triton_impl
