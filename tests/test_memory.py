@@ -9,11 +9,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import peft
 
 import peftkern as pk
 from tests._helpers import backends, saved_bytes
-
-import peft
 
 DTYPES = {"fp32": (torch.float32, True), "bf16+fp32A": (torch.bfloat16, True), "bf16": (torch.bfloat16, False)}
 NAMES = ("query", "key", "value")

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import peftkern as pk
-
 import peft
 import transformers
+
+import peftkern as pk
 
 
 def _llama():

@@ -6,11 +6,10 @@ import copy
 import pytest
 import torch
 from torch import nn
+import transformers
 
 from peftkern.methods.adalora import AdaLoRAAllocator, adalora_scaling, prepare_adalora
 from peftkern.nn import LoRALinear
-
-import transformers
 
 
 def _mlp(dtype=torch.float32):

@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
-
-from peftkern.methods.prefix_tuning import PrefixTuning
-
 import peft
 import transformers
+
+from peftkern.methods.prefix_tuning import PrefixTuning
 
 P = 5
 

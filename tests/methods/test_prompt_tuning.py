@@ -6,11 +6,10 @@ import copy
 
 import pytest
 import torch
-
-from peftkern.methods.prompt_tuning import PromptTuning
-
 import peft
 import transformers
+
+from peftkern.methods.prompt_tuning import PromptTuning
 
 P = 4
 

@@ -8,12 +8,11 @@ import time
 import pytest
 import torch
 import torch.nn as nn
+import peft
 
 import peftkern as pk
 from peftkern.ops.lora.reference import dora_linear_reference, dora_weight_norm_reference, lora_linear_reference
 from tests._helpers import assert_close, backends, shape_id
-
-import peft
 
 
 class _Holder(nn.Module):

@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+import bitsandbytes as bnb
+import peft
 
 import peftkern as pk
 from peftkern.ops.lora.reference import lora_linear_reference
 from tests._helpers import max_err
-
-import bitsandbytes as bnb
-import peft
 
 
 def _linear(in_f, out_f, dtype, seed=0):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import bitsandbytes.backends.default.ops as default_ops
+import bitsandbytes.functional as bnbF
 
 import peftkern as pk
 from peftkern.ops.nf4 import torch_impl
 from peftkern.ops.nf4.reference import (blockwise8_quantize_reference, nf4_dequantize_reference,
                                         nf4_quantize_reference)
 from tests._helpers import backends, poison_, shape_id
-
-import bitsandbytes.functional as bnbF
-import bitsandbytes.backends.default.ops as default_ops
 
 # the torch backend runs the csrc/cpu kernels on a CPU when built; "torch-pure" switches them off
 IMPLS = [*backends(), "torch-pure"]
