@@ -11,7 +11,6 @@ torchao's NF4Tensor is measured when torchao is installed.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -25,9 +24,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from benchmarks.common import (SavedBytes, add_roofline, add_standard_arguments, bench_main, fmt_bytes,  # noqa: E402
-                               format_table, interleaved_times, machine_info, paired_ratio, run_standard,
-                               steady_malloc, summarize, write_results)
+from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes,  # noqa: E402
+                               format_table, interleaved_times, machine_info, paired_ratio,
+                               standard_cli, steady_malloc, summarize, write_results)
 
 FULL_SHAPES = [(1024, 1024), (4096, 4096)]
 QUICK_SHAPES = [(1024, 1024), (2048, 2048)]
@@ -160,16 +159,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
     return {"format": fmt, "qlora": layers}
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    add_standard_arguments(ap)
-
-
-def run_from_args(args: argparse.Namespace) -> dict:
-    return run_standard(run, args)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    return bench_main(__doc__, add_arguments, run_from_args, argv)
+add_arguments, run_from_args, main = standard_cli(run, __doc__)
 
 
 if __name__ == "__main__":

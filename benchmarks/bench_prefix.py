@@ -10,7 +10,6 @@ keeps for backward, the inputs excluded.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,9 +21,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from benchmarks.common import (SavedBytes, add_roofline, add_standard_arguments, bench_main, fmt_bytes,  # noqa: E402
-                               format_table, interleaved_times, machine_info, paired_ratio, run_standard,
-                               steady_malloc, summarize, write_results)
+from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes,  # noqa: E402
+                               format_table, interleaved_times, machine_info, paired_ratio,
+                               standard_cli, steady_malloc, summarize, write_results)
 
 FULL = [(4, 512, 32, 64), (2, 1024, 64, 64), (1, 2048, 128, 128)]  # (B, S, P, D)
 QUICK = [(2, 256, 32, 64), (1, 1024, 64, 64)]
@@ -103,16 +102,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
     return {"rows": rows}
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    add_standard_arguments(ap)
-
-
-def run_from_args(args: argparse.Namespace) -> dict:
-    return run_standard(run, args)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    return bench_main(__doc__, add_arguments, run_from_args, argv)
+add_arguments, run_from_args, main = standard_cli(run, __doc__)
 
 
 if __name__ == "__main__":

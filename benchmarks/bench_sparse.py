@@ -9,7 +9,6 @@ trainable state (parameters + AdamW moments) each keeps.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,8 +20,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from benchmarks.common import (add_roofline, add_standard_arguments, bench_main, fmt_bytes, format_table,  # noqa: E402
-                               interleaved_times, machine_info, paired_ratio, run_standard, steady_malloc,
+from benchmarks.common import (add_roofline, fmt_bytes, format_table,  # noqa: E402
+                               interleaved_times, machine_info, paired_ratio, standard_cli, steady_malloc,
                                summarize, write_results)
 
 DENSITIES = (0.001, 0.01, 0.1)
@@ -84,16 +83,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
     return {"rows": rows}
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    add_standard_arguments(ap)
-
-
-def run_from_args(args: argparse.Namespace) -> dict:
-    return run_standard(run, args)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    return bench_main(__doc__, add_arguments, run_from_args, argv)
+add_arguments, run_from_args, main = standard_cli(run, __doc__)
 
 
 if __name__ == "__main__":

@@ -291,10 +291,17 @@ def run_standard(run: Callable, args) -> dict:
                plot=getattr(args, "plot", None))
 
 
-def bench_main(doc: str, add_arguments: Callable, run_from_args: Callable, argv=None) -> int:
+def standard_cli(run: Callable, doc: str) -> tuple[Callable, Callable, Callable]:
+    """(add_arguments, run_from_args, main) of a benchmark taking the standard options only."""
     import argparse
 
-    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    add_arguments(ap)
-    run_from_args(ap.parse_args(argv))
-    return 0
+    def run_from_args(args) -> dict:
+        return run_standard(run, args)
+
+    def main(argv=None) -> int:
+        ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+        add_standard_arguments(ap)
+        run_from_args(ap.parse_args(argv))
+        return 0
+
+    return add_standard_arguments, run_from_args, main

@@ -48,3 +48,11 @@ def number(name: str, v, *, low: float | None = None, high: float | None = None,
     if high is not None and (v > high or (high_open and v == high)):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {v}")
     return v
+
+
+def integer(name: str, v, *, low: int = 1) -> int:
+    """An int (not a bool) >= ``low``."""
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        what = "a positive int" if low == 1 else f"an int >= {low}"
+        raise ValueError(f"{name} must be {what}, got {v!r}")
+    return v

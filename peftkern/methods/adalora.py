@@ -86,13 +86,6 @@ def _target_matcher(target_modules: TargetSpec) -> Callable[[str, nn.Module], bo
     return lambda name, mod: any(_name_matches(name, k) for k in keys)
 
 
-def _positive_int(name: str, v, *, allow_zero: bool = False) -> int:
-    lo = 0 if allow_zero else 1
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-    return v
-
-
 def prepare_adalora(model: nn.Module, target_modules: TargetSpec, *, init_r: int = 12, lora_alpha: float = 8,
                     lora_dropout: float = 0.0, trainable: Iterable[str] = (),
                     adapter_dtype: Optional[torch.dtype] = None) -> dict[str, LoRALinear]:
@@ -115,7 +108,7 @@ def prepare_adalora(model: nn.Module, target_modules: TargetSpec, *, init_r: int
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    _positive_int("init_r", init_r)
+    V.integer("init_r", init_r)
     V.number("lora_alpha", lora_alpha, low=0.0, low_open=True)
     V.number("lora_dropout", lora_dropout, low=0.0, high=1.0)
     if isinstance(trainable, str):
@@ -220,16 +213,16 @@ class AdaLoRAAllocator:
                  tfinal: int = 0, deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,
                  orth_reg_weight: float = 0.5):
         self.layers = _collect_layers(model)
-        _positive_int("target_r", target_r)
-        _positive_int("total_step", total_step)
-        _positive_int("tinit", tinit, allow_zero=True)
-        _positive_int("tfinal", tfinal, allow_zero=True)
-        _positive_int("deltaT", deltaT)
+        V.integer("target_r", target_r)
+        V.integer("total_step", total_step)
+        V.integer("tinit", tinit, low=0)
+        V.integer("tfinal", tfinal, low=0)
+        V.integer("deltaT", deltaT)
         for name, beta in (("beta1", beta1), ("beta2", beta2)):
             V.number(name, beta, low=0.0, high=1.0, low_open=True, high_open=True)
         V.number("orth_reg_weight", orth_reg_weight, low=0.0)
         if init_r is not None:
-            _positive_int("init_r", init_r)
+            V.integer("init_r", init_r)
             bad = [n for n, l in self.layers.items() if l.r != init_r]
             if bad:
                 raise ValueError(f"init_r={init_r} but layers {bad} have rank {[self.layers[n].r for n in bad]}")
@@ -311,7 +304,7 @@ class AdaLoRAAllocator:
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> None:
         """Keep the ``budget`` most important triplets over all layers; zero the other ``rank_scale`` entries."""
-        _positive_int("budget", budget, allow_zero=True)
+        V.integer("budget", budget, low=0)
         scores = self.importance()
         names = list(scores)
         dev = scores[names[0]].device
@@ -346,7 +339,7 @@ class AdaLoRAAllocator:
         current scores and reset them. Later: re-apply the final masks (the optimizer revives masked entries).
         Returns the scheduled budget of this step.
         """
-        _positive_int("global_step", global_step, allow_zero=True)
+        V.integer("global_step", global_step, low=0)
         merged = [n for n, l in self.layers.items() if l.merged]
         if merged:
             raise RuntimeError(f"layers {merged} are merged; unmerge them before update_and_allocate")

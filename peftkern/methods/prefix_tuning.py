@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import _validate as V
+
 from ..ops.prefix_attention import prefix_attention
 
 ATTENTION_NAME = "peftkern_prefix"
@@ -69,8 +71,7 @@ class PrefixTuning(nn.Module):
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, prefix_projection: bool = False,
                  encoder_hidden_size: Optional[int] = None):
         super().__init__()
-        if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive int, got {num_virtual_tokens!r}")
+        V.integer("num_virtual_tokens", num_virtual_tokens)
         cfg = model.config
         heads = cfg.num_attention_heads
         self.num_layers = cfg.num_hidden_layers

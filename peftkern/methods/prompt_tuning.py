@@ -13,14 +13,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .. import _validate as V
+
 
 class PromptTuning(nn.Module):
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, init: str = "random",
                  init_text: Optional[str] = None, tokenizer=None, encoder: Optional[str] = None,
                  encoder_hidden_size: Optional[int] = None, encoder_num_layers: int = 2, encoder_dropout: float = 0.0):
         super().__init__()
-        if isinstance(num_virtual_tokens, bool) or not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be a positive int, got {num_virtual_tokens!r}")
+        V.integer("num_virtual_tokens", num_virtual_tokens)
         if init not in ("random", "vocab", "text"):
             raise ValueError(f"init must be 'random', 'vocab' or 'text', got {init!r}")
         if encoder not in (None, "lstm", "mlp"):

@@ -41,8 +41,7 @@ class LoRALinear(nn.Module):
         return self
 
     def _init(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, use_dora, adapter_dtype):
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        V.integer("r", r)
         V.number("lora_alpha", lora_alpha)
         V.number("lora_dropout", lora_dropout, low=0.0, high=1.0)
         out_features, in_features = weight.shape

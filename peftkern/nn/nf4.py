@@ -127,8 +127,7 @@ class QLoRALinear(NF4Linear):
         return self
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, device) -> None:
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"r must be a positive int, got {r!r}")
+        V.integer("r", r)
         V.number("lora_alpha", lora_alpha)
         V.number("lora_dropout", lora_dropout, low=0.0, high=1.0)
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, float(lora_dropout), use_rslora

@@ -192,3 +192,15 @@ def test_no_dense_weight_sized_tensor_in_a_training_step(backend):
         layer(x).square().mean().backward()
         opt.step()
     assert 0 < Largest.largest <= max(N * O, N * I)  # activations at most, never O * I
+
+
+def test_indices_checked_once_per_version():
+    """A layer's fixed indices are validated once, yet an in-place change to them is caught."""
+    c = _case(3, 8, 6, 0.2)
+    idx = c["indices"].clone()
+    args = lambda: (c["x"], c["weight"], c["bias"], idx, c["values"])  # noqa: E731
+    pk.sparse_diff_linear(*args())
+    pk.sparse_diff_linear(*args())
+    idx[0] = idx[1]  # bumps the version: checked again
+    with pytest.raises(ValueError, match="sorted and unique"):
+        pk.sparse_diff_linear(*args())

@@ -7,7 +7,7 @@ nibble for even i; block absmax ``absmax[i // BLOCKSIZE]`` fp32. ``code`` fp32 [
 import triton
 import triton.language as tl
 
-from ..lora.triton_kernels import lora_keep_mask, lora_rank_expand
+from ..lora.triton_kernels import lora_grouped_tile, lora_keep_mask, lora_rank_expand
 
 
 @triton.jit
@@ -120,14 +120,8 @@ def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr
     (in, 1)). QLoRA's term in the epilogue: lora_alpha * (lora_lhs * e) @ lora_rhs ([M, RL] @ [RL, C], rhs strided):
     s (h e) B^T in the forward, (dh A) * mask / (1 - p) in the dgrad (LORA_DROPOUT, the mask regenerated from seed).
     """
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_c = tl.cdiv(C, BLOCK_C)
-    group = GROUP_M * grid_c  # GROUP_M row tiles at a time reuse the decoded W tiles from L2
-    first_m = (pid // group) * GROUP_M
-    rows_in_group = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % rows_in_group
-    pid_c = (pid % group) // rows_in_group
+    # GROUP_M row tiles at a time reuse the decoded W tiles from L2
+    pid_m, pid_c = lora_grouped_tile(tl.program_id(0), M, C, BLOCK_M, BLOCK_C, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)

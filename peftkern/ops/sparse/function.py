@@ -1,6 +1,7 @@
 """Sparse diff ops registered with torch.library (autograd + fake tensors), and the functional API."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -71,9 +72,14 @@ def check_index_tensor(indices, name: str = "indices") -> None:
         raise ValueError(f"{name} must be 1-D [nnz], got shape {tuple(indices.shape)}")
 
 
+_checked: dict[int, tuple] = {}  # id(indices) -> (weak reference, version, numel) of the tensors found valid
+
+
 def check_index_values(indices: Tensor, numel: int, name: str = "indices") -> None:
-    """Strictly increasing (sorted, unique) and inside [0, numel): a host sync, so the ops run it on real tensors."""
-    if indices.numel() == 0:
+    """Strictly increasing (sorted, unique) and inside [0, numel): a host sync, so the ops run it on real tensors,
+    once per tensor and version (a layer's fixed indices are not re-checked every step)."""
+    seen = _checked.get(id(indices))
+    if indices.numel() == 0 or (seen is not None and seen[0]() is indices and seen[1:] == (indices._version, numel)):
         return
     lo, hi = int(indices[0]), int(indices[-1])
     if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
@@ -81,6 +87,8 @@ def check_index_values(indices: Tensor, numel: int, name: str = "indices") -> No
     if lo < 0 or hi >= numel:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} must lie in [0, {numel}) (flat positions into the weight), got {bad}")
+    key = id(indices)
+    _checked[key] = (weakref.ref(indices, lambda _, key=key: _checked.pop(key, None)), indices._version, numel)
 
 
 def check_indices(indices, numel: int, name: str = "indices") -> None:
