@@ -5,10 +5,11 @@ from .ops.multi_lora import multi_lora_linear
 from .ops.nf4 import nf4_linear, qlora_linear
 from .ops.prefix_attention import prefix_attention
 from .ops.sparse import sparse_diff_linear
+from .patching import load_adapter, patch, save_adapter
 from . import integrations, methods, nf4, nn, optim, sparse  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["available_backends", "get_backend", "set_backend", "use_backend", "lora_linear", "dora_linear",
            "multi_lora_linear", "nf4_linear", "qlora_linear", "prefix_attention", "sparse_diff_linear",
-           "integrations", "methods", "nf4", "nn", "optim", "sparse"]
+           "patch", "save_adapter", "load_adapter", "integrations", "methods", "nf4", "nn", "optim", "sparse"]

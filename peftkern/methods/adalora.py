@@ -30,23 +30,20 @@ scores, same masks when the scores are distinct), with these deliberate differen
 """
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable, Mapping
-from typing import Optional, Union
+from collections.abc import Iterable, Mapping
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .. import _validate as V
 from ..nn.lora import LoRALinear
+from .targets import TargetSpec, name_matches, target_matcher
 
 __all__ = ["AdaLoRAAllocator", "prepare_adalora", "adalora_scaling", "RANKNUM_EPS"]
 
 #: PEFT divides the scaling by ``ranknum + 1e-5``; kept so outputs match PEFT's SVDLinear to rounding.
 RANKNUM_EPS = 1e-5
-
-TargetSpec = Union[str, Iterable[str], Callable[[str, nn.Module], bool]]
-
 
 def adalora_scaling(lora_alpha: float, r: int) -> float:
     """The ``LoRALinear.scaling`` of an AdaLoRA layer: ``lora_alpha / (r + 1e-5)`` with r the *allocated* rank.
@@ -62,29 +59,6 @@ def adalora_scaling(lora_alpha: float, r: int) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # preparation
 # ----------------------------------------------------------------------------------------------------------------
-
-def _name_matches(name: str, key: str) -> bool:
-    return name == key or name.endswith("." + key)
-
-
-def _target_matcher(target_modules: TargetSpec) -> Callable[[str, nn.Module], bool]:
-    if isinstance(target_modules, str):
-        try:
-            pattern = re.compile(target_modules)
-        except re.error as e:
-            raise ValueError(f"target_modules is not a valid regular expression: {e}") from None
-        return lambda name, mod: pattern.fullmatch(name) is not None
-    if callable(target_modules):
-        return lambda name, mod: bool(target_modules(name, mod))
-    try:
-        keys = list(target_modules)
-    except TypeError:
-        raise ValueError("target_modules must be a regex str, an iterable of module-name suffixes or a callable "
-                         f"(name, module) -> bool, got {type(target_modules).__name__}") from None
-    if not keys or not all(isinstance(k, str) and k for k in keys):
-        raise ValueError(f"target_modules must hold non-empty module-name strings, got {keys!r}")
-    return lambda name, mod: any(_name_matches(name, k) for k in keys)
-
 
 def prepare_adalora(model: nn.Module, target_modules: TargetSpec, *, init_r: int = 12, lora_alpha: float = 8,
                     lora_dropout: float = 0.0, trainable: Iterable[str] = (),
@@ -116,7 +90,7 @@ def prepare_adalora(model: nn.Module, target_modules: TargetSpec, *, init_r: int
     trainable = list(trainable)
     if not all(isinstance(k, str) and k for k in trainable):
         raise ValueError(f"trainable must be an iterable of non-empty module/parameter names, got {trainable!r}")
-    matches = _target_matcher(target_modules)
+    matches = target_matcher(target_modules)
 
     targets = [(n, m) for n, m in model.named_modules() if n and matches(n, m)]
     if not targets:
@@ -146,7 +120,7 @@ def prepare_adalora(model: nn.Module, target_modules: TargetSpec, *, init_r: int
         if not keep and id(p) not in base_ids and trainable:
             parts = pname.split(".")
             prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-            hit = [k for k in trainable if any(_name_matches(pre, k) for pre in prefixes)]
+            hit = [k for k in trainable if any(name_matches(pre, k) for pre in prefixes)]
             used.update(hit)
             keep = bool(hit)
         p.requires_grad_(keep)

@@ -16,6 +16,7 @@ from torch import nn
 
 from .. import _validate as V
 from ..nn.sparse import RowDiffLinear, SparseDiffLinear
+from .targets import freeze_except, replace_module
 
 
 def _linears(model: nn.Module, target: Optional[str]) -> dict[str, nn.Linear]:
@@ -26,20 +27,9 @@ def _linears(model: nn.Module, target: Optional[str]) -> dict[str, nn.Linear]:
     return found
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def _freeze_except(model: nn.Module, trainable_head: Iterable[str]) -> None:
-    heads = tuple(trainable_head)
-    for n, p in model.named_parameters():
-        p.requires_grad_(any(n == h or n.startswith(h + ".") for h in heads))
-
-
 def bitfit(model: nn.Module, trainable_head: Iterable[str] = ("classifier",)) -> list[str]:
     """BitFit (Ben Zaken et al., 2022): only the bias terms (and the task head) train. Returns their names."""
-    _freeze_except(model, trainable_head)
+    freeze_except(model, trainable_head)
     for n, p in model.named_parameters():
         if n.endswith("bias"):
             p.requires_grad_(True)
@@ -51,7 +41,7 @@ def _to_sparse(model: nn.Module, selections: dict[str, torch.Tensor]) -> dict[st
     out = {}
     for name, idx in selections.items():
         out[name] = SparseDiffLinear.from_linear(model.get_submodule(name), idx)
-        _replace(model, name, out[name])
+        replace_module(model, name, out[name])
     return out
 
 
@@ -89,7 +79,7 @@ def fish_mask(model: nn.Module, calibration_data: Iterable, loss_fn: Callable[[n
         offset += f.numel()
         if sel.numel():
             selections[n] = sel.to(f.device)
-    _freeze_except(model, trainable_head)
+    freeze_except(model, trainable_head)
     return _to_sparse(model, selections)
 
 
@@ -146,10 +136,10 @@ def diff_pruning(model: nn.Module, *, target: Optional[str] = None,
                  trainable_head: Iterable[str] = ("classifier",), **gate_options) -> dict[str, DiffPruningLinear]:
     """Wrap the targeted Linears in DiffPruningLinear (the base frozen, the head trainable); returns them by name."""
     linears = _linears(model, target)
-    _freeze_except(model, trainable_head)
+    freeze_except(model, trainable_head)
     wrapped = {n: DiffPruningLinear(m, **gate_options) for n, m in linears.items()}
     for n, m in wrapped.items():
-        _replace(model, n, m)
+        replace_module(model, n, m)
     return wrapped
 
 
@@ -164,7 +154,7 @@ def diff_pruning_to_sparse(model: nn.Module, density: float) -> dict[str, Sparse
     for n, m in list(model.named_modules()):
         if isinstance(m, DiffPruningLinear):
             out[n] = m.to_sparse(density)
-            _replace(model, n, out[n])
+            replace_module(model, n, out[n])
     return out
 
 
@@ -185,7 +175,7 @@ def far_select(model: nn.Module, primed_weights: dict[str, torch.Tensor], fracti
             linear.weight.copy_(before)
         k = max(1, int(round(fraction * change.numel())))
         out[n] = RowDiffLinear(linear, torch.topk(change, k).indices.sort().values)
-    _freeze_except(model, trainable_head)
+    freeze_except(model, trainable_head)
     for n, m in out.items():
-        _replace(model, n, m)
+        replace_module(model, n, m)
     return out

@@ -47,6 +47,21 @@ class NF4Linear(nn.Module):
         self._init(NF4Tensor.from_bnb(linear4bit.weight.data, state), linear4bit.bias)
         return self
 
+    def to_bnb(self) -> nn.Module:
+        """A ``bitsandbytes.nn.Linear4bit`` (NF4, compute dtype = the weight's dtype) holding the same bits and bias."""
+        import bitsandbytes as bnb
+
+        w = self.weight
+        q4 = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=self.bias is not None, compute_dtype=w.dtype,
+                               quant_type="nf4", compress_statistics=w.double_quant, device="meta")
+        packed, state = w.to_bnb()
+        q4.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=w.blocksize,
+                                      compress_statistics=w.double_quant, quant_type="nf4", bnb_quantized=True,
+                                      module=q4)
+        if self.bias is not None:
+            q4.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return q4
+
     def _init(self, weight: NF4Tensor, bias: Optional[torch.Tensor]) -> None:
         if len(weight.shape) != 2:
             raise ValueError(f"weight must be a 2-D NF4Tensor, got shape {tuple(weight.shape)}")

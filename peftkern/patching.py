@@ -1,0 +1,320 @@
+"""One entry point per method: ``pk.patch(model, method=...)``, and adapters saved and loaded as PEFT files.
+
+``patch`` freezes the model, adds only the method's parameters (the task head, if any, stays trainable) and keeps
+the model's normal call. ``save_adapter`` writes ``adapter_model.safetensors`` (only the method's tensors and the
+head) and ``adapter_config.json`` in PEFT's layout, so ``peft.PeftModel.from_pretrained`` loads them;
+``load_adapter`` reads our files and PEFT's, patching an unpatched model from the saved config first.
+
+Saved layouts (PEFT's): LoRA / DoRA / QLoRA ``base_model.model.<module>.lora_A.weight``, ``.lora_B.weight``,
+``.lora_magnitude_vector`` and ``base_model.model.<head param>``; prompt, P-Tuning, prefix and P-Tuning v2
+``prompt_embeddings`` (what the model sees: encoders and the prefix MLP are folded, as PEFT saves them) and
+``base_model.<head param>``. The method and its options also go into the safetensors header (``peftkern``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from .methods.prefix_tuning import PrefixTuning
+from .methods.prompt_tuning import PromptTuning
+from .methods.targets import freeze_except, replace_module, target_matcher
+from .nn import LoRALinear, QLoRALinear
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+HEAD_NAMES = ("classifier", "score")  # PEFT's modules_to_save for sequence classification
+_TASKS = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "ForTokenClassification": "TOKEN_CLS",
+          "ForQuestionAnswering": "QUESTION_ANS"}
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The transformers model under a prompt / prefix wrapper (the model itself otherwise)."""
+    return model.model if isinstance(model, (PromptTuning, PrefixTuning)) else model
+
+
+def _heads(model: nn.Module, modules_to_save) -> list[str]:
+    if modules_to_save is None:
+        return [h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)]
+    names = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
+    for h in names:
+        try:
+            model.get_submodule(h)
+        except AttributeError:
+            raise ValueError(f"modules_to_save names {h!r}, which is not a submodule of the model") from None
+    return names
+
+
+def _task_type(model: nn.Module) -> Optional[str]:
+    name = type(model).__name__
+    return next((task for suffix, task in _TASKS.items() if name.endswith(suffix)), None)
+
+
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
+
+
+# --------------------------------------------------------------------------------------------------- LoRA family
+def _lora_targets(model: nn.Module, target_modules, heads: list[str], quantized: bool) -> list[str]:
+    """Names of the modules to adapt: every ``nn.Linear`` (and bitsandbytes 4-bit linear for QLoRA) for
+    ``"all-linear"`` except the heads and the output embeddings, else those ``target_modules`` matches."""
+    def linear(m):
+        return isinstance(m, nn.Linear) and (quantized or not _is_bnb_4bit(m))
+
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if target_modules == "all-linear":
+        names = [n for n, m in model.named_modules() if linear(m) and m is not out_emb
+                 and not any(n == h or n.startswith(h + ".") for h in heads)]
+    else:
+        match = target_matcher(target_modules)
+        names = [n for n, m in model.named_modules() if n and match(n, m)]
+        bad = [n for n in names if not linear(model.get_submodule(n))]
+        if bad:
+            kind = "torch.nn.Linear" + (" or bitsandbytes Linear4bit" if quantized else " (use method='qlora' for "
+                                                                                        "a 4-bit base)")
+            raise ValueError(f"target_modules matched {bad[:3]}, which are not {kind}")
+    if not names:
+        raise ValueError(f"target_modules {target_modules!r} matched no linear layer of the model")
+    return names
+
+
+def _lora_apply(model, o: dict, use_dora: bool = False, quantize: bool = False):
+    heads = _heads(model, o["modules_to_save"])
+    names = _lora_targets(model, o["target_modules"], heads, quantize)
+    freeze_except(model, heads)
+    lora = dict(r=o["r"], lora_alpha=o["lora_alpha"], lora_dropout=o["lora_dropout"], use_rslora=o["use_rslora"],
+                adapter_dtype=o["adapter_dtype"])
+    for name in names:
+        base = model.get_submodule(name)
+        if not quantize:
+            layer = LoRALinear.from_linear(base, use_dora=use_dora, **lora)
+        elif _is_bnb_4bit(base):
+            layer = QLoRALinear.from_bnb(base, **lora)
+        else:
+            layer = QLoRALinear.from_linear(base, blocksize=o["blocksize"], double_quant=o["double_quant"], **lora)
+        replace_module(model, name, layer)
+    return model, {"targets": names, "heads": heads}
+
+
+def _lora_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in record["targets"]:
+        layer = model.get_submodule(name)
+        out[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A
+        out[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B
+        if getattr(layer, "lora_magnitude", None) is not None:
+            out[f"base_model.model.{name}.lora_magnitude_vector"] = layer.lora_magnitude
+    return out
+
+
+def _lora_peft_config(model: nn.Module, record: dict) -> dict:
+    o = record["options"]
+    return {"peft_type": "LORA", "r": o.get("r", 8), "lora_alpha": o.get("lora_alpha", 8),
+            "lora_dropout": o.get("lora_dropout", 0.0), "use_rslora": o.get("use_rslora", False),
+            "use_dora": record["method"] == "dora", "target_modules": sorted(record["targets"]), "bias": "none"}
+
+
+# --------------------------------------------------------------------------------------------------- prompt family
+def _prompt_apply(model, o: dict, wrapper: type, **wrapper_options):
+    heads = _heads(model, o.pop("modules_to_save"))
+    wrapped = wrapper(model, **o, **wrapper_options)
+    freeze_except(model, heads)
+    return wrapped, {"heads": heads}
+
+
+def _prompt_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
+    table = model.prefix() if isinstance(model, PrefixTuning) else model.prompts()
+    return {"prompt_embeddings": table}
+
+
+def _prompt_peft_config(model: nn.Module, record: dict) -> dict:
+    cfg = _inner(model).config
+    if isinstance(model, PrefixTuning):
+        return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": model.num_virtual_tokens,
+                "token_dim": model.num_kv_heads * model.head_dim, "num_attention_heads": model.num_kv_heads,
+                "num_layers": model.num_layers, "num_transformer_submodules": 1, "prefix_projection": False}
+    return {"peft_type": "P_TUNING" if model.encoder else "PROMPT_TUNING",
+            "num_virtual_tokens": model.num_virtual_tokens, "token_dim": model.embedding.weight.shape[1],
+            "num_attention_heads": cfg.num_attention_heads, "num_layers": cfg.num_hidden_layers,
+            "num_transformer_submodules": 1}
+
+
+def _prompt_load(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    model.load_prompt_embeddings(tensors["prompt_embeddings"].to(model.embedding.weight.dtype))
+
+
+# --------------------------------------------------------------------------------------------------- registry
+class Method(NamedTuple):
+    apply: Callable[[nn.Module, dict], tuple[nn.Module, dict]]  # (model, options) -> (patched, record)
+    defaults: dict  # every option and its default
+    tensors: Callable[[nn.Module, dict], dict]  # the method's tensors under their saved names (live)
+    peft_config: Callable[[nn.Module, dict], dict]  # PEFT's adapter_config.json fields
+    load: Optional[Callable[[nn.Module, dict], None]] = None  # None: copy into the live tensors
+    head_prefix: str = "base_model.model."  # where PEFT saves the head's parameters
+
+
+_LORA_OPTIONS = dict(r=8, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", use_rslora=False,
+                     modules_to_save=None, adapter_dtype=None)
+_PROMPT_OPTIONS = dict(num_virtual_tokens=20, modules_to_save=None)
+_PROMPT = dict(tensors=_prompt_tensors, peft_config=_prompt_peft_config, load=_prompt_load, head_prefix="base_model.")
+
+METHODS: dict[str, Method] = {
+    "lora": Method(_lora_apply, _LORA_OPTIONS, _lora_tensors, _lora_peft_config),
+    "dora": Method(lambda m, o: _lora_apply(m, o, use_dora=True), _LORA_OPTIONS, _lora_tensors, _lora_peft_config),
+    "qlora": Method(lambda m, o: _lora_apply(m, o, quantize=True), {**_LORA_OPTIONS, "blocksize": 64,
+                                                                     "double_quant": True},
+                    _lora_tensors, _lora_peft_config),
+    "prompt_tuning": Method(lambda m, o: _prompt_apply(m, o, PromptTuning),
+                            {**_PROMPT_OPTIONS, "init": "random", "init_text": None, "tokenizer": None}, **_PROMPT),
+    "p_tuning": Method(lambda m, o: _prompt_apply(m, o, PromptTuning),
+                       {**_PROMPT_OPTIONS, "encoder": "mlp", "encoder_hidden_size": None, "encoder_num_layers": 2,
+                        "encoder_dropout": 0.0}, **_PROMPT),
+    "prefix_tuning": Method(lambda m, o: _prompt_apply(m, o, PrefixTuning),
+                            {**_PROMPT_OPTIONS, "prefix_projection": True, "encoder_hidden_size": None}, **_PROMPT),
+    "p_tuning_v2": Method(lambda m, o: _prompt_apply(m, o, PrefixTuning, prefix_projection=False), _PROMPT_OPTIONS,
+                          **_PROMPT),
+}
+
+
+def _record(model: nn.Module) -> dict:
+    record = getattr(model, "peftkern_config", None)
+    if record is None:
+        raise ValueError("model was not patched by peftkern.patch (no peftkern_config)")
+    return record
+
+
+# --------------------------------------------------------------------------------------------------- public API
+def patch(model: nn.Module, method: str = "lora", calibration_data=None, **options) -> nn.Module:
+    """Add ``method``'s parameters to ``model`` (in place; prompt and prefix methods return a wrapper that takes the
+    same call) and freeze everything else but the task head. ``options``: the method's (``pk.patching.METHODS``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if getattr(model, "peftkern_config", None) is not None:
+        raise ValueError(f"model is already patched (method {model.peftkern_config['method']!r})")
+    spec = METHODS[method]
+    unknown = sorted(set(options) - set(spec.defaults))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(spec.defaults)}")
+    if calibration_data is not None:
+        raise ValueError(f"method {method!r} takes no calibration_data")
+    opts = {**spec.defaults, **options}
+    patched, record = spec.apply(model, dict(opts))
+    patched.peftkern_config = {"method": method, "options": opts, "heads": [], **record}
+    return patched
+
+
+def _expected(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
+    spec = METHODS[record["method"]]
+    out = dict(spec.tensors(model, record))
+    inner = _inner(model)
+    for head in record["heads"]:
+        for name, p in inner.get_submodule(head).named_parameters():
+            out[f"{spec.head_prefix}{head}.{name}"] = p
+    return out
+
+
+def _jsonable(options: dict) -> dict:
+    out = {}
+    for k, v in options.items():
+        if isinstance(v, torch.dtype):
+            out[k] = str(v).replace("torch.", "")
+        elif v is None or isinstance(v, (bool, int, float, str)) or (
+                isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)):
+            out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the method's tensors and the head to ``directory/adapter_model.safetensors`` with PEFT's
+    ``adapter_config.json`` beside it. Returns the weights' path."""
+    from safetensors.torch import save_file
+
+    record = _record(model)
+    tensors = {k: v.detach().contiguous().clone() for k, v in _expected(model, record).items()}
+    inner = _inner(model)
+    config = {"task_type": _task_type(inner), "inference_mode": True, "modules_to_save": record["heads"] or None,
+              "base_model_name_or_path": getattr(getattr(inner, "config", None), "_name_or_path", None) or None,
+              **METHODS[record["method"]].peft_config(model, record)}
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    meta = {"method": record["method"], "options": _jsonable(record["options"])}
+    path = out / WEIGHTS_NAME
+    save_file(tensors, str(path), metadata={"format": "pt", "peftkern": json.dumps(meta)})
+    return path
+
+
+def _from_peft_config(cfg: dict, model: nn.Module) -> tuple[str, dict]:
+    """(method, options) that rebuild what a PEFT adapter_config.json describes."""
+    kind = cfg.get("peft_type")
+    heads = [h for h in (cfg.get("modules_to_save") or []) if isinstance(getattr(model, h, None), nn.Module)]
+    if kind == "LORA":
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise ValueError("LoRA adapters with rank_pattern / alpha_pattern are not supported")
+        opts = {k: cfg[k] for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules") if k in cfg}
+        return ("dora" if cfg.get("use_dora") else "lora"), {**opts, "modules_to_save": list(dict.fromkeys(heads))}
+    opts = {"num_virtual_tokens": cfg["num_virtual_tokens"], "modules_to_save": list(dict.fromkeys(heads))}
+    if kind == "PROMPT_TUNING":
+        return "prompt_tuning", opts
+    if kind == "P_TUNING":
+        return "p_tuning", {**opts, "encoder": str(cfg.get("encoder_reparameterization_type", "MLP")).lower()}
+    if kind == "PREFIX_TUNING":
+        return "p_tuning_v2", opts  # the saved table is the MLP's output
+    raise ValueError(f"adapter peft_type {kind!r} is not supported; supported: LORA, PROMPT_TUNING, P_TUNING, "
+                     f"PREFIX_TUNING")
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, method: Optional[str] = None,
+                 **options) -> nn.Module:
+    """Load an adapter saved by :func:`save_adapter` or by PEFT's ``save_pretrained`` into ``model``.
+
+    An unpatched model is patched first from the saved config (``method`` / ``options`` override it: e.g.
+    ``method="qlora"`` puts a PEFT LoRA adapter on NF4 weights). Missing or unexpected tensors and shape mismatches
+    raise ``ValueError``. Returns the (patched) model."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if not (directory / WEIGHTS_NAME).is_file() or not (directory / CONFIG_NAME).is_file():
+        raise ValueError(f"directory {str(directory)!r} must hold {WEIGHTS_NAME} and {CONFIG_NAME}")
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if getattr(model, "peftkern_config", None) is None:
+        if "peftkern" in meta:
+            saved = json.loads(meta["peftkern"])
+            name, opts = saved["method"], saved["options"]
+            if isinstance(opts.get("adapter_dtype"), str):
+                opts["adapter_dtype"] = getattr(torch, opts["adapter_dtype"])
+        else:
+            name, opts = _from_peft_config(json.loads((directory / CONFIG_NAME).read_text()), model)
+        name = method or name
+        opts = {k: v for k, v in opts.items() if k in METHODS.get(name, METHODS["lora"]).defaults}
+        model = patch(model, name, **{**opts, **options})
+    elif method is not None and method != model.peftkern_config["method"]:
+        raise ValueError(f"method {method!r} does not match the model's ({model.peftkern_config['method']!r})")
+    record = model.peftkern_config
+    spec = METHODS[record["method"]]
+    expected = _expected(model, record)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter in {str(directory)!r} does not fit the model: missing {missing[:4]}"
+                         f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                         f"{'...' if len(unexpected) > 4 else ''}")
+    bad = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+           if tuple(tensors[k].shape) != tuple(v.shape)]
+    if bad:
+        raise ValueError(f"adapter shapes do not match the model: {bad[:4]}")
+    heads = {k for k in expected if any(k.startswith(f"{spec.head_prefix}{h}.") for h in record["heads"])}
+    with torch.no_grad():
+        if spec.load is not None:
+            spec.load(model, {k: v for k, v in tensors.items() if k not in heads})
+        for k, v in expected.items():
+            if spec.load is None or k in heads:
+                v.copy_(tensors[k])
+    return model
