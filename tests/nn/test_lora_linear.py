@@ -1,9 +1,6 @@
-"""LoRALinear against PEFT's LoRA layer (plain, rsLoRA, DoRA), merge/unmerge, eval, torch.compile, DDP."""
+"""LoRALinear against PEFT's LoRA layer (plain, rsLoRA, DoRA), merge/unmerge, eval, torch.compile (DDP: tests/test_distributed.py)."""
 import copy
 import math
-import os
-import tempfile
-import time
 
 import pytest
 import torch
@@ -213,51 +210,6 @@ def test_torch_compile_fullgraph(variant):
     torch.compile(m, fullgraph=True)(xg).square().sum().backward()
     for p, ge in zip(params, eager_grads):
         torch.testing.assert_close(p.grad, ge, rtol=1e-5, atol=1e-6)
-
-
-def _ddp_worker(rank, world, init_file, state, x, target, out_dir):
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = nn.Sequential(pk.nn.LoRALinear(16, 24, r=4), nn.GELU(), pk.nn.LoRALinear(24, 8, r=4, use_dora=True))
-    model.load_state_dict(state)
-    ddp = DDP(model)
-    shard = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
-    loss = (ddp(x[shard]) - target[shard]).square().mean()
-    loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(grads, os.path.join(out_dir, f"grads{rank}.pt"))
-    # the reducer must not hold the last reference to the process group: its destructor joins gloo's threads
-    # with the GIL held, while they may need the GIL to free their last work item (a teardown deadlock)
-    del ddp, loss
-    dist.destroy_process_group()
-
-
-def test_ddp_gloo_matches_single_process():
-    torch.manual_seed(0)
-    model = nn.Sequential(pk.nn.LoRALinear(16, 24, r=4), nn.GELU(), pk.nn.LoRALinear(24, 8, r=4, use_dora=True))
-    for m in (model[0], model[2]):
-        torch.nn.init.normal_(m.lora_B, std=0.1)
-    state = model.state_dict()
-    x, target = torch.randn(8, 5, 16), torch.randn(8, 5, 8)
-    (model(x) - target).square().mean().backward()
-    with tempfile.TemporaryDirectory() as d:
-        procs = torch.multiprocessing.spawn(_ddp_worker, args=(2, os.path.join(d, "init"), state, x, target, d),
-                                            nprocs=2, join=False)
-        deadline = time.monotonic() + 180
-        while not procs.join(timeout=5):
-            if time.monotonic() > deadline:  # a hang fails the test instead of stalling the suite
-                for proc in procs.processes:
-                    proc.kill()
-                pytest.fail("the DDP workers did not finish within 180 s")
-        g0 = torch.load(os.path.join(d, "grads0.pt"))
-        g1 = torch.load(os.path.join(d, "grads1.pt"))
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(g0[n], p.grad, rtol=1e-5, atol=1e-7)
-            torch.testing.assert_close(g1[n], p.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_dora_norm_without_materializing():

@@ -106,7 +106,7 @@ def test_qlora_training_touches_only_the_adapter_and_merges():
     lin = _linear(64, 32, torch.bfloat16)
     layer = pk.nn.QLoRALinear.from_linear(lin, r=4, lora_alpha=8, lora_dropout=0.1)
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
-    packed = layer.weight.packed.clone()
+    packed = layer.nf4.packed.clone()
     opt = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-2)
     x = torch.randn(8, 64, dtype=torch.bfloat16)
     for _ in range(3):
@@ -114,7 +114,7 @@ def test_qlora_training_touches_only_the_adapter_and_merges():
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert torch.equal(layer.weight.packed, packed) and layer.lora_B.abs().max() > 0
+    assert torch.equal(layer.nf4.packed, packed) and layer.lora_B.abs().max() > 0
     layer.eval()
     merged = layer.merge()
     assert isinstance(merged, nn.Linear) and merged.weight.dtype == torch.bfloat16
@@ -133,12 +133,40 @@ def test_torch_compile_fullgraph_same_numbers():
 
 def test_to_moves_state_and_ignores_dtype_casts():
     layer = pk.nn.NF4Linear(64, 32, dtype=torch.bfloat16)
-    before = layer.weight.packed.clone()
+    before = layer.nf4.packed.clone()
     layer.to(torch.float32)
-    assert layer.weight.packed.dtype == torch.uint8 and torch.equal(layer.weight.packed, before)
-    assert layer.weight.dtype == torch.bfloat16
+    assert layer.nf4.packed.dtype == torch.uint8 and torch.equal(layer.nf4.packed, before)
+    assert layer.nf4.dtype == torch.bfloat16 and layer.quant_storage == torch.uint8
+    unbiased = pk.nn.NF4Linear(64, 32, bias=False, dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    ref = unbiased(x)
+    unbiased.half()  # would cast the fp32 scales and tables too: undone
+    assert unbiased.quant_absmax2.dtype == torch.float32 and torch.equal(unbiased(x), ref)
     layer.to("meta")
     assert layer.weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16, torch.float32], ids=str)
+def test_storage_is_a_frozen_parameter_in_quant_storage(quant_storage):
+    """The codes are a parameter (what FSDP2 shards) in bitsandbytes' quant_storage layout; the state dict reads back
+    into bitsandbytes' Linear4bit of the same quant_storage and into ours."""
+    lin = _linear(64, 40, torch.bfloat16)
+    layer = pk.nn.NF4Linear.from_linear(lin, quant_storage=quant_storage)
+    params = dict(layer.named_parameters())
+    assert params["weight"].dtype == quant_storage and not params["weight"].requires_grad
+    assert params["weight"].shape[1] == 1 and params["weight"].numel() * params["weight"].element_size() >= 64 * 40 // 2
+    assert {n for n, _ in layer.named_buffers()} >= {"quant_qabsmax", "quant_absmax2", "quant_code"}
+    ref = pk.nn.NF4Linear.from_linear(lin)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), ref(x))
+    sd = layer.state_dict()
+    stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+    p4 = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu", quant_storage=quant_storage)
+    assert p4.data.dtype == quant_storage
+    assert torch.equal(bnb.functional.dequantize_4bit(p4.data, p4.quant_state), ref.dequantized_weight())
+    back = pk.nn.NF4Linear(64, 40, dtype=torch.bfloat16, quant_storage=quant_storage)
+    back.load_state_dict(sd)
+    assert torch.equal(back(x), ref(x))
 
 
 def test_bad_input():

@@ -150,13 +150,14 @@ class NF4Tensor:
         get = lambda k: items[k].to(device)  # noqa: E731
         common = dict(code=get("quant_map").float())
         dtype = getattr(torch, meta["dtype"])
+        # the codes in any quant_storage dtype, without the padding to whole storage elements
+        packed = get("").view(-1).view(torch.uint8)[: (torch.Size(meta["shape"]).numel() + 1) // 2].view(-1, 1)
         if "nested_absmax" in items:
-            return cls(get("").view(torch.uint8).reshape(-1, 1), meta["shape"], dtype, meta["blocksize"],
+            return cls(packed, meta["shape"], dtype, meta["blocksize"],
                        qabsmax=get("absmax").reshape(-1), absmax2=get("nested_absmax").float().reshape(-1),
                        offset=torch.tensor(float(meta["nested_offset"]), device=device),
                        code8=get("nested_quant_map").float(), nested_blocksize=meta["nested_blocksize"], **common)
-        return cls(get("").view(torch.uint8).reshape(-1, 1), meta["shape"], dtype, meta["blocksize"],
-                   absmax=get("absmax").float().reshape(-1), **common)
+        return cls(packed, meta["shape"], dtype, meta["blocksize"], absmax=get("absmax").float().reshape(-1), **common)
 
     def __repr__(self) -> str:
         return (f"NF4Tensor(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
