@@ -258,7 +258,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
                 tol = 1e-4 if dtype == "fp32" else 5e-2
                 if row["max_rel_diff_p0"] is not None and row["max_rel_diff_p0"] > tol:
                     log(f"# WARNING: ours and PEFT disagree at p=0 ({row['max_rel_diff_p0']:.2e} relative, y/dx/dA/dB)")
-                table = format_table([row], COLUMNS, {"dtype": max(map(len, DTYPES))})
+                table = format_table([row], COLUMNS, min_widths={"dtype": max(map(len, DTYPES))})
                 log(table.splitlines()[-1] if len(rows) > 1 else table)
     worst = max(rows, key=lambda rw: rw["ratio"])
     log(f"\n# worst ratio: {worst['ratio']:.3f} at {worst['shape']} {worst['dtype']} p={worst['dropout']}; "

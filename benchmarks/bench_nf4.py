@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftkern as pk  # noqa: E402
+from peftkern.demo import bnb_linear4bit  # noqa: E402
 from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes,  # noqa: E402
                                format_table, interleaved_times, machine_info, paired_ratio,
                                standard_cli, steady_malloc, summarize, write_results)
@@ -76,17 +77,6 @@ def bench_format(out_f: int, in_f: int, reps: int, device: str) -> list[dict]:
     return rows
 
 
-def _bnb_layer(linear: nn.Linear):
-    import bitsandbytes as bnb
-
-    q4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16,
-                           quant_type="nf4", compress_statistics=True)
-    q4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                  compress_statistics=True, module=q4)
-    q4.weight._quantize(linear.weight.device.type)
-    return q4
-
-
 def _peft_qlora(q4, r: int):
     import peft
 
@@ -105,7 +95,7 @@ def _peft_qlora(q4, r: int):
 def bench_qlora(tokens: int, out_f: int, in_f: int, r: int, reps: int, device: str) -> dict:
     torch.manual_seed(0)
     linear = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16, device=device)
-    q4 = _bnb_layer(linear)
+    q4 = bnb_linear4bit(linear)
     ours = pk.nn.QLoRALinear.from_bnb(q4, r=r, lora_alpha=2 * r, lora_dropout=0.1)
     theirs = _peft_qlora(q4, r)
     x = torch.randn(tokens, in_f, dtype=torch.bfloat16, device=device, requires_grad=True)
@@ -115,7 +105,7 @@ def bench_qlora(tokens: int, out_f: int, in_f: int, r: int, reps: int, device: s
         x.grad = None
         m(x).backward(g)
 
-    params = [p for m in (ours, theirs) for p in m.parameters()]
+    params = [t for m in (ours, theirs) for t in (*m.parameters(), *m.buffers())]  # weights, codes and scales
     saved = {}
     for name, m in (("ours", ours), ("peft", theirs)):
         with SavedBytes(exclude=params + [x]) as sb:

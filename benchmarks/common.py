@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from peftkern._console import format_table  # noqa: F401  (the tables of the peftkern command)
 from peftkern.demo import SavedBytes, fmt_bytes  # noqa: F401  (one implementation of the saved-bytes counter)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,21 +180,6 @@ def machine_info() -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- output
-def format_table(rows: list[dict], columns: list[tuple[str, str]], min_widths: Optional[dict] = None) -> str:
-    """A fixed-width text table; ``columns`` = [(key, header)]; floats get 3 significant decimals.
-    ``min_widths`` {key: width} keeps the columns of tables printed row by row aligned."""
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
-        return "" if v is None else str(v)
-
-    body = [[cell(r.get(k)) for k, _ in columns] for r in rows]
-    min_widths = min_widths or {}
-    widths = [max(len(h), min_widths.get(k, 0), *(len(b[i]) for b in body)) for i, (k, h) in enumerate(columns)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line([h for _, h in columns]), line(["-" * w for w in widths])] + [line(b) for b in body])
-
-
 def write_json(payload: dict, path: Optional[str | os.PathLike] = None, stem: str = "bench") -> Path:
     """Write ``payload`` to ``path`` or to benchmarks/results/<stem>-<date>-<commit>.json (gitignored)."""
     if path is None:

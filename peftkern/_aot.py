@@ -134,17 +134,21 @@ def _compile_job(index: int, arch: int) -> dict:
     return compile_spec(kernel_specs()[index], arch)
 
 
-def compile_all(archs=DEFAULT_ARCHS, workers: int | None = None) -> list[dict]:
-    """Every kernel of :func:`kernel_modules` for every arch, in ``workers`` processes (default: the CPUs, <= 8)."""
+def compile_all(archs=DEFAULT_ARCHS, workers: int | None = None, progress: bool = False) -> list[dict]:
+    """Every kernel of :func:`kernel_modules` for every arch, in ``workers`` processes (default: the CPUs, <= 8);
+    ``progress``: a progress bar on a terminal."""
+    from ._console import progress_bar
+
     if _interpreting():
         raise RuntimeError("unset TRITON_INTERPRET to compile ahead of time (or call peftkern._aot.report())")
     jobs = [(i, arch) for i in range(len(kernel_specs())) for arch in archs]
     workers = workers or min(8, os.cpu_count() or 1)
-    if workers == 1:
-        return [_compile_job(*job) for job in jobs]
-    # processes, not threads: Triton's compiler holds the GIL through most of a compile
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_compile_job, *zip(*jobs)))
+    with progress_bar(len(jobs), "compiling", progress) as step:
+        if workers == 1:
+            return [step(row["kernel"]) or row for row in map(_compile_job, *zip(*jobs))]
+        # processes, not threads: Triton's compiler holds the GIL through most of a compile
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return [step(row["kernel"]) or row for row in pool.map(_compile_job, *zip(*jobs))]
 
 
 def _interpreting() -> bool:
@@ -164,13 +168,11 @@ def report(archs=DEFAULT_ARCHS, timeout: float | None = 600, workers: int | None
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'kernel':<30} {'variant':<44} {'arch':>6} {'warps':>5} {'regs':>5} {'spill st/ld B':>14} {'smem B':>7}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        spills = f"{r['spill_store_bytes']}/{r['spill_load_bytes']}"
-        lines.append(f"{r['kernel']:<30} {r['variant']:<44} {r['gpu']:>6} {r['num_warps']:>5} {r['registers']:>5} "
-                     f"{spills:>14} {r['shared_bytes']:>7}")
-    return "\n".join(lines)
+    from ._console import format_table as table
+
+    cols = [("kernel", "kernel"), ("variant", "variant"), ("gpu", "arch"), ("num_warps", "warps"),
+            ("registers", "regs"), ("spill", "spill st/ld B"), ("shared_bytes", "smem B")]
+    return table([{**r, "spill": f"{r['spill_store_bytes']}/{r['spill_load_bytes']}"} for r in rows], cols)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -183,7 +185,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args) -> int:
     """Print the table (and write JSON); exit status 1 if a kernel spills (a compile failure raises)."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 is its current default
-    rows = report(args.arch, workers=args.workers) if _interpreting() else compile_all(args.arch, args.workers)
+    rows = (report(args.arch, workers=args.workers) if _interpreting()
+            else compile_all(args.arch, args.workers, progress=True))
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -2,7 +2,7 @@
 
     peftkern info [--json]            versions, backends (with the reason one is unavailable), CUDA library status
     peftkern bench [lora|nf4|prefix|sparse|all] [--quick] [--json F] [--plot F.png]   vs the peers (benchmarks/)
-    peftkern demo [--quick]           a real LoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
+    peftkern demo [--quick]           a real QLoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
     peftkern kernels [--arch 80 90] [--json FILE]     compile the Triton kernels ahead of time (peftkern/_aot.py)
 """
 from __future__ import annotations
@@ -95,16 +95,19 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    from ._console import format_table
+
     v = info["versions"]
     print(f"peftkern {info['peftkern']}  (python {v['python']}, {info['platform']})")
-    for name in ("torch", "triton", "peft", "transformers", "bitsandbytes"):
-        print(f"  {name:13s} {v[name] or 'not installed'}")
+    print(format_table([{"package": name, "version": v[name] or "not installed"}
+                        for name in ("torch", "triton", "peft", "transformers", "bitsandbytes")],
+                       [("package", "package"), ("version", "version")]))
     dev = ", ".join(f"{d['name']} ({d['arch']})" for d in info["devices"]) or "none"
     print(f"CUDA devices: {dev}; torch CUDA {info['torch_cuda'] or '-'}; CPU threads {info['cpu_threads']}")
     print(f"backend in force: {info['backend']}  (TRITON_INTERPRET={info['triton_interpret'] or 'unset'})")
-    print("backends:")
-    for name, st in info["backends"].items():
-        print(f"  {name:7s} {'yes' if st['available'] else 'no ':3s}  {st['reason']}")
+    print(format_table([{"backend": name, "available": "yes" if st["available"] else "no", "reason": st["reason"]}
+                        for name, st in info["backends"].items()],
+                       [("backend", "backend"), ("available", "available"), ("reason", "why")]))
     lib = info["cuda_library"]
     state = "loaded" if lib["loaded"] else ("built, failed to load" if lib["built"] else "not built")
     print(f"CUDA library: {state}: {lib['path']}" + (f"\n  {lib['error']}" if lib["error"] else ""))
@@ -184,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steady (default): fixed glibc mmap/trim thresholds, as in a long training run")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="LoRA fine-tune of all-MiniLM-L6-v2 on the CPU")
+    p = sub.add_parser("demo", help="QLoRA fine-tune of all-MiniLM-L6-v2 on the CPU, against PEFT + bitsandbytes")
     from .demo import add_arguments
 
     add_arguments(p)

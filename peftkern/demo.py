@@ -131,23 +131,27 @@ def apply_lora(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropou
     return model.peftkern_config["targets"]
 
 
-def bnb_quantize(model: nn.Module, target_regex: str = TARGET_REGEX) -> list[str]:
-    """Replace each targeted nn.Linear by a ``bitsandbytes.nn.Linear4bit`` (NF4, double quant) that bitsandbytes
-    quantizes itself, as transformers' 4-bit loading does (in place). Returns the names."""
+def bnb_linear4bit(linear: nn.Linear, double_quant: bool = True) -> nn.Module:
+    """A ``bitsandbytes.nn.Linear4bit`` (NF4, compute dtype = the weight's) that bitsandbytes quantizes itself from
+    ``linear``, as transformers' 4-bit loading does; the bias is copied, frozen."""
     import bitsandbytes as bnb
 
+    q4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           compute_dtype=linear.weight.dtype, quant_type="nf4", compress_statistics=double_quant)
+    q4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                  compress_statistics=double_quant, module=q4)
+    q4.weight._quantize(linear.weight.device.type)
+    if linear.bias is not None:
+        q4.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return q4
+
+
+def bnb_quantize(model: nn.Module, target_regex: str = TARGET_REGEX) -> list[str]:
+    """Replace each targeted nn.Linear by :func:`bnb_linear4bit` of it (in place). Returns the names."""
     names = lora_target_names(model, target_regex)
     for name in names:
-        linear = model.get_submodule(name)
-        q4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                               compute_dtype=linear.weight.dtype, quant_type="nf4", compress_statistics=True)
-        q4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                      compress_statistics=True, module=q4)
-        q4.weight._quantize(linear.weight.device.type)
-        if linear.bias is not None:
-            q4.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q4)
+        setattr(model.get_submodule(parent), child, bnb_linear4bit(model.get_submodule(name)))
     return names
 
 
@@ -406,22 +410,6 @@ def _nf4_bytes(model: nn.Module, names: list[str]) -> int:
                for t in model.get_submodule(n).nf4.state_dict_items().values())
 
 
-def _training_steps(cfg: DemoConfig, log: Callable[[str], None]):
-    """A progress bar over the training steps (rich), or a no-op one when not logging to a terminal."""
-    import contextlib
-
-    if not (cfg.progress and log is print):
-        class Quiet:
-            def update(self, *a, **k):
-                pass
-        return contextlib.nullcontext(Quiet()), None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
-                   TimeElapsedColumn(), transient=True)
-    return bar, bar
-
-
 def _logits_diff(a: nn.Module, b: nn.Module, batches: list[dict]) -> tuple[float, float]:
     """(max |logit difference|, share of equal predictions) over ``batches`` in eval mode."""
     a.eval()
@@ -439,6 +427,7 @@ def _logits_diff(a: nn.Module, b: nn.Module, batches: list[dict]) -> tuple[float
 
 def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
              log: Callable[[str], None] = print) -> DemoResult:
+    from ._console import progress_bar
     from .patching import load_adapter, save_adapter
 
     cfg = config or (DemoConfig.quick() if quick else DemoConfig())
@@ -496,9 +485,7 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
     total_steps = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * max(0.0, 1 - s / total_steps))
     step, log_every = 0, max(1, steps_per_epoch // 2)
-    bar_ctx, bar = _training_steps(cfg, log)
-    with bar_ctx:
-        task = bar.add_task("", total=total_steps) if bar is not None else None
+    with progress_bar(total_steps, "training", cfg.progress and log is print) as advance:
         for epoch in range(cfg.epochs):
             model.train()
             order = torch.randperm(len(train), generator=gen).tolist()
@@ -513,14 +500,11 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
                 step += 1
                 res.losses.append(loss.item())
                 ep_losses.append(loss.item())
-                if bar is not None:
-                    bar.update(task, advance=1, description=f"epoch {epoch + 1} loss {loss.item():.4f}")
+                advance(f"epoch {epoch + 1} loss {loss.item():.4f}")
                 if step == 1 or step % log_every == 0 or step == total_steps:
-                    (bar.console.print if bar is not None else log)(
-                        f"  epoch {epoch + 1} step {step:3d}/{total_steps}  loss {loss.item():.4f}")
+                    log(f"  epoch {epoch + 1} step {step:3d}/{total_steps}  loss {loss.item():.4f}")
             res.epoch_losses.append(sum(ep_losses) / len(ep_losses))
-            (bar.console.print if bar is not None else log)(
-                f"epoch {epoch + 1}: mean loss {res.epoch_losses[-1]:.4f}, eval accuracy "
+            log(f"epoch {epoch + 1}: mean loss {res.epoch_losses[-1]:.4f}, eval accuracy "
                 f"{100 * accuracy(model, eval_batches):.1f}%")
 
     res.acc_after = accuracy(model, eval_batches)

@@ -9,6 +9,7 @@ import peft
 import transformers
 
 import peftkern as pk
+from peftkern.demo import bnb_linear4bit
 
 
 def _llama():
@@ -92,20 +93,12 @@ def test_mixed_adapter_batch_goes_through_multi_lora(monkeypatch):
 
 
 def test_nf4_base_runs_qlora(monkeypatch):
-    import bitsandbytes as bnb
     torch.manual_seed(0)
 
     class Holder(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            lin = torch.nn.Linear(64, 128, bias=True)
-            q4 = bnb.nn.Linear4bit(64, 128, bias=True, compute_dtype=torch.float32, quant_type="nf4",
-                                   compress_statistics=True)
-            q4.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                          compress_statistics=True, module=q4)
-            q4.weight._quantize("cpu")
-            q4.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-            self.proj = q4
+            self.proj = bnb_linear4bit(torch.nn.Linear(64, 128, bias=True))
 
         def forward(self, x):
             return self.proj(x)

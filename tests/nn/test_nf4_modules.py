@@ -9,6 +9,7 @@ import bitsandbytes as bnb
 import peft
 
 import peftkern as pk
+from peftkern.demo import bnb_linear4bit
 from peftkern.ops.lora.reference import lora_linear_reference
 from tests._helpers import max_err
 
@@ -18,24 +19,12 @@ def _linear(in_f, out_f, dtype, seed=0):
     return nn.Linear(in_f, out_f).to(dtype)
 
 
-def _bnb_linear4bit(linear: nn.Linear, double_quant=True):
-    """A bitsandbytes Linear4bit (NF4) quantized from ``linear`` on the CPU."""
-    q4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                           compute_dtype=linear.weight.dtype, quant_type="nf4", compress_statistics=double_quant)
-    q4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                  compress_statistics=double_quant, module=q4)
-    q4.weight._quantize("cpu")
-    if linear.bias is not None:
-        q4.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return q4
-
-
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double", "single"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 def test_state_dict_is_bitsandbytes_format(dtype, double_quant):
     lin = _linear(130, 48, dtype)
     ours = pk.nn.NF4Linear.from_linear(lin, blocksize=64, double_quant=double_quant).state_dict()
-    theirs = _bnb_linear4bit(lin, double_quant).state_dict()
+    theirs = bnb_linear4bit(lin, double_quant).state_dict()
     assert sorted(ours) == sorted(theirs)
     for k in theirs:
         assert theirs[k].dtype == ours[k].dtype and torch.equal(theirs[k], ours[k]), k
@@ -43,7 +32,7 @@ def test_state_dict_is_bitsandbytes_format(dtype, double_quant):
 
 def test_loads_bitsandbytes_and_bitsandbytes_loads_ours():
     lin = _linear(128, 64, torch.bfloat16)
-    q4 = _bnb_linear4bit(lin)
+    q4 = bnb_linear4bit(lin)
     ours = pk.nn.NF4Linear(128, 64, dtype=torch.bfloat16)
     ours.load_state_dict(q4.state_dict())
     assert torch.equal(ours.dequantized_weight(), pk.nn.NF4Linear.from_bnb(q4).dequantized_weight())
@@ -72,7 +61,7 @@ def _peft_qlora(q4, r, alpha):
 def test_qlora_matches_peft_bitsandbytes(dtype):
     """Forward and gradients within 2x the error of PEFT + bitsandbytes against fp64 math on the same weights."""
     lin = _linear(96, 80, dtype)
-    q4 = _bnb_linear4bit(lin)
+    q4 = bnb_linear4bit(lin)
     layer = _peft_qlora(q4, 8, 16)
     ours = pk.nn.QLoRALinear.from_bnb(q4, r=8, lora_alpha=16)
     with torch.no_grad():
