@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import shutil
 from typing import Optional
 
 from rich import box
@@ -33,9 +32,8 @@ def table(rows: list[dict], columns: list[tuple[str, str]], title: Optional[str]
 
 def render(renderable) -> str:
     """Plain text of a rich renderable (no colour codes: it goes to logs and files as well as the terminal)."""
-    out = io.StringIO()
-    width = max(100, shutil.get_terminal_size((160, 24)).columns)
-    Console(file=out, width=width, no_color=True, highlight=False, force_terminal=False).print(renderable)
+    out = io.StringIO()  # wide enough that no column is squeezed: a long row wraps in the terminal instead
+    Console(file=out, width=1000, no_color=True, highlight=False, force_terminal=False).print(renderable)
     return "\n".join(line.rstrip() for line in out.getvalue().splitlines()).strip("\n")
 
 

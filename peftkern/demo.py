@@ -367,6 +367,7 @@ class DemoConfig:
     epochs: int = 3
     batch_size: int = 16
     lr: float = 2e-3
+    max_grad_norm: float = 1.0
     r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.1
@@ -480,7 +481,8 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
     res.acc_before = accuracy(model, eval_batches)
     log(f"eval accuracy before fine-tuning: {100 * res.acc_before:.1f}%")
 
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5) * max(0.0, 1 - s / total_steps))
@@ -494,6 +496,7 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
                 batch = tokenize(tok, [train[j] for j in order[i:i + cfg.batch_size]])
                 loss = model(**batch).loss
                 loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)  # as transformers' Trainer does
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
