@@ -1,5 +1,6 @@
 """peftkern: fused kernels for parameter-efficient fine-tuning."""
 from .backend import available_backends, get_backend, set_backend, use_backend
+from .ops.adapter import bottleneck_adapter
 from .ops.lora import dora_linear, lora_linear
 from .ops.multi_lora import multi_lora_linear
 from .ops.nf4 import nf4_linear, qlora_linear
@@ -11,5 +12,5 @@ from . import integrations, methods, nf4, nn, optim, sparse  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["available_backends", "get_backend", "set_backend", "use_backend", "lora_linear", "dora_linear",
-           "multi_lora_linear", "nf4_linear", "qlora_linear", "prefix_attention", "sparse_diff_linear",
+           "multi_lora_linear", "bottleneck_adapter", "nf4_linear", "qlora_linear", "prefix_attention", "sparse_diff_linear",
            "patch", "save_adapter", "load_adapter", "integrations", "methods", "nf4", "nn", "optim", "sparse"]

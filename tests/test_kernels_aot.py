@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.triton]
 
 ARCHS = (80, 90)
 FAMILIES = ["peftkern.ops.lora.triton_impl", "peftkern.ops.multi_lora.triton_impl", "peftkern.ops.nf4.triton_impl",
-            "peftkern.ops.prefix_attention.triton_impl", "peftkern.ops.sparse.triton_impl"]
+            "peftkern.ops.prefix_attention.triton_impl", "peftkern.ops.sparse.triton_impl",
+            "peftkern.ops.adapter.triton_impl"]
 
 
 @pytest.fixture(scope="module")

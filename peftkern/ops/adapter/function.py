@@ -1,0 +1,92 @@
+"""The bottleneck adapter op registered with torch.library (autograd + fake tensors), and the functional API."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ... import _validate as V
+from ...backend import resolve
+from .reference import ACTIVATIONS
+
+ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+@torch.library.custom_op("peftkern::adapter_forward", mutates_args=())
+def adapter_forward(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
+                    activation: str, residual: bool, scale: float) -> tuple[Tensor, Tensor]:
+    _, impl = resolve("adapter_forward", h.device)
+    return impl(h, w_down, b_down, w_up, b_up, activation, residual, scale)
+
+
+@adapter_forward.register_fake
+def _(h, w_down, b_down, w_up, b_up, activation, residual, scale):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[0], w_down.shape[0])
+
+
+@torch.library.custom_op("peftkern::adapter_backward", mutates_args=())
+def adapter_backward(grad_y: Tensor, h: Tensor, z: Tensor, w_down: Tensor, w_up: Tensor, activation: str,
+                     residual: bool, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _, impl = resolve("adapter_backward", h.device)
+    return impl(grad_y.contiguous(), h, z, w_down, w_up, activation, residual, scale)
+
+
+@adapter_backward.register_fake
+def _(grad_y, h, z, w_down, w_up, activation, residual, scale):
+    return (torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(w_down),
+            w_down.new_empty(w_down.shape[0]), torch.empty_like(w_up), w_up.new_empty(w_up.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    h, w_down, _, w_up, _, activation, residual, scale = inputs
+    ctx.save_for_backward(h, output[1], w_down, w_up)
+    ctx.activation, ctx.residual, ctx.scale = activation, residual, scale
+
+
+def _backward(ctx, grad_y, _grad_z):
+    h, z, w_down, w_up = ctx.saved_tensors
+    dh, dwd, dbd, dwu, dbu = adapter_backward(grad_y, h, z, w_down, w_up, ctx.activation, ctx.residual, ctx.scale)
+    need = ctx.needs_input_grad
+    return (dh if need[0] else None, dwd if need[1] else None, dbd if need[2] else None,
+            dwu if need[3] else None, dbu if need[4] else None, None, None, None)
+
+
+torch.library.register_autograd("peftkern::adapter_forward", _backward, setup_context=_setup_context)
+
+
+def activation_name(activation: str) -> str:
+    """The canonical name of ``activation`` (aliases: swish, gelu_new, gelu_pytorch_tanh); ValueError otherwise."""
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a str, got {type(activation).__name__}")
+    name = ALIASES.get(activation.lower(), activation.lower())
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS) + sorted(ALIASES)}, got {activation!r}")
+    return name
+
+
+def bottleneck_adapter(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
+                       activation: str = "relu", residual: bool = True, scale: float = 1.0) -> Tensor:
+    """``[h +] scale * (act(h W_d^T + b_d) W_u^T + b_u)``: W_d [M, D], W_u [D, M], h [..., D]; one fused op whose
+    autograd keeps only z = h W_d^T + b_d [..., M] beside h (README.md)."""
+    V.tensor("h", h, min_ndim=1)
+    V.tensor("w_down", w_down, ndim=2)
+    V.tensor("w_up", w_up, ndim=2)
+    M, D = w_down.shape
+    if M == 0:
+        raise ValueError("w_down has 0 rows: the bottleneck must be at least 1 wide")
+    if h.shape[-1] != D:
+        raise ValueError(f"h has {h.shape[-1]} features in its last dim but w_down [M, D] expects D={D}")
+    V.shape("w_up", w_up, (D, M), "[D, M]")
+    for name, b, n in (("b_down", b_down, M), ("b_up", b_up, D)):
+        if b is not None:
+            V.tensor(name, b, ndim=1)
+            V.shape(name, b, (n,), f"[{'M' if n == M else 'D'}]")
+    V.same_dtype("h", h, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up)
+    V.same_device("h", h, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up)
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
+    V.number("scale", scale)
+    y, _ = adapter_forward(h.reshape(-1, D), w_down, b_down, w_up, b_up, activation_name(activation), residual,
+                           float(scale))
+    return y.view(h.shape)

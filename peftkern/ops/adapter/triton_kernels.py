@@ -1,0 +1,153 @@
+"""Triton kernels of the bottleneck adapter: ``@triton.jit`` bodies only (launchers: triton_impl.py).
+
+Notation (README.md): h [N, D], W_d [M, D], b_d [M], W_u [D, M], b_u [D], z [N, M], g = dL/dy [N, D],
+dz [N, M] (fp32 workspace). Tiles: BLOCK_N rows, BLOCK_D features, BLOCK_M the whole bottleneck (a power of two
+>= max(M, 16); columns past M are masked to 0, and act(0) = 0 for every activation here). Accumulation is fp32; dot
+operands are cast to DOT_DTYPE (the tensors' dtype; fp32 for bf16 under the interpreter). PRECISION is tl.dot's
+input_precision for fp32 operands. ACT: 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu, 4 tanh.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def adapter_tanh(x):
+    # tl.math has no tanh under the interpreter; this form is exact in fp32 to rounding
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def adapter_act(z, ACT: tl.constexpr):
+    """act(z) of an fp32 tile."""
+    if ACT == 0:
+        return tl.maximum(z, 0.0)
+    elif ACT == 1:
+        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 2:
+        return 0.5 * z * (1.0 + adapter_tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    elif ACT == 3:
+        return z * tl.sigmoid(z)
+    else:
+        return adapter_tanh(z)
+
+
+@triton.jit
+def adapter_act_grad(z, ACT: tl.constexpr):
+    """act'(z) of an fp32 tile."""
+    if ACT == 0:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        return 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    elif ACT == 2:
+        t = adapter_tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    elif ACT == 3:
+        sig = tl.sigmoid(z)
+        return sig * (1.0 + z * (1.0 - sig))
+    else:
+        t = adapter_tanh(z)
+        return 1.0 - t * t
+
+
+@triton.jit
+def adapter_fwd_kernel(h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, y_ptr, z_ptr, N, D, M, stride_hn, scale,
+                       ACT: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """z = h W_d^T + b_d; y = [h +] scale (act(z) W_u^T + b_u); one program per BLOCK_N rows, grid (cdiv(N, BN),)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mids = tl.arange(0, BLOCK_M)  # [BM]
+    z = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)  # [BD]
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + cols[None, :],
+                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)  # [BN, BD]
+        wd_t = tl.load(wd_ptr + mids[None, :] * D + cols[:, None],
+                       mask=(mids[None, :] < M) & (cols[:, None] < D), other=0.0)  # [BD, BM] = W_d^T tile
+        z = tl.dot(h.to(DOT_DTYPE), wd_t.to(DOT_DTYPE), z, input_precision=PRECISION)
+    if HAS_BD:
+        z += tl.load(bd_ptr + mids, mask=mids < M, other=0.0).to(tl.float32)[None, :]
+    # z is rounded to its stored dtype first: backward recomputes act from exactly what it reads back
+    z = z.to(z_ptr.dtype.element_ty)
+    tl.store(z_ptr + rows[:, None] * M + mids[None, :], z, mask=(rows[:, None] < N) & (mids[None, :] < M))
+    a = adapter_act(z.to(tl.float32), ACT).to(DOT_DTYPE)  # [BN, BM], stays in registers
+    for d0 in range(0, D, BLOCK_D):
+        outs = d0 + tl.arange(0, BLOCK_D)  # [BD]
+        wu_t = tl.load(wu_ptr + outs[None, :] * M + mids[:, None],
+                       mask=(outs[None, :] < D) & (mids[:, None] < M), other=0.0)  # [BM, BD] = W_u^T tile
+        acc = tl.dot(a, wu_t.to(DOT_DTYPE), input_precision=PRECISION)  # [BN, BD]
+        if HAS_BU:
+            acc += tl.load(bu_ptr + outs, mask=outs < D, other=0.0).to(tl.float32)[None, :]
+        acc = acc * scale
+        mask = (rows[:, None] < N) & (outs[None, :] < D)
+        if RESIDUAL:
+            acc += tl.load(h_ptr + rows[:, None] * stride_hn + outs[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows[:, None] * D + outs[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def adapter_bwd_dz_dh_kernel(g_ptr, z_ptr, wd_ptr, wu_ptr, dz_ptr, dh_ptr, N, D, M, scale,
+                             ACT: tl.constexpr, RESIDUAL: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                             PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_M: tl.constexpr):
+    """dz = scale (g W_u) act'(z) (fp32); dh = [g +] dz W_d; one program per BLOCK_N rows, grid (cdiv(N, BN),)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mids = tl.arange(0, BLOCK_M)  # [BM]
+    da = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)  # [BD]
+        g = tl.load(g_ptr + rows[:, None] * D + cols[None, :],
+                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)  # [BN, BD]
+        wu = tl.load(wu_ptr + cols[:, None] * M + mids[None, :],
+                     mask=(cols[:, None] < D) & (mids[None, :] < M), other=0.0)  # [BD, BM]
+        da = tl.dot(g.to(DOT_DTYPE), wu.to(DOT_DTYPE), da, input_precision=PRECISION)
+    zmask = (rows[:, None] < N) & (mids[None, :] < M)
+    z = tl.load(z_ptr + rows[:, None] * M + mids[None, :], mask=zmask, other=0.0).to(tl.float32)
+    dz = da * scale * adapter_act_grad(z, ACT)
+    dz = tl.where(zmask, dz, 0.0)  # act'(0) is not 0 for every activation: padding must not leak into dh
+    tl.store(dz_ptr + rows[:, None] * M + mids[None, :], dz, mask=zmask)
+    dz = dz.to(DOT_DTYPE)
+    for d0 in range(0, D, BLOCK_D):
+        outs = d0 + tl.arange(0, BLOCK_D)  # [BD]
+        wd = tl.load(wd_ptr + mids[:, None] * D + outs[None, :],
+                     mask=(mids[:, None] < M) & (outs[None, :] < D), other=0.0)  # [BM, BD]
+        acc = tl.dot(dz, wd.to(DOT_DTYPE), input_precision=PRECISION)  # [BN, BD]
+        mask = (rows[:, None] < N) & (outs[None, :] < D)
+        if RESIDUAL:
+            acc += tl.load(g_ptr + rows[:, None] * D + outs[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dh_ptr + rows[:, None] * D + outs[None, :], acc.to(dh_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def adapter_bwd_weight_kernel(x_ptr, y_ptr, out_ptr, sum_ptr, N, D, M, stride_xn, stride_od, stride_om, alpha,
+                              ACT: tl.constexpr, APPLY_ACT: tl.constexpr, SUM_X: tl.constexpr,
+                              SUM_Y: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[D, M] (strided) = alpha X^T f(Y) over all N rows, X [N, D], Y [N, M] contiguous, f = act or identity;
+    sum_ptr gets alpha sum_n X (SUM_X, [D]) or sum_n Y (SUM_Y, [M], by program 0). Grid (cdiv(D, BD),)."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
+    mids = tl.arange(0, BLOCK_M)  # [BM]
+    acc = tl.zeros((BLOCK_D, BLOCK_M), dtype=tl.float32)
+    sx = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    sy = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)  # [BN]
+        x_t = tl.load(x_ptr + rows[None, :] * stride_xn + cols[:, None],
+                      mask=(rows[None, :] < N) & (cols[:, None] < D), other=0.0)  # [BD, BN] = X^T tile
+        y = tl.load(y_ptr + rows[:, None] * M + mids[None, :],
+                    mask=(rows[:, None] < N) & (mids[None, :] < M), other=0.0).to(tl.float32)  # [BN, BM]
+        if APPLY_ACT:
+            y = adapter_act(y, ACT)
+        acc = tl.dot(x_t.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision=PRECISION)
+        if SUM_X:
+            sx += tl.sum(x_t.to(tl.float32), axis=1)
+        if SUM_Y:
+            sy += tl.sum(y, axis=0)
+    tl.store(out_ptr + cols[:, None] * stride_od + mids[None, :] * stride_om,
+             (acc * alpha).to(out_ptr.dtype.element_ty), mask=(cols[:, None] < D) & (mids[None, :] < M))
+    if SUM_X:
+        tl.store(sum_ptr + cols, (sx * alpha).to(sum_ptr.dtype.element_ty), mask=cols < D)
+    if SUM_Y:
+        if pid == 0:
+            tl.store(sum_ptr + mids, (sy * alpha).to(sum_ptr.dtype.element_ty), mask=mids < M)

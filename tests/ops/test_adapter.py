@@ -1,0 +1,146 @@
+"""The fused bottleneck adapter against reference.py in float64: forward and every gradient, every activation,
+odd shapes, 3-D and non-contiguous inputs, without biases / residual, both backends; launchers on poisoned outputs;
+the memory it keeps; bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkern as pk
+from peftkern.ops.adapter.reference import ACTIVATIONS, bottleneck_adapter_reference
+from tests._helpers import assert_close, backends, poison_, saved_bytes, shape_id
+
+ACTS = sorted(ACTIVATIONS)
+SHAPES = [(1, 8, 1), (37, 24, 5), (64, 48, 20), (29, 40, 33)]  # N, D, M
+
+
+def _params(N, D, M, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, D, generator=g)
+    wd = torch.randn(M, D, generator=g) / D ** 0.5
+    wu = torch.randn(D, M, generator=g) / M ** 0.5
+    bd = torch.randn(M, generator=g) if bias else None
+    bu = torch.randn(D, generator=g) if bias else None
+    return [t if t is None else t.to(dtype).requires_grad_() for t in (h, wd, bd, wu, bu)]
+
+
+def _run(fn, params, act, residual, scale, grad):
+    y = fn(*params, act, residual, scale)
+    live = [p for p in params if p is not None]
+    return [y, *torch.autograd.grad(y, live, grad)]
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("N,D,M", SHAPES, ids=[shape_id(N=n, D=d, M=m) for n, d, m in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_reference(backend, act, N, D, M, dtype):
+    params = _params(N, D, M, dtype)
+    grad = torch.randn(N, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with pk.use_backend(backend):
+        out = _run(pk.bottleneck_adapter, params, act, True, 0.5, grad)
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    ref = _run(bottleneck_adapter_reference, p64, act, True, 0.5, grad.double())
+    eager = _run(bottleneck_adapter_reference, params, act, True, 0.5, grad)
+    for name, o, r, e in zip(("y", "dh", "dW_d", "db_d", "dW_u", "db_u"), out, ref, eager):
+        assert o.dtype == dtype
+        assert_close(o, r, eager=e, name=name)
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("residual,bias", [(False, True), (True, False), (False, False)],
+                         ids=["no-residual", "no-bias", "neither"])
+def test_without_residual_or_biases(backend, residual, bias):
+    params = _params(21, 32, 12, torch.float32, bias=bias)
+    grad = torch.randn(21, 32)
+    with pk.use_backend(backend):
+        out = _run(pk.bottleneck_adapter, params, "gelu", residual, 2.0, grad)
+    p64 = [p if p is None else p.detach().double().requires_grad_() for p in params]
+    ref = _run(bottleneck_adapter_reference, p64, "gelu", residual, 2.0, grad.double())
+    for o, r in zip(out, ref):
+        assert_close(o, r)
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_3d_and_non_contiguous(backend):
+    h, wd, bd, wu, bu = _params(2 * 7 * 2, 24, 6, torch.float32)
+    h3 = h.detach().view(2, 7, 48)[..., ::2].requires_grad_()  # [2, 7, 24], stride 2 in the last dim
+    wu_t = wu.detach().t().contiguous().t().requires_grad_()  # a transposed (column-major) view
+    with pk.use_backend(backend):
+        y = pk.bottleneck_adapter(h3, wd, bd, wu_t, bu, "silu")
+    assert y.shape == (2, 7, 24)
+    ref = bottleneck_adapter_reference(h3.double(), wd.double(), bd.double(), wu_t.double(), bu.double(), "silu")
+    assert_close(y, ref)
+    y.sum().backward()
+    assert h3.grad.shape == h3.shape and wu_t.grad.shape == wu_t.shape
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("residual", [True, False])
+def test_launchers_write_every_output(residual):
+    from peftkern.ops.adapter import triton_impl as ti
+
+    N, D, M = 37, 40, 20
+    h, wd, bd, wu, bu = (p if p is None else p.detach() for p in _params(N, D, M, torch.float32))
+    g = torch.randn(N, D)
+    y, z = ti.fwd(h, wd, bd, wu, bu, "tanh", residual, 0.5, out=poison_(h.new_empty(N, D)),
+                  out_z=poison_(h.new_empty(N, M)))
+    ry, rz = pk.ops.adapter.torch_impl.forward(h, wd, bd, wu, bu, "tanh", residual, 0.5)
+    torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z, rz, rtol=1e-5, atol=1e-5)
+    dz, dh = ti.bwd_dz_dh(g, z, wd, wu, "tanh", residual, 0.5, out_dz=poison_(h.new_empty(N, M)),
+                          out_dh=poison_(h.new_empty(N, D)))
+    ref = pk.ops.adapter.torch_impl.backward(g, h, z, wd, wu, "tanh", residual, 0.5)
+    torch.testing.assert_close(dh, ref[0], rtol=1e-5, atol=1e-5)
+    dwu, dbu = ti.bwd_weight(g, z, 0.5, "tanh", True, True, False, torch.float32,
+                             out=poison_(h.new_empty(D, M)), out_sum=poison_(h.new_empty(D)))
+    dwd, dbd = ti.bwd_weight(h, dz, 1.0, "tanh", False, False, True, torch.float32,
+                             out=poison_(h.new_empty(M, D)), out_sum=poison_(h.new_empty(M)))
+    for got, want in zip((dwd, dbd, dwu, dbu), ref[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["gelu", "silu"])
+def test_keeps_only_z_beside_h(act):
+    """Autograd keeps h and z [N, M] (plus the weights); an unfused eager adapter also keeps act's input / output."""
+    N, D, M = 256, 64, 16
+    h, wd, bd, wu, bu = _params(N, D, M, torch.float32)
+    weights = [wd, bd, wu, bu]
+    with saved_bytes(exclude=[h, *weights]) as ours:
+        pk.bottleneck_adapter(h, wd, bd, wu, bu, act)
+    with saved_bytes(exclude=[h, *weights]) as eager:
+        bottleneck_adapter_reference(h, wd, bd, wu, bu, act)
+    assert sum(ours.values()) == N * M * 4
+    assert sum(eager.values()) >= 2 * N * M * 4
+
+
+def test_torch_compile_fullgraph():
+    params = _params(9, 16, 8, torch.float32)
+    fn = torch.compile(lambda *p: pk.bottleneck_adapter(*p, "gelu"), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(*params), pk.bottleneck_adapter(*params, "gelu"), rtol=0, atol=0)
+
+
+def test_float64_through_triton_falls_back_only_when_automatic():
+    params = [p.detach().double() for p in _params(5, 8, 4, torch.float32)]
+    torch.testing.assert_close(pk.bottleneck_adapter(*params, "relu"),
+                               bottleneck_adapter_reference(*params, "relu"))
+
+
+def test_bad_input():
+    h, wd, bd, wu, bu = (p.detach() for p in _params(4, 8, 3, torch.float32))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        pk.bottleneck_adapter(h, wd, bd, wu, bu, "sigmoidish")
+    with pytest.raises(ValueError, match="w_down .M, D. expects D=8"):
+        pk.bottleneck_adapter(h[:, :6], wd, bd, wu, bu)
+    with pytest.raises(ValueError, match="w_up"):
+        pk.bottleneck_adapter(h, wd, bd, wu.t(), bu)
+    with pytest.raises(ValueError, match="b_down"):
+        pk.bottleneck_adapter(h, wd, bu, wu, bu)
+    with pytest.raises(TypeError, match="w_up has dtype"):
+        pk.bottleneck_adapter(h, wd, bd, wu.double(), bu)
+    with pytest.raises(TypeError, match="residual must be a bool"):
+        pk.bottleneck_adapter(h, wd, bd, wu, bu, residual=1)
+    with pytest.raises(TypeError, match="scale must be a number"):
+        pk.bottleneck_adapter(h, wd, bd, wu, bu, scale="2")
+    assert torch.equal(pk.bottleneck_adapter(h, wd, bd, wu, bu, "swish"), pk.bottleneck_adapter(h, wd, bd, wu, bu,
+                                                                                                  "silu"))
