@@ -20,10 +20,11 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
+from .methods.adapters import AdapterFusion, add_adapters, add_serial, transformer_sites
 from .methods.prefix_tuning import PrefixTuning
 from .methods.prompt_tuning import PromptTuning
 from .methods.targets import freeze_except, replace_module, target_matcher
-from .nn import LoRALinear, QLoRALinear
+from .nn import BottleneckAdapter, LoRALinear, QLoRALinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -143,8 +144,91 @@ def _prompt_peft_config(model: nn.Module, record: dict) -> dict:
             "num_transformer_submodules": 1}
 
 
-def _prompt_load(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    model.load_prompt_embeddings(tensors["prompt_embeddings"].to(model.embedding.weight.dtype))
+def _prompt_wrapper(model: nn.Module) -> Optional[nn.Module]:
+    return model if isinstance(model, (PromptTuning, PrefixTuning)) else None
+
+
+# --------------------------------------------------------------------------------------------------- registry
+# --------------------------------------------------------------------------------------------------- adapters
+def _added_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
+    """The parameters the method added to the base model, under PEFT's ``base_model.model.`` prefix."""
+    params = dict(_inner(model).named_parameters())
+    return {f"base_model.model.{n}": params[n] for n in record["added"]}
+
+
+def _with_prompt(tensors: Callable) -> Callable:
+    return lambda model, record: {**tensors(model, record), **_prompt_tensors(model, record)}
+
+
+_ADAPTER_OPTIONS = dict(reduction_factor=16, non_linearity="relu", layer_norm=False, modules_to_save=None)
+
+
+def _adapter_apply(model, o: dict, placement: str, **extra):
+    heads = _heads(model, o.pop("modules_to_save"))
+    freeze_except(model, heads)
+    add_adapters(model, placement, **o, **extra)
+    return model, {"heads": heads}
+
+
+def _adapter_drop(model, o: dict):
+    if o["skip_layers"] is None:  # resolved here so the saved options rebuild the same layers
+        o["skip_layers"] = len(transformer_sites(model)) // 2
+    opts = dict(o)
+    return _adapter_apply(model, opts, opts.pop("placement"))
+
+
+def _fusion(model, o: dict):
+    """Stage 2: the adapters of earlier ``pk.save_adapter`` runs (directories; or ``num_adapters`` fresh ones, which
+    a saved fusion then fills), frozen, under a trainable AdapterFusion at every FFN output."""
+    heads = _heads(model, o.pop("modules_to_save"))
+    freeze_except(model, heads)
+    dirs, n, adapter_opts = o["adapters"], o["num_adapters"], dict(o["adapter_options"] or {})
+    if dirs:
+        metas = [_read_adapter(d)[2] for d in dirs]
+        bad = [m.get("method") for m in metas if m.get("method") not in ("adapter_pfeiffer", "adapter_houlsby")]
+        if bad:
+            raise ValueError(f"adapters must be saved from adapter_pfeiffer / adapter_houlsby models, got {bad}")
+        adapter_opts = {k: v for k, v in metas[0]["options"].items() if k in ("reduction_factor", "non_linearity",
+                                                                                "layer_norm")}
+        o["adapter_options"], o["num_adapters"], n = adapter_opts, len(dirs), len(dirs)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 2:
+        raise ValueError(f"adapter_fusion needs adapters=[2+ directories] or num_adapters >= 2, got {dirs!r} / {n!r}")
+    sites = transformer_sites(model)
+    d = sites[0]["ffn_out"].out_features
+    per_site = [_fusion_site(site, d, n, adapter_opts) for site in sites]
+    for i, directory in enumerate(dirs or []):
+        tensors = _read_adapter(directory)[0]
+        for name, adapters in zip([_site_name(model, s) for s in sites], per_site):
+            prefix = f"base_model.model.{name}.adapter."
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if not state:
+                raise ValueError(f"{directory}: no adapter at {name} (was it saved from this architecture?)")
+            adapters[i].load_state_dict(state)
+    o["adapters"] = None  # what was loaded is saved with the fusion; the directories are not needed again
+    return model, {"heads": heads}
+
+
+def _fusion_site(site: dict, hidden: int, n: int, options: dict):
+    ref = site["ffn_out"].weight
+    dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    adapters = [BottleneckAdapter(hidden, options.get("reduction_factor", 16), options.get("non_linearity", "relu"),
+                                  layer_norm=options.get("layer_norm", False), device=ref.device, dtype=dtype)
+                for _ in range(n)]
+    add_serial(site["ffn_out"], AdapterFusion(adapters, hidden))
+    return adapters
+
+
+def _site_name(model: nn.Module, site: dict) -> str:
+    return next(n for n, m in model.named_modules() if m is site["ffn_out"])
+
+
+def _mam(model, o: dict):
+    """MAM adapter (He et al., 2022): a parallel adapter beside every FFN and prefix tuning on attention."""
+    heads = _heads(model, o.pop("modules_to_save"))
+    wrapper = PrefixTuning(model, o.pop("num_virtual_tokens"), prefix_projection=o.pop("prefix_projection"))
+    freeze_except(model, heads)
+    add_adapters(model, "parallel", **o)
+    return wrapper, {"heads": heads}
 
 
 # --------------------------------------------------------------------------------------------------- registry
@@ -152,15 +236,14 @@ class Method(NamedTuple):
     apply: Callable[[nn.Module, dict], tuple[nn.Module, dict]]  # (model, options) -> (patched, record)
     defaults: dict  # every option and its default
     tensors: Callable[[nn.Module, dict], dict]  # the method's tensors under their saved names (live)
-    peft_config: Callable[[nn.Module, dict], dict]  # PEFT's adapter_config.json fields
-    load: Optional[Callable[[nn.Module, dict], None]] = None  # None: copy into the live tensors
+    peft_config: Optional[Callable[[nn.Module, dict], dict]] = None  # PEFT's adapter_config.json fields, if PEFT has it
     head_prefix: str = "base_model.model."  # where PEFT saves the head's parameters
 
 
 _LORA_OPTIONS = dict(r=8, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", use_rslora=False,
                      modules_to_save=None, adapter_dtype=None)
 _PROMPT_OPTIONS = dict(num_virtual_tokens=20, modules_to_save=None)
-_PROMPT = dict(tensors=_prompt_tensors, peft_config=_prompt_peft_config, load=_prompt_load, head_prefix="base_model.")
+_PROMPT = dict(tensors=_prompt_tensors, peft_config=_prompt_peft_config, head_prefix="base_model.")
 
 METHODS: dict[str, Method] = {
     "lora": Method(_lora_apply, _LORA_OPTIONS, _lora_tensors, _lora_peft_config),
@@ -177,6 +260,15 @@ METHODS: dict[str, Method] = {
                             {**_PROMPT_OPTIONS, "prefix_projection": True, "encoder_hidden_size": None}, **_PROMPT),
     "p_tuning_v2": Method(lambda m, o: _prompt_apply(m, o, PrefixTuning, prefix_projection=False), _PROMPT_OPTIONS,
                           **_PROMPT),
+    "adapter_houlsby": Method(lambda m, o: _adapter_apply(m, o, "houlsby"),
+                              {**_ADAPTER_OPTIONS, "non_linearity": "swish"}, _added_tensors),
+    "adapter_pfeiffer": Method(lambda m, o: _adapter_apply(m, o, "pfeiffer"), _ADAPTER_OPTIONS, _added_tensors),
+    "adapter_drop": Method(_adapter_drop, {**_ADAPTER_OPTIONS, "placement": "pfeiffer", "skip_layers": None,
+                                           "drop_prob": 0.0}, _added_tensors),
+    "adapter_fusion": Method(_fusion, dict(adapters=None, num_adapters=None, adapter_options=None,
+                                           modules_to_save=None), _added_tensors),
+    "mam": Method(_mam, dict(num_virtual_tokens=30, prefix_projection=False, reduction_factor=4,
+                             non_linearity="relu", scale=4.0, modules_to_save=None), _with_prompt(_added_tensors)),
 }
 
 
@@ -204,8 +296,12 @@ def patch(model: nn.Module, method: str = "lora", calibration_data=None, **optio
     if calibration_data is not None:
         raise ValueError(f"method {method!r} takes no calibration_data")
     opts = {**spec.defaults, **options}
-    patched, record = spec.apply(model, dict(opts))
-    patched.peftkern_config = {"method": method, "options": opts, "heads": [], **record}
+    before = {id(p) for p in model.parameters()}
+    applied = dict(opts)
+    patched, record = spec.apply(model, applied)
+    opts.update({k: v for k, v in applied.items() if k in opts})  # what the method resolved (e.g. fusion's sizes)
+    added = [n for n, p in _inner(patched).named_parameters() if id(p) not in before]
+    patched.peftkern_config = {"method": method, "options": opts, "heads": [], "added": added, **record}
     return patched
 
 
@@ -220,13 +316,16 @@ def _expected(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
 
 
 def _jsonable(options: dict) -> dict:
+    """The options JSON can hold (dtypes by name); others (a tokenizer, a callable target) are dropped."""
     out = {}
     for k, v in options.items():
         if isinstance(v, torch.dtype):
-            out[k] = str(v).replace("torch.", "")
-        elif v is None or isinstance(v, (bool, int, float, str)) or (
-                isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)):
-            out[k] = list(v) if isinstance(v, tuple) else v
+            v = str(v).replace("torch.", "")
+        try:
+            json.dumps(v)
+        except TypeError:
+            continue
+        out[k] = v
     return out
 
 
@@ -238,13 +337,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     record = _record(model)
     tensors = {k: v.detach().contiguous().clone() for k, v in _expected(model, record).items()}
     inner = _inner(model)
+    meta = {"method": record["method"], "options": _jsonable(record["options"])}
+    peft_config = METHODS[record["method"]].peft_config
     config = {"task_type": _task_type(inner), "inference_mode": True, "modules_to_save": record["heads"] or None,
               "base_model_name_or_path": getattr(getattr(inner, "config", None), "_name_or_path", None) or None,
-              **METHODS[record["method"]].peft_config(model, record)}
+              **(peft_config(model, record) if peft_config else {"peft_type": None, "peftkern": meta})}
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    meta = {"method": record["method"], "options": _jsonable(record["options"])}
     path = out / WEIGHTS_NAME
     save_file(tensors, str(path), metadata={"format": "pt", "peftkern": json.dumps(meta)})
     return path
@@ -277,29 +377,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, method: Optiona
     An unpatched model is patched first from the saved config (``method`` / ``options`` override it: e.g.
     ``method="qlora"`` puts a PEFT LoRA adapter on NF4 weights). Missing or unexpected tensors and shape mismatches
     raise ``ValueError``. Returns the (patched) model."""
-    from safetensors import safe_open
-
-    directory = Path(directory)
-    if not (directory / WEIGHTS_NAME).is_file() or not (directory / CONFIG_NAME).is_file():
-        raise ValueError(f"directory {str(directory)!r} must hold {WEIGHTS_NAME} and {CONFIG_NAME}")
-    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, config, saved = _read_adapter(directory)
     if getattr(model, "peftkern_config", None) is None:
-        if "peftkern" in meta:
-            saved = json.loads(meta["peftkern"])
+        if saved:
             name, opts = saved["method"], saved["options"]
             if isinstance(opts.get("adapter_dtype"), str):
                 opts["adapter_dtype"] = getattr(torch, opts["adapter_dtype"])
         else:
-            name, opts = _from_peft_config(json.loads((directory / CONFIG_NAME).read_text()), model)
+            name, opts = _from_peft_config(config, model)
         name = method or name
         opts = {k: v for k, v in opts.items() if k in METHODS.get(name, METHODS["lora"]).defaults}
         model = patch(model, name, **{**opts, **options})
     elif method is not None and method != model.peftkern_config["method"]:
         raise ValueError(f"method {method!r} does not match the model's ({model.peftkern_config['method']!r})")
     record = model.peftkern_config
-    spec = METHODS[record["method"]]
     expected = _expected(model, record)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -310,11 +401,25 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, method: Optiona
            if tuple(tensors[k].shape) != tuple(v.shape)]
     if bad:
         raise ValueError(f"adapter shapes do not match the model: {bad[:4]}")
-    heads = {k for k in expected if any(k.startswith(f"{spec.head_prefix}{h}.") for h in record["heads"])}
     with torch.no_grad():
-        if spec.load is not None:
-            spec.load(model, {k: v for k, v in tensors.items() if k not in heads})
         for k, v in expected.items():
-            if spec.load is None or k in heads:
+            if k == "prompt_embeddings":  # a folded table, not a live parameter
+                wrapper = _prompt_wrapper(model)
+                wrapper.load_prompt_embeddings(tensors[k].to(wrapper.embedding.weight.dtype))
+            else:
                 v.copy_(tensors[k])
     return model
+
+
+def _read_adapter(directory) -> tuple[dict[str, torch.Tensor], dict, Optional[dict]]:
+    """(tensors, adapter_config.json, peftkern's saved method and options or None for a PEFT file)."""
+    from safetensors import safe_open
+
+    directory = Path(directory)
+    if not (directory / WEIGHTS_NAME).is_file() or not (directory / CONFIG_NAME).is_file():
+        raise ValueError(f"directory {str(directory)!r} must hold {WEIGHTS_NAME} and {CONFIG_NAME}")
+    with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    saved = json.loads(meta["peftkern"]) if "peftkern" in meta else None
+    return tensors, json.loads((directory / CONFIG_NAME).read_text()), saved

@@ -17,9 +17,12 @@ from peftkern.nn import NF4Linear
 
 LORA_LIKE = ["lora", "dora", "qlora"]
 PROMPT_LIKE = ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"]
+ADAPTER_LIKE = ["adapter_houlsby", "adapter_pfeiffer", "adapter_drop", "mam"]
 OPTIONS = {"lora": dict(r=4, lora_alpha=8), "dora": dict(r=4, lora_alpha=8), "qlora": dict(r=4, lora_alpha=8),
            "prompt_tuning": dict(num_virtual_tokens=5), "p_tuning": dict(num_virtual_tokens=5, encoder="lstm"),
-           "prefix_tuning": dict(num_virtual_tokens=5), "p_tuning_v2": dict(num_virtual_tokens=5)}
+           "prefix_tuning": dict(num_virtual_tokens=5), "p_tuning_v2": dict(num_virtual_tokens=5),
+           "adapter_houlsby": dict(reduction_factor=4), "adapter_pfeiffer": dict(reduction_factor=4),
+           "adapter_drop": dict(reduction_factor=4, skip_layers=1), "mam": dict(num_virtual_tokens=5)}
 
 
 def _bert(seed=0, hidden=32):
@@ -71,7 +74,7 @@ def _peft_from(model, directory):
         return peft.PeftModel.from_pretrained(model, str(directory)).eval()
 
 
-@pytest.mark.parametrize("method", LORA_LIKE + PROMPT_LIKE)
+@pytest.mark.parametrize("method", LORA_LIKE + PROMPT_LIKE + ADAPTER_LIKE)
 def test_only_the_methods_parameters_train_and_the_base_stays_bit_identical(method):
     model = _bert()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -106,7 +109,7 @@ def test_only_the_methods_parameters_train_and_the_base_stays_bit_identical(meth
                    for n, m in model.named_modules())
 
 
-@pytest.mark.parametrize("method", LORA_LIKE + PROMPT_LIKE)
+@pytest.mark.parametrize("method", LORA_LIKE + PROMPT_LIKE + ADAPTER_LIKE)
 def test_save_load_round_trip(method, tmp_path):
     ours = pk.patch(_bert(), method, **OPTIONS[method])
     _randomize_(ours)
@@ -116,10 +119,11 @@ def test_save_load_round_trip(method, tmp_path):
     path = pk.save_adapter(ours, tmp_path)
     saved = load_file(str(path))
     trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
-    if method in LORA_LIKE:  # exactly the adapter and the head, nothing of the frozen base
+    if method in LORA_LIKE + ADAPTER_LIKE[:3]:  # exactly the adapter and the head, nothing of the frozen base
         assert sum(v.numel() for v in saved.values()) == trainable
+    added = {f"base_model.model.{n}" for n in ours.peftkern_config["added"]}
     assert all(k.endswith(("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")) or "classifier" in k
-               or k == "prompt_embeddings" for k in saved)
+               or k == "prompt_embeddings" or k in added for k in saved)
     loaded = pk.load_adapter(_bert(), tmp_path).eval()  # an unpatched model: patched from the saved config
     assert loaded.peftkern_config["method"] == method
     torch.testing.assert_close(loaded(**batch).logits, ref, rtol=1e-5, atol=1e-5)

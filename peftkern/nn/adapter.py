@@ -1,0 +1,53 @@
+"""BottleneckAdapter: the Houlsby / Pfeiffer / parallel adapter as a module over the fused ``pk.bottleneck_adapter``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import _validate as V
+from ..ops.adapter import activation_name, bottleneck_adapter
+
+
+class BottleneckAdapter(nn.Module):
+    """``y = [h +] scale * up(act(down(LN(h))))`` with ``down`` [D / reduction_factor, D] and ``up`` [D, that].
+
+    ``up`` starts at zero, so a fresh adapter is the identity (with ``residual``) or adds nothing (without: the
+    parallel adapter). ``layer_norm``: a LayerNorm on the adapter's input (the residual stays the raw h).
+    """
+
+    def __init__(self, hidden_size: int, reduction_factor: float = 16, non_linearity: str = "relu", *,
+                 layer_norm: bool = False, residual: bool = True, scale: float = 1.0,
+                 bottleneck_size: Optional[int] = None, device=None, dtype=None):
+        super().__init__()
+        V.integer("hidden_size", hidden_size)
+        V.number("reduction_factor", reduction_factor, low=0.0, low_open=True)
+        V.number("scale", scale)
+        if bottleneck_size is None:
+            bottleneck_size = max(1, int(hidden_size // reduction_factor))
+        V.integer("bottleneck_size", bottleneck_size)
+        self.hidden_size, self.bottleneck_size = hidden_size, bottleneck_size
+        self.non_linearity = activation_name(non_linearity)
+        self.residual, self.scale = bool(residual), float(scale)
+        kw = dict(device=device, dtype=dtype)
+        self.layer_norm = nn.LayerNorm(hidden_size, **kw) if layer_norm else None
+        self.down = nn.Linear(hidden_size, bottleneck_size, **kw)
+        self.up = nn.Linear(bottleneck_size, hidden_size, **kw)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.to(self.down.weight.dtype)
+        if self.layer_norm is None:
+            y = bottleneck_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
+                                   self.non_linearity, self.residual, self.scale)
+        else:
+            y = bottleneck_adapter(self.layer_norm(x), self.down.weight, self.down.bias, self.up.weight, self.up.bias,
+                                   self.non_linearity, False, self.scale)
+            y = x + y if self.residual else y
+        return y.to(h.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.hidden_size} -> {self.bottleneck_size} -> {self.hidden_size}, {self.non_linearity}, "
+                f"residual={self.residual}, scale={self.scale:g}")
