@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -21,10 +22,12 @@ import torch
 from torch import nn
 
 from .methods.adapters import AdapterFusion, add_adapters, add_serial, transformer_sites
+from .methods.adalora import AdaLoRAAllocator, prepare_adalora
 from .methods.prefix_tuning import PrefixTuning
 from .methods.prompt_tuning import PromptTuning
+from .methods.selective import bitfit, diff_pruning, far_select, fish_mask
 from .methods.targets import freeze_except, replace_module, target_matcher
-from .nn import BottleneckAdapter, LoRALinear, QLoRALinear
+from .nn import BottleneckAdapter, LoRALinear, QLoRALinear, RowDiffLinear, SparseDiffLinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -148,7 +151,6 @@ def _prompt_wrapper(model: nn.Module) -> Optional[nn.Module]:
     return model if isinstance(model, (PromptTuning, PrefixTuning)) else None
 
 
-# --------------------------------------------------------------------------------------------------- registry
 # --------------------------------------------------------------------------------------------------- adapters
 def _added_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
     """The parameters the method added to the base model, under PEFT's ``base_model.model.`` prefix."""
@@ -231,6 +233,108 @@ def _mam(model, o: dict):
     return wrapper, {"heads": heads}
 
 
+# --------------------------------------------------------------------------------------------------- AdaLoRA, selective
+def _adalora(model, o: dict):
+    """AdaLoRA's SVD-form layers; with ``total_step`` the rank allocator rides along as ``model.peftkern_allocator``
+    (call its ``update_and_allocate(step)`` after each backward)."""
+    heads = _heads(model, o["modules_to_save"])
+    names = _lora_targets(model, o["target_modules"], heads, False)
+    freeze_except(model, heads)
+    prepare_adalora(model, names, init_r=o["init_r"], lora_alpha=o["lora_alpha"], lora_dropout=o["lora_dropout"],
+                    trainable=heads)
+    if o["total_step"] is not None:
+        model.peftkern_allocator = AdaLoRAAllocator(model, target_r=o["target_r"], total_step=o["total_step"],
+                                                    tinit=o["tinit"], tfinal=o["tfinal"], deltaT=o["deltaT"])
+    return model, {"heads": heads}
+
+
+def _bitfit(model, o: dict):
+    heads = _heads(model, o["modules_to_save"])
+    trainable = bitfit(model, heads)
+    return model, {"heads": heads, "biases": [n for n in trainable if not any(n.startswith(h + ".") for h in heads)]}
+
+
+def _bitfit_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {f"base_model.model.{n}": params[n] for n in record["biases"]}
+
+
+def _diff_pruning(model, o: dict):
+    """Diff Pruning's gated dense diffs; add ``pk.methods.diff_pruning_l0(model)`` times a weight to the loss."""
+    heads = _heads(model, o["modules_to_save"])
+    names = _lora_targets(model, o["target_modules"], heads, False)
+    diff_pruning(model, target="|".join(re.escape(n) for n in names), trainable_head=heads)
+    return model, {"heads": heads}
+
+
+def _samples(calibration_data):
+    """Single-row batches out of ``calibration_data`` (dicts of [B, ...] tensors, or such dicts one row each)."""
+    for batch in calibration_data:
+        if not isinstance(batch, dict):
+            raise TypeError(f"calibration_data must yield dicts of model inputs, got {type(batch).__name__}")
+        n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+        for i in range(n):
+            yield {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _fish_mask(model, o: dict):
+    heads = _heads(model, o["modules_to_save"])
+    names = _lora_targets(model, o["target_modules"], heads, False)
+    fish_mask(model, _samples(o["calibration_data"]), lambda m, sample: m(**sample).loss, o["density"],
+              target="|".join(re.escape(n) for n in names), trainable_head=heads)
+    return model, {"heads": heads}
+
+
+def _far(model, o: dict):
+    """FAR: priming steps on ``calibration_data`` train the FFN linears, the rows that moved most are kept as small
+    dense blocks, and the primed weights are restored."""
+    heads = _heads(model, o["modules_to_save"])
+    names = _lora_targets(model, o["target_modules"], heads, False)
+    weights = [model.get_submodule(n).weight for n in names]
+    primed = {n: w.detach().clone() for n, w in zip(names, weights)}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights:
+        w.requires_grad_(True)
+    opt = torch.optim.AdamW(weights, lr=o["priming_lr"], weight_decay=0.0)
+    steps = 0
+    for batch in o["calibration_data"]:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        steps += 1
+    if steps == 0:
+        raise ValueError("calibration_data yielded no batch")
+    far_select(model, primed, o["fraction"], trainable_head=heads)
+    return model, {"heads": heads}
+
+
+def _structure_tensors(layer_type: type, buffer: str) -> Callable:
+    """The added parameters plus each selected layer's ``buffer`` (its indices / rows), which rebuild the layers."""
+    def tensors(model, record):
+        out = _added_tensors(model, record)
+        for name, m in _inner(model).named_modules():
+            if isinstance(m, layer_type):
+                out[f"base_model.model.{name}.{buffer}"] = getattr(m, buffer)
+        return out
+    return tensors
+
+
+def _rebuild_sparse(layer_cls, buffer: str) -> Callable:
+    """``apply`` from a saved file: the layers at the saved ``buffer`` positions, without calibration."""
+    def rebuild(model, o: dict, tensors: dict):
+        heads = _heads(model, o["modules_to_save"])
+        prefix, suffix = "base_model.model.", "." + buffer
+        chosen = {k[len(prefix):-len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}
+        freeze_except(model, heads)
+        for name, idx in chosen.items():
+            replace_module(model, name, layer_cls(model.get_submodule(name), idx))
+        return model, {"heads": heads}
+    return rebuild
+
+
+_FFN = r".*(intermediate\.dense|(?<!attention\.)output\.dense|mlp\.(gate|up|down)_proj)"
+
 # --------------------------------------------------------------------------------------------------- registry
 class Method(NamedTuple):
     apply: Callable[[nn.Module, dict], tuple[nn.Module, dict]]  # (model, options) -> (patched, record)
@@ -238,6 +342,8 @@ class Method(NamedTuple):
     tensors: Callable[[nn.Module, dict], dict]  # the method's tensors under their saved names (live)
     peft_config: Optional[Callable[[nn.Module, dict], dict]] = None  # PEFT's adapter_config.json fields, if PEFT has it
     head_prefix: str = "base_model.model."  # where PEFT saves the head's parameters
+    calibrated: bool = False  # needs calibration_data (batches of model inputs with labels)
+    rebuild: Optional[Callable[[nn.Module, dict, dict], tuple[nn.Module, dict]]] = None  # apply from saved tensors
 
 
 _LORA_OPTIONS = dict(r=8, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", use_rslora=False,
@@ -267,6 +373,16 @@ METHODS: dict[str, Method] = {
                                            "drop_prob": 0.0}, _added_tensors),
     "adapter_fusion": Method(_fusion, dict(adapters=None, num_adapters=None, adapter_options=None,
                                            modules_to_save=None), _added_tensors),
+    "adalora": Method(_adalora, dict(init_r=12, target_r=8, lora_alpha=8, lora_dropout=0.0,
+                                     target_modules="all-linear", total_step=None, tinit=0, tfinal=0, deltaT=1,
+                                     modules_to_save=None), _added_tensors),
+    "bitfit": Method(_bitfit, dict(modules_to_save=None), _bitfit_tensors),
+    "diff_pruning": Method(_diff_pruning, dict(target_modules="all-linear", modules_to_save=None), _added_tensors),
+    "fish_mask": Method(_fish_mask, dict(density=0.005, target_modules="all-linear", modules_to_save=None),
+                        _structure_tensors(SparseDiffLinear, "indices"), calibrated=True,
+                        rebuild=_rebuild_sparse(SparseDiffLinear.from_linear, "indices")),
+    "far": Method(_far, dict(fraction=0.1, target_modules=_FFN, priming_lr=1e-4, modules_to_save=None),
+                  _structure_tensors(RowDiffLinear, "rows"), calibrated=True, rebuild=_rebuild_sparse(RowDiffLinear, "rows")),
     "mam": Method(_mam, dict(num_virtual_tokens=30, prefix_projection=False, reduction_factor=4,
                              non_linearity="relu", scale=4.0, modules_to_save=None), _with_prompt(_added_tensors)),
 }
@@ -293,12 +409,18 @@ def patch(model: nn.Module, method: str = "lora", calibration_data=None, **optio
     unknown = sorted(set(options) - set(spec.defaults))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(spec.defaults)}")
-    if calibration_data is not None:
+    if spec.calibrated and calibration_data is None:
+        raise ValueError(f"method {method!r} needs calibration_data (an iterable of input batches with labels)")
+    if not spec.calibrated and calibration_data is not None:
         raise ValueError(f"method {method!r} takes no calibration_data")
-    opts = {**spec.defaults, **options}
+    extra = {"calibration_data": calibration_data} if spec.calibrated else {}
+    return _apply(model, method, {**spec.defaults, **options}, lambda m, o: spec.apply(m, {**o, **extra}))
+
+
+def _apply(model: nn.Module, method: str, opts: dict, apply: Callable) -> nn.Module:
     before = {id(p) for p in model.parameters()}
     applied = dict(opts)
-    patched, record = spec.apply(model, applied)
+    patched, record = apply(model, applied)
     opts.update({k: v for k, v in applied.items() if k in opts})  # what the method resolved (e.g. fusion's sizes)
     added = [n for n, p in _inner(patched).named_parameters() if id(p) not in before]
     patched.peftkern_config = {"method": method, "options": opts, "heads": [], "added": added, **record}
@@ -386,8 +508,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, method: Optiona
         else:
             name, opts = _from_peft_config(config, model)
         name = method or name
-        opts = {k: v for k, v in opts.items() if k in METHODS.get(name, METHODS["lora"]).defaults}
-        model = patch(model, name, **{**opts, **options})
+        if name not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
+        spec = METHODS[name]
+        opts = {**spec.defaults, **{k: v for k, v in opts.items() if k in spec.defaults}, **options}
+        if spec.rebuild is not None:  # the saved structure (selected entries) instead of a calibration pass
+            model = _apply(model, name, opts, lambda m, o: spec.rebuild(m, o, tensors))
+        else:
+            model = patch(model, name, **opts)
     elif method is not None and method != model.peftkern_config["method"]:
         raise ValueError(f"method {method!r} does not match the model's ({model.peftkern_config['method']!r})")
     record = model.peftkern_config

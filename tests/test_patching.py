@@ -18,11 +18,23 @@ from peftkern.nn import NF4Linear
 LORA_LIKE = ["lora", "dora", "qlora"]
 PROMPT_LIKE = ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"]
 ADAPTER_LIKE = ["adapter_houlsby", "adapter_pfeiffer", "adapter_drop", "mam"]
+SELECTIVE = ["adalora", "bitfit", "diff_pruning", "fish_mask", "far"]
+ALL = LORA_LIKE + PROMPT_LIKE + ADAPTER_LIKE + SELECTIVE
 OPTIONS = {"lora": dict(r=4, lora_alpha=8), "dora": dict(r=4, lora_alpha=8), "qlora": dict(r=4, lora_alpha=8),
            "prompt_tuning": dict(num_virtual_tokens=5), "p_tuning": dict(num_virtual_tokens=5, encoder="lstm"),
            "prefix_tuning": dict(num_virtual_tokens=5), "p_tuning_v2": dict(num_virtual_tokens=5),
            "adapter_houlsby": dict(reduction_factor=4), "adapter_pfeiffer": dict(reduction_factor=4),
-           "adapter_drop": dict(reduction_factor=4, skip_layers=1), "mam": dict(num_virtual_tokens=5)}
+           "adapter_drop": dict(reduction_factor=4, skip_layers=1), "mam": dict(num_virtual_tokens=5),
+           "adalora": dict(init_r=4, target_r=2, total_step=8), "bitfit": {}, "diff_pruning": {},
+           "fish_mask": dict(density=0.02), "far": dict(fraction=0.25)}
+
+
+def _patch(model, method):
+    """pk.patch with the test options (and calibration batches where the method needs them)."""
+    calibration = None
+    if pk.patching.METHODS[method].calibrated:
+        calibration = [{**_batch(seed), "labels": torch.tensor([0, 1, 2])} for seed in (11, 12)]
+    return pk.patch(model, method, calibration_data=calibration, **OPTIONS[method])
 
 
 def _bert(seed=0, hidden=32):
@@ -74,17 +86,19 @@ def _peft_from(model, directory):
         return peft.PeftModel.from_pretrained(model, str(directory)).eval()
 
 
-@pytest.mark.parametrize("method", LORA_LIKE + PROMPT_LIKE + ADAPTER_LIKE)
+@pytest.mark.parametrize("method", ALL)
 def test_only_the_methods_parameters_train_and_the_base_stays_bit_identical(method):
     model = _bert()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    patched = pk.patch(model, method, **OPTIONS[method])
+    # the parameter objects are kept alive: a freed one's id could be reused by a new parameter
+    before = {id(p): (n, p, p.detach().clone()) for n, p in model.named_parameters()}
+    patched = _patch(model, method)
     assert patched.peftkern_config["method"] == method
     trainable = {n for n, p in patched.named_parameters() if p.requires_grad}
     heads = {n for n in trainable if ".classifier." in f".{n}"}
     assert heads and all(p.requires_grad for n, p in patched.named_parameters() if ".classifier." in f".{n}")
     assert trainable - heads, "the method added no trainable parameter"
-    assert all(n not in before or "classifier" in n for n in trainable)
+    base_trainable = {n for n, p in patched.named_parameters() if p.requires_grad and id(p) in before}
+    assert all("classifier" in n or (method == "bitfit" and n.endswith(".bias")) for n in base_trainable)
     frozen = {n: t.detach().clone() for n, t in [*patched.named_parameters(), *patched.named_buffers()]
               if not t.requires_grad}
     opt = torch.optim.AdamW([p for p in patched.parameters() if p.requires_grad], lr=1e-2)
@@ -98,10 +112,11 @@ def test_only_the_methods_parameters_train_and_the_base_stays_bit_identical(meth
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    now = dict(model.named_parameters())
-    for n, p in before.items():  # the base's weights: the same bits (QLoRA's projections became NF4 codes)
-        if "classifier" not in n and (method != "qlora" or n.endswith(".bias") or "Norm" in n or "embeddings" in n):
-            assert torch.equal(now[n], p), n
+    for p in model.parameters():  # the base's weights: the same bits (QLoRA's projections became NF4 codes)
+        if id(p) in before and not p.requires_grad:
+            n, _, old = before[id(p)]
+            assert torch.equal(p, old), n
+    assert sum(id(p) in before and not p.requires_grad for p in model.parameters()) > 10
     now = dict([*patched.named_parameters(), *patched.named_buffers()])
     assert all(torch.equal(now[n], t) for n, t in frozen.items())  # nothing frozen moved while training
     if method == "qlora":
@@ -109,9 +124,9 @@ def test_only_the_methods_parameters_train_and_the_base_stays_bit_identical(meth
                    for n, m in model.named_modules())
 
 
-@pytest.mark.parametrize("method", LORA_LIKE + PROMPT_LIKE + ADAPTER_LIKE)
+@pytest.mark.parametrize("method", ALL)
 def test_save_load_round_trip(method, tmp_path):
-    ours = pk.patch(_bert(), method, **OPTIONS[method])
+    ours = _patch(_bert(), method)
     _randomize_(ours)
     ours.eval()
     batch = _batch()
@@ -119,11 +134,13 @@ def test_save_load_round_trip(method, tmp_path):
     path = pk.save_adapter(ours, tmp_path)
     saved = load_file(str(path))
     trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
-    if method in LORA_LIKE + ADAPTER_LIKE[:3]:  # exactly the adapter and the head, nothing of the frozen base
-        assert sum(v.numel() for v in saved.values()) == trainable
+    if method not in PROMPT_LIKE + ["mam"]:  # exactly the method's parameters and the head, nothing frozen
+        structure = sum(v.numel() for k, v in saved.items() if k.endswith((".indices", ".rows")))
+        assert sum(v.numel() for v in saved.values()) - structure == trainable
     added = {f"base_model.model.{n}" for n in ours.peftkern_config["added"]}
-    assert all(k.endswith(("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")) or "classifier" in k
-               or k == "prompt_embeddings" or k in added for k in saved)
+    biases = {f"base_model.model.{n}" for n in ours.peftkern_config.get("biases", [])}
+    assert all(k.endswith(("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", ".indices", ".rows"))
+               or "classifier" in k or k == "prompt_embeddings" or k in added | biases for k in saved)
     loaded = pk.load_adapter(_bert(), tmp_path).eval()  # an unpatched model: patched from the saved config
     assert loaded.peftkern_config["method"] == method
     torch.testing.assert_close(loaded(**batch).logits, ref, rtol=1e-5, atol=1e-5)

@@ -36,7 +36,7 @@ def bitfit(model: nn.Module, trainable_head: Iterable[str] = ("classifier",)) ->
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def _to_sparse(model: nn.Module, selections: dict[str, torch.Tensor]) -> dict[str, SparseDiffLinear]:
+def replace_with_sparse(model: nn.Module, selections: dict[str, torch.Tensor]) -> dict[str, SparseDiffLinear]:
     """Replace each named Linear by a SparseDiffLinear (values 0) on its sorted flat indices."""
     out = {}
     for name, idx in selections.items():
@@ -80,7 +80,7 @@ def fish_mask(model: nn.Module, calibration_data: Iterable, loss_fn: Callable[[n
         if sel.numel():
             selections[n] = sel.to(f.device)
     freeze_except(model, trainable_head)
-    return _to_sparse(model, selections)
+    return replace_with_sparse(model, selections)
 
 
 class DiffPruningLinear(nn.Module):
