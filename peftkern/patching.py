@@ -27,6 +27,7 @@ from .methods.prefix_tuning import PrefixTuning
 from .methods.prompt_tuning import PromptTuning
 from .methods.selective import bitfit, diff_pruning, far_select, fish_mask
 from .methods.targets import freeze_except, replace_module, target_matcher
+from .methods.unipelt import unipelt
 from .nn import BottleneckAdapter, LoRALinear, QLoRALinear, RowDiffLinear, SparseDiffLinear
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -158,8 +159,15 @@ def _added_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
     return {f"base_model.model.{n}": params[n] for n in record["added"]}
 
 
+_FOLDED = ("model.", "embedding.", "transform.", "lstm_head.", "mlp_head.")  # the base, and what the table holds
+
+
 def _with_prompt(tensors: Callable) -> Callable:
-    return lambda model, record: {**tensors(model, record), **_prompt_tensors(model, record)}
+    """``tensors`` plus the prompt table and the wrapper's other parameters (UniPELT's prefix gates)."""
+    def all_tensors(model, record):
+        own = {n: p for n, p in model.named_parameters() if not n.startswith(_FOLDED)}
+        return {**tensors(model, record), **_prompt_tensors(model, record), **own}
+    return all_tensors
 
 
 _ADAPTER_OPTIONS = dict(reduction_factor=16, non_linearity="relu", layer_norm=False, modules_to_save=None)
@@ -335,6 +343,13 @@ def _rebuild_sparse(layer_cls, buffer: str) -> Callable:
 
 _FFN = r".*(intermediate\.dense|(?<!attention\.)output\.dense|mlp\.(gate|up|down)_proj)"
 
+def _unipelt(model, o: dict):
+    heads = _heads(model, o.pop("modules_to_save"))
+    targets = _lora_targets(model, o.pop("target_modules"), heads, False)
+    freeze_except(model, heads)
+    return unipelt(model, lora_targets=targets, **o), {"heads": heads}
+
+
 # --------------------------------------------------------------------------------------------------- registry
 class Method(NamedTuple):
     apply: Callable[[nn.Module, dict], tuple[nn.Module, dict]]  # (model, options) -> (patched, record)
@@ -383,6 +398,9 @@ METHODS: dict[str, Method] = {
                         rebuild=_rebuild_sparse(SparseDiffLinear.from_linear, "indices")),
     "far": Method(_far, dict(fraction=0.1, target_modules=_FFN, priming_lr=1e-4, modules_to_save=None),
                   _structure_tensors(RowDiffLinear, "rows"), calibrated=True, rebuild=_rebuild_sparse(RowDiffLinear, "rows")),
+    "unipelt": Method(_unipelt, dict(r=8, lora_alpha=16, target_modules=r".*\.(query|value|q_proj|v_proj)",
+                                     num_virtual_tokens=10, reduction_factor=16, non_linearity="relu",
+                                     modules_to_save=None), _with_prompt(_added_tensors)),
     "mam": Method(_mam, dict(num_virtual_tokens=30, prefix_projection=False, reduction_factor=4,
                              non_linearity="relu", scale=4.0, modules_to_save=None), _with_prompt(_added_tensors)),
 }
@@ -413,8 +431,12 @@ def patch(model: nn.Module, method: str = "lora", calibration_data=None, **optio
         raise ValueError(f"method {method!r} needs calibration_data (an iterable of input batches with labels)")
     if not spec.calibrated and calibration_data is not None:
         raise ValueError(f"method {method!r} takes no calibration_data")
-    extra = {"calibration_data": calibration_data} if spec.calibrated else {}
-    return _apply(model, method, {**spec.defaults, **options}, lambda m, o: spec.apply(m, {**o, **extra}))
+    def apply(m, o):
+        if spec.calibrated:
+            o["calibration_data"] = calibration_data
+        return spec.apply(m, o)
+
+    return _apply(model, method, {**spec.defaults, **options}, apply)
 
 
 def _apply(model: nn.Module, method: str, opts: dict, apply: Callable) -> nn.Module:

@@ -17,7 +17,7 @@ from peftkern.nn import NF4Linear
 
 LORA_LIKE = ["lora", "dora", "qlora"]
 PROMPT_LIKE = ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"]
-ADAPTER_LIKE = ["adapter_houlsby", "adapter_pfeiffer", "adapter_drop", "mam"]
+ADAPTER_LIKE = ["adapter_houlsby", "adapter_pfeiffer", "adapter_drop", "mam", "unipelt"]
 SELECTIVE = ["adalora", "bitfit", "diff_pruning", "fish_mask", "far"]
 ALL = LORA_LIKE + PROMPT_LIKE + ADAPTER_LIKE + SELECTIVE
 OPTIONS = {"lora": dict(r=4, lora_alpha=8), "dora": dict(r=4, lora_alpha=8), "qlora": dict(r=4, lora_alpha=8),
@@ -25,6 +25,7 @@ OPTIONS = {"lora": dict(r=4, lora_alpha=8), "dora": dict(r=4, lora_alpha=8), "ql
            "prefix_tuning": dict(num_virtual_tokens=5), "p_tuning_v2": dict(num_virtual_tokens=5),
            "adapter_houlsby": dict(reduction_factor=4), "adapter_pfeiffer": dict(reduction_factor=4),
            "adapter_drop": dict(reduction_factor=4, skip_layers=1), "mam": dict(num_virtual_tokens=5),
+           "unipelt": dict(r=4, num_virtual_tokens=5, reduction_factor=4),
            "adalora": dict(init_r=4, target_r=2, total_step=8), "bitfit": {}, "diff_pruning": {},
            "fish_mask": dict(density=0.02), "far": dict(fraction=0.25)}
 
@@ -134,13 +135,14 @@ def test_save_load_round_trip(method, tmp_path):
     path = pk.save_adapter(ours, tmp_path)
     saved = load_file(str(path))
     trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
-    if method not in PROMPT_LIKE + ["mam"]:  # exactly the method's parameters and the head, nothing frozen
+    if method not in PROMPT_LIKE + ["mam", "unipelt"]:  # exactly the method's parameters and the head
         structure = sum(v.numel() for k, v in saved.items() if k.endswith((".indices", ".rows")))
         assert sum(v.numel() for v in saved.values()) - structure == trainable
     added = {f"base_model.model.{n}" for n in ours.peftkern_config["added"]}
     biases = {f"base_model.model.{n}" for n in ours.peftkern_config.get("biases", [])}
     assert all(k.endswith(("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", ".indices", ".rows"))
-               or "classifier" in k or k == "prompt_embeddings" or k in added | biases for k in saved)
+               or "classifier" in k or k == "prompt_embeddings" or k in added | biases
+               or k in dict(ours.named_parameters()) for k in saved)  # the last: a wrapper's own (UniPELT's gates)
     loaded = pk.load_adapter(_bert(), tmp_path).eval()  # an unpatched model: patched from the saved config
     assert loaded.peftkern_config["method"] == method
     torch.testing.assert_close(loaded(**batch).logits, ref, rtol=1e-5, atol=1e-5)

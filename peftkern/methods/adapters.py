@@ -74,7 +74,7 @@ def add_parallel(ffn_in: nn.Module, ffn_out: nn.Module, adapter: nn.Module) -> n
 
 def add_adapters(model: nn.Module, placement: str, *, reduction_factor: float = 16, non_linearity: str = "relu",
                  layer_norm: bool = False, scale: float = 1.0, skip_layers: int = 0, drop_prob: float = 0.0,
-                 hidden_size: Optional[int] = None) -> list[BottleneckAdapter]:
+                 gated: bool = False, hidden_size: Optional[int] = None) -> list[BottleneckAdapter]:
     """Insert fresh adapters (identity at first) in every layer from ``skip_layers`` on (AdapterDrop's static
     dropping); ``drop_prob`` skips each one per training forward at random (its dynamic dropping).
     ``placement``: "houlsby" (after attention and after the FFN), "pfeiffer" (after the FFN) or "parallel"
@@ -91,8 +91,8 @@ def add_adapters(model: nn.Module, placement: str, *, reduction_factor: float = 
 
     def new(residual: bool) -> BottleneckAdapter:
         a = BottleneckAdapter(d, reduction_factor, non_linearity, layer_norm=layer_norm, residual=residual,
-                              scale=scale, device=ref.device, dtype=torch.float32 if ref.dtype != torch.float64
-                              else torch.float64)
+                              scale=scale, gated=gated, device=ref.device,
+                              dtype=torch.float64 if ref.dtype == torch.float64 else torch.float32)
         a.drop_prob = float(drop_prob)
         return a
 

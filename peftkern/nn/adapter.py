@@ -15,10 +15,11 @@ class BottleneckAdapter(nn.Module):
 
     ``up`` starts at zero, so a fresh adapter is the identity (with ``residual``) or adds nothing (without: the
     parallel adapter). ``layer_norm``: a LayerNorm on the adapter's input (the residual stays the raw h).
+    ``gated``: UniPELT's per-token gate, ``y = h + sigmoid(h w_g + b_g) * scale * up(act(down(h)))``.
     """
 
     def __init__(self, hidden_size: int, reduction_factor: float = 16, non_linearity: str = "relu", *,
-                 layer_norm: bool = False, residual: bool = True, scale: float = 1.0,
+                 layer_norm: bool = False, residual: bool = True, scale: float = 1.0, gated: bool = False,
                  bottleneck_size: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         V.integer("hidden_size", hidden_size)
@@ -36,17 +37,20 @@ class BottleneckAdapter(nn.Module):
         self.up = nn.Linear(bottleneck_size, hidden_size, **kw)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+        self.gate = nn.Linear(hidden_size, 1, **kw) if gated else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         x = h.to(self.down.weight.dtype)
-        if self.layer_norm is None:
+        if self.layer_norm is None and self.gate is None:
             y = bottleneck_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
                                    self.non_linearity, self.residual, self.scale)
-        else:
-            y = bottleneck_adapter(self.layer_norm(x), self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-                                   self.non_linearity, False, self.scale)
-            y = x + y if self.residual else y
-        return y.to(h.dtype)
+            return y.to(h.dtype)
+        inner = x if self.layer_norm is None else self.layer_norm(x)
+        y = bottleneck_adapter(inner, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
+                               self.non_linearity, False, self.scale)
+        if self.gate is not None:
+            y = torch.sigmoid(self.gate(x)) * y
+        return (x + y if self.residual else y).to(h.dtype)
 
     def extra_repr(self) -> str:
         return (f"{self.hidden_size} -> {self.bottleneck_size} -> {self.hidden_size}, {self.non_linearity}, "
