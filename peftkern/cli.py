@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-BENCHMARKS = {"lora": "bench_lora", "nf4": "bench_nf4", "prefix": "bench_prefix", "sparse": "bench_sparse"}
+BENCHMARKS = {"lora": "bench_lora", "nf4": "bench_nf4", "prefix": "bench_prefix", "sparse": "bench_sparse",
+              "adapter": "bench_adapter", "methods": "bench_methods"}
 _REPO = Path(__file__).resolve().parent.parent
 
 

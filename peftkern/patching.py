@@ -259,7 +259,11 @@ def _adalora(model, o: dict):
 def _bitfit(model, o: dict):
     heads = _heads(model, o["modules_to_save"])
     trainable = bitfit(model, heads)
-    return model, {"heads": heads, "biases": [n for n in trainable if not any(n.startswith(h + ".") for h in heads)]}
+    biases = [n for n in trainable if not any(n.startswith(h + ".") for h in heads)]
+    if not biases:
+        raise ValueError("the model has no bias terms: BitFit has nothing to train (a Llama needs attention_bias / "
+                         "mlp_bias in its config)")
+    return model, {"heads": heads, "biases": biases}
 
 
 def _bitfit_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:

@@ -47,10 +47,21 @@ def forward(h, w_down, b_down, w_up, b_up, activation, residual, scale):
     return y, z
 
 
+def _act_backward(da: Tensor, z: Tensor, a: Tensor, activation: str) -> Tensor:
+    """da * act'(z) with PyTorch's fused activation-backward kernels (a = act(z))."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(da, z, 0)
+    if activation in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(da, z, approximate="none" if activation == "gelu" else "tanh")
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(da, z)
+    return torch.ops.aten.tanh_backward(da, a)
+
+
 @register("adapter_backward", "torch")
 def backward(g, h, z, w_down, w_up, activation, residual, scale):
-    """(dh, dW_d, db_d, dW_u, db_u) for y's gradient g."""
-    dz = (_wide(g @ w_up) * scale * activation_grad(z, activation)).to(g.dtype)
+    """(dh, dW_d, db_d, dW_u, db_u) for y's gradient g; act(z) is recomputed, not saved."""
+    a = ACTIVATIONS[activation](z)
+    dz = _act_backward((g @ w_up) * scale, z, a, activation)
     dh = torch.addmm(g, dz, w_down) if residual else dz @ w_down
-    dw_up = (g.t() @ ACTIVATIONS[activation](z)) * scale
-    return dh, dz.t() @ h, dz.sum(0), dw_up, g.sum(0) * scale
+    return dh, dz.t() @ h, dz.sum(0), (g.t() @ a) * scale, g.sum(0) * scale
