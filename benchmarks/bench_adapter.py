@@ -21,9 +21,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes,  # noqa: E402
-                               format_table, interleaved_times, machine_info, paired_ratio,
-                               standard_cli, steady_malloc, summarize, write_results)
+from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes, format_table,  # noqa: E402
+                               interleaved_times, paired_ratio, run_context, standard_cli, summarize,
+                               write_results)
 
 FULL = [(4096, 768, 48), (4096, 1024, 64), (16384, 768, 48)]  # (tokens, hidden, bottleneck)
 QUICK = [(2048, 768, 48), (4096, 1024, 64)]
@@ -103,11 +103,8 @@ def bench_adapter_drop(layers: int, batch: int, seq: int, reps: int, device: str
 
 def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int] = None, malloc: str = "steady",
         plot: Optional[str] = None, log=print) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
+    device, malloc, info, where = run_context(malloc)
     reps = reps or (5 if quick else 9)
-    info = machine_info()
-    where = info["cpu"] if device == "cpu" else info["gpu"]
     log(f"# fused bottleneck adapter (GELU) vs eager Linear -> GELU -> Linear + h, fwd+bwd, {device}: {where}; "
         f"torch {torch.__version__}; median of {reps} interleaved repetitions; ratio < 1: ours faster")
     rows = [bench_layer(n, d, m, dtype, reps, device) for n, d, m in (QUICK if quick else FULL) for dtype in DTYPES]

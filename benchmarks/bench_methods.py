@@ -4,10 +4,10 @@ real all-MiniLM-L6-v2 on the demo's sentiment task: trainable fraction, loss bef
     python benchmarks/bench_methods.py [--quick] [--json FILE]        (or: peftkern bench methods [--quick])
 
 Tasks: BERT (4 layers, hidden 32) classifies whether token 7 occurs in a sequence of 12 random tokens; Llama (4
-layers, hidden 32, GQA 4/2, with biases) learns sequences that count up by 3 (mod 100). A fixed set of batches is cycled; the loss
-is the mean of the first and of the last 3 steps. "only method" checks that every frozen base tensor kept its bits
-and nothing outside the method's parameters and the task head moved. AdapterFusion trains two Pfeiffer adapters
-first (stage 1, on the task and on its negation / on counting by 5) and fuses them.
+layers, hidden 32, GQA 4/2, with biases) learns sequences that count up by 3 (mod 100). A fixed set of batches is
+cycled; the loss is the mean of the first and of the last 3 steps. "only method" checks that every frozen base tensor
+kept its bits and nothing outside the method's parameters and the task head moved. AdapterFusion trains two Pfeiffer
+adapters first (stage 1, on the task and on its negation / on counting by 5) and fuses them.
 """
 from __future__ import annotations
 

@@ -25,9 +25,9 @@ from torch import nn  # noqa: E402
 
 import peftkern as pk  # noqa: E402
 from peftkern.demo import bnb_linear4bit  # noqa: E402
-from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes,  # noqa: E402
-                               format_table, interleaved_times, machine_info, paired_ratio,
-                               standard_cli, steady_malloc, summarize, write_results)
+from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes, format_table,  # noqa: E402
+                               interleaved_times, paired_ratio, run_context, standard_cli, summarize,
+                               write_results)
 
 FULL_SHAPES = [(1024, 1024), (4096, 4096)]
 QUICK_SHAPES = [(1024, 1024), (2048, 2048)]
@@ -119,11 +119,8 @@ def bench_qlora(tokens: int, out_f: int, in_f: int, r: int, reps: int, device: s
 
 def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int] = None, malloc: str = "steady",
         plot: Optional[str] = None, log=print) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
+    device, malloc, info, where = run_context(malloc)
     reps = reps or (5 if quick else 11)
-    info = machine_info()
-    where = info["cpu"] if device == "cpu" else info["gpu"]
     log(f"# NF4 / QLoRA vs bitsandbytes and PEFT+bitsandbytes, {device}: {where}, "
         f"{info['torch_threads']} threads; torch {torch.__version__}, bitsandbytes {info['versions']['bitsandbytes']}")
     log(f"# median of {reps} interleaved repetitions; ratio < 1: ours faster")

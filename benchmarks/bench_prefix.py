@@ -21,9 +21,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes,  # noqa: E402
-                               format_table, interleaved_times, machine_info, paired_ratio,
-                               standard_cli, steady_malloc, summarize, write_results)
+from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes, format_table,  # noqa: E402
+                               interleaved_times, paired_ratio, run_context, standard_cli, summarize,
+                               write_results)
 
 FULL = [(4, 512, 32, 64), (2, 1024, 64, 64), (1, 2048, 128, 128)]  # (B, S, P, D)
 QUICK = [(2, 256, 32, 64), (1, 1024, 64, 64)]
@@ -83,11 +83,8 @@ def bench(B, S, P, D, dtype, reps, device) -> dict:
 
 def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int] = None, malloc: str = "steady",
         plot: Optional[str] = None, log=print) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
+    device, malloc, info, where = run_context(malloc)
     reps = reps or (5 if quick else 9)
-    info = machine_info()
-    where = info["cpu"] if device == "cpu" else info["gpu"]
     log(f"# prefix attention vs SDPA on concatenated keys, fwd+bwd, causal, GQA {HQ}/{HKV} heads, shared prefix, "
         f"{device}: {where}; torch {torch.__version__}; median of {reps} interleaved repetitions")
     rows = [bench(B, S, P, D, dtype, reps, device) for B, S, P, D in (QUICK if quick else FULL)

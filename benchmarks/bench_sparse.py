@@ -20,9 +20,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from benchmarks.common import (add_roofline, fmt_bytes, format_table,  # noqa: E402
-                               interleaved_times, machine_info, paired_ratio, standard_cli, steady_malloc,
-                               summarize, write_results)
+from benchmarks.common import (add_roofline, fmt_bytes, format_table, interleaved_times,  # noqa: E402
+                               paired_ratio, run_context, standard_cli, summarize, write_results)
 
 DENSITIES = (0.001, 0.01, 0.1)
 
@@ -62,11 +61,8 @@ def bench(tokens: int, in_f: int, out_f: int, density: float, dtype, reps: int, 
 
 def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int] = None, malloc: str = "steady",
         plot: Optional[str] = None, log=print) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
+    device, malloc, info, where = run_context(malloc)
     reps = reps or (5 if quick else 9)
-    info = machine_info()
-    where = info["cpu"] if device == "cpu" else info["gpu"]
     log(f"# SparseDiffLinear vs dense masked gradient, fwd+bwd (dx), {device}: {where}; torch {torch.__version__}; "
         f"median of {reps} interleaved repetitions; ratio < 1: ours faster")
     shapes = [(256, 1024, 1024)] if quick else [(256, 4096, 4096), (256, 1024, 1024)]

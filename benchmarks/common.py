@@ -277,6 +277,14 @@ def run_standard(run: Callable, args) -> dict:
                plot=getattr(args, "plot", None))
 
 
+def run_context(malloc: str) -> tuple[str, str, dict, str]:
+    """(device, allocator setting, machine info, a one-phrase description of the device) for a benchmark's run."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    malloc = steady_malloc() if malloc == "steady" and device == "cpu" else "default"
+    info = machine_info()
+    return device, malloc, info, info["cpu"] if device == "cpu" else info["gpu"]
+
+
 def standard_cli(run: Callable, doc: str) -> tuple[Callable, Callable, Callable]:
     """(add_arguments, run_from_args, main) of a benchmark taking the standard options only."""
     import argparse

@@ -12,5 +12,6 @@ from . import integrations, methods, nf4, nn, optim, sparse  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = ["available_backends", "get_backend", "set_backend", "use_backend", "lora_linear", "dora_linear",
-           "multi_lora_linear", "bottleneck_adapter", "nf4_linear", "qlora_linear", "prefix_attention", "sparse_diff_linear",
+           "multi_lora_linear", "bottleneck_adapter", "nf4_linear", "qlora_linear", "prefix_attention",
+           "sparse_diff_linear",
            "patch", "save_adapter", "load_adapter", "integrations", "methods", "nf4", "nn", "optim", "sparse"]

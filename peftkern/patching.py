@@ -1,14 +1,17 @@
-"""One entry point per method: ``pk.patch(model, method=...)``, and adapters saved and loaded as PEFT files.
+"""One entry point per method: ``pk.patch(model, method, calibration_data=None, **options)`` for the 18 methods of
+``METHODS``, and ``save_adapter`` / ``load_adapter``.
 
 ``patch`` freezes the model, adds only the method's parameters (the task head, if any, stays trainable) and keeps
-the model's normal call. ``save_adapter`` writes ``adapter_model.safetensors`` (only the method's tensors and the
-head) and ``adapter_config.json`` in PEFT's layout, so ``peft.PeftModel.from_pretrained`` loads them;
-``load_adapter`` reads our files and PEFT's, patching an unpatched model from the saved config first.
+the model's normal call (prompt and prefix methods return a wrapper that takes it). ``save_adapter`` writes
+``adapter_model.safetensors`` (only the method's tensors and the head) and ``adapter_config.json``; ``load_adapter``
+reads our files and PEFT's, patching an unpatched model from the saved config first, and rejects what does not fit.
 
-Saved layouts (PEFT's): LoRA / DoRA / QLoRA ``base_model.model.<module>.lora_A.weight``, ``.lora_B.weight``,
-``.lora_magnitude_vector`` and ``base_model.model.<head param>``; prompt, P-Tuning, prefix and P-Tuning v2
-``prompt_embeddings`` (what the model sees: encoders and the prefix MLP are folded, as PEFT saves them) and
-``base_model.<head param>``. The method and its options also go into the safetensors header (``peftkern``).
+Saved layouts are PEFT's where PEFT has the method, so ``peft.PeftModel.from_pretrained`` loads them: LoRA / DoRA /
+QLoRA ``base_model.model.<module>.lora_A.weight``, ``.lora_B.weight``, ``.lora_magnitude_vector`` and
+``base_model.model.<head param>``; prompt, P-Tuning, prefix and P-Tuning v2 ``prompt_embeddings`` (what the model
+sees: encoders and the prefix MLP are folded, as PEFT saves them) and ``base_model.<head param>``. The other methods
+save the parameters they added under ``base_model.model.<name>`` (FISH Mask / FAR also their selected indices / rows)
+with our config. The method and its options always go into the safetensors header (``peftkern``).
 """
 from __future__ import annotations
 
@@ -401,7 +404,8 @@ METHODS: dict[str, Method] = {
                         _structure_tensors(SparseDiffLinear, "indices"), calibrated=True,
                         rebuild=_rebuild_sparse(SparseDiffLinear.from_linear, "indices")),
     "far": Method(_far, dict(fraction=0.1, target_modules=_FFN, priming_lr=1e-4, modules_to_save=None),
-                  _structure_tensors(RowDiffLinear, "rows"), calibrated=True, rebuild=_rebuild_sparse(RowDiffLinear, "rows")),
+                  _structure_tensors(RowDiffLinear, "rows"), calibrated=True,
+                  rebuild=_rebuild_sparse(RowDiffLinear, "rows")),
     "unipelt": Method(_unipelt, dict(r=8, lora_alpha=16, target_modules=r".*\.(query|value|q_proj|v_proj)",
                                      num_virtual_tokens=10, reduction_factor=16, non_linearity="relu",
                                      modules_to_save=None), _with_prompt(_added_tensors)),

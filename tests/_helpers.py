@@ -61,3 +61,24 @@ def saved_bytes(exclude=(), counter=None):
 
 def shape_id(**dims) -> str:
     return "-".join(f"{k}{v}" for k, v in dims.items())
+
+
+def tiny_bert(seed: int = 0, hidden: int = 32, layers: int = 2, num_labels: int = 3):
+    """A random BertForSequenceClassification without dropout, in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                                  intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=num_labels,
+                                  attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    """A random LlamaForCausalLM with grouped-query attention (4 query heads over 2 key/value heads), in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()

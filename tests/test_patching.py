@@ -9,11 +9,11 @@ import warnings
 import pytest
 import torch
 import peft
-import transformers
 from safetensors.torch import load_file
 
 import peftkern as pk
 from peftkern.nn import NF4Linear
+from tests._helpers import tiny_bert, tiny_llama
 
 LORA_LIKE = ["lora", "dora", "qlora"]
 PROMPT_LIKE = ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"]
@@ -39,18 +39,11 @@ def _patch(model, method):
 
 
 def _bert(seed=0, hidden=32):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=2 * hidden, max_position_embeddings=64, attention_probs_dropout_prob=0.0,
-                                  hidden_dropout_prob=0.0, num_labels=3)
-    return transformers.BertForSequenceClassification(cfg).eval()
+    return tiny_bert(seed, hidden)
 
 
 def _llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed)
 
 
 def _batch(seed=1):

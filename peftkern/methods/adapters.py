@@ -83,7 +83,8 @@ def add_adapters(model: nn.Module, placement: str, *, reduction_factor: float = 
         raise ValueError(f"placement must be 'houlsby', 'pfeiffer' or 'parallel', got {placement!r}")
     sites = transformer_sites(model)
     if not 0 <= skip_layers < len(sites):
-        raise ValueError(f"skip_layers must be in [0, {len(sites)}) for this {len(sites)}-layer model, got {skip_layers}")
+        raise ValueError(f"skip_layers must be in [0, {len(sites)}) for this {len(sites)}-layer model, "
+                         f"got {skip_layers}")
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
     d = hidden_size or sites[0]["ffn_out"].out_features

@@ -15,7 +15,7 @@ _STATE = ("absmax", "qabsmax", "absmax2", "offset", "code", "code8")  # NF4Tenso
 
 
 class NF4Linear(nn.Module):
-    """``y = x dequant(W)^T + b`` with W [out, in] frozen in NF4; :attr:`nf4` is it as an :class:`~peftkern.nf4.NF4Tensor`.
+    """``y = x dequant(W)^T + b`` with W [out, in] frozen in NF4 (:attr:`nf4`: it as an ``NF4Tensor``).
 
     Storage as bitsandbytes' ``Params4bit``: ``weight`` is a frozen parameter holding the packed codes, viewed as
     ``quant_storage`` (uint8 by default; e.g. bf16 to share a dtype with the other parameters) in shape

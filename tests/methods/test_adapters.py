@@ -6,25 +6,18 @@ import copy
 
 import pytest
 import torch
-import transformers
 
 import peftkern as pk
 from peftkern.methods.adapters import AdapterFusion, add_adapters, transformer_sites
+from tests._helpers import tiny_bert, tiny_llama
 
 
 def _bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64, attention_probs_dropout_prob=0.0,
-                                  hidden_dropout_prob=0.0, num_labels=2)
-    return transformers.BertForSequenceClassification(cfg).eval()
+    return tiny_bert(seed, layers=4, num_labels=2)
 
 
 def _llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, layers=4)
 
 
 BUILDERS = {"bert": _bert, "llama": _llama}

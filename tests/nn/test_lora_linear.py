@@ -1,4 +1,5 @@
-"""LoRALinear against PEFT's LoRA layer (plain, rsLoRA, DoRA), merge/unmerge, eval, torch.compile (DDP: tests/test_distributed.py)."""
+"""LoRALinear against PEFT's LoRA layer (plain, rsLoRA, DoRA), merge/unmerge, eval, torch.compile
+(DDP: tests/test_distributed.py)."""
 import copy
 import math
 
