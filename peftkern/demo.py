@@ -19,6 +19,7 @@ used by ``benchmarks/bench_lora.py`` and the tests.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -431,6 +432,8 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
     from ._console import progress_bar
     from .patching import load_adapter, save_adapter
 
+    # bitsandbytes logs at import that an optional CPU kernel package is missing; its fallback is what runs here
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     cfg = config or (DemoConfig.quick() if quick else DemoConfig())
     t0 = time.perf_counter()
     res = DemoResult()
