@@ -28,7 +28,8 @@ from .methods.adapters import AdapterFusion, add_adapters, add_serial, transform
 from .methods.adalora import AdaLoRAAllocator, prepare_adalora
 from .methods.prefix_tuning import PrefixTuning
 from .methods.prompt_tuning import PromptTuning
-from .methods.selective import bitfit, diff_pruning, far_select, fish_mask
+from .methods.selective import (bitfit, diff_pruning, diff_pruning_l0, diff_pruning_to_sparse, far_select,
+                                fish_mask)
 from .methods.targets import freeze_except, replace_module, target_matcher
 from .methods.unipelt import unipelt
 from .nn import BottleneckAdapter, LoRALinear, QLoRALinear, RowDiffLinear, SparseDiffLinear
@@ -275,11 +276,38 @@ def _bitfit_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
 
 
 def _diff_pruning(model, o: dict):
-    """Diff Pruning's gated dense diffs; add ``pk.methods.diff_pruning_l0(model)`` times a weight to the loss."""
+    """Diff Pruning (Guo et al., 2021). Without ``calibration_data``: gated dense diffs to train with
+    ``pk.methods.diff_pruning_l0(model)`` times a weight added to the loss. With it: that stage runs on the batches
+    (``steps`` passes, AdamW at ``lr``, L0 weight ``l0_weight``), the diffs are projected to their top ``density``
+    entries, and the model trains those as sparse diffs (``sparse_diff_linear``) from there."""
     heads = _heads(model, o["modules_to_save"])
     names = _lora_targets(model, o["target_modules"], heads, False)
     diff_pruning(model, target="|".join(re.escape(n) for n in names), trainable_head=heads)
+    data = o.get("calibration_data")
+    if data is not None:
+        head_params = {id(p) for h in heads for p in model.get_submodule(h).parameters()}
+        gated = [p for p in model.parameters() if p.requires_grad and id(p) not in head_params]
+        opt = torch.optim.AdamW(gated, lr=o["lr"], weight_decay=0.0)
+        for _ in range(o["steps"]):
+            for batch in data:
+                (model(**batch).loss + o["l0_weight"] * diff_pruning_l0(model)).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.grad = None
+        diff_pruning_to_sparse(model, o["density"])
+        freeze_except(model, heads)
+        for m in model.modules():
+            if isinstance(m, SparseDiffLinear):
+                m.values.requires_grad_(True)
     return model, {"heads": heads}
+
+
+def _rebuild_diff_pruning(model, o: dict, tensors: dict):
+    """A saved projected (sparse) Diff Pruning rebuilds at its indices; a saved gated one is just applied."""
+    if any(k.endswith(".indices") for k in tensors):
+        return _rebuild_sparse(SparseDiffLinear.from_linear, "indices")(model, o, tensors)
+    return _diff_pruning(model, o)
 
 
 def _samples(calibration_data):
@@ -364,7 +392,7 @@ class Method(NamedTuple):
     tensors: Callable[[nn.Module, dict], dict]  # the method's tensors under their saved names (live)
     peft_config: Optional[Callable[[nn.Module, dict], dict]] = None  # PEFT's adapter_config.json fields, if PEFT has it
     head_prefix: str = "base_model.model."  # where PEFT saves the head's parameters
-    calibrated: bool = False  # needs calibration_data (batches of model inputs with labels)
+    calibrated: bool | str = False  # True: needs calibration_data (batches of inputs with labels); "optional"
     rebuild: Optional[Callable[[nn.Module, dict, dict], tuple[nn.Module, dict]]] = None  # apply from saved tensors
 
 
@@ -399,7 +427,10 @@ METHODS: dict[str, Method] = {
                                      target_modules="all-linear", total_step=None, tinit=0, tfinal=0, deltaT=1,
                                      modules_to_save=None), _added_tensors),
     "bitfit": Method(_bitfit, dict(modules_to_save=None), _bitfit_tensors),
-    "diff_pruning": Method(_diff_pruning, dict(target_modules="all-linear", modules_to_save=None), _added_tensors),
+    "diff_pruning": Method(_diff_pruning, dict(target_modules="all-linear", density=0.005, l0_weight=1e-4, lr=1e-2,
+                                               steps=1, modules_to_save=None),
+                           _structure_tensors(SparseDiffLinear, "indices"), calibrated="optional",
+                           rebuild=_rebuild_diff_pruning),
     "fish_mask": Method(_fish_mask, dict(density=0.005, target_modules="all-linear", modules_to_save=None),
                         _structure_tensors(SparseDiffLinear, "indices"), calibrated=True,
                         rebuild=_rebuild_sparse(SparseDiffLinear.from_linear, "indices")),
@@ -435,12 +466,12 @@ def patch(model: nn.Module, method: str = "lora", calibration_data=None, **optio
     unknown = sorted(set(options) - set(spec.defaults))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid options: {sorted(spec.defaults)}")
-    if spec.calibrated and calibration_data is None:
+    if spec.calibrated is True and calibration_data is None:
         raise ValueError(f"method {method!r} needs calibration_data (an iterable of input batches with labels)")
     if not spec.calibrated and calibration_data is not None:
         raise ValueError(f"method {method!r} takes no calibration_data")
     def apply(m, o):
-        if spec.calibrated:
+        if calibration_data is not None:
             o["calibration_data"] = calibration_data
         return spec.apply(m, o)
 

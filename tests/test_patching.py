@@ -33,7 +33,7 @@ OPTIONS = {"lora": dict(r=4, lora_alpha=8), "dora": dict(r=4, lora_alpha=8), "ql
 def _patch(model, method):
     """pk.patch with the test options (and calibration batches where the method needs them)."""
     calibration = None
-    if pk.patching.METHODS[method].calibrated:
+    if pk.patching.METHODS[method].calibrated is True:
         calibration = [{**_batch(seed), "labels": torch.tensor([0, 1, 2])} for seed in (11, 12)]
     return pk.patch(model, method, calibration_data=calibration, **OPTIONS[method])
 
@@ -217,6 +217,25 @@ def test_qlora_adapter_loads_into_peft_over_bitsandbytes(tmp_path):
     back = pk.load_adapter(copy.deepcopy(base), tmp_path / "peft", method="qlora").eval()
     assert isinstance(back.get_submodule(ours.peftkern_config["targets"][0]), pk.nn.QLoRALinear)
     torch.testing.assert_close(back(**batch).logits, out, rtol=1e-5, atol=1e-5)
+
+
+def test_diff_pruning_with_calibration_projects_to_sparse_diffs(tmp_path):
+    """The L0 stage runs on the calibration batches, then the top entries train as sparse diffs; the file keeps them."""
+    model = _bert()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith("query.weight")}
+    batches = [{**_batch(seed), "labels": torch.tensor([0, 1, 2])} for seed in (11, 12)]
+    patched = pk.patch(model, "diff_pruning", calibration_data=batches, density=0.01, steps=2)
+    layers = [m for m in patched.modules() if isinstance(m, pk.nn.SparseDiffLinear)]
+    assert layers and all(m.values.requires_grad and m.values.abs().max() > 0 for m in layers)
+    total = sum(m.weight.numel() for m in layers)
+    assert abs(sum(m.values.numel() for m in layers) - 0.01 * total) <= len(layers)
+    now = dict(patched.named_parameters())
+    assert all(torch.equal(now[n], w) for n, w in weights.items())  # the diff lives beside the frozen weight
+    patched.eval()
+    pk.save_adapter(patched, tmp_path)
+    again = pk.load_adapter(_bert(), tmp_path).eval()
+    assert sum(isinstance(m, pk.nn.SparseDiffLinear) for m in again.modules()) == len(layers)
+    torch.testing.assert_close(again(**_batch()).logits, patched(**_batch()).logits)
 
 
 def test_qlora_patches_a_bitsandbytes_model_without_requantizing():
