@@ -17,3 +17,18 @@ def test_roofline_and_results_files(tmp_path):
         table = list(csv.DictReader(f))
     assert [r["shape"] for r in table] == ["a", "b"] and "nested" not in table[0]
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adapter_benchmark_runs_and_reports_what_it_measures(tmp_path, monkeypatch):
+    """bench_adapter end to end on small shapes: a ratio per row, fewer saved bytes than the eager adapter, and
+    AdapterDrop's step time; the JSON holds both tables."""
+    from benchmarks import bench_adapter
+
+    monkeypatch.setattr(bench_adapter, "QUICK", [(256, 64, 8)])
+    res = bench_adapter.run(quick=True, reps=2, json_path=str(tmp_path / "a.json"), log=lambda s: None)
+    assert len(res["rows"]) == len(bench_adapter.DTYPES)
+    for row in res["rows"]:
+        assert row["ratio"] > 0 and row["saved_ours"] < row["saved_eager"]
+    assert res["adapter_drop"][0]["dropped"] == 3 and res["adapter_drop"][0]["ratio"] > 0
+    payload = json.loads((tmp_path / "a.json").read_text())
+    assert {"rows", "adapter_drop", "machine"} <= set(payload)
