@@ -1,7 +1,7 @@
 """The ``peftkern`` command (``python -m peftkern.cli``): info, bench, demo, kernels.
 
     peftkern info [--json]            versions, backends (with the reason one is unavailable), CUDA library status
-    peftkern bench [lora|nf4|prefix|sparse|all] [--quick] [--json F] [--plot F.png]   vs the peers (benchmarks/)
+    peftkern bench [lora|nf4|prefix|sparse|adapter|methods|all] [--quick] [--json F] [--plot F.png]  (benchmarks/)
     peftkern demo [--quick]           a real QLoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
     peftkern kernels [--arch 80 90] [--json FILE]     compile the Triton kernels ahead of time (peftkern/_aot.py)
 """

@@ -470,6 +470,7 @@ def patch(model: nn.Module, method: str = "lora", calibration_data=None, **optio
         raise ValueError(f"method {method!r} needs calibration_data (an iterable of input batches with labels)")
     if not spec.calibrated and calibration_data is not None:
         raise ValueError(f"method {method!r} takes no calibration_data")
+
     def apply(m, o):
         if calibration_data is not None:
             o["calibration_data"] = calibration_data
@@ -513,8 +514,8 @@ def _jsonable(options: dict) -> dict:
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the method's tensors and the head to ``directory/adapter_model.safetensors`` with PEFT's
-    ``adapter_config.json`` beside it. Returns the weights' path."""
+    """Write the method's tensors and the head to ``directory/adapter_model.safetensors`` and ``adapter_config.json``
+    beside it (PEFT's, where PEFT has the method). Returns the weights' path."""
     from safetensors.torch import save_file
 
     record = _record(model)
@@ -572,6 +573,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, method: Optiona
         if name not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {name!r}")
         spec = METHODS[name]
+        unknown = sorted(set(options) - set(spec.defaults))
+        if unknown:
+            raise ValueError(f"unknown option(s) {unknown} for method {name!r}; valid options: {sorted(spec.defaults)}")
         opts = {**spec.defaults, **{k: v for k, v in opts.items() if k in spec.defaults}, **options}
         if spec.rebuild is not None:  # the saved structure (selected entries) instead of a calibration pass
             model = _apply(model, name, opts, lambda m, o: spec.rebuild(m, o, tensors))
