@@ -53,8 +53,9 @@ def test_fp32_against_dense_math(dims, density, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("values_dtype", [None, torch.float32], ids=["same", "fp32-values"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_within_twice_eager_error(dtype, values_dtype, backend):
-    c = _case(37, 130, 29, 0.05, dtype=dtype, values_dtype=values_dtype)
+@pytest.mark.parametrize("density", [0.005, 0.05], ids=["nnz-le-out", "nnz-gt-out"])  # the torch path's two forms
+def test_low_precision_within_twice_eager_error(dtype, values_dtype, backend, density):
+    c = _case(37, 130, 29, density, dtype=dtype, values_dtype=values_dtype)
     with pk.use_backend(backend):
         out = _run(pk.sparse_diff_linear, c)
     ref = _run(sparse_diff_linear_reference, c, to=torch.float64)

@@ -1,9 +1,12 @@
 """Eager PyTorch implementation of the sparse diff ops: the CPU path, and any device without Triton.
 
-The delta is a CSR matrix built from the sorted indices (rows in order, so CSR order = the indices' order): the
-corrections are sparse x dense products (``delta @ x^T`` for y; the transposed CSR, built with one argsort, for dx)
-and the values' gradient is PyTorch's SDDMM (``torch.sparse.sampled_addmm``): work and memory scale with nnz, never
-a dense [out, in] matrix. Sparse math runs in the values' dtype promoted to fp32.
+Very sparse diffs (nnz at most min(out, in): about one entry per row or column) gather the columns they touch:
+``y[:, r_e] += x[:, c_e] v_e`` and ``dx[:, c_e] += g[:, r_e] v_e`` by ``index_add_``, ``d v_e = sum_n g[n, r_e]
+x[n, c_e]``, with [N, nnz] temporaries no larger than an activation. Denser ones use a CSR matrix built from the
+sorted indices (rows in order, so CSR order = the indices' order): the corrections are sparse x dense products
+(``delta @ x^T`` for y; the transposed CSR, built with one argsort, for dx) and the values' gradient is PyTorch's
+SDDMM (``torch.sparse.sampled_addmm``). Work and memory scale with nnz, never a dense [out, in] matrix. Sparse math
+runs in the values' dtype promoted to fp32.
 """
 from __future__ import annotations
 
@@ -32,6 +35,11 @@ def _math_dtype(values: torch.Tensor) -> torch.dtype:
     return torch.promote_types(values.dtype, torch.float32)
 
 
+def _gathered(nnz: int, shape: tuple[int, int]) -> bool:
+    """The gather path: [N, nnz] temporaries no larger than x or y, and no CSR built or transposed operand copied."""
+    return nnz <= min(shape)
+
+
 @register("sparse_diff_forward", "torch")
 def forward(x, weight, bias, indices, values):
     """y [N, out] = x W^T + b + (delta x^T)^T."""
@@ -39,6 +47,8 @@ def forward(x, weight, bias, indices, values):
     rows, cols = rows_cols(indices, I)
     y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
     dt = _math_dtype(values)
+    if _gathered(indices.numel(), (O, I)):
+        return y.to(dt).index_add_(1, rows, x[:, cols].to(dt) * values.to(dt)).to(y.dtype)
     corr = _csr(rows, cols, values.to(dt), (O, I)) @ x.to(dt).t()  # [out, N]
     return (y.to(dt) + corr.t()).to(y.dtype)
 
@@ -48,6 +58,8 @@ def masked_grad(grad_out, x, indices, in_features: int):
     """d values [nnz] = (g^T x) at indices (SDDMM), in promote(g, fp32)."""
     rows, cols = rows_cols(indices, in_features)
     dt = torch.promote_types(grad_out.dtype, torch.float32)
+    if _gathered(indices.numel(), (grad_out.shape[1], in_features)):
+        return (grad_out[:, rows].to(dt) * x[:, cols].to(dt)).sum(0)
     pattern = _csr(rows, cols, torch.zeros(indices.numel(), dtype=dt, device=x.device),
                    (grad_out.shape[1], in_features))
     return torch.sparse.sampled_addmm(pattern, grad_out.to(dt).t(), x.to(dt), beta=0.0).values()
@@ -58,10 +70,12 @@ def dgrad(grad_out, weight, indices, values):
     """dx [N, in] = g W + (delta^T g^T)^T, delta^T as a CSR of the entries sorted by column."""
     O, I = weight.shape
     rows, cols = rows_cols(indices, I)
-    order = torch.argsort(cols, stable=True)
     dt = _math_dtype(values)
-    corr = _csr(cols[order], rows[order], values[order].to(dt), (I, O)) @ grad_out.to(dt).t()  # [in, N]
     dx = grad_out @ weight
+    if _gathered(indices.numel(), (O, I)):
+        return dx.to(dt).index_add_(1, cols, grad_out[:, rows].to(dt) * values.to(dt)).to(dx.dtype)
+    order = torch.argsort(cols, stable=True)
+    corr = _csr(cols[order], rows[order], values[order].to(dt), (I, O)) @ grad_out.to(dt).t()  # [in, N]
     return (dx.to(dt) + corr.t()).to(dx.dtype)
 
 
