@@ -50,6 +50,22 @@ def adapter_act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def adapter_rows_to_bottleneck(x_ptr, stride_xn, w_ptr, stride_wm, stride_wd, rows, mids, N, D, M,
+                               DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """[BN, BM] fp32 = x[rows, :] @ w^T over D, w[m, d] at w_ptr + m stride_wm + d stride_wd (W_d, or W_u^T)."""
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)  # [BD]
+        x = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :],
+                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)  # [BN, BD]
+        w_t = tl.load(w_ptr + mids[None, :] * stride_wm + cols[:, None] * stride_wd,
+                      mask=(mids[None, :] < M) & (cols[:, None] < D), other=0.0)  # [BD, BM]
+        acc = tl.dot(x.to(DOT_DTYPE), w_t.to(DOT_DTYPE), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def adapter_fwd_kernel(h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, y_ptr, z_ptr, N, D, M, stride_hn, scale,
                        ACT: tl.constexpr, RESIDUAL: tl.constexpr, HAS_BD: tl.constexpr, HAS_BU: tl.constexpr,
                        DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -57,14 +73,8 @@ def adapter_fwd_kernel(h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, y_ptr, z_ptr, N, D
     """z = h W_d^T + b_d; y = [h +] scale (act(z) W_u^T + b_u); one program per BLOCK_N rows, grid (cdiv(N, BN),)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mids = tl.arange(0, BLOCK_M)  # [BM]
-    z = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)  # [BD]
-        h = tl.load(h_ptr + rows[:, None] * stride_hn + cols[None, :],
-                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)  # [BN, BD]
-        wd_t = tl.load(wd_ptr + mids[None, :] * D + cols[:, None],
-                       mask=(mids[None, :] < M) & (cols[:, None] < D), other=0.0)  # [BD, BM] = W_d^T tile
-        z = tl.dot(h.to(DOT_DTYPE), wd_t.to(DOT_DTYPE), z, input_precision=PRECISION)
+    z = adapter_rows_to_bottleneck(h_ptr, stride_hn, wd_ptr, D, 1, rows, mids, N, D, M, DOT_DTYPE, PRECISION,
+                                   BLOCK_N, BLOCK_D, BLOCK_M)  # [BN, BM]
     if HAS_BD:
         z += tl.load(bd_ptr + mids, mask=mids < M, other=0.0).to(tl.float32)[None, :]
     # z is rounded to its stored dtype first: backward recomputes act from exactly what it reads back
@@ -93,14 +103,9 @@ def adapter_bwd_dz_dh_kernel(g_ptr, z_ptr, wd_ptr, wu_ptr, dz_ptr, dh_ptr, N, D,
     """dz = scale (g W_u) act'(z) (fp32); dh = [g +] dz W_d; one program per BLOCK_N rows, grid (cdiv(N, BN),)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     mids = tl.arange(0, BLOCK_M)  # [BM]
-    da = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)  # [BD]
-        g = tl.load(g_ptr + rows[:, None] * D + cols[None, :],
-                    mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)  # [BN, BD]
-        wu = tl.load(wu_ptr + cols[:, None] * M + mids[None, :],
-                     mask=(cols[:, None] < D) & (mids[None, :] < M), other=0.0)  # [BD, BM]
-        da = tl.dot(g.to(DOT_DTYPE), wu.to(DOT_DTYPE), da, input_precision=PRECISION)
+    # W_u [D, M] read as (W_u^T)[m, d]
+    da = adapter_rows_to_bottleneck(g_ptr, D, wu_ptr, 1, M, rows, mids, N, D, M, DOT_DTYPE, PRECISION,
+                                    BLOCK_N, BLOCK_D, BLOCK_M)  # [BN, BM]
     zmask = (rows[:, None] < N) & (mids[None, :] < M)
     z = tl.load(z_ptr + rows[:, None] * M + mids[None, :], mask=zmask, other=0.0).to(tl.float32)
     dz = da * scale * adapter_act_grad(z, ACT)
