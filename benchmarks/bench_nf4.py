@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import peftkern as pk  # noqa: E402
-from peftkern.demo import bnb_linear4bit  # noqa: E402
+from peftkern.demo import bnb_linear4bit, peft_on_layer  # noqa: E402
 from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes, format_table,  # noqa: E402
                                interleaved_times, paired_ratio, run_context, standard_cli, summarize,
                                write_results)
@@ -77,27 +77,12 @@ def bench_format(out_f: int, in_f: int, reps: int, device: str) -> list[dict]:
     return rows
 
 
-def _peft_qlora(q4, r: int):
-    import peft
-
-    class Holder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = q4
-
-        def forward(self, x):
-            return self.proj(x)
-
-    return peft.get_peft_model(Holder(), peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.1,
-                                                         target_modules=["proj"]))
-
-
 def bench_qlora(tokens: int, out_f: int, in_f: int, r: int, reps: int, device: str) -> dict:
     torch.manual_seed(0)
     linear = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16, device=device)
     q4 = bnb_linear4bit(linear)
     ours = pk.nn.QLoRALinear.from_bnb(q4, r=r, lora_alpha=2 * r, lora_dropout=0.1)
-    theirs = _peft_qlora(q4, r)
+    theirs = peft_on_layer(q4, r=r, lora_alpha=2 * r, lora_dropout=0.1)
     x = torch.randn(tokens, in_f, dtype=torch.bfloat16, device=device, requires_grad=True)
     g = torch.randn(tokens, out_f, dtype=torch.bfloat16, device=device)
 

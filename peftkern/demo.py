@@ -147,6 +147,22 @@ def bnb_linear4bit(linear: nn.Linear, double_quant: bool = True) -> nn.Module:
     return q4
 
 
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def peft_on_layer(layer: nn.Module, **lora_config) -> nn.Module:
+    """PEFT's LoRA around one layer (held as ``proj``): the peer of a single QLoRALinear / LoRALinear."""
+    import peft
+
+    return peft.get_peft_model(_Holder(layer), peft.LoraConfig(target_modules=["proj"], **lora_config))
+
+
 def bnb_quantize(model: nn.Module, target_regex: str = TARGET_REGEX) -> list[str]:
     """Replace each targeted nn.Linear by :func:`bnb_linear4bit` of it (in place). Returns the names."""
     names = lora_target_names(model, target_regex)

@@ -82,3 +82,15 @@ def tiny_llama(seed: int = 0, layers: int = 2):
     cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@contextlib.contextmanager
+def torch_variant_or_backend(name: str, variant: str, monkeypatch, module, flag: str):
+    """Enter backend ``name``; ``variant`` means the torch backend with ``module.<flag>`` turned off (its fallback
+    path, e.g. the pure-torch NF4 code without the C++ library)."""
+    import peftkern
+
+    if name == variant:
+        monkeypatch.setattr(module, flag, False)
+    with peftkern.use_backend("torch" if name == variant else name):
+        yield name

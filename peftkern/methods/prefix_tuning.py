@@ -23,6 +23,7 @@ from torch import nn
 from .. import _validate as V
 
 from ..ops.prefix_attention import prefix_attention
+from .prompt_tuning import load_table_
 
 ATTENTION_NAME = "peftkern_prefix"
 
@@ -116,12 +117,7 @@ class PrefixTuning(nn.Module):
     def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
         """Load a PEFT prefix-tuning adapter's ``prompt_embeddings`` [P, L * 2 * Hkv * D] (folds first)."""
         self.fold()
-        expected = tuple(self.embedding.weight.shape)
-        if tuple(prompt_embeddings.shape) != expected:
-            raise ValueError(f"prompt_embeddings must have shape {expected} ([P, L * 2 * Hkv * D]), "
-                             f"got {tuple(prompt_embeddings.shape)}")
-        with torch.no_grad():
-            self.embedding.weight.copy_(prompt_embeddings)
+        load_table_(self.embedding, prompt_embeddings, "[P, L * 2 * Hkv * D]")
 
     def _set_layer_prefixes(self) -> None:
         kv = self.prefix().view(self.num_virtual_tokens, self.num_layers * 2, self.num_kv_heads, self.head_dim)

@@ -16,6 +16,16 @@ from torch import nn
 from .. import _validate as V
 
 
+def load_table_(embedding: nn.Embedding, prompt_embeddings: torch.Tensor, layout: str) -> None:
+    """Copy a saved ``prompt_embeddings`` table into ``embedding`` after checking its shape (``layout`` names it)."""
+    expected = tuple(embedding.weight.shape)
+    if tuple(prompt_embeddings.shape) != expected:
+        raise ValueError(f"prompt_embeddings must have shape {expected} ({layout}), "
+                         f"got {tuple(prompt_embeddings.shape)}")
+    with torch.no_grad():
+        embedding.weight.copy_(prompt_embeddings)
+
+
 class PromptTuning(nn.Module):
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, init: str = "random",
                  init_text: Optional[str] = None, tokenizer=None, encoder: Optional[str] = None,
@@ -74,12 +84,7 @@ class PromptTuning(nn.Module):
     def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
         """Load a PEFT prompt-tuning / P-tuning adapter's ``prompt_embeddings`` [P, hidden] (what the model sees):
         the table becomes them and a prompt encoder is dropped, as PEFT does for inference."""
-        expected = tuple(self.embedding.weight.shape)
-        if tuple(prompt_embeddings.shape) != expected:
-            raise ValueError(f"prompt_embeddings must have shape {expected} ([P, hidden]), "
-                             f"got {tuple(prompt_embeddings.shape)}")
-        with torch.no_grad():
-            self.embedding.weight.copy_(prompt_embeddings)
+        load_table_(self.embedding, prompt_embeddings, "[P, hidden]")
         self.encoder, self.lstm_head, self.mlp_head = None, None, None
 
     def forward(self, input_ids=None, *, attention_mask=None, inputs_embeds=None, labels=None, token_type_ids=None,

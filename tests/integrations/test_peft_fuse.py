@@ -9,7 +9,7 @@ import peft
 import transformers
 
 import peftkern as pk
-from peftkern.demo import bnb_linear4bit
+from peftkern.demo import bnb_linear4bit, peft_on_layer
 
 
 def _llama():
@@ -94,16 +94,9 @@ def test_mixed_adapter_batch_goes_through_multi_lora(monkeypatch):
 
 def test_nf4_base_runs_qlora(monkeypatch):
     torch.manual_seed(0)
-
-    class Holder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = bnb_linear4bit(torch.nn.Linear(64, 128, bias=True))
-
-        def forward(self, x):
-            return self.proj(x)
-
-    pm = _peft(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]), model=Holder()).eval()
+    pm = peft_on_layer(bnb_linear4bit(torch.nn.Linear(64, 128, bias=True)), r=4, lora_alpha=8).eval()
+    with torch.no_grad():
+        pm.base_model.model.proj.lora_B["default"].weight.normal_(0, 0.1)
     x = torch.randn(3, 64)
     ref = pm(x)
     calls = []

@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 import bitsandbytes as bnb
-import peft
 
 import peftkern as pk
-from peftkern.demo import bnb_linear4bit
+from peftkern.demo import bnb_linear4bit, peft_on_layer
 from peftkern.ops.lora.reference import lora_linear_reference
 from tests._helpers import max_err
 
@@ -44,25 +43,12 @@ def test_loads_bitsandbytes_and_bitsandbytes_loads_ours():
         pk.nn.NF4Linear(64, 128, dtype=torch.bfloat16).load_state_dict(q4.state_dict())
 
 
-def _peft_qlora(q4, r, alpha):
-    class Holder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = q4
-
-        def forward(self, x):
-            return self.proj(x)
-
-    pm = peft.get_peft_model(Holder(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"]))
-    return pm.base_model.model.proj
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_qlora_matches_peft_bitsandbytes(dtype):
     """Forward and gradients within 2x the error of PEFT + bitsandbytes against fp64 math on the same weights."""
     lin = _linear(96, 80, dtype)
     q4 = bnb_linear4bit(lin)
-    layer = _peft_qlora(q4, 8, 16)
+    layer = peft_on_layer(q4, r=8, lora_alpha=16).base_model.model.proj
     ours = pk.nn.QLoRALinear.from_bnb(q4, r=8, lora_alpha=16)
     with torch.no_grad():
         nn.init.normal_(ours.lora_B, std=0.05)

@@ -11,7 +11,7 @@ import peftkern as pk
 from peftkern.ops.nf4 import torch_impl
 from peftkern.ops.nf4.reference import (blockwise8_quantize_reference, nf4_dequantize_reference,
                                         nf4_quantize_reference)
-from tests._helpers import backends, poison_, shape_id
+from tests._helpers import backends, poison_, shape_id, torch_variant_or_backend
 
 # the torch backend runs the csrc/cpu kernels on a CPU when built; "torch-pure" switches them off
 IMPLS = [*backends(), "torch-pure"]
@@ -28,10 +28,8 @@ def _weight(shape, dtype, seed=0):
 @pytest.fixture
 def impl(request, monkeypatch):
     """Runs the test body under the backend (or torch path) named by the ``backend`` parameter."""
-    name = request.node.callspec.params["backend"]
-    if name == "torch-pure":
-        monkeypatch.setattr(torch_impl, "USE_CPU_LIBRARY", False)
-    with pk.use_backend("torch" if name == "torch-pure" else name):
+    with torch_variant_or_backend(request.node.callspec.params["backend"], "torch-pure", monkeypatch, torch_impl,
+                                  "USE_CPU_LIBRARY") as name:
         yield name
 
 

@@ -11,7 +11,7 @@ import peftkern as pk
 from peftkern.backend import registered
 from peftkern.ops.prefix_attention import torch_impl
 from peftkern.ops.prefix_attention.reference import prefix_attention_reference
-from tests._helpers import assert_close, backends, saved_bytes, shape_id
+from tests._helpers import assert_close, backends, saved_bytes, shape_id, torch_variant_or_backend
 
 # the torch backend runs PyTorch's CPU flash kernel on a CPU; "torch-chunked" switches it off
 BACKENDS = [b for b in backends() if getattr(b, "values", (b,))[0] in registered("prefix_attention_forward")]
@@ -21,10 +21,8 @@ BACKENDS.append("torch-chunked")
 @pytest.fixture
 def use(request, monkeypatch):
     """Enter the backend (or torch path) named by the test's ``backend`` parameter."""
-    name = request.node.callspec.params["backend"]
-    if name == "torch-chunked":
-        monkeypatch.setattr(torch_impl, "USE_CPU_FLASH", False)
-    with pk.use_backend("torch" if name == "torch-chunked" else name):
+    with torch_variant_or_backend(request.node.callspec.params["backend"], "torch-chunked", monkeypatch, torch_impl,
+                                  "USE_CPU_FLASH") as name:
         yield name
 # (B, Hq, Hkv, S, P, D)
 SHAPES = [(2, 4, 2, 7, 3, 16), (1, 2, 2, 1, 5, 8), (2, 2, 1, 5, 9, 32), (2, 3, 3, 6, 0, 16), (1, 2, 1, 37, 4, 64)]
