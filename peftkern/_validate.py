@@ -30,9 +30,25 @@ def same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None)
             raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def same_dtype(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``t``'s device, or None where it is off."""
+    device_type = t.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def cast_dtype(t: torch.Tensor) -> torch.dtype:
+    """``t``'s dtype once autocast has cast it (as it casts ``F.linear``'s inputs: floating, not float64)."""
+    dtype = autocast_dtype(t)
+    return dtype if dtype is not None and t.dtype in (torch.float32, torch.float16, torch.bfloat16) else t.dtype
+
+
+def same_dtype(ref_name: str, ref: torch.Tensor, *, autocast: bool = False, **others: torch.Tensor | None) -> None:
+    """Equal dtypes; with ``autocast`` the dtypes the op sees after its autocast rule cast them."""
+    dtype = cast_dtype if autocast else (lambda t: t.dtype)
     for name, t in others.items():
-        if t is not None and t.dtype != ref.dtype:
+        if t is not None and dtype(t) != dtype(ref):
             raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
 
 

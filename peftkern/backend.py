@@ -9,6 +9,10 @@ Each op (``"lora_forward"``, ``"lora_backward"``, ...) has implementations regis
 The backend in force is, in order: ``use_backend(...)`` / ``set_backend(...)``, the ``PEFTKERN_BACKEND``
 environment variable, else ``"auto"``. ``"auto"`` picks the best backend able to serve the op on the tensors'
 device and falls back silently; a backend named explicitly either serves the op or raises.
+
+The choice is thread-local, read once per forward at the API boundary and passed to the ops as an argument
+(:func:`run`); autograd keeps it, so a backward serves from the same backend on any thread (PyTorch's CUDA
+autograd worker never sees ``use_backend``) and regenerates the same dropout mask.
 """
 from __future__ import annotations
 
@@ -152,6 +156,14 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
         if name in impls and _device_error(name, device) is None:
             return name, impls[name]
     raise RuntimeError(f"no backend can run {op!r} on {device}")
+
+
+def run(op: str, requested: str, device: torch.device, *args):
+    """``op``'s implementation for ``device`` under backend ``requested`` (captured at the forward), called on
+    ``args``; a fallback inside it follows ``requested`` too."""
+    with use_backend(requested):
+        _, impl = resolve(op, device)
+        return impl(*args)
 
 
 def fallback(op: str, reason: str, error: type[Exception] = TypeError, *, after: str | None = None,

@@ -15,6 +15,7 @@ import types
 import torch
 from torch import nn
 
+from .. import _validate as V
 from ..ops.lora import dora_linear, lora_linear
 from ..ops.multi_lora import multi_lora_linear
 from ..ops.nf4 import NF4Tensor, qlora_linear
@@ -60,7 +61,7 @@ def _mixed_batch(layer, x, adapter_names):
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapter_names = kwargs.get("adapter_names")
     active = [a for a in self.active_adapters if a in self.lora_A]
-    if args or set(kwargs) - {"adapter_names"} or self.disable_adapters or self.merged or torch.is_autocast_enabled():
+    if args or set(kwargs) - {"adapter_names"} or self.disable_adapters or self.merged:
         return self._peftkern_peft_forward(x, *args, **kwargs)
     if adapter_names is not None:
         out = _mixed_batch(self, x, adapter_names)
@@ -71,7 +72,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     A, B, s = self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a]
     p = _dropout_p(self.lora_dropout[a])
     base = self.get_base_layer()
-    if isinstance(base, nn.Linear) and base.weight.dtype == x.dtype and not base.weight.requires_grad:
+    # under autocast the op casts both, as PEFT's F.linear does (a layer norm hands an fp32 x to a bf16 layer)
+    if isinstance(base, nn.Linear) and V.cast_dtype(base.weight) == V.cast_dtype(x) and not base.weight.requires_grad:
         if self.use_dora.get(a, False):
             return dora_linear(x, base.weight, base.bias, A, B, s, self.lora_magnitude_vector[a].weight,
                                dropout_p=p, training=self.training)

@@ -24,43 +24,54 @@ class NF4Linear(nn.Module):
     ``weight``, ``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
     ``weight.quant_state.bitsandbytes__nf4``, ``bias``: a ``bnb.nn.Linear4bit`` state dict loads, and
     ``Params4bit.from_prequantized`` reads ours. ``.to(device)`` moves the 4-bit state; dtype casts leave it alone.
+
+    Dtypes as in ``bnb.nn.Linear4bit``: the input and the bias are cast to ``compute_dtype`` (None: the input's
+    dtype), the output back to the input's dtype; under ``torch.autocast`` the product is in autocast's dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
-                 double_quant: bool = True, quant_storage: torch.dtype = torch.uint8, device=None, dtype=None):
+                 double_quant: bool = True, quant_storage: torch.dtype = torch.uint8,
+                 compute_dtype: Optional[torch.dtype] = None, device=None, dtype=None):
         super().__init__()
         linear = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init(quantize(linear.weight.detach(), blocksize, double_quant), linear.bias, quant_storage)
+        self._init(quantize(linear.weight.detach(), blocksize, double_quant), linear.bias, quant_storage,
+                   compute_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    quant_storage: torch.dtype = torch.uint8) -> "NF4Linear":
+                    quant_storage: torch.dtype = torch.uint8,
+                    compute_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
         """Quantize an ``nn.Linear``'s weight (bit-exact with bitsandbytes); its bias is shared, frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._init(quantize(linear.weight.detach(), blocksize, double_quant), linear.bias, quant_storage)
+        self._init(quantize(linear.weight.detach(), blocksize, double_quant), linear.bias, quant_storage,
+                   compute_dtype)
         return self
 
     @classmethod
     def from_bnb(cls, linear4bit: nn.Module) -> "NF4Linear":
-        """Wrap a ``bitsandbytes.nn.Linear4bit`` (NF4) losslessly: same packed codes and scales, no re-quantization."""
+        """Wrap a ``bitsandbytes.nn.Linear4bit`` (NF4) losslessly: same packed codes and scales, no re-quantization;
+        its ``compute_dtype`` too."""
         state = getattr(getattr(linear4bit, "weight", None), "quant_state", None)
         if state is None:
             raise TypeError(f"linear4bit must be a quantized bitsandbytes Linear4bit, got {type(linear4bit).__name__}")
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._init(NF4Tensor.from_bnb(linear4bit.weight.data, state), linear4bit.bias, linear4bit.weight.dtype)
+        self._init(NF4Tensor.from_bnb(linear4bit.weight.data, state), linear4bit.bias, linear4bit.weight.dtype,
+                   getattr(linear4bit, "compute_dtype", None))
         return self
 
     def to_bnb(self) -> nn.Module:
-        """A ``bitsandbytes.nn.Linear4bit`` (NF4, compute dtype = the weight's dtype) holding the same bits and bias."""
+        """A ``bitsandbytes.nn.Linear4bit`` (NF4, compute dtype ours or else the weight's) holding the same bits and
+        bias."""
         import bitsandbytes as bnb
 
         w = self.nf4
-        q4 = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=self.bias is not None, compute_dtype=w.dtype,
-                               quant_type="nf4", compress_statistics=w.double_quant, device="meta")
+        q4 = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=self.bias is not None,
+                               compute_dtype=self.compute_dtype or w.dtype, quant_type="nf4",
+                               compress_statistics=w.double_quant, device="meta")
         packed, state = w.to_bnb()
         q4.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=w.blocksize,
                                       compress_statistics=w.double_quant, quant_type="nf4", bnb_quantized=True,
@@ -69,9 +80,14 @@ class NF4Linear(nn.Module):
             q4.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
         return q4
 
-    def _init(self, weight: NF4Tensor, bias: Optional[torch.Tensor], quant_storage: torch.dtype) -> None:
+    def _init(self, weight: NF4Tensor, bias: Optional[torch.Tensor], quant_storage: torch.dtype,
+              compute_dtype: Optional[torch.dtype]) -> None:
         if len(weight.shape) != 2:
             raise ValueError(f"weight must be a 2-D NF4Tensor, got shape {tuple(weight.shape)}")
+        if compute_dtype is not None and compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, "
+                            f"got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
         self.out_features, self.in_features = weight.shape
         self._set_nf4(weight, quant_storage)
         if bias is not None:
@@ -103,8 +119,16 @@ class NF4Linear(nn.Module):
     def quant_storage(self) -> torch.dtype:
         return self.weight.dtype
 
+    def _compute_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x in the compute dtype, and the bias in x's (bitsandbytes casts both; the stored bias is left as it is)."""
+        V.tensor("x", x, min_ndim=1)
+        if self.compute_dtype is not None and x.dtype != torch.float64:
+            x = x.to(self.compute_dtype)
+        return x, None if self.bias is None else self.bias.to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nf4_linear(x, self.nf4, self.bias)
+        xc, bias = self._compute_inputs(x)
+        return nf4_linear(xc, self.nf4, bias).to(x.dtype)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.nf4.dequantize()
@@ -121,6 +145,8 @@ class NF4Linear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for key, value in self.nf4.state_dict_items().items():
+            if key in ("quant_map", "nested_quant_map"):  # code tables every layer shares: safetensors refuses them
+                value = value.clone()
             destination[prefix + "weight" + ("." + key if key else "")] = value
         destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
 
@@ -150,7 +176,7 @@ class NF4Linear(nn.Module):
         _, dtype, blocksize, _, _ = self._nf4_meta
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"blocksize={blocksize}, double_quant={self.quant_qabsmax is not None}, dtype={dtype}, "
-                f"quant_storage={self.quant_storage}")
+                f"quant_storage={self.quant_storage}, compute_dtype={self.compute_dtype}")
 
 
 class QLoRALinear(NF4Linear):
@@ -164,8 +190,9 @@ class QLoRALinear(NF4Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     blocksize: int = 64, double_quant: bool = True, use_rslora: bool = False,
-                    adapter_dtype: Optional[torch.dtype] = None) -> "QLoRALinear":
-        self = super().from_linear(linear, blocksize, double_quant)
+                    adapter_dtype: Optional[torch.dtype] = None,
+                    compute_dtype: Optional[torch.dtype] = None) -> "QLoRALinear":
+        self = super().from_linear(linear, blocksize, double_quant, compute_dtype=compute_dtype)
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, adapter_dtype, linear.weight.device)
         return self
 
@@ -191,8 +218,9 @@ class QLoRALinear(NF4Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qlora_linear(x, self.nf4, self.bias, self.lora_A, self.lora_B, self.scaling,
-                            dropout_p=self.lora_dropout, training=self.training)
+        xc, bias = self._compute_inputs(x)
+        return qlora_linear(xc, self.nf4, bias, self.lora_A, self.lora_B, self.scaling,
+                            dropout_p=self.lora_dropout, training=self.training).to(x.dtype)
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:

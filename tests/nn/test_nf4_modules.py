@@ -77,6 +77,31 @@ def test_qlora_matches_peft_bitsandbytes(dtype):
         assert max_err(o, r) <= 2 * max_err(p, r) + 2e-6 * scale, name
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["eager", "autocast"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["x32", "xbf16"])
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["c32", "cbf16"])
+def test_dtypes_as_bitsandbytes(compute_dtype, x_dtype, autocast):
+    """A drop-in for ``bnb.nn.Linear4bit``: an fp32 bias and any input dtype work; the output has bitsandbytes'
+    dtype and is within 2x its error against exact NF4 math; also loaded from a bitsandbytes state dict."""
+    lin = _linear(96, 80, torch.float32)
+    q4 = bnb_linear4bit(lin)
+    q4.compute_dtype, q4.compute_type_is_set = compute_dtype, True  # the configured compute dtype, as loaded
+    ours = pk.nn.NF4Linear.from_bnb(q4)
+    assert ours.compute_dtype == compute_dtype
+    loaded = pk.nn.NF4Linear(96, 80, compute_dtype=compute_dtype)
+    loaded.load_state_dict(q4.state_dict())
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 96).to(x_dtype)
+    ref = x.double() @ ours.dequantized_weight().double().t() + lin.bias.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y_bnb = q4(x)
+        outs = ours(x), loaded(x)
+    for y in outs:
+        assert y.dtype == y_bnb.dtype == x_dtype
+        assert max_err(y, ref) <= 2 * max_err(y_bnb, ref) + 1e-6 * ref.abs().max().item()
+    assert loaded.bias.dtype == torch.float32  # cast for the call, not in place (bitsandbytes casts its own)
+
+
 def test_qlora_training_touches_only_the_adapter_and_merges():
     lin = _linear(64, 32, torch.bfloat16)
     layer = pk.nn.QLoRALinear.from_linear(lin, r=4, lora_alpha=8, lora_dropout=0.1)

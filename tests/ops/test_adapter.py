@@ -71,8 +71,13 @@ def test_3d_and_non_contiguous(backend):
     assert y.shape == (2, 7, 24)
     ref = bottleneck_adapter_reference(h3.double(), wd.double(), bd.double(), wu_t.double(), bu.double(), "silu")
     assert_close(y, ref)
-    y.sum().backward()
-    assert h3.grad.shape == h3.shape and wu_t.grad.shape == wu_t.shape
+    leaves = (h3, wd, bd, wu_t, bu)
+    g = torch.randn(2, 7, 24)
+    (y * g).sum().backward()  # outside the block: the forward's backend serves it
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    (bottleneck_adapter_reference(*refs, "silu") * g.double()).sum().backward()
+    for name, t, r in zip(("h", "w_down", "b_down", "w_up", "b_up"), leaves, refs):
+        assert_close(t.grad, r.grad, name=f"d{name}")
 
 
 @pytest.mark.triton

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from ... import _validate as V
-from ...backend import resolve
+from ...backend import get_backend, run
+from ..autocast import register_autocast
 from .reference import ACTIVATIONS
 
 ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -15,44 +16,45 @@ ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_
 
 @torch.library.custom_op("peftkern::adapter_forward", mutates_args=())
 def adapter_forward(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
-                    activation: str, residual: bool, scale: float) -> tuple[Tensor, Tensor]:
-    _, impl = resolve("adapter_forward", h.device)
-    return impl(h, w_down, b_down, w_up, b_up, activation, residual, scale)
+                    activation: str, residual: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    return run("adapter_forward", backend, h.device, h, w_down, b_down, w_up, b_up, activation, residual, scale)
 
 
 @adapter_forward.register_fake
-def _(h, w_down, b_down, w_up, b_up, activation, residual, scale):
+def _(h, w_down, b_down, w_up, b_up, activation, residual, scale, backend):
     return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[0], w_down.shape[0])
 
 
 @torch.library.custom_op("peftkern::adapter_backward", mutates_args=())
 def adapter_backward(grad_y: Tensor, h: Tensor, z: Tensor, w_down: Tensor, w_up: Tensor, activation: str,
-                     residual: bool, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _, impl = resolve("adapter_backward", h.device)
-    return impl(grad_y.contiguous(), h, z, w_down, w_up, activation, residual, scale)
+                     residual: bool, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return run("adapter_backward", backend, h.device, grad_y.contiguous(), h, z, w_down, w_up, activation, residual,
+               scale)
 
 
 @adapter_backward.register_fake
-def _(grad_y, h, z, w_down, w_up, activation, residual, scale):
+def _(grad_y, h, z, w_down, w_up, activation, residual, scale, backend):
     return (torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(w_down),
             w_down.new_empty(w_down.shape[0]), torch.empty_like(w_up), w_up.new_empty(w_up.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    h, w_down, _, w_up, _, activation, residual, scale = inputs
+    h, w_down, _, w_up, _, activation, residual, scale, backend = inputs
     ctx.save_for_backward(h, output[1], w_down, w_up)
-    ctx.activation, ctx.residual, ctx.scale = activation, residual, scale
+    ctx.activation, ctx.residual, ctx.scale, ctx.backend = activation, residual, scale, backend
 
 
 def _backward(ctx, grad_y, _grad_z):
     h, z, w_down, w_up = ctx.saved_tensors
-    dh, dwd, dbd, dwu, dbu = adapter_backward(grad_y, h, z, w_down, w_up, ctx.activation, ctx.residual, ctx.scale)
+    dh, dwd, dbd, dwu, dbu = adapter_backward(grad_y, h, z, w_down, w_up, ctx.activation, ctx.residual, ctx.scale,
+                                                 ctx.backend)
     need = ctx.needs_input_grad
     return (dh if need[0] else None, dwd if need[1] else None, dbd if need[2] else None,
-            dwu if need[3] else None, dbu if need[4] else None, None, None, None)
+            dwu if need[3] else None, dbu if need[4] else None, None, None, None, None)
 
 
 torch.library.register_autograd("peftkern::adapter_forward", _backward, setup_context=_setup_context)
+register_autocast("adapter_forward", ("h", "w_down", "b_down", "w_up", "b_up"))
 
 
 def activation_name(activation: str) -> str:
@@ -82,11 +84,11 @@ def bottleneck_adapter(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
         if b is not None:
             V.tensor(name, b, ndim=1)
             V.shape(name, b, (n,), f"[{'M' if n == M else 'D'}]")
-    V.same_dtype("h", h, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up)
+    V.same_dtype("h", h, autocast=True, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up)
     V.same_device("h", h, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up)
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
     V.number("scale", scale)
     y, _ = adapter_forward(h.reshape(-1, D), w_down, b_down, w_up, b_up, activation_name(activation), residual,
-                           float(scale))
+                           float(scale), get_backend())
     return y.view(h.shape)

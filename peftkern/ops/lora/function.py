@@ -7,20 +7,21 @@ import torch
 from torch import Tensor
 
 from ... import _validate as V
-from ...backend import resolve
+from ...backend import get_backend, run
+from ..autocast import register_autocast
 from . import torch_impl
 
 
 @torch.library.custom_op("peftkern::lora_forward", mutates_args=())
 def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                  rank_scale: Optional[Tensor], scaling: float, dropout_p: float,
-                 seed: Optional[Tensor], promote_output: bool) -> tuple[Tensor, Tensor]:
-    _, impl = resolve("lora_forward", x.device)
-    return impl(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed_int(seed), promote_output)
+                 seed: Optional[Tensor], promote_output: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return run("lora_forward", backend, x.device, x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p,
+               seed_int(seed), promote_output)
 
 
 @lora_forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, promote_output):
+def _(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, promote_output, backend):
     ldt = torch_impl.lora_dtype(x, lora_A)
     return (x.new_empty(x.shape[0], weight.shape[0], dtype=ldt if promote_output else x.dtype),
             x.new_empty(x.shape[0], lora_A.shape[0], dtype=ldt))
@@ -29,37 +30,37 @@ def _(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, pro
 @torch.library.custom_op("peftkern::lora_backward", mutates_args=())
 def lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                   rank_scale: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float,
-                  seed: Optional[Tensor], compute_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, impl = resolve("lora_backward", x.device)
-    dx, dA, dB, de = impl(grad_y.contiguous(), x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p,
-                          seed_int(seed), compute_dx)
+                  seed: Optional[Tensor], compute_dx: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dA, dB, de = run("lora_backward", backend, x.device, grad_y.contiguous(), x, weight, lora_A, lora_B,
+                         rank_scale, h, scaling, dropout_p, seed_int(seed), compute_dx)
     # custom ops return tensors only: empty ones stand for "not computed"
     return (dx if dx is not None else x.new_empty(0), dA, dB,
             de if de is not None else lora_A.new_empty(0))
 
 
 @lora_backward.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed, compute_dx):
+def _(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed, compute_dx, backend):
     return (torch.empty_like(x) if compute_dx else x.new_empty(0), torch.empty_like(lora_A),
             torch.empty_like(lora_B), torch.empty_like(rank_scale) if rank_scale is not None else lora_A.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, _ = inputs
+    x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, _, backend = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, rank_scale, output[1], seed)
-    ctx.scaling, ctx.dropout_p = scaling, dropout_p
+    ctx.scaling, ctx.dropout_p, ctx.backend = scaling, dropout_p, backend
 
 
 def _backward(ctx, grad_y, _grad_h):
     x, weight, lora_A, lora_B, rank_scale, h, seed = ctx.saved_tensors
     dx, dA, dB, de = lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, ctx.scaling,
-                                   ctx.dropout_p, seed, ctx.needs_input_grad[0])
+                                   ctx.dropout_p, seed, ctx.needs_input_grad[0], ctx.backend)
     db = grad_y.sum(0) if ctx.needs_input_grad[2] else None
     return (dx if ctx.needs_input_grad[0] else None, None, db, dA, dB,
-            de if ctx.needs_input_grad[5] else None, None, None, None, None)
+            de if ctx.needs_input_grad[5] else None, None, None, None, None, None)
 
 
 torch.library.register_autograd("peftkern::lora_forward", _backward, setup_context=_setup_context)
+register_autocast("lora_forward", ("x", "weight", "bias", "lora_A", "lora_B", "rank_scale"))
 
 
 def seed_int(seed: Optional[Tensor]) -> Optional[int]:
@@ -74,7 +75,7 @@ def new_seed() -> Tensor:
 def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale):
     V.tensor("x", x, min_ndim=1)
     V.tensor("weight", weight, ndim=2)
-    V.same_dtype("x", x, weight=weight)
+    V.same_dtype("x", x, autocast=True, weight=weight)
     V.same_device("x", x, weight=weight)
     if torch.is_grad_enabled() and weight.requires_grad:
         raise ValueError("weight must be frozen (requires_grad=False): the fused LoRA op computes no weight gradient")
@@ -95,8 +96,8 @@ def check_adapter_args(x, weight_shape, bias, lora_A, lora_B, scaling, dropout_p
                          f"([out, in] = {tuple(weight_shape)})")
     V.shape("lora_A", lora_A, (r, in_f), "[r, in]")
     V.shape("lora_B", lora_B, (out_f, r), "[out, r]")
-    V.same_dtype("x", x, bias=bias)
-    V.same_dtype("lora_A", lora_A, lora_B=lora_B, rank_scale=rank_scale)
+    V.same_dtype("x", x, autocast=True, bias=bias)
+    V.same_dtype("lora_A", lora_A, autocast=True, lora_B=lora_B, rank_scale=rank_scale)
     V.same_device("x", x, bias=bias, lora_A=lora_A, lora_B=lora_B, rank_scale=rank_scale)
     if bias is not None:
         V.tensor("bias", bias, ndim=1)
@@ -125,26 +126,30 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
     p = float(dropout_p) if training else 0.0
     seed = new_seed() if p > 0.0 else None
     y, _ = lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, rank_scale,
-                        float(scaling), p, seed, promote_output)
+                        float(scaling), p, seed, promote_output, get_backend())
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                      weight_sq_norm: Optional[Tensor] = None) -> Tensor:
-    """||W + s B A|| per output row, without materializing B A ([out], detached as in PEFT)."""
-    with torch.no_grad():
+    """||W + s B A|| per output row, without materializing B A ([out], detached as in PEFT), in fp32 or fp64 (autocast
+    off: the norm of a bf16-rounded B A would move every output's scale)."""
+    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
         return torch_impl.dora_weight_norm(weight, lora_A, lora_B, float(scaling), weight_sq_norm)
 
 
 def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor, scaling: float,
                 magnitude: Tensor, *, dropout_p: float = 0.0, training: bool = False,
                 weight_sq_norm: Optional[Tensor] = None) -> Tensor:
-    """DoRA: ``y = (magnitude / ||W + s B A||) * (x W^T + s drop(x) A^T B^T) + b``, the norm detached (PEFT)."""
+    """DoRA: ``y = (magnitude / ||W + s B A||) * (x W^T + s drop(x) A^T B^T) + b``, the norm detached (PEFT).
+
+    y is in x's dtype, or under ``torch.autocast`` in its dtype (as ``F.linear``'s); the norm is fp32.
+    """
     _check_lora_args(x, weight, None, lora_A, lora_B, scaling, dropout_p, None)
     V.tensor("magnitude", magnitude, ndim=1)
     V.shape("magnitude", magnitude, (weight.shape[0],), "[out]")
     norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
     # the rescale happens in the LoRA dtype (fp32 adapters over a half base): its gradient reaches A, B unrounded
     y = _lora_linear(x, weight, None, lora_A, lora_B, scaling, dropout_p, training, None, True)
-    y = (y * (magnitude / norm)).to(x.dtype)
-    return y if bias is None else y + bias
+    y = (y * (magnitude / norm)).to(V.cast_dtype(x))
+    return y if bias is None else y + bias.to(y.dtype)

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from ... import _validate as V
-from ...backend import resolve
+from ...backend import get_backend, run
+from ..autocast import register_autocast
 from . import torch_impl
 
 
@@ -29,15 +30,14 @@ def _check_ids_range(adapter_ids: Tensor, n: int) -> None:
 
 @torch.library.custom_op("peftkern::multi_lora_forward", mutates_args=())
 def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-                       scalings: Tensor, adapter_ids: Tensor) -> tuple[Tensor, Tensor]:
+                       scalings: Tensor, adapter_ids: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """x [B, S, in] -> (y [B, S, out], h [B, S, r]); adapter_ids [B] on the CPU or x's device."""
     _check_ids_range(adapter_ids, lora_A.shape[0])
-    _, impl = resolve("multi_lora_forward", x.device)
-    return impl(x, weight, bias, lora_A, lora_B, scalings, adapter_ids)
+    return run("multi_lora_forward", backend, x.device, x, weight, bias, lora_A, lora_B, scalings, adapter_ids)
 
 
 @multi_lora_forward.register_fake
-def _(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
+def _(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, backend):
     B, S, _ = x.shape
     return (x.new_empty(B, S, weight.shape[0]),
             x.new_empty(B, S, lora_A.shape[1], dtype=torch_impl.lora_dtype(x, lora_A)))
@@ -46,24 +46,23 @@ def _(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
 @torch.library.custom_op("peftkern::multi_lora_backward", mutates_args=())
 def multi_lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor,
                         adapter_ids: Tensor, h: Tensor, compute_dx: bool,
-                        compute_dlora: bool) -> tuple[Tensor, Tensor, Tensor]:
-    _, impl = resolve("multi_lora_backward", x.device)
-    dx, dA, dB = impl(grad_y.contiguous(), x, weight, lora_A, lora_B, scalings, adapter_ids, h, compute_dx,
-                      compute_dlora)
+                        compute_dlora: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dA, dB = run("multi_lora_backward", backend, x.device, grad_y.contiguous(), x, weight, lora_A, lora_B,
+                     scalings, adapter_ids, h, compute_dx, compute_dlora)
     # custom ops return tensors only: empty ones stand for "not computed"
     return (dx if dx is not None else x.new_empty(0), dA if dA is not None else lora_A.new_empty(0),
             dB if dB is not None else lora_B.new_empty(0))
 
 
 @multi_lora_backward.register_fake
-def _(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h, compute_dx, compute_dlora):
+def _(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h, compute_dx, compute_dlora, backend):
     return (x.new_empty(x.shape) if compute_dx else x.new_empty(0),
             torch.empty_like(lora_A) if compute_dlora else lora_A.new_empty(0),
             torch.empty_like(lora_B) if compute_dlora else lora_B.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, scalings, adapter_ids = inputs
+    x, weight, bias, lora_A, lora_B, scalings, adapter_ids, ctx.backend = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, scalings, adapter_ids, output[1])
 
 
@@ -74,12 +73,13 @@ def _backward(ctx, grad_y, _grad_h):
     dx = dA = dB = None
     if compute_dx or compute_dlora:
         dx, dA, dB = multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h, compute_dx,
-                                         compute_dlora)
+                                         compute_dlora, ctx.backend)
     db = grad_y.sum((0, 1)) if need[2] else None
-    return (dx if need[0] else None, None, db, dA if need[3] else None, dB if need[4] else None, None, None)
+    return (dx if need[0] else None, None, db, dA if need[3] else None, dB if need[4] else None, None, None, None)
 
 
 torch.library.register_autograd("peftkern::multi_lora_forward", _backward, setup_context=_setup_context)
+register_autocast("multi_lora_forward", ("x", "weight", "bias", "lora_A", "lora_B"))
 
 
 def _scalings_tensor(scalings, n: int, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -146,8 +146,8 @@ def _check_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids) -> tuple
     if bias is not None:
         V.tensor("bias", bias, ndim=1)
         V.shape("bias", bias, (out_f,), "[out]")
-    V.same_dtype("x", x, weight=weight, bias=bias)
-    V.same_dtype("lora_A", lora_A, lora_B=lora_B)
+    V.same_dtype("x", x, autocast=True, weight=weight, bias=bias)
+    V.same_dtype("lora_A", lora_A, autocast=True, lora_B=lora_B)
     V.same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     if torch.is_grad_enabled() and weight.requires_grad:
         raise ValueError("weight must be frozen (requires_grad=False): the multi-LoRA op computes no weight gradient")
@@ -168,5 +168,5 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A:
     """
     scal, ids = _check_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids)
     x3 = x if x.dim() == 3 else x.unsqueeze(1)
-    y, _ = multi_lora_forward(x3, weight, bias, lora_A, lora_B, scal, ids)
+    y, _ = multi_lora_forward(x3, weight, bias, lora_A, lora_B, scal, ids, get_backend())
     return y if x.dim() == 3 else y.squeeze(1)

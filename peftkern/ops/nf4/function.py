@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ... import _validate as V
-from ...backend import resolve
+from ...backend import get_backend, resolve, run
+from ..autocast import register_autocast
 from ..lora.function import check_adapter_args, new_seed, seed_int
 from . import torch_impl
 from .torch_impl import NESTED_BLOCKSIZE, dynamic_code, nf4_code
@@ -209,34 +210,37 @@ def dequantize(q: NF4Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("peftkern::nf4_matmul", mutates_args=())
 def nf4_matmul(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: list[int],
-               weight_dtype: torch.dtype, transpose_w: bool, bias: Optional[Tensor]) -> Tensor:
+               weight_dtype: torch.dtype, transpose_w: bool, bias: Optional[Tensor], backend: str) -> Tensor:
     """``a deq(W)^T + bias`` (``transpose_w``) or ``a deq(W)``."""
-    _, impl = resolve("nf4_matmul", a.device)
-    return impl(a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias)
+    return run("nf4_matmul", backend, a.device, a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w,
+               bias)
 
 
 @nf4_matmul.register_fake
-def _(a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias):
+def _(a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias, backend):
     return a.new_empty(a.shape[0], shape[0] if transpose_w else shape[1])
 
 
 def _nf4_matmul_setup(ctx, inputs, output):
-    _, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias = inputs
+    _, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias, backend = inputs
     ctx.save_for_backward(packed, absmax, code)
-    ctx.meta = (blocksize, shape, weight_dtype, transpose_w)
+    ctx.meta = (blocksize, shape, weight_dtype, transpose_w, backend)
 
 
 def _nf4_matmul_backward(ctx, grad):
     packed, absmax, code = ctx.saved_tensors
-    blocksize, shape, weight_dtype, transpose_w = ctx.meta
+    blocksize, shape, weight_dtype, transpose_w, backend = ctx.meta
     da = None
     if ctx.needs_input_grad[0]:
-        da = nf4_matmul(grad.contiguous(), packed, absmax, code, blocksize, shape, weight_dtype, not transpose_w, None)
+        da = nf4_matmul(grad.contiguous(), packed, absmax, code, blocksize, shape, weight_dtype, not transpose_w, None,
+                        backend)
     db = grad.sum(0) if ctx.needs_input_grad[8] else None
-    return da, None, None, None, None, None, None, None, db
+    return da, None, None, None, None, None, None, None, db, None
 
 
 torch.library.register_autograd("peftkern::nf4_matmul", _nf4_matmul_backward, setup_context=_nf4_matmul_setup)
+# the NF4 scales and code table stay fp32: the weight decodes in fp32, then rounds once to the compute dtype
+register_autocast("nf4_matmul", ("a", "bias"))
 
 
 def _check_nf4_weight(q, x) -> None:
@@ -265,9 +269,9 @@ def nf4_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor] = None) -> T
     if bias is not None:
         V.tensor("bias", bias, ndim=1)
         V.shape("bias", bias, (weight.shape[0],), "[out]")
-        V.same_dtype("x", x, bias=bias)
+        V.same_dtype("x", x, autocast=True, bias=bias)
         V.same_device("x", x, bias=bias)
-    y = nf4_matmul(x.reshape(-1, x.shape[-1]), *_state(weight), True, bias)
+    y = nf4_matmul(x.reshape(-1, x.shape[-1]), *_state(weight), True, bias, get_backend())
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -275,15 +279,14 @@ def nf4_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor] = None) -> T
 def qlora_forward(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: list[int],
                   weight_dtype: torch.dtype, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                   rank_scale: Optional[Tensor], scaling: float, dropout_p: float,
-                  seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    _, impl = resolve("qlora_forward", x.device)
-    return impl(x, packed, absmax, code, blocksize, shape, weight_dtype, bias, lora_A, lora_B, rank_scale, scaling,
-                dropout_p, seed_int(seed))
+                  seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    return run("qlora_forward", backend, x.device, x, packed, absmax, code, blocksize, shape, weight_dtype, bias,
+               lora_A, lora_B, rank_scale, scaling, dropout_p, seed_int(seed))
 
 
 @qlora_forward.register_fake
 def _(x, packed, absmax, code, blocksize, shape, weight_dtype, bias, lora_A, lora_B, rank_scale, scaling, dropout_p,
-      seed):
+      seed, backend):
     return (x.new_empty(x.shape[0], shape[0]),
             x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch.promote_types(x.dtype, lora_A.dtype)))
 
@@ -292,41 +295,42 @@ def _(x, packed, absmax, code, blocksize, shape, weight_dtype, bias, lora_A, lor
 def qlora_backward(grad_y: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int,
                    shape: list[int], weight_dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor,
                    rank_scale: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
-                   compute_dx: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _, impl = resolve("qlora_backward", x.device)
-    dx, dA, dB, de = impl(grad_y.contiguous(), x, packed, absmax, code, blocksize, shape, weight_dtype, lora_A, lora_B,
-                          rank_scale, h, scaling, dropout_p, seed_int(seed), compute_dx)
+                   compute_dx: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dA, dB, de = run("qlora_backward", backend, x.device, grad_y.contiguous(), x, packed, absmax, code, blocksize,
+                         shape, weight_dtype, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed_int(seed),
+                         compute_dx)
     # custom ops return tensors only: empty ones stand for "not computed"
     return (dx if dx is not None else x.new_empty(0), dA, dB, de if de is not None else lora_A.new_empty(0))
 
 
 @qlora_backward.register_fake
 def _(grad_y, x, packed, absmax, code, blocksize, shape, weight_dtype, lora_A, lora_B, rank_scale, h, scaling,
-      dropout_p, seed, compute_dx):
+      dropout_p, seed, compute_dx, backend):
     return (torch.empty_like(x) if compute_dx else x.new_empty(0), torch.empty_like(lora_A),
             torch.empty_like(lora_B), torch.empty_like(rank_scale) if rank_scale is not None else lora_A.new_empty(0))
 
 
 def _qlora_setup(ctx, inputs, output):
     (x, packed, absmax, code, blocksize, shape, weight_dtype, bias, lora_A, lora_B, rank_scale, scaling, dropout_p,
-     seed) = inputs
+     seed, backend) = inputs
     # the 4-bit state is saved, never the dequantized weight
     ctx.save_for_backward(x, packed, absmax, code, lora_A, lora_B, rank_scale, output[1], seed)
-    ctx.meta = (blocksize, shape, weight_dtype, scaling, dropout_p)
+    ctx.meta = (blocksize, shape, weight_dtype, scaling, dropout_p, backend)
 
 
 def _qlora_backward(ctx, grad_y, _grad_h):
     x, packed, absmax, code, lora_A, lora_B, rank_scale, h, seed = ctx.saved_tensors
-    blocksize, shape, weight_dtype, scaling, dropout_p = ctx.meta
+    blocksize, shape, weight_dtype, scaling, dropout_p, backend = ctx.meta
     need = ctx.needs_input_grad
     dx, dA, dB, de = qlora_backward(grad_y, x, packed, absmax, code, blocksize, shape, weight_dtype, lora_A, lora_B,
-                                    rank_scale, h, scaling, dropout_p, seed, need[0])
+                                    rank_scale, h, scaling, dropout_p, seed, need[0], backend)
     db = grad_y.sum(0) if need[7] else None
     return (dx if need[0] else None, None, None, None, None, None, None, db, dA, dB,
-            de if need[10] else None, None, None, None)
+            de if need[10] else None, None, None, None, None)
 
 
 torch.library.register_autograd("peftkern::qlora_forward", _qlora_backward, setup_context=_qlora_setup)
+register_autocast("qlora_forward", ("x", "bias", "lora_A", "lora_B", "rank_scale"))
 
 
 def qlora_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -341,7 +345,7 @@ def qlora_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor], lora_A: T
     check_adapter_args(x, tuple(weight.shape), bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
     p = float(dropout_p) if training else 0.0
     y, _ = qlora_forward(x.reshape(-1, x.shape[-1]), *_state(weight), bias, lora_A, lora_B, rank_scale,
-                         float(scaling), p, new_seed() if p > 0.0 else None)
+                         float(scaling), p, new_seed() if p > 0.0 else None, get_backend())
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

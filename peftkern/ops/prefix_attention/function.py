@@ -7,52 +7,54 @@ import torch
 from torch import Tensor
 
 from ... import _validate as V
-from ...backend import resolve
+from ...backend import get_backend, run
+from ..autocast import register_autocast
 from . import torch_impl
 
 
 @torch.library.custom_op("peftkern::prefix_attention_forward", mutates_args=())
 def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                              key_padding_mask: Optional[Tensor], causal: bool,
-                             scale: float) -> tuple[Tensor, Tensor]:
-    _, impl = resolve("prefix_attention_forward", q.device)
-    return impl(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
+                             scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    return run("prefix_attention_forward", backend, q.device, q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
+               scale)
 
 
 @prefix_attention_forward.register_fake
-def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch_impl.compute_dtype(q))
 
 
 @torch.library.custom_op("peftkern::prefix_attention_backward", mutates_args=())
 def prefix_attention_backward(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                               key_padding_mask: Optional[Tensor], o: Tensor, lse: Tensor, causal: bool,
-                              scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _, impl = resolve("prefix_attention_backward", q.device)
-    return impl(grad_o.contiguous(), q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, causal, scale)
+                              scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return run("prefix_attention_backward", backend, q.device, grad_o.contiguous(), q, k, v, prefix_k, prefix_v,
+               key_padding_mask, o, lse, causal, scale)
 
 
 @prefix_attention_backward.register_fake
-def _(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, causal, scale):
+def _(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, causal, scale, backend):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(prefix_k),
             torch.empty_like(prefix_v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale = inputs
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
 
 
 def _backward(ctx, grad_o, _grad_lse):
     q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse = ctx.saved_tensors
     grads = prefix_attention_backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, ctx.causal,
-                                      ctx.scale)
-    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None)
+                                      ctx.scale, ctx.backend)
+    return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None, None)
 
 
 torch.library.register_autograd("peftkern::prefix_attention_forward", _backward, setup_context=_setup_context)
+register_autocast("prefix_attention_forward", ("q", "k", "v", "prefix_k", "prefix_v"))
 
 
 def _check(q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale) -> float:
@@ -74,7 +76,7 @@ def _check(q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale) -> floa
     expected = (Hkv, P, D) if prefix_k.dim() == 3 else (B, Hkv, P, D)
     V.shape("prefix_k", prefix_k, expected, "[Hkv, P, D] or [B, Hkv, P, D]")
     V.shape("prefix_v", prefix_v, tuple(prefix_k.shape), "the shape of prefix_k")
-    V.same_dtype("q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
+    V.same_dtype("q", q, autocast=True, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v)
     V.same_device("q", q, k=k, v=v, prefix_k=prefix_k, prefix_v=prefix_v, key_padding_mask=key_padding_mask)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
@@ -98,5 +100,6 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = _check(q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale)
-    o, _ = prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, float(scale))
+    o, _ = prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, float(scale),
+                                    get_backend())
     return o

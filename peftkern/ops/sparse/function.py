@@ -8,58 +8,59 @@ import torch
 from torch import Tensor
 
 from ... import _validate as V
-from ...backend import resolve
+from ...backend import get_backend, resolve, run
+from ..autocast import register_autocast
 
 
 @torch.library.custom_op("peftkern::sparse_diff_forward", mutates_args=())
-def sparse_diff_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor) -> Tensor:
+def sparse_diff_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor,
+                        backend: str) -> Tensor:
     check_index_values(indices, weight.numel())  # data-dependent: on the real tensor, before any kernel
-    _, impl = resolve("sparse_diff_forward", x.device)
-    return impl(x, weight, bias, indices, values)
+    return run("sparse_diff_forward", backend, x.device, x, weight, bias, indices, values)
 
 
 @sparse_diff_forward.register_fake
-def _(x, weight, bias, indices, values):
+def _(x, weight, bias, indices, values, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op("peftkern::sparse_masked_grad", mutates_args=())
-def sparse_masked_grad(grad_out: Tensor, x: Tensor, indices: Tensor, in_features: int) -> Tensor:
-    _, impl = resolve("sparse_masked_grad", x.device)
-    return impl(grad_out.contiguous(), x, indices, in_features)
+def sparse_masked_grad(grad_out: Tensor, x: Tensor, indices: Tensor, in_features: int, backend: str) -> Tensor:
+    return run("sparse_masked_grad", backend, x.device, grad_out.contiguous(), x, indices, in_features)
 
 
 @sparse_masked_grad.register_fake
-def _(grad_out, x, indices, in_features):
+def _(grad_out, x, indices, in_features, backend):
     return x.new_empty(indices.shape[0], dtype=torch.promote_types(grad_out.dtype, torch.float32))
 
 
 @torch.library.custom_op("peftkern::sparse_diff_dgrad", mutates_args=())
-def sparse_diff_dgrad(grad_out: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Tensor:
-    _, impl = resolve("sparse_diff_dgrad", grad_out.device)
-    return impl(grad_out.contiguous(), weight, indices, values)
+def sparse_diff_dgrad(grad_out: Tensor, weight: Tensor, indices: Tensor, values: Tensor, backend: str) -> Tensor:
+    return run("sparse_diff_dgrad", backend, grad_out.device, grad_out.contiguous(), weight, indices, values)
 
 
 @sparse_diff_dgrad.register_fake
-def _(grad_out, weight, indices, values):
+def _(grad_out, weight, indices, values, backend):
     return grad_out.new_empty(grad_out.shape[0], weight.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, indices, values = inputs
+    x, weight, bias, indices, values, ctx.backend = inputs
     ctx.save_for_backward(x, weight, indices, values)
 
 
 def _backward(ctx, grad_y):
     x, weight, indices, values = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx = sparse_diff_dgrad(grad_y, weight, indices, values) if need[0] else None
+    dx = sparse_diff_dgrad(grad_y, weight, indices, values, ctx.backend) if need[0] else None
     db = grad_y.sum(0) if need[2] else None
-    dv = sparse_masked_grad(grad_y, x, indices, weight.shape[1]).to(values.dtype) if need[4] else None
-    return dx, None, db, None, dv
+    dv = sparse_masked_grad(grad_y, x, indices, weight.shape[1], ctx.backend).to(values.dtype) if need[4] else None
+    return dx, None, db, None, dv, None
 
 
 torch.library.register_autograd("peftkern::sparse_diff_forward", _backward, setup_context=_setup_context)
+# values keep their dtype: the op takes fp32 values over a half-precision weight
+register_autocast("sparse_diff_forward", ("x", "weight", "bias"))
 
 
 def check_index_tensor(indices, name: str = "indices") -> None:
@@ -102,7 +103,7 @@ def _check(x, weight, bias, indices, values) -> None:
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim but weight expects {weight.shape[1]} "
                          f"([out, in] = {tuple(weight.shape)})")
-    V.same_dtype("x", x, weight=weight, bias=bias)
+    V.same_dtype("x", x, autocast=True, weight=weight, bias=bias)
     if bias is not None:
         V.tensor("bias", bias, ndim=1)
         V.shape("bias", bias, (weight.shape[0],), "[out]")
@@ -121,7 +122,7 @@ def sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indice
     """``y = x (W + scatter(values at indices))^T + b`` with W frozen; gradients reach x, values (only at the indices:
     an SDDMM, never a dense dW) and a trainable bias. ``indices`` are sorted unique flat int64/int32 positions."""
     _check(x, weight, bias, indices, values)
-    y = sparse_diff_forward(x.reshape(-1, x.shape[-1]), weight, bias, indices, values)
+    y = sparse_diff_forward(x.reshape(-1, x.shape[-1]), weight, bias, indices, values, get_backend())
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -134,7 +135,7 @@ def masked_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
     out_f, in_f = grad_out.shape[-1], x.shape[-1]
     check_indices(indices, out_f * in_f)
     V.same_device("x", x, grad_out=grad_out, indices=indices)
-    return sparse_masked_grad(grad_out.reshape(-1, out_f), x.reshape(-1, in_f), indices, in_f)
+    return sparse_masked_grad(grad_out.reshape(-1, out_f), x.reshape(-1, in_f), indices, in_f, get_backend())
 
 
 def _check_merge(weight, indices, values) -> None:
