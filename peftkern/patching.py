@@ -480,11 +480,12 @@ def patch(model: nn.Module, method: str = "lora", calibration_data=None, **optio
 
 
 def _apply(model: nn.Module, method: str, opts: dict, apply: Callable) -> nn.Module:
-    before = {id(p) for p in model.parameters()}
+    # by name, not id(): ids of parameters a method freed get reused, and a base swapped for its NF4 form keeps its name
+    before = {n for n, _ in model.named_parameters()}
     applied = dict(opts)
     patched, record = apply(model, applied)
     opts.update({k: v for k, v in applied.items() if k in opts})  # what the method resolved (e.g. fusion's sizes)
-    added = [n for n, p in _inner(patched).named_parameters() if id(p) not in before]
+    added = [n for n, _ in _inner(patched).named_parameters() if n not in before]
     patched.peftkern_config = {"method": method, "options": opts, "heads": [], "added": added, **record}
     return patched
 

@@ -278,3 +278,19 @@ def test_bad_calls_name_the_problem(tmp_path):
         pk.load_adapter(pk.patch(_bert(), "lora", r=4, target_modules=["query", "key"]), tmp_path)
     with pytest.raises(ValueError, match="does not match the model"):
         pk.load_adapter(pk.patch(_bert(), "lora", r=4), tmp_path, method="dora")
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_added_names_what_the_method_added(method):
+    """``peftkern_config["added"]`` is every parameter name the method brought and nothing of the base (a qlora base
+    swapped for its NF4 form keeps its name; the record never compares reusable id()s)."""
+    model = _bert()
+    before = {n for n, _ in model.named_parameters()}
+    patched = _patch(model, method)
+    inner = pk.patching._inner(patched)
+    names = {n for n, _ in inner.named_parameters()}
+    assert set(patched.peftkern_config["added"]) == names - before
+    if method in LORA_LIKE:
+        lora = {n for n in names if ".lora_" in n}
+        assert lora and lora <= set(patched.peftkern_config["added"])
+        assert not any(n.endswith(".weight") for n in patched.peftkern_config["added"])
