@@ -2,7 +2,6 @@
 QLoRA), and FSDP2 (``fully_shard``) shards the NF4 codes like any parameter and trains QLoRA to the same gradients."""
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 import time
@@ -26,9 +25,12 @@ def _model(kind: str) -> nn.Sequential:
     return model
 
 
-def _worker(rank, world, init_file, mode, model, x, target, out_dir):
+def _worker(rank, world, init_file, mode, kind, x, target, out_dir):
+    import gc
+
     import torch.distributed as dist
 
+    model = _model(kind)  # built here, so this frame holds its only reference (spawn's caller keeps its args alive)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     shard = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
     info = {}
@@ -50,15 +52,17 @@ def _worker(rank, world, init_file, mode, model, x, target, out_dir):
     if mode == "fsdp2":
         grads = {n: g.full_tensor() for n, g in grads.items()}
     torch.save({"grads": grads, **info}, os.path.join(out_dir, f"rank{rank}.pt"))
-    # the reducer must not hold the last reference to the process group: its destructor joins gloo's threads
-    # with the GIL held, while they may need the GIL to free their last work item (a teardown deadlock)
-    del wrapped, loss
+    # neither the reducer nor FSDP2's sharded parameters (their device mesh) may hold the last reference to the
+    # process group past destroy_process_group: freed at interpreter exit, gloo's threads are destroyed still
+    # joinable (std::terminate, SIGABRT), and a destructor run with the GIL held can deadlock on them
+    del wrapped, model, loss, grads
+    gc.collect()
     dist.destroy_process_group()
 
 
-def _run(mode: str, model: nn.Module, x, target) -> list[dict]:
+def _run(mode: str, kind: str, x, target) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
-        procs = torch.multiprocessing.spawn(_worker, args=(2, os.path.join(d, "init"), mode, model, x, target, d),
+        procs = torch.multiprocessing.spawn(_worker, args=(2, os.path.join(d, "init"), mode, kind, x, target, d),
                                             nprocs=2, join=False)
         deadline = time.monotonic() + 180
         while not procs.join(timeout=5):
@@ -74,7 +78,7 @@ def test_two_processes_match_one(mode, kind):
     model = _model(kind)
     fin = model[0].in_features
     x, target = torch.randn(8, 5, fin), torch.randn(8, 5, model[2].out_features)
-    results = _run(mode, copy.deepcopy(model), x, target)
+    results = _run(mode, kind, x, target)
     (model(x) - target).square().mean().backward()
     for res in results:
         for n, p in model.named_parameters():
