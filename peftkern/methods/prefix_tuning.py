@@ -23,7 +23,7 @@ from torch import nn
 from .. import _validate as V
 
 from ..ops.prefix_attention import prefix_attention
-from .prompt_tuning import load_table_
+from .prompt_tuning import ModelWrapper, load_table_
 
 ATTENTION_NAME = "peftkern_prefix"
 
@@ -61,7 +61,7 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
-class PrefixTuning(nn.Module):
+class PrefixTuning(ModelWrapper):
     """A frozen transformers model with a learned prefix at every layer; ``model(...)``'s arguments pass through.
 
     ``num_virtual_tokens`` P (per task: several PrefixTuning over one frozen model each bring their own length);
@@ -125,14 +125,19 @@ class PrefixTuning(nn.Module):
         for layer in self._layers:
             layer.peftkern_prefix = (kv[2 * layer.layer_idx], kv[2 * layer.layer_idx + 1])
 
-    def forward(self, input_ids=None, *, position_ids=None, inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, *, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, **kwargs):
+        """The model's call; the usual text inputs are named so that transformers' ``Trainer``, which keeps only the
+        dataset columns the signature names, keeps them (those left None are not passed on)."""
         self._set_layer_prefixes()
         if position_ids is None:  # sequence tokens follow the P virtual tokens, as PEFT places them
             ref = input_ids if input_ids is not None else inputs_embeds
             B, S = ref.shape[0], ref.shape[1]
             position_ids = torch.arange(self.num_virtual_tokens, self.num_virtual_tokens + S,
                                         device=ref.device).expand(B, S)
-        return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, **kwargs)
+        given = {k: v for k, v in dict(token_type_ids=token_type_ids, labels=labels).items() if v is not None}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                          position_ids=position_ids, **given, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"num_virtual_tokens={self.num_virtual_tokens}, layers={self.num_layers}, "

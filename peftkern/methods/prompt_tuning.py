@@ -26,7 +26,25 @@ def load_table_(embedding: nn.Embedding, prompt_embeddings: torch.Tensor, layout
         embedding.weight.copy_(prompt_embeddings)
 
 
-class PromptTuning(nn.Module):
+class ModelWrapper(nn.Module):
+    """Base of the prompt and prefix wrappers: what transformers' ``Trainer`` asks of the model it trains and the
+    wrapper leaves as it is (its configs, activation checkpointing) is the wrapped ``model``'s."""
+
+    _DELEGATED = frozenset({"config", "generation_config", "activation_checkpointing_enable",
+                            "activation_checkpointing_disable", "gradient_checkpointing_enable",
+                            "gradient_checkpointing_disable", "is_activation_checkpointing",
+                            "is_gradient_checkpointing"})
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name not in self._DELEGATED:
+                raise
+            return getattr(super().__getattr__("model"), name)
+
+
+class PromptTuning(ModelWrapper):
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, init: str = "random",
                  init_text: Optional[str] = None, tokenizer=None, encoder: Optional[str] = None,
                  encoder_hidden_size: Optional[int] = None, encoder_num_layers: int = 2, encoder_dropout: float = 0.0):
