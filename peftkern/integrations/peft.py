@@ -7,9 +7,10 @@ are untouched); only its forward changes, to
   (``lora.bnb.Linear4bit`` for a model loaded in 4-bit by transformers, ``lora.Linear`` around one built by hand):
   its codes read as they are, no re-quantization; dtypes as ``Linear4bit`` and PEFT have them,
 * ``pk.multi_lora_linear`` for mixed-adapter batches (``adapter_names=``) of plain LoRA adapters of one rank.
-Layers no kernel serves (8-bit or FP4 bases, DoRA over a 4-bit base, other layer types and LoRA variants) keep
-PEFT's forward, and ``fuse`` logs which and why; so do calls no kernel serves (several active adapters summed, merged
-or disabled adapters). Dropout masks come from peftkern's generator, not PEFT's: the same distribution, other draws.
+Layers no kernel serves (8-bit or FP4 bases, DoRA over a 4-bit base, lora_bias, other layer types and LoRA variants)
+keep PEFT's forward, and ``fuse`` logs which and why; so do calls no kernel serves (several active adapters summed,
+merged or disabled adapters, mixed-adapter batches over quantized bases). Dropout masks come from peftkern's
+generator, not PEFT's: the same distribution, other draws.
 """
 from __future__ import annotations
 
@@ -56,11 +57,11 @@ def _dense(base: nn.Module) -> bool:
 
 def _adapter_left(layer, adapter: str, quantized: bool) -> str | None:
     """Why adapter ``adapter`` of ``layer`` runs on PEFT's forward, or None when a kernel serves it."""
-    if layer.lora_bias.get(adapter, False):
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
         return "lora_bias=True"
-    variant = layer.lora_variant.get(adapter)
     if layer.use_dora.get(adapter, False):
         return "DoRA over a 4-bit base" if quantized else None
+    variant = getattr(layer, "lora_variant", {}).get(adapter)  # PEFT >= 0.15 (aLoRA, Arrow, ...)
     return None if variant is None else f"LoRA variant {type(variant).__name__}"
 
 
@@ -86,9 +87,10 @@ def _dropout_p(module: nn.Module) -> float:
 
 def _from_bnb_cpu_layout(packed: torch.Tensor, state) -> NF4Tensor:
     """The NF4Tensor of a state bitsandbytes repacked for its AVX512-bf16 CPU kernel (``packing_format_for_cpu``: an
-    inference forward of ``Linear4bit`` on such a CPU does it, in place). Codes [N/32, K/2, 32, 2] bytes hold rows n
-    and n + 16 of a 32-row tile in their low and high nibbles; absmax is bf16 [K/blocksize, N] (any double quantization
-    already decoded by bitsandbytes). Read as they are: the codes, and the absmax bitsandbytes now computes with."""
+    inference forward of ``Linear4bit`` on such a CPU does it, in place). The codes come in 32-byte tiles, one per 32
+    rows x 2 columns: byte i holds (row i // 2, column i % 2) in its low nibble and row 16 + i // 2 in its high one;
+    absmax is bf16 [K/blocksize, N], its double quantization decoded by bitsandbytes. Read as they are: the same
+    codes, and the absmax bitsandbytes now computes with."""
     n, k = state.shape
     tiles = packed.view(torch.uint8).reshape(-1, 32)
     codes = torch.cat([tiles & 0xF, tiles >> 4], dim=1).reshape(n // 32, k // 2, 32, 2).transpose(1, 2)

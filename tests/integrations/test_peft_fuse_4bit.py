@@ -25,8 +25,17 @@ LAYERS = 14  # 2 decoder layers x q, k, v, o, gate, up, down
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    """The tiny Llama with biases on q, k, v, o (random, so that the bias dtype matters) in a checkpoint."""
+    config = tiny_llama(hidden=64).config
+    config.attention_bias = True
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.1)
     path = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama(hidden=64).save_pretrained(path)
+    model.save_pretrained(path)
     return path
 
 
@@ -53,7 +62,7 @@ def _lora_layers(pm) -> list:
 def _reference(path, pm, weights=None):
     """The fp64 twin of ``pm``: each 4-bit base replaced by its exact NF4 decode (``pk.nf4.dequantize`` of the codes
     bitsandbytes holds, or ``weights[name]``), the rest of the checkpoint and the LoRA tensors as they are."""
-    model = _load(path)
+    model = _load(path, device=next(pm.parameters()).device)
     for name, module in pm.named_modules():
         if isinstance(module, peft.tuners.lora.LoraLayer):
             base = module.get_base_layer()
@@ -157,13 +166,13 @@ def test_bnb_cpu_inference_layout_read_as_it_is(saved, monkeypatch):
     assert_close(logits, logits64, name="logits")
 
 
-@pytest.mark.parametrize("case", ["8-bit", "dora", "embedding"])
+@pytest.mark.parametrize("case", ["8-bit", "dora", "lora_bias", "embedding"])
 def test_left_to_peft_and_logged(saved, case, caplog):
     if case == "8-bit":
         pm = _peft(_load(saved, load_in_8bit=True))
     else:
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
-        lora = {"use_dora": True} if case == "dora" else {"target_modules": targets}
+        lora = {"dora": {"use_dora": True}, "lora_bias": {"lora_bias": True}}.get(case, {"target_modules": targets})
         pm = _peft(_load(saved, **NF4, bnb_4bit_compute_dtype=torch.float32), **lora)
     pm.eval()
     ids = _batch()["input_ids"]
@@ -179,6 +188,8 @@ def test_left_to_peft_and_logged(saved, case, caplog):
                      "model.layers.{0-1}.self_attn.q_proj, model.layers.{0-1}.self_attn.k_proj",
             "dora": "14 of 14 PEFT LoRA layers left to PEFT's forward: DoRA over a 4-bit base: "
                     "model.layers.{0-1}.self_attn.q_proj",
+            "lora_bias": "14 of 14 PEFT LoRA layers left to PEFT's forward: lora_bias=True: "
+                         "model.layers.{0-1}.self_attn.q_proj",
             "embedding": "1 of 15 PEFT LoRA layers left to PEFT's forward: PEFT lora.layer.Embedding layer: "
                          "model.embed_tokens"}[case]
     assert left in message, message
