@@ -24,6 +24,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
+from . import lifecycle
 from .methods.adapters import AdapterFusion, add_adapters, add_serial, transformer_sites
 from .methods.adalora import AdaLoRAAllocator, prepare_adalora
 from .methods.prefix_tuning import PrefixTuning
@@ -482,11 +483,13 @@ def patch(model: nn.Module, method: str = "lora", calibration_data=None, **optio
 def _apply(model: nn.Module, method: str, opts: dict, apply: Callable) -> nn.Module:
     # by name, not id(): ids of parameters a method freed get reused, and a base swapped for its NF4 form keeps its name
     before = {n for n, _ in model.named_parameters()}
+    tracker = lifecycle.Tracker(model)  # what merge / unpatch / disable undo
     applied = dict(opts)
     patched, record = apply(model, applied)
     opts.update({k: v for k, v in applied.items() if k in opts})  # what the method resolved (e.g. fusion's sizes)
     added = [n for n, _ in _inner(patched).named_parameters() if n not in before]
     patched.peftkern_config = {"method": method, "options": opts, "heads": [], "added": added, **record}
+    tracker.finish(patched)
     return patched
 
 

@@ -120,13 +120,25 @@ class DiffPruningLinear(nn.Module):
         return nn.functional.linear(x, (w.float() + self.gates() * self.diff).to(w.dtype), self.linear.bias)
 
     @torch.no_grad()
+    def eval_diff(self) -> torch.Tensor:
+        """``z * w`` with the deterministic (eval) gates: the diff the layer adds in eval, fp32 [out, in]."""
+        was = self.training
+        self.eval()
+        delta = self.gates() * self.diff
+        self.train(was)
+        return delta
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W + z * w`` (eval gates) in W's dtype, rounded once as the eval forward rounds it."""
+        w = self.linear.weight
+        return (w.float() + self.eval_diff()).to(w.dtype)
+
+    @torch.no_grad()
     def to_sparse(self, density: float) -> SparseDiffLinear:
         """Magnitude projection: the top ``density`` fraction of |z w| (eval gates) as a SparseDiffLinear."""
         V.number("density", density, low=0.0, high=1.0, low_open=True, high_open=False)
-        was = self.training
-        self.eval()
-        delta = (self.gates() * self.diff).view(-1)
-        self.train(was)
+        delta = self.eval_diff().view(-1)
         k = max(1, int(round(density * delta.numel())))
         idx = torch.topk(delta.abs(), k).indices.sort().values
         return SparseDiffLinear.from_linear(self.linear, idx, delta[idx].clone())

@@ -93,15 +93,21 @@ class LoRALinear(nn.Module):
         return self.scaling * (self.lora_B @ A)
 
     @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``weight`` with the adapter folded in (DoRA: each row rescaled to ``lora_magnitude``), computed in the wider
+        of the two dtypes and returned in the weight's; ``weight`` itself is left as it is."""
+        w = self.weight.to(torch.promote_types(self.weight.dtype, self.lora_A.dtype)) + self.delta_weight()
+        if self.use_dora:
+            w = w * (self.lora_magnitude / self._weight_norm())[:, None]
+        return w.to(self.weight.dtype)
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into ``weight`` (a copy of the original is kept so :meth:`unmerge` restores it exactly)."""
         if self.merged:
             return
         self._unmerged_weight = self.weight.detach().clone()
-        w = self.weight.to(torch.promote_types(self.weight.dtype, self.lora_A.dtype)) + self.delta_weight()
-        if self.use_dora:
-            w = w * (self.lora_magnitude / self._weight_norm())[:, None]
-        self.weight.copy_(w.to(self.weight.dtype))
+        self.weight.copy_(self.merged_weight())
         self.merged = True
 
     @torch.no_grad()

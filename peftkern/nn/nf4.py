@@ -223,17 +223,28 @@ class QLoRALinear(NF4Linear):
                             dropout_p=self.lora_dropout, training=self.training).to(x.dtype)
 
     @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        """A full-precision ``nn.Linear`` (the base's dtype) with the adapter folded in."""
+    def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
+        """A full-precision ``nn.Linear`` in ``dtype`` (default: the compute dtype, else the dtype the base was
+        quantized from) with the adapter folded in; the sum is formed in the wider dtype and rounded once."""
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         w = self.dequantized_weight()
+        dtype = dtype or self.compute_dtype or w.dtype
         delta = self.scaling * (self.lora_B @ self.lora_A)
-        merged = (w.to(torch.promote_types(w.dtype, delta.dtype)) + delta).to(w.dtype)
+        merged = w.to(torch.promote_types(torch.promote_types(w.dtype, delta.dtype), dtype)) + delta
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
-                           dtype=w.dtype)
+                           dtype=dtype)
         linear.weight.copy_(merged)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear
+
+    def base_layer(self) -> NF4Linear:
+        """The frozen 4-bit base alone: an :class:`NF4Linear` over this layer's codes, scales and bias (shared)."""
+        base = NF4Linear.__new__(NF4Linear)
+        nn.Module.__init__(base)
+        base._init(self.nf4, self.bias, self.quant_storage, self.compute_dtype)
+        return base
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}, dropout={self.lora_dropout}"
