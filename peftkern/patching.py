@@ -481,13 +481,16 @@ def patch(model: nn.Module, method: str = "lora", calibration_data=None, **optio
 
 
 def _apply(model: nn.Module, method: str, opts: dict, apply: Callable) -> nn.Module:
-    # by name, not id(): ids of parameters a method freed get reused, and a base swapped for its NF4 form keeps its name
-    before = {n for n, _ in model.named_parameters()}
+    # the base's parameters stay referenced until the comparison, so a freed one's id() cannot come back as a new one;
+    # a wrapped base changes its name but not its object, a base swapped for its NF4 form keeps its name
+    base = dict(model.named_parameters())
+    base_ids = {id(p) for p in base.values()}
     tracker = lifecycle.Tracker(model)  # what merge / unpatch / disable undo
     applied = dict(opts)
     patched, record = apply(model, applied)
     opts.update({k: v for k, v in applied.items() if k in opts})  # what the method resolved (e.g. fusion's sizes)
-    added = [n for n, _ in _inner(patched).named_parameters() if n not in before]
+    added = [n for n, p in _inner(patched).named_parameters() if id(p) not in base_ids and n not in base]
+    del base
     patched.peftkern_config = {"method": method, "options": opts, "heads": [], "added": added, **record}
     tracker.finish(patched)
     return patched

@@ -282,15 +282,16 @@ def test_bad_calls_name_the_problem(tmp_path):
 
 @pytest.mark.parametrize("method", ALL)
 def test_added_names_what_the_method_added(method):
-    """``peftkern_config["added"]`` is every parameter name the method brought and nothing of the base (a qlora base
-    swapped for its NF4 form keeps its name; the record never compares reusable id()s)."""
+    """``peftkern_config["added"]`` names every trainable parameter the method brought and nothing of the base (the
+    base's objects are held here, so no id() is reused; a wrapped base is renamed, a qlora base swapped for NF4 codes
+    keeps its name)."""
     model = _bert()
-    before = {n for n, _ in model.named_parameters()}
+    base = {id(p): p for p in model.parameters()}
     patched = _patch(model, method)
-    inner = pk.patching._inner(patched)
-    names = {n for n, _ in inner.named_parameters()}
-    assert set(patched.peftkern_config["added"]) == names - before
+    params = dict(pk.patching._inner(patched).named_parameters())
+    added = patched.peftkern_config["added"]
+    assert not any(id(params[n]) in base for n in added)
+    assert not any(n.endswith(".weight") and ".lora_" not in n and params[n].dtype == torch.uint8 for n in added)
+    assert {n for n, p in params.items() if p.requires_grad and id(p) not in base} <= set(added)
     if method in LORA_LIKE:
-        lora = {n for n in names if ".lora_" in n}
-        assert lora and lora <= set(patched.peftkern_config["added"])
-        assert not any(n.endswith(".weight") for n in patched.peftkern_config["added"])
+        assert {n for n in params if ".lora_" in n} <= set(added)
