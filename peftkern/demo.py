@@ -539,7 +539,7 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
         log(f"training step on one batch (median of {st['reps']}, interleaved): peftkern {st['ours_ms']:.1f} ms vs "
             f"PEFT + bitsandbytes {st['peft_ms']:.1f} ms ({st['ratio']:.2f}x)")
 
-    out_dir = cfg.out_dir or os.path.join(tempfile.gettempdir(), "peftkern-demo", f"seed{cfg.seed}")
+    out_dir = cfg.out_dir or tempfile.mkdtemp(prefix="peftkern-demo-")
     path = save_adapter(model, out_dir)
     res.adapter_path = str(path)
     log(f"adapter saved: {path} ({fmt_bytes(path.stat().st_size)}, LoRA + head only) + adapter_config.json (PEFT's)")
