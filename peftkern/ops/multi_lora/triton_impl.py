@@ -84,8 +84,10 @@ class Plan(NamedTuple):
 def plan(adapter_ids: torch.Tensor, seq_len: int, n: int, device: torch.device, block_m: int | None = None) -> Plan:
     """Sort the B sequences by adapter (stable), expand them to their ``seq_len`` rows, cut segments into blocks.
 
-    Torch ops on the device, no host sync: the grid is sized by the bound ``N // block_m + n + 1`` on the number of
-    blocks (each of the n + 1 groups, base included, adds at most one partly filled block).
+    Torch ops on the device, no host sync (so a CUDA graph can capture it): the groups are counted by a binary search
+    in the sorted ids, not ``torch.bincount`` (whose CUDA kernel reads min and max back to the host); the grid is
+    sized by the bound ``N // block_m + n + 1`` on the number of blocks (each of the n + 1 groups, base included,
+    adds at most one partly filled block).
     """
     block_m = block_m or _configs()["block_m"]
     ids = adapter_ids.to(device=device, dtype=torch.int64, non_blocking=True).view(-1)
@@ -96,9 +98,10 @@ def plan(adapter_ids: torch.Tensor, seq_len: int, n: int, device: torch.device, 
         perm = order
     else:
         perm = (order[:, None] * seq_len + torch.arange(seq_len, device=device)).view(-1)
-    counts = torch.bincount(ids + 1, minlength=n + 1)[: n + 1] * seq_len  # group 0: base-only rows
-    ends = counts.cumsum(0)
-    starts = ends - counts
+    # group g (ids g - 1; group 0 the base-only rows) is [bounds[g], bounds[g + 1]) of the sorted rows
+    bounds = torch.searchsorted(ids[order], torch.arange(-1, n + 1, device=device)) * seq_len
+    starts, ends = bounds[:-1], bounds[1:]
+    counts = ends - starts
     nblk = (counts + block_m - 1) // block_m
     cum = nblk.cumsum(0)
     blocks = N // block_m + n + 1
