@@ -22,10 +22,17 @@ def rows_cols(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, to
     return idx // in_features, idx % in_features
 
 
+def segment_bounds(sorted_keys: torch.Tensor, groups: int) -> torch.Tensor:
+    """[groups + 1] int64: the entries of key j are [b[j], b[j + 1]) of ``sorted_keys`` (keys in [0, groups)).
+
+    A binary search per group, not ``torch.bincount``: CUDA's bincount reads its input's min and max back to the
+    host, a stream sync every call (and no CUDA-graph capture)."""
+    return torch.searchsorted(sorted_keys, torch.arange(groups + 1, device=sorted_keys.device))
+
+
 def _csr(major: torch.Tensor, minor: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """CSR of entries sorted by ``major`` (rows of the result)."""
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=values.device)
-    crow[1:] = torch.bincount(major, minlength=shape[0]).cumsum(0)
+    crow = segment_bounds(major, shape[0])
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, minor, values, shape)

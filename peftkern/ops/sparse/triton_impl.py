@@ -9,7 +9,7 @@ import triton
 from ..._aot import KernelSpec
 from ...backend import fallback, interpret_mode, register
 from ..triton_launch import launch_opts, staged, unstage
-from .torch_impl import rows_cols
+from .torch_impl import rows_cols, segment_bounds
 from .triton_kernels import sparse_correction_kernel, sparse_scatter_add_kernel, sparse_sddmm_kernel
 
 _GPU = {"sddmm": dict(BLOCK_E=128, BLOCK_N=32, num_warps=4, num_stages=2),
@@ -23,19 +23,11 @@ def _cfg(name: str) -> dict:
     return (_INTERPRET if interpret_mode() else _GPU)[name]
 
 
-def _segments(keys: torch.Tensor, groups: int) -> torch.Tensor:
-    """seg [groups + 1] int32: group j's entries are [seg[j], seg[j + 1]) of entries sorted by key."""
-    counts = torch.bincount(keys, minlength=groups)
-    seg = torch.zeros(groups + 1, dtype=torch.int64, device=keys.device)
-    seg[1:] = counts.cumsum(0)
-    return seg.to(torch.int32)
-
-
 def add_correction_(out, src, group, src_pos, values) -> torch.Tensor:
     """out[:, group_e] += src[:, src_pos_e] v_e in place, entries grouped by ``group`` (sorted within the call)."""
     order = torch.argsort(group, stable=True)
     group, src_pos, values = group[order], src_pos[order].to(torch.int32), values[order].contiguous()
-    seg = _segments(group, out.shape[1])
+    seg = segment_bounds(group, out.shape[1]).to(torch.int32)
     cfg = _cfg("correction")
     buf = staged(out)
     sparse_correction_kernel[(out.shape[1], triton.cdiv(out.shape[0], cfg["BLOCK_N"]))](
