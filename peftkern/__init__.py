@@ -7,7 +7,7 @@ from .ops.nf4 import nf4_linear, qlora_linear
 from .ops.prefix_attention import prefix_attention
 from .ops.sparse import sparse_diff_linear
 from .patching import load_adapter, patch, save_adapter
-from .lifecycle import disable, merge, unpatch
+from .lifecycle import delete_adapter, disable, merge, set_adapter, unpatch
 from . import integrations, methods, nf4, nn, optim, sparse  # noqa: E402
 
 __version__ = "0.1.0"
@@ -15,5 +15,6 @@ __version__ = "0.1.0"
 __all__ = ["available_backends", "get_backend", "set_backend", "use_backend", "lora_linear", "dora_linear",
            "multi_lora_linear", "bottleneck_adapter", "nf4_linear", "qlora_linear", "prefix_attention",
            "sparse_diff_linear",
-           "patch", "save_adapter", "load_adapter", "merge", "unpatch", "disable",
+           "patch", "save_adapter", "load_adapter", "merge", "unpatch", "disable", "set_adapter",
+           "delete_adapter",
            "integrations", "methods", "nf4", "nn", "optim", "sparse"]

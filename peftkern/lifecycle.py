@@ -1,5 +1,7 @@
 """The life of a ``pk.patch`` model after training, as PEFT users know it: :func:`merge` (PEFT's
-``merge_and_unload``), :func:`unpatch` (``unload``) and :func:`disable` (``disable_adapter``).
+``merge_and_unload``), :func:`unpatch` (``unload``), :func:`disable` (``disable_adapter``), and several named LoRA
+adapters in one model (``pk.load_adapter(..., adapter_name=)``, :func:`set_adapter`, :func:`delete_adapter`,
+``model(**batch, adapter_names=[...])``).
 
 ``pk.patch`` records what it changes (:class:`Changes`, kept on the patched model as ``_peftkern_changes``) so that
 these undo exactly that and nothing a user did to the model: the modules it replaced (kept when they hold nothing the
@@ -12,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-from typing import Iterator, Optional
+import re
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -21,10 +24,12 @@ from . import patching
 from .methods.selective import DiffPruningLinear
 from .methods.targets import replace_module
 from .nn import LoRALinear, QLoRALinear, RowDiffLinear, SparseDiffLinear
+from .nn.lora import NamedAdapters
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks")
 _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 _ATTRIBUTES = ("peftkern_config", "peftkern_allocator", "_peftkern_changes")  # what patch sets on the model
+_NAMED = ("lora", "dora", "qlora")  # the methods whose models hold several named adapters
 _FOLDABLE = (LoRALinear, QLoRALinear, SparseDiffLinear, RowDiffLinear, DiffPruningLinear)
 
 
@@ -132,7 +137,7 @@ def _why_not_foldable(model: nn.Module, changes: Changes) -> Optional[str]:
     inner = patching._inner(model)
     if inner is not model:
         return "its virtual tokens / prefix live outside the weights"
-    if changes.hooks or changes.children:
+    if any(_method_hooks(changes)) or changes.children:
         return "its adapters are modules of their own, not a weight update"
     odd = [type(m).__name__ for m in map(inner.get_submodule, changes.replaced) if type(m) not in _FOLDABLE]
     if odd:
@@ -210,6 +215,14 @@ def merge(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     return model
 
 
+def _method_hooks(changes: Changes) -> Iterator[tuple[dict, int, Callable]]:
+    """(hook dict, id, hook) of the hooks patch added that compute the method (not the adapter_names routing)."""
+    for module, kind, hook_id in changes.hooks:
+        hook = getattr(module, kind).get(hook_id)
+        if hook is not None and hook not in (_route_adapter_names, _end_routing):
+            yield getattr(module, kind), hook_id, hook
+
+
 def _passthrough(*args) -> None:
     """A forward (pre-)hook that changes nothing."""
     return None
@@ -231,11 +244,9 @@ def disable(model: nn.Module) -> Iterator[nn.Module]:
             layer = inner.get_submodule(name)
             replace_module(inner, name, _base_form(layer, original))
             undo.callback(replace_module, inner, name, layer)
-        for module, kind, hook_id in changes.hooks:
-            hooks = getattr(module, kind)
-            if hook_id in hooks:
-                undo.callback(hooks.__setitem__, hook_id, hooks[hook_id])
-                hooks[hook_id] = _passthrough
+        for hooks, hook_id, hook in _method_hooks(changes):
+            undo.callback(hooks.__setitem__, hook_id, hook)
+            hooks[hook_id] = _passthrough
         for config, value in changes.attention:
             undo.callback(setattr, config, "_attn_implementation_internal", config._attn_implementation_internal)
             config._attn_implementation_internal = value
@@ -256,3 +267,152 @@ def _restore_forward(model: nn.Module, own) -> None:
         del model.forward
     else:
         model.forward = own
+
+
+# --------------------------------------------------------------------------------------------------- named adapters
+def route_adapter_names(model: nn.Module) -> None:
+    """Let ``model(**batch, adapter_names=[...])`` reach the LoRA layers for that call (``pk.patch`` does this for
+    lora / dora / qlora; the hooks are patch's)."""
+    model.register_forward_pre_hook(_route_adapter_names, with_kwargs=True)
+    model.register_forward_hook(_end_routing, always_call=True)
+
+
+def _route_adapter_names(model: nn.Module, args, kwargs):
+    """Take ``adapter_names`` out of the model's call and hand it to every LoRA layer (PEFT's rules: known names or
+    ``"__base__"``, one per row, inference only)."""
+    names = kwargs.pop("adapter_names", None)
+    if names is None:
+        return args, kwargs
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"adapter_names must be a list of adapter names (str), one per row, got {names!r}")
+    if model.training:
+        raise ValueError("adapter_names is for inference, as in PEFT: call model.eval() first")
+    known = set(adapters(model)) | {"__base__"}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise ValueError(f"adapter_names names unknown adapter(s) {unknown}; the model has {sorted(known)}")
+    ref = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+    if isinstance(ref, torch.Tensor) and ref.shape[0] != len(names):
+        raise ValueError(f"adapter_names must hold one name per row: {len(names)} names for a batch of "
+                         f"{ref.shape[0]}")
+    for layer in _layers(model):
+        layer.adapter_names = list(names)
+    model.__dict__["_peftkern_routed"] = True
+    return args, kwargs
+
+
+def _end_routing(model: nn.Module, args, output):
+    """After the call (also a failed one): the layers serve plain calls again."""
+    if model.__dict__.pop("_peftkern_routed", False):
+        for layer in _layers(model):
+            layer.adapter_names = None
+
+
+def adapters(model: nn.Module) -> list[str]:
+    """The names of the adapters ``model`` holds, ``"default"`` first."""
+    return ["default", *patching._record(model).get("adapters", {})]
+
+
+def adapter_record(model: nn.Module, name: str) -> dict:
+    """The record of adapter ``name`` as ``pk.save_adapter`` reads it (method, options, targets, heads)."""
+    record = patching._record(model)
+    if name == "default":
+        return record
+    if name not in record.get("adapters", {}):
+        raise ValueError(f"adapter_name {name!r} is not one of the model's adapters {adapters(model)}")
+    return record["adapters"][name]
+
+
+def _layers(model: nn.Module) -> list[NamedAdapters]:
+    return [m for m in model.modules() if isinstance(m, NamedAdapters)]
+
+
+def load_named(model: nn.Module, directory, name: str) -> nn.Module:
+    """``pk.load_adapter(model, directory, adapter_name=name)``: a LoRA / rsLoRA / DoRA adapter (ours or PEFT's)
+    beside those the model holds, frozen and inactive until :func:`set_adapter` (PEFT's ``load_adapter``). It may
+    cover fewer modules than the model's LoRA layers (the others give the base alone for it), not others; its file
+    must hold no head (the model's one head serves all its adapters)."""
+    record = getattr(model, "peftkern_config", None)
+    if record is None:
+        raise ValueError(f"adapter_name={name!r} adds an adapter beside the model's: load the first one without "
+                         f"adapter_name (it is 'default')")
+    if record["method"] not in _NAMED:
+        raise ValueError(f"adapter_name: several adapters need a LoRA-family model {list(_NAMED)}, this one is "
+                         f"{record['method']!r}")
+    if not isinstance(name, str) or not name or "." in name or name in adapters(model) + ["__base__"]:
+        raise ValueError(f"adapter_name must be a new name without '.', not one of {adapters(model) + ['__base__']},"
+                         f" got {name!r}")
+    tensors, config, saved = patching._read_adapter(directory)
+    method, opts = (saved["method"], saved["options"]) if saved else patching._from_peft_config(config, model)
+    if method not in _NAMED or (method == "dora" and record["method"] == "qlora"):
+        raise ValueError(f"{str(directory)!r} holds a {method!r} adapter; a {record['method']!r} model takes LoRA"
+                         f"{'' if record['method'] == 'qlora' else ' or DoRA'} adapters by name")
+    keys = {k: re.fullmatch(r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_magnitude_vector)", k)
+            for k in tensors}
+    other = sorted(k for k, m in keys.items() if m is None)
+    if other:
+        raise ValueError(f"{str(directory)!r} holds tensors besides LoRA's ({other[:4]}): a named adapter brings no "
+                         f"head of its own")
+    targets = sorted({m.group(1) for m in keys.values()})
+    modules = dict(model.named_modules())
+    bad = [t for t in targets if not isinstance(modules.get(t), NamedAdapters)]
+    if bad:
+        raise ValueError(f"{str(directory)!r} adapts {bad[:4]}, which are not LoRA layers of this model")
+    defaults = patching.METHODS[method].defaults
+    opts = {**defaults, **{k: v for k, v in opts.items() if k in defaults}}
+    options = {k: opts[k] for k in ("r", "lora_alpha", "lora_dropout", "use_rslora")}
+    r, use_dora = options["r"], method == "dora"
+    expected = {}
+    for t in targets:
+        layer = modules[t]
+        expected[f"base_model.model.{t}.lora_A.weight"] = (r, layer.in_features)
+        expected[f"base_model.model.{t}.lora_B.weight"] = (layer.out_features, r)
+        if use_dora:
+            expected[f"base_model.model.{t}.lora_magnitude_vector"] = (layer.out_features,)
+    wrong = [f"{k}: file {tuple(v.shape)} vs {expected.get(k)}" for k, v in tensors.items()
+             if tuple(v.shape) != expected.get(k)] + [f"{k} missing" for k in expected if k not in tensors]
+    if wrong:
+        raise ValueError(f"adapter in {str(directory)!r} does not fit the model: {wrong[:4]}")
+    with torch.no_grad():
+        for t in targets:
+            added = modules[t].add_adapter(name, use_dora=use_dora, **options)
+            added.lora_A.copy_(tensors[f"base_model.model.{t}.lora_A.weight"])
+            added.lora_B.copy_(tensors[f"base_model.model.{t}.lora_B.weight"])
+            if use_dora:
+                added.lora_magnitude.copy_(tensors[f"base_model.model.{t}.lora_magnitude_vector"])
+    record.setdefault("adapters", {})[name] = {"method": method, "options": opts, "targets": targets, "heads": [],
+                                               "name": name}
+    return model
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make adapter ``name`` the one the model's calls use and the one that trains (its tensors require grad, the
+    other adapters' do not), as PEFT's ``set_adapter``."""
+    if name not in adapters(model):
+        raise ValueError(f"adapter_name {name!r} is not one of the model's adapters {adapters(model)}")
+    for layer in _layers(model):
+        layer.active_adapter = name
+        for other in adapters(model):
+            a = layer.adapter(other)
+            for t in (a.lora_A, a.lora_B, a.lora_magnitude, a.rank_scale) if a is not None else ():
+                if t is not None:
+                    t.requires_grad_(other == name)
+    model.peftkern_config["active_adapter"] = name
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (loaded by name) from every layer. The active adapter and ``"default"`` (the layers'
+    own tensors, which :func:`unpatch` removes) cannot be deleted."""
+    record = patching._record(model)
+    if name == record.get("active_adapter", "default"):
+        raise ValueError(f"adapter_name {name!r} is the active adapter; set_adapter another one before deleting it")
+    if name == "default" or name not in record.get("adapters", {}):
+        raise ValueError(f"adapter_name {name!r} is not one of the model's deletable adapters "
+                         f"{sorted(record.get('adapters', {}))}")
+    for layer in _layers(model):
+        extra = layer._modules.get("lora_adapters")
+        if extra is not None and name in extra:
+            del extra[name]
+            if not extra:
+                del layer.lora_adapters
+    del record["adapters"][name]

@@ -107,17 +107,19 @@ def _lora_apply(model, o: dict, use_dora: bool = False, quantize: bool = False):
         else:
             layer = QLoRALinear.from_linear(base, blocksize=o["blocksize"], double_quant=o["double_quant"], **lora)
         replace_module(model, name, layer)
+    lifecycle.route_adapter_names(model)
     return model, {"targets": names, "heads": heads}
 
 
 def _lora_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (the layers' own, or those of the named adapter ``record`` describes)."""
     out = {}
     for name in record["targets"]:
-        layer = model.get_submodule(name)
-        out[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A
-        out[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B
-        if getattr(layer, "lora_magnitude", None) is not None:
-            out[f"base_model.model.{name}.lora_magnitude_vector"] = layer.lora_magnitude
+        a = model.get_submodule(name).adapter(record.get("name", "default"))
+        out[f"base_model.model.{name}.lora_A.weight"] = a.lora_A
+        out[f"base_model.model.{name}.lora_B.weight"] = a.lora_B
+        if a.lora_magnitude is not None:
+            out[f"base_model.model.{name}.lora_magnitude_vector"] = a.lora_magnitude
     return out
 
 
@@ -520,12 +522,13 @@ def _jsonable(options: dict) -> dict:
     return out
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: Optional[str] = None) -> Path:
     """Write the method's tensors and the head to ``directory/adapter_model.safetensors`` and ``adapter_config.json``
-    beside it (PEFT's, where PEFT has the method). Returns the weights' path."""
+    beside it (PEFT's, where PEFT has the method); ``adapter_name``: that named adapter's instead (no head). Returns
+    the weights' path."""
     from safetensors.torch import save_file
 
-    record = _record(model)
+    record = _record(model) if adapter_name is None else lifecycle.adapter_record(model, adapter_name)
     tensors = {k: v.detach().contiguous().clone() for k, v in _expected(model, record).items()}
     inner = _inner(model)
     meta = {"method": record["method"], "options": _jsonable(record["options"])}
@@ -562,12 +565,19 @@ def _from_peft_config(cfg: dict, model: nn.Module) -> tuple[str, dict]:
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, method: Optional[str] = None,
-                 **options) -> nn.Module:
+                 adapter_name: Optional[str] = None, **options) -> nn.Module:
     """Load an adapter saved by :func:`save_adapter` or by PEFT's ``save_pretrained`` into ``model``.
 
     An unpatched model is patched first from the saved config (``method`` / ``options`` override it: e.g.
     ``method="qlora"`` puts a PEFT LoRA adapter on NF4 weights). Missing or unexpected tensors and shape mismatches
-    raise ``ValueError``. Returns the (patched) model."""
+    raise ``ValueError``. ``adapter_name`` (other than ``"default"``, the first adapter's name): a LoRA-family
+    adapter added beside those a lora / dora / qlora model holds (``pk.set_adapter`` activates it; see
+    ``peftkern.lifecycle``). Returns the (patched) model."""
+    if adapter_name not in (None, "default"):
+        if method is not None or options:
+            raise ValueError(f"a named adapter takes its method and options from its file; got method={method!r}, "
+                             f"options {sorted(options)}")
+        return lifecycle.load_named(model, directory, adapter_name)
     tensors, config, saved = _read_adapter(directory)
     if getattr(model, "peftkern_config", None) is None:
         if saved:

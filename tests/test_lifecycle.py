@@ -188,3 +188,142 @@ def test_bad_calls_name_the_problem():
         pk.merge(_trained(_bert(), "lora"), dtype=torch.bfloat16)
     with pytest.raises(TypeError, match="dtype must be"):
         pk.merge(_trained(_bert(), "qlora"), dtype="bf16")
+
+
+# --------------------------------------------------------------------------------------------------- named adapters
+def _four_rows():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 100, (4, 7), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _saved(base, tmp_path, name, method="lora", **options):
+    """A trained adapter of ``method`` over a copy of ``base``, saved by pk.save_adapter to tmp_path / name."""
+    patched = pk.patch(copy.deepcopy(base), method, **options)
+    g = torch.Generator().manual_seed(len(name))
+    with torch.no_grad():
+        for p in patched.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    pk.save_adapter(patched, tmp_path / name)
+    return tmp_path / name
+
+
+ADAPTERS = {"x": dict(r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "v_proj"]),
+            "d": dict(method="dora", r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])}
+
+
+def test_named_adapters_match_peft_per_row_and_set_adapter(tmp_path):
+    """Three adapters (LoRA "default", rsLoRA "x" over fewer modules with another rank, DoRA "d") against PEFT's
+    model holding the same three (PeftModel.from_pretrained + load_adapter(adapter_name=)): a batch whose rows use
+    different adapters (adapter_names; DoRA refused there, as PEFT refuses it) and each adapter set active."""
+    base = _llama()
+    dirs = {"default": _saved(base, tmp_path, "default", r=4, lora_alpha=8,
+                              target_modules=["q_proj", "v_proj", "down_proj"])}
+    dirs |= {name: _saved(base, tmp_path, name, **opts) for name, opts in ADAPTERS.items()}
+    ours = pk.load_adapter(copy.deepcopy(base), dirs["default"]).eval()
+    peer = _peft_from(copy.deepcopy(base), dirs["default"])
+    for name in ADAPTERS:
+        pk.load_adapter(ours, dirs[name], adapter_name=name)
+        peer.load_adapter(str(dirs[name]), adapter_name=name)
+    assert pk.lifecycle.adapters(ours) == ["default", "x", "d"]
+    batch = _four_rows()
+    names = ["x", "__base__", "default", "x"]
+    mixed = ours(**batch, adapter_names=names).logits
+    torch.testing.assert_close(mixed, peer(**batch, adapter_names=names).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"DoRA adapters \(\['d'\]\)"):
+        ours(**batch, adapter_names=["d", "x", "x", "x"])
+    with pk.disable(ours):
+        torch.testing.assert_close(ours(**batch).logits[1], mixed[1], rtol=0, atol=0)
+    for name in ["x", "d", "default"]:
+        pk.set_adapter(ours, name)
+        peer.set_adapter(name)
+        out = ours(**batch).logits
+        torch.testing.assert_close(out, peer(**batch).logits, rtol=1e-5, atol=1e-5)
+        if name in names:
+            torch.testing.assert_close(out[names.index(name)], mixed[names.index(name)], rtol=1e-5, atol=1e-5)
+    keys = set(base.state_dict())
+    back = pk.unpatch(ours)
+    assert _is_plain(back) and set(back.state_dict()) == keys
+
+
+def test_set_adapter_trains_only_the_active_one_and_delete_removes_it(tmp_path):
+    base = _llama()
+    ours = pk.patch(copy.deepcopy(base), "lora", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    keys = list(ours.state_dict())
+    pk.load_adapter(ours, _saved(base, tmp_path, "x", **ADAPTERS["x"]), adapter_name="x")
+    extra = {n for n in ours.state_dict() if ".lora_adapters.x." in n}
+    assert extra and set(ours.state_dict()) == set(keys) | extra  # the default adapter's names as they were
+    pk.set_adapter(ours, "x")
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in extra}
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    ours.train()
+    ids = _four_rows()["input_ids"]
+    ours(input_ids=ids, labels=ids).loss.backward()
+    torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1).step()
+    moved = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {n for n in extra if n.endswith("lora_B")} | {n for n in extra if n.endswith("lora_A")}
+
+    pk.save_adapter(ours, tmp_path / "x_again", adapter_name="x")
+    again = pk.load_adapter(pk.patch(copy.deepcopy(base), "lora", r=4, target_modules=["q_proj", "v_proj"]),
+                            tmp_path / "x_again", adapter_name="x")
+    assert all(torch.equal(p, dict(ours.named_parameters())[n]) for n, p in again.named_parameters() if ".x." in n)
+    with pytest.raises(ValueError, match="'x' is the active adapter"):
+        pk.delete_adapter(ours, "x")
+    pk.set_adapter(ours, "default")
+    with pytest.raises(ValueError, match="'nope' is not one of"):
+        pk.delete_adapter(ours, "nope")
+    pk.delete_adapter(ours, "x")
+    assert list(ours.state_dict()) == keys and pk.lifecycle.adapters(ours) == ["default"]
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['x'\]"):
+        ours.eval()(input_ids=ids, adapter_names=["x"] * 4)
+
+
+def test_named_adapters_on_qlora_and_merge_folds_the_active_one(tmp_path):
+    """QLoRA: a mixed batch (over the dequantized base) gives each row what a QLoRA model holding that adapter
+    alone gives; merge folds the active adapter, as PEFT's merge_and_unload."""
+    base = _llama()
+    dirs = {n: _saved(base, tmp_path, n, r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"]) for n, r in
+            (("default", 4), ("x", 2))}
+    ours = pk.load_adapter(copy.deepcopy(base), dirs["default"], method="qlora").eval()
+    pk.load_adapter(ours, dirs["x"], adapter_name="x")
+    alone = {n: pk.load_adapter(copy.deepcopy(base), d, method="qlora").eval() for n, d in dirs.items()}
+    batch = _four_rows()
+    names = ["x", "default", "__base__", "x"]
+    mixed = ours(**batch, adapter_names=names).logits
+    with pk.disable(alone["x"]):
+        base_row = alone["x"](**batch).logits[2]
+    for i, name in enumerate(names):
+        ref = base_row if name == "__base__" else alone[name](**batch).logits[i]
+        torch.testing.assert_close(mixed[i], ref, rtol=1e-5, atol=1e-5)
+    pk.set_adapter(ours, "x")
+    out = ours(**batch).logits
+    torch.testing.assert_close(pk.merge(ours)(**batch).logits, out, rtol=1e-5, atol=1e-5)
+
+
+def test_named_adapter_bad_calls(tmp_path):
+    base = _llama()
+    lora_dir = _saved(base, tmp_path, "x", **ADAPTERS["x"])
+    ours = pk.patch(copy.deepcopy(base), "lora", r=4, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"adapts \['model.layers.0.self_attn.v_proj'"):
+        pk.load_adapter(ours, lora_dir, adapter_name="x")
+    ours = pk.patch(copy.deepcopy(base), "lora", r=4, target_modules=["q_proj", "v_proj"]).eval()
+    with pytest.raises(ValueError, match="adapter_name must be a new name"):
+        pk.load_adapter(ours, lora_dir, adapter_name="__base__")
+    with pytest.raises(ValueError, match="takes its method and options from its file"):
+        pk.load_adapter(ours, lora_dir, adapter_name="x", r=2)
+    with pytest.raises(ValueError, match="load the first one without adapter_name"):
+        pk.load_adapter(copy.deepcopy(base), lora_dir, adapter_name="x")
+    with pytest.raises(ValueError, match="several adapters need a LoRA-family model"):
+        pk.load_adapter(pk.patch(copy.deepcopy(base), "prompt_tuning", num_virtual_tokens=3), lora_dir,
+                        adapter_name="x")
+    with pytest.raises(ValueError, match="'y' is not one of the model's adapters"):
+        pk.set_adapter(ours, "y")
+    ids = _four_rows()["input_ids"]
+    with pytest.raises(ValueError, match="one name per row: 2 names for a batch of 4"):
+        ours(input_ids=ids, adapter_names=["default", "__base__"])
+    with pytest.raises(TypeError, match="adapter_names must be a list"):
+        ours(input_ids=ids, adapter_names="default")
+    with pytest.raises(ValueError, match="adapter_names is for inference"):
+        ours.train()(input_ids=ids, adapter_names=["default"] * 4)

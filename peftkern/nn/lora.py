@@ -1,24 +1,117 @@
-"""LoRALinear: a drop-in nn.Linear with a LoRA (rsLoRA, DoRA, AdaLoRA-form) adapter on the fused kernels."""
+"""LoRALinear: a drop-in nn.Linear with a LoRA (rsLoRA, DoRA, AdaLoRA-form) adapter on the fused kernels, and
+the named adapters it (and QLoRALinear) can hold beside its own."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .. import _validate as V
 from ..ops.lora import dora_linear, dora_weight_norm, lora_linear
+from ..ops.multi_lora import multi_lora_linear
 
 
-class LoRALinear(nn.Module):
+class AdapterTensors(NamedTuple):
+    """One adapter of a layer, whichever holds it."""
+    lora_A: torch.Tensor  # [r, in]
+    lora_B: torch.Tensor  # [out, r]
+    scaling: float
+    lora_dropout: float
+    lora_magnitude: Optional[torch.Tensor]  # DoRA's [out]
+    rank_scale: Optional[torch.Tensor]  # AdaLoRA's [r]
+
+    def folded_A(self) -> torch.Tensor:
+        """``diag(rank_scale) A``: the down projection with AdaLoRA's per-rank scale in it."""
+        return self.lora_A if self.rank_scale is None else self.lora_A * self.rank_scale[:, None]
+
+
+class LoRAAdapter(nn.Module):
+    """A named adapter beside a layer's own (``pk.load_adapter(model, dir, adapter_name=...)``): ``lora_A`` [r, in],
+    ``lora_B`` [out, r] and, for DoRA, ``lora_magnitude`` [out] (PEFT layouts), zeros until loaded, frozen."""
+
+    def __init__(self, in_features: int, out_features: int, *, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False, device=None, dtype=None):
+        super().__init__()
+        V.integer("r", r)
+        V.number("lora_alpha", lora_alpha)
+        V.number("lora_dropout", lora_dropout, low=0.0, high=1.0)
+        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
+        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        kw = dict(device=device, dtype=dtype)
+        self.lora_A = nn.Parameter(torch.zeros(r, in_features, **kw), requires_grad=False)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **kw), requires_grad=False)
+        self.lora_magnitude = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if use_dora else None
+
+    def tensors(self) -> AdapterTensors:
+        return AdapterTensors(self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.lora_magnitude, None)
+
+
+class NamedAdapters:
+    """Several adapters on one LoRA layer, PEFT's way: the layer's own tensors are adapter ``"default"`` (their names
+    and layouts unchanged), the others :class:`LoRAAdapter` s in ``lora_adapters`` (made with the first).
+    ``active_adapter`` serves a call; ``adapter_names`` (set for each model call by ``pk.patch``'s hook: one name per
+    row, ``"__base__"`` for none) a batch whose rows use different adapters, on :func:`multi_lora_linear`."""
+
+    active_adapter = "default"
+    adapter_names: Optional[list] = None
+
+    def add_adapter(self, name: str, **options) -> LoRAAdapter:
+        """A new, zero, frozen :class:`LoRAAdapter` ``name`` (``options``: its r, lora_alpha, ...)."""
+        if "lora_adapters" not in self._modules:
+            self.lora_adapters = nn.ModuleDict()
+        self.lora_adapters[name] = LoRAAdapter(self.in_features, self.out_features, device=self.lora_A.device,
+                                               dtype=self.lora_A.dtype, **options)
+        return self.lora_adapters[name]
+
+    def adapter(self, name: str) -> Optional[AdapterTensors]:
+        """Adapter ``name``'s tensors, None where this layer has no such adapter (it then computes the base alone)."""
+        if name == "default":
+            return AdapterTensors(self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
+                                  getattr(self, "lora_magnitude", None), getattr(self, "rank_scale", None))
+        extra = self._modules.get("lora_adapters")
+        return extra[name].tensors() if extra is not None and name in extra else None
+
+    def delta_weight(self) -> torch.Tensor:
+        """The active adapter's ``scaling * B diag(rank_scale) A`` in the adapters' dtype, [out, in]."""
+        a = self.adapter(self.active_adapter)
+        if a is None:
+            return self.lora_A.new_zeros(self.out_features, self.in_features)
+        return a.scaling * (a.lora_B @ a.folded_A())
+
+    def mixed_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """Row i through adapter ``adapter_names[i]`` (``"__base__"``, or one this layer lacks: the base alone), all
+        in one :func:`multi_lora_linear` (ranks zero-padded to the largest). As in PEFT, not with DoRA adapters and
+        not over merged weights."""
+        names = self.adapter_names
+        if getattr(self, "merged", False):
+            raise ValueError("adapter_names needs unmerged layers: this layer was merged (call unmerge())")
+        if len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names must hold one name per row: {len(names)} names for a batch of "
+                             f"{x.shape[0]}")
+        used = {n: a for n in dict.fromkeys(names) if n != "__base__" and (a := self.adapter(n)) is not None}
+        dora = [n for n, a in used.items() if a.lora_magnitude is not None]
+        if dora:
+            raise ValueError(f"adapter_names cannot route rows to DoRA adapters ({dora}), as in PEFT")
+        if not used:
+            return nn.functional.linear(x, weight, bias)
+        r = max(a.lora_A.shape[0] for a in used.values())
+        A = torch.stack([nn.functional.pad(a.folded_A(), (0, 0, 0, r - a.lora_A.shape[0])) for a in used.values()])
+        B = torch.stack([nn.functional.pad(a.lora_B, (0, r - a.lora_B.shape[1])) for a in used.values()])
+        order = list(used)
+        ids = [order.index(n) if n in used else -1 for n in names]
+        return multi_lora_linear(x, weight, bias, A, B, [a.scaling for a in used.values()], ids)
+
+
+class LoRALinear(NamedAdapters, nn.Module):
     """``y = x W^T + b + scaling * (dropout(x) A^T [* rank_scale]) B^T`` with W (and b) frozen.
 
     Parameter layouts and initialisation follow PEFT: ``lora_A`` [r, in] kaiming-uniform(a=sqrt(5)),
     ``lora_B`` [out, r] zeros, ``scaling = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA). With ``use_dora`` a
     trainable ``lora_magnitude`` [out] starts at the row norms of W. ``rank_scale`` [r] (AdaLoRA's singular
     values) is created by :meth:`enable_rank_scale`. Adapters over a half-precision base are kept in fp32, as PEFT
-    does, unless ``adapter_dtype`` says otherwise.
+    does, unless ``adapter_dtype`` says otherwise. More adapters by name beside this one: :class:`NamedAdapters`.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8, lora_alpha: float = 8,
@@ -75,30 +168,32 @@ class LoRALinear(nn.Module):
                                                   dtype=self.lora_A.dtype))
         return self.rank_scale
 
-    def _weight_norm(self) -> torch.Tensor:
-        return dora_weight_norm(self.weight, self.lora_A, self.lora_B, self.scaling)
+    def _weight_norm(self, a: Optional[AdapterTensors] = None) -> torch.Tensor:
+        a = a or self.adapter(self.active_adapter)
+        return dora_weight_norm(self.weight, a.lora_A, a.lora_B, a.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.adapter_names is not None:
+            return self.mixed_forward(x, self.weight, self.bias)
+        a = None if self.merged else self.adapter(self.active_adapter)
+        if a is None:
             return nn.functional.linear(x, self.weight, self.bias)
-        if self.use_dora:
-            return dora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_magnitude,
-                               dropout_p=self.lora_dropout, training=self.training)
-        return lora_linear(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
-                           dropout_p=self.lora_dropout, training=self.training, rank_scale=self.rank_scale)
-
-    def delta_weight(self) -> torch.Tensor:
-        """``scaling * B diag(rank_scale) A`` in the adapters' dtype, [out, in]."""
-        A = self.lora_A if self.rank_scale is None else self.lora_A * self.rank_scale[:, None]
-        return self.scaling * (self.lora_B @ A)
+        if a.lora_magnitude is not None:
+            return dora_linear(x, self.weight, self.bias, a.lora_A, a.lora_B, a.scaling, a.lora_magnitude,
+                               dropout_p=a.lora_dropout, training=self.training)
+        return lora_linear(x, self.weight, self.bias, a.lora_A, a.lora_B, a.scaling, dropout_p=a.lora_dropout,
+                           training=self.training, rank_scale=a.rank_scale)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """``weight`` with the adapter folded in (DoRA: each row rescaled to ``lora_magnitude``), computed in the wider
-        of the two dtypes and returned in the weight's; ``weight`` itself is left as it is."""
-        w = self.weight.to(torch.promote_types(self.weight.dtype, self.lora_A.dtype)) + self.delta_weight()
-        if self.use_dora:
-            w = w * (self.lora_magnitude / self._weight_norm())[:, None]
+        """``weight`` with the active adapter folded in (DoRA: each row rescaled to its magnitude), computed in the
+        wider of the two dtypes and returned in the weight's; ``weight`` itself is left as it is."""
+        a = self.adapter(self.active_adapter)
+        if a is None:
+            return self.weight.detach().clone()
+        w = self.weight.to(torch.promote_types(self.weight.dtype, a.lora_A.dtype)) + self.delta_weight()
+        if a.lora_magnitude is not None:
+            w = w * (a.lora_magnitude / self._weight_norm(a))[:, None]
         return w.to(self.weight.dtype)
 
     @torch.no_grad()

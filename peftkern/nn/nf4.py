@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import _validate as V
 from ..ops.nf4 import NF4Tensor, nf4_linear, qlora_linear, quantize
+from .lora import NamedAdapters
 
 
 _STATE = ("absmax", "qabsmax", "absmax2", "offset", "code", "code8")  # NF4Tensor's tensors besides the codes
@@ -179,7 +180,7 @@ class NF4Linear(nn.Module):
                 f"quant_storage={self.quant_storage}, compute_dtype={self.compute_dtype}")
 
 
-class QLoRALinear(NF4Linear):
+class QLoRALinear(NamedAdapters, NF4Linear):
     """QLoRA: an :class:`NF4Linear` base plus a LoRA adapter on the fused kernels; only ``lora_A`` [r, in] and
     ``lora_B`` [out, r] train (PEFT layouts and initialisation, fp32 over a half-precision base as PEFT keeps them).
 
@@ -219,18 +220,23 @@ class QLoRALinear(NF4Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc, bias = self._compute_inputs(x)
-        return qlora_linear(xc, self.nf4, bias, self.lora_A, self.lora_B, self.scaling,
-                            dropout_p=self.lora_dropout, training=self.training).to(x.dtype)
+        if self.adapter_names is not None:  # several adapters in one batch: over the dequantized weight
+            return self.mixed_forward(xc, self.dequantized_weight().to(xc.dtype), bias).to(x.dtype)
+        a = self.adapter(self.active_adapter)
+        if a is None:
+            return nf4_linear(xc, self.nf4, bias).to(x.dtype)
+        return qlora_linear(xc, self.nf4, bias, a.lora_A, a.lora_B, a.scaling, dropout_p=a.lora_dropout,
+                            training=self.training).to(x.dtype)
 
     @torch.no_grad()
     def merge(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
         """A full-precision ``nn.Linear`` in ``dtype`` (default: the compute dtype, else the dtype the base was
-        quantized from) with the adapter folded in; the sum is formed in the wider dtype and rounded once."""
+        quantized from) with the active adapter folded in; the sum is formed in the wider dtype and rounded once."""
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         w = self.dequantized_weight()
         dtype = dtype or self.compute_dtype or w.dtype
-        delta = self.scaling * (self.lora_B @ self.lora_A)
+        delta = self.delta_weight()
         merged = w.to(torch.promote_types(torch.promote_types(w.dtype, delta.dtype), dtype)) + delta
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
                            dtype=dtype)
