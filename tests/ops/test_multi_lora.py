@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 import peftkern as pk
+from peftkern.backend import run
 from peftkern.ops.multi_lora import multi_lora_linear
 from peftkern.ops.multi_lora.reference import multi_lora_linear_reference
-from tests._helpers import assert_close, backends, poison_, shape_id
+from tests._helpers import (DEVICE, assert_close, assert_within_eager, backends, no_host_syncs, poison_, requires_cuda,
+                            shape_id)
 
 I, O = 37, 29
 SCALINGS = [0.5, 2.0, 1.5]
@@ -22,7 +24,7 @@ def _data(B, S, R, N, *, dtype=torch.float32, adapter_dtype=None, bias=True, see
     adt = adapter_dtype or dtype
 
     def rnd(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dt)
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dt)
 
     return dict(x=rnd(*lead, I), weight=rnd(O, I, scale=I ** -0.5), bias=rnd(O) if bias else None,
                 lora_A=rnd(N, R, I, scale=I ** -0.5, dt=adt), lora_B=rnd(N, O, R, scale=R ** -0.5, dt=adt),
@@ -164,7 +166,12 @@ def test_partial_gradients(backend):
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("a", [0, 2])
 def test_all_ids_equal_is_lora_linear(backend, a):
+    """Every sequence on adapter a: multi_lora_linear and lora_linear (its own kernels) both within 2x the error of
+    eager fp32 PyTorch against fp64; two fp32 paths are not compared with each other (their roundings differ)."""
     d = _data(3, 7, 4, 3, seed=11)
+    ids = [a] * 3
+    ref = _run(multi_lora_linear_reference, d, ids, bias_grad=True, to=torch.float64)
+    eager = _run(multi_lora_linear_reference, d, ids, bias_grad=True)
     with pk.use_backend(backend):
         out = _run(multi_lora_linear, d, torch.full((3,), a), bias_grad=True)
 
@@ -174,11 +181,10 @@ def test_all_ids_equal_is_lora_linear(backend, a):
         b = d["bias"].clone().requires_grad_()
         y = pk.lora_linear(x, d["weight"], b, A, Bm, SCALINGS[a])
         single = (y.detach(),) + torch.autograd.grad(y, (x, A, Bm, b), d["grad"])
-    torch.testing.assert_close(out[0], single[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[1], single[1], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[2][a], single[2], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[3][a], single[3], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[4], single[4], rtol=1e-5, atol=1e-6)
+    for i, name in enumerate(NAMES):
+        pick = (lambda t: t[a]) if name in ("dA", "dB") else (lambda t: t)  # noqa: E731
+        assert_within_eager(out[i], ref[i], eager[i], name=f"multi_lora_linear {name}")
+        assert_within_eager(single[i], pick(ref[i]), pick(eager[i]), name=f"lora_linear {name}")
     others = [i for i in range(3) if i != a]
     assert out[2][others].abs().max() == 0 and out[3][others].abs().max() == 0
 
@@ -199,7 +205,7 @@ def _peft_model(dtype):
     """PEFT model with adapters "a0" (r 4) and "a1" (r 2): different ranks and alphas, random B (not PEFT's zeros)."""
     import peft
     torch.manual_seed(0)
-    model = peft.get_peft_model(_Net(dtype), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]),
+    model = peft.get_peft_model(_Net(dtype).to(DEVICE), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]),
                                 adapter_name="a0")
     model.add_adapter("a1", peft.LoraConfig(r=2, lora_alpha=3, target_modules=["proj"]))
     layer = model.base_model.model.proj
@@ -212,7 +218,8 @@ def _peft_model(dtype):
 def _stack(layer, names):
     """PEFT's per-adapter weights stacked; a lower rank is padded with zero rows of A / columns of B."""
     r = max(layer.r[n] for n in names)
-    A = torch.zeros(len(names), r, I, dtype=layer.lora_A[names[0]].weight.dtype)
+    first = layer.lora_A[names[0]].weight
+    A = torch.zeros(len(names), r, I, dtype=first.dtype, device=first.device)
     B = torch.zeros(len(names), O, r, dtype=A.dtype)
     for i, n in enumerate(names):
         A[i, :layer.r[n]] = layer.lora_A[n].weight.detach()
@@ -230,16 +237,14 @@ def test_matches_peft_mixed_batch(backend, dtype, S):
     assert A.dtype == torch.float32  # PEFT keeps adapters in fp32 over a half base
     adapter_names = ["a1", "__base__", "a0", "a1", "a0"]
     ids = torch.tensor([names.index(n) if n in names else -1 for n in adapter_names])
-    x = torch.randn((5, S, I) if S else (5, I), generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = torch.randn((5, S, I) if S else (5, I), generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     with torch.no_grad():
         peft_y = model(x, adapter_names=adapter_names)
         W, b = layer.base_layer.weight, layer.base_layer.bias
         with pk.use_backend(backend):
             y = multi_lora_linear(x, W, b, A, B, scal, ids)
         ref = multi_lora_linear_reference(x.double(), W.double(), b.double(), A.double(), B.double(), scal, ids)
-    if dtype == torch.float32:
-        torch.testing.assert_close(y, peft_y, rtol=2e-5, atol=2e-6)
-    assert_close(y, ref, eager=peft_y, name="y vs PEFT")
+    assert_within_eager(y, ref, peft_y, name="y vs PEFT")
 
 
 # ------------------------------------------------------------------------------------------------- torch.compile
@@ -275,9 +280,10 @@ def test_plan_covers_rows_once(ids, S, block_m):
     from peftkern.ops.multi_lora.triton_impl import plan
 
     n = 4
-    p = plan(torch.tensor(ids), S, n, torch.device("cpu"), block_m=block_m)
+    p = plan(torch.tensor(ids, device=DEVICE), S, n, torch.device(DEVICE), block_m=block_m)
+    assert p.perm.device.type == p.table.device.type == p.segs.device.type == torch.device(DEVICE).type
     tok_adapter = torch.tensor(ids).repeat_interleave(S)
-    perm = p.perm.long()
+    perm = p.perm.long().cpu()
     assert sorted(perm.tolist()) == list(range(len(ids) * S))
     seen = torch.zeros(len(ids) * S, dtype=torch.int64)
     for start, end, a in p.table.tolist():
@@ -300,26 +306,96 @@ def test_triton_kernels_write_every_output(dtype):
     ids = torch.tensor([2, -1, 0, 2, -1])
     x = d["x"].reshape(35, I)
     p = ti.plan(ids, 7, 3, x.device)
-    scal = torch.tensor(d["scalings"])
-    h = ti.shrink(x, d["lora_A"], p, out=poison_(torch.empty(35, 4)))
-    y = ti.forward_gemm(x, d["weight"], d["bias"], h, d["lora_B"], scal, p,
-                        out=poison_(torch.empty(35, O, dtype=dtype)))
+    scal = torch.tensor(d["scalings"], device=DEVICE)
+    h = ti.shrink(x, d["lora_A"], p, out=poison_(x.new_empty(35, 4, dtype=torch.float32)))
+    y = ti.forward_gemm(x, d["weight"], d["bias"], h, d["lora_B"], scal, p, out=poison_(x.new_empty(35, O)))
     g = d["grad"].reshape(35, O)
     dh = ti.grad_shrink(g, d["lora_B"], scal, torch.float32, p)
-    dx = ti.dgrad(g, d["weight"], dh, d["lora_A"], p, out=poison_(torch.empty(35, I, dtype=dtype)))
+    dx = ti.dgrad(g, d["weight"], dh, d["lora_A"], p, out=poison_(x.new_empty(35, I)))
     for name, t in (("h", h), ("y", y), ("dx", dx)):
         assert torch.isfinite(t).all(), name
     assert (h.view(5, 7, 4)[1] == 0).all() and (h.view(5, 7, 4)[4] == 0).all()  # base-only rows: h = 0
+
+
+# ------------------------------------------------------------------------------------------------- host syncs
+
+
+@pytest.mark.parametrize("op", ["bincount", "tolist", "bool", "mask-index", "int"])
+def test_no_host_syncs_catches_what_syncs(op):
+    """The checker below fails on the ops that read a GPU tensor back to the host."""
+    t = torch.tensor([2, 0, 1])
+    calls = {"bincount": lambda: torch.bincount(t), "tolist": t.tolist, "bool": lambda: bool(t.any()),
+             "mask-index": lambda: t[t > 0], "int": lambda: int(t[0])}
+    with pytest.raises(AssertionError, match="host syncs"), no_host_syncs():
+        calls[op]()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("ids_on", ["host", "device"])
+def test_triton_path_never_syncs_the_host(ids_on):
+    """plan and every launcher, forward and backward, with the ids on the host or the device: none of the ops that
+    would wait for a GPU (checked here as the ops called; on CUDA by the next tests). The range check of adapter_ids
+    comes before, in function.py."""
+    d = _data(5, 7, 20, 3, seed=19)
+    ids = torch.tensor([2, -1, 0, 2, -1], device="cpu" if ids_on == "host" else DEVICE)
+    scal = torch.tensor(d["scalings"], device=DEVICE)
+    args = (d["x"], d["weight"], d["bias"], d["lora_A"], d["lora_B"], scal, ids)
+    with no_host_syncs():
+        y, h = run("multi_lora_forward", "triton", d["x"].device, *args)
+        grads = run("multi_lora_backward", "triton", d["x"].device, d["grad"], *args[:2], *args[3:], h, True, True)
+    ref = _run(multi_lora_linear_reference, d, ids.tolist(), to=torch.float64)
+    _check((y, *grads), ref)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("ids", [[2, -1, 0, 2, -1], torch.tensor([2, -1, 0, 2, -1])], ids=["list", "cpu-tensor"])
+def test_cuda_forward_and_backward_never_wait_for_the_gpu(backend, ids):
+    """With the ids on the host, torch.cuda.set_sync_debug_mode("error") raises on nothing in a forward and backward
+    (after a first call, which compiles the kernels)."""
+    d = _data(5, 7, 4, 3, seed=19)
+    with pk.use_backend(backend):
+        _run(multi_lora_linear, d, ids, bias_grad=True)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = _run(multi_lora_linear, d, ids, bias_grad=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    _check(out, _run(multi_lora_linear_reference, d, list(ids), bias_grad=True, to=torch.float64))
+
+
+@requires_cuda
+def test_cuda_graph_captures_the_triton_forward():
+    """With ids and scalings on the GPU, a CUDA graph captures the forward (no sync inside; the range check is
+    skipped while capturing) and replays it for other ids written into the same ids tensor."""
+    d = _data(5, 7, 4, 3, seed=23)
+    ids = torch.tensor([2, -1, 0, 2, -1], device=DEVICE)
+    args = (d["x"], d["weight"], d["bias"], d["lora_A"], d["lora_B"], torch.tensor(d["scalings"], device=DEVICE))
+    with pk.use_backend("triton"), torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            multi_lora_linear(*args, ids)  # compiles the kernels outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = multi_lora_linear(*args, ids)
+        for new in ([0, 1, -1, 1, 2], [-1, -1, 2, 2, 0]):
+            ids.copy_(torch.tensor(new))
+            graph.replay()
+            ref = multi_lora_linear_reference(*(t.double() for t in args[:5]), d["scalings"], new)
+            assert_close(y, ref, name=f"replayed y, ids {new}")
 
 
 # ------------------------------------------------------------------------------------------------- bad input
 
 
 def _args(**over):
+    """Valid arguments on DEVICE with ``over`` replacing some (their CPU tensors moved to DEVICE too)."""
     a = dict(x=torch.randn(3, 5, 8), weight=torch.randn(6, 8), bias=torch.randn(6), lora_A=torch.randn(2, 4, 8),
              lora_B=torch.randn(2, 6, 4), scalings=[1.0, 0.5], adapter_ids=torch.tensor([0, -1, 1]))
     a.update(over)
-    return a
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in a.items()}
 
 
 @pytest.mark.parametrize("over, exc, match", [

@@ -18,7 +18,8 @@ def adapter_groups(adapter_ids: torch.Tensor, n: int, device: torch.device) -> l
     """[(adapter, selector, count)] for each adapter used by at least one sequence.
 
     The selector indexes dim 0 of ``[B, ...]`` tensors: a slice when the adapter's sequences are contiguous (a view,
-    no copy), else an int64 index tensor on ``device`` (sorted, unique).
+    no copy), else an int64 index tensor on ``device`` (sorted, unique). Planned on the host: ids on a GPU cost one
+    copy to the host (a sync); CPU ids cost none (the index tensors go to the device without waiting).
     """
     ids = adapter_ids.detach().to("cpu", torch.int64).view(-1)
     order = torch.argsort(ids, stable=True)
@@ -32,7 +33,7 @@ def adapter_groups(adapter_ids: torch.Tensor, n: int, device: torch.device) -> l
         idx = order[pos:pos + c]
         pos += c
         first, last = int(idx[0]), int(idx[-1])
-        sel = slice(first, first + c) if last - first + 1 == c else idx.to(device)
+        sel = slice(first, first + c) if last - first + 1 == c else idx.to(device, non_blocking=True)
         groups.append((a, sel, c))
     return groups
 
