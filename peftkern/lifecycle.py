@@ -309,18 +309,17 @@ def _end_routing(model: nn.Module, args, output):
 
 
 def adapters(model: nn.Module) -> list[str]:
-    """The names of the adapters ``model`` holds, ``"default"`` first."""
-    return ["default", *patching._record(model).get("adapters", {})]
+    """The names of the adapters ``model`` holds, ``"default"`` (unless deleted) first."""
+    record = patching._record(model)
+    return ["default"] * (not record.get("default_deleted")) + list(record.get("adapters", {}))
 
 
 def adapter_record(model: nn.Module, name: str) -> dict:
     """The record of adapter ``name`` as ``pk.save_adapter`` reads it (method, options, targets, heads)."""
-    record = patching._record(model)
-    if name == "default":
-        return record
-    if name not in record.get("adapters", {}):
+    if name not in adapters(model):
         raise ValueError(f"adapter_name {name!r} is not one of the model's adapters {adapters(model)}")
-    return record["adapters"][name]
+    record = patching._record(model)
+    return record if name == "default" else record["adapters"][name]
 
 
 def _layers(model: nn.Module) -> list[NamedAdapters]:
@@ -401,18 +400,16 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` (loaded by name) from every layer. The active adapter and ``"default"`` (the layers'
-    own tensors, which :func:`unpatch` removes) cannot be deleted."""
-    record = patching._record(model)
+    """Remove adapter ``name`` from every layer (``"default"`` too: the layers' own ``lora_*`` become None and
+    ``pk.save_adapter`` then needs an ``adapter_name``), as PEFT's ``delete_adapter``; not the active one."""
+    if name not in adapters(model):
+        raise ValueError(f"adapter_name {name!r} is not one of the model's adapters {adapters(model)}")
+    record = model.peftkern_config
     if name == record.get("active_adapter", "default"):
         raise ValueError(f"adapter_name {name!r} is the active adapter; set_adapter another one before deleting it")
-    if name == "default" or name not in record.get("adapters", {}):
-        raise ValueError(f"adapter_name {name!r} is not one of the model's deletable adapters "
-                         f"{sorted(record.get('adapters', {}))}")
     for layer in _layers(model):
-        extra = layer._modules.get("lora_adapters")
-        if extra is not None and name in extra:
-            del extra[name]
-            if not extra:
-                del layer.lora_adapters
-    del record["adapters"][name]
+        layer.remove_adapter(name)
+    if name == "default":
+        record["default_deleted"] = True
+    else:
+        del record["adapters"][name]

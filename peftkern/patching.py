@@ -528,7 +528,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: O
     the weights' path."""
     from safetensors.torch import save_file
 
-    record = _record(model) if adapter_name is None else lifecycle.adapter_record(model, adapter_name)
+    record = lifecycle.adapter_record(model, adapter_name or "default")
     tensors = {k: v.detach().contiguous().clone() for k, v in _expected(model, record).items()}
     inner = _inner(model)
     meta = {"method": record["method"], "options": _jsonable(record["options"])}
@@ -600,7 +600,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, method: Optiona
             model = patch(model, name, **opts)
     elif method is not None and method != model.peftkern_config["method"]:
         raise ValueError(f"method {method!r} does not match the model's ({model.peftkern_config['method']!r})")
-    record = model.peftkern_config
+    record = lifecycle.adapter_record(model, "default")
     expected = _expected(model, record)
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:

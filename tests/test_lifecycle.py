@@ -243,6 +243,11 @@ def test_named_adapters_match_peft_per_row_and_set_adapter(tmp_path):
         if name in names:
             torch.testing.assert_close(out[names.index(name)], mixed[names.index(name)], rtol=1e-5, atol=1e-5)
     keys = set(base.state_dict())
+    for name in ADAPTERS:
+        pk.delete_adapter(ours, name)
+    assert pk.lifecycle.adapters(ours) == ["default"] and not any(".lora_adapters." in k for k in ours.state_dict())
+    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['x'\]"):
+        ours(**batch, adapter_names=names)
     back = pk.unpatch(ours)
     assert _is_plain(back) and set(back.state_dict()) == keys
 
@@ -271,13 +276,14 @@ def test_set_adapter_trains_only_the_active_one_and_delete_removes_it(tmp_path):
     assert all(torch.equal(p, dict(ours.named_parameters())[n]) for n, p in again.named_parameters() if ".x." in n)
     with pytest.raises(ValueError, match="'x' is the active adapter"):
         pk.delete_adapter(ours, "x")
-    pk.set_adapter(ours, "default")
     with pytest.raises(ValueError, match="'nope' is not one of"):
         pk.delete_adapter(ours, "nope")
-    pk.delete_adapter(ours, "x")
-    assert list(ours.state_dict()) == keys and pk.lifecycle.adapters(ours) == ["default"]
-    with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['x'\]"):
-        ours.eval()(input_ids=ids, adapter_names=["x"] * 4)
+    out = ours.eval()(input_ids=ids).logits
+    pk.delete_adapter(ours, "default")  # as PEFT allows: the layers' own tensors go
+    assert set(ours.state_dict()) == {k for k in keys if ".lora_" not in k} | extra
+    assert pk.lifecycle.adapters(ours) == ["x"] and torch.equal(ours(input_ids=ids).logits, out)
+    with pytest.raises(ValueError, match=r"'default' is not one of the model's adapters \['x'\]"):
+        pk.save_adapter(ours, tmp_path / "default_again")
 
 
 def test_named_adapters_on_qlora_and_merge_folds_the_active_one(tmp_path):

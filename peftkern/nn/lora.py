@@ -57,17 +57,38 @@ class NamedAdapters:
     active_adapter = "default"
     adapter_names: Optional[list] = None
 
+    def _adapters(self) -> list[AdapterTensors]:
+        extra = self._modules.get("lora_adapters") or {}
+        return [a for a in [self.adapter("default"), *(self.adapter(n) for n in extra)] if a is not None]
+
     def add_adapter(self, name: str, **options) -> LoRAAdapter:
-        """A new, zero, frozen :class:`LoRAAdapter` ``name`` (``options``: its r, lora_alpha, ...)."""
+        """A new, zero, frozen :class:`LoRAAdapter` ``name`` (``options``: its r, lora_alpha, ...) in the dtype and
+        on the device of the layer's adapters."""
+        ref = self._adapters()[0].lora_A
         if "lora_adapters" not in self._modules:
             self.lora_adapters = nn.ModuleDict()
-        self.lora_adapters[name] = LoRAAdapter(self.in_features, self.out_features, device=self.lora_A.device,
-                                               dtype=self.lora_A.dtype, **options)
+        self.lora_adapters[name] = LoRAAdapter(self.in_features, self.out_features, device=ref.device,
+                                               dtype=ref.dtype, **options)
         return self.lora_adapters[name]
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name``'s tensors (``"default"``: the layer's own ``lora_*`` become None)."""
+        if name == "default":
+            for attr in ("lora_A", "lora_B", "lora_magnitude", "rank_scale"):
+                if getattr(self, attr, None) is not None:
+                    setattr(self, attr, None)
+            return
+        extra = self._modules.get("lora_adapters")
+        if extra is not None and name in extra:
+            del extra[name]
+            if not extra:
+                del self.lora_adapters
 
     def adapter(self, name: str) -> Optional[AdapterTensors]:
         """Adapter ``name``'s tensors, None where this layer has no such adapter (it then computes the base alone)."""
         if name == "default":
+            if self.lora_A is None:
+                return None
             return AdapterTensors(self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
                                   getattr(self, "lora_magnitude", None), getattr(self, "rank_scale", None))
         extra = self._modules.get("lora_adapters")
@@ -77,7 +98,7 @@ class NamedAdapters:
         """The active adapter's ``scaling * B diag(rank_scale) A`` in the adapters' dtype, [out, in]."""
         a = self.adapter(self.active_adapter)
         if a is None:
-            return self.lora_A.new_zeros(self.out_features, self.in_features)
+            return self._adapters()[0].lora_A.new_zeros(self.out_features, self.in_features)
         return a.scaling * (a.lora_B @ a.folded_A())
 
     def mixed_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
