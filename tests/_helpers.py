@@ -12,6 +12,11 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
+def on_device(args: dict) -> dict:
+    """``args`` with its CPU tensors moved to DEVICE (arguments a test builds on the CPU, e.g. at collection)."""
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in args.items()}
+
+
 def backends() -> list:
     """The backends every op test runs on: torch, and triton (on CUDA, or the CPU interpreter conftest.py turns on;
     triton is a test dependency, so an unavailable triton backend fails these tests rather than skipping them)."""

@@ -10,8 +10,8 @@ import peftkern as pk
 from peftkern.backend import run
 from peftkern.ops.multi_lora import multi_lora_linear
 from peftkern.ops.multi_lora.reference import multi_lora_linear_reference
-from tests._helpers import (DEVICE, assert_close, assert_within_eager, backends, no_host_syncs, poison_, requires_cuda,
-                            shape_id)
+from tests._helpers import (DEVICE, assert_close, assert_within_eager, backends, no_host_syncs, on_device, poison_,
+                            requires_cuda, shape_id)
 
 I, O = 37, 29
 SCALINGS = [0.5, 2.0, 1.5]
@@ -395,7 +395,7 @@ def _args(**over):
     a = dict(x=torch.randn(3, 5, 8), weight=torch.randn(6, 8), bias=torch.randn(6), lora_A=torch.randn(2, 4, 8),
              lora_B=torch.randn(2, 6, 4), scalings=[1.0, 0.5], adapter_ids=torch.tensor([0, -1, 1]))
     a.update(over)
-    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in a.items()}
+    return on_device(a)
 
 
 @pytest.mark.parametrize("over, exc, match", [

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import peftkern as pk
-from peftkern.backend import registered
+from peftkern.backend import registered, run
 from peftkern.ops.sparse.reference import masked_weight_grad_reference, sparse_diff_linear_reference
-from tests._helpers import assert_close, backends, poison_, saved_bytes, shape_id
+from tests._helpers import (DEVICE, assert_close, backends, no_host_syncs, on_device, poison_, requires_cuda,
+                            saved_bytes, shape_id)
 
 BACKENDS = [b for b in backends() if getattr(b, "values", (b,))[0] in registered("sparse_diff_forward")]
 SHAPES = [(1, 37, 29), (37, 130, 29), (2 * 33, 64, 96)]  # (N, in, out)
@@ -21,8 +22,8 @@ def _case(N, I, O, density, *, dtype=torch.float32, values_dtype=None, seed=0, l
     nnz = max(1, int(density * O * I))
     idx = torch.randperm(O * I, generator=g)[:nnz].sort().values
     x_shape = (*lead, I) if lead else (N, I)
-    return dict(x=rnd(*x_shape).to(dtype), weight=(rnd(O, I) * I ** -0.5).to(dtype), bias=rnd(O).to(dtype),
-                indices=idx, values=rnd(nnz).to(values_dtype or dtype), g=rnd(*x_shape[:-1], O).to(dtype))
+    return on_device(dict(x=rnd(*x_shape).to(dtype), weight=(rnd(O, I) * I ** -0.5).to(dtype), bias=rnd(O).to(dtype),
+                          indices=idx, values=rnd(nnz).to(values_dtype or dtype), g=rnd(*x_shape[:-1], O).to(dtype)))
 
 
 def _run(fn, c, to=None):
@@ -79,7 +80,7 @@ def test_triton_kernels_write_every_output():
     from peftkern.ops.sparse import triton_impl
 
     c = _case(19, 37, 29, 0.2)
-    out = poison_(torch.empty(c["indices"].numel()))
+    out = poison_(c["x"].new_empty(c["indices"].numel()))
     triton_impl.masked_grad(c["g"], c["x"], c["indices"], 37, out=out)
     assert_close(out, masked_weight_grad_reference(c["g"].double(), c["x"].double(), c["indices"]), name="sddmm")
 
@@ -118,8 +119,8 @@ def test_torch_compile_fullgraph_same_numbers():
 def test_bad_input():
     c = _case(3, 8, 6, 0.2)
     x, w, b, idx, v = (c[n] for n in ("x", "weight", "bias", "indices", "values"))
-    call = lambda **kw: pk.sparse_diff_linear(**{"x": x, "weight": w, "bias": b, "indices": idx,  # noqa: E731
-                                                 "values": v, **kw})
+    call = lambda **kw: pk.sparse_diff_linear(**on_device({"x": x, "weight": w, "bias": b,  # noqa: E731
+                                                           "indices": idx, "values": v, **kw}))
     with pytest.raises(ValueError, match="must lie in"):
         call(indices=torch.tensor([0, 48]), values=torch.randn(2))
     with pytest.raises(ValueError, match="must lie in"):
@@ -139,19 +140,19 @@ def test_bad_input():
     with pytest.raises(TypeError, match="values must be float32"):
         call(values=v.to(torch.float16))
     with pytest.raises(ValueError, match="share their leading dims"):
-        pk.sparse.masked_weight_grad(torch.randn(4, 6), x, idx)
+        pk.sparse.masked_weight_grad(torch.randn(4, 6, device=DEVICE), x, idx)
 
 
 def test_sparse_diff_linear_module_trains_only_values_and_merges_exactly():
     torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    lin = torch.nn.Linear(64, 48).to(DEVICE, torch.bfloat16)
     w0 = lin.weight.detach().clone()
     idx = torch.randperm(64 * 48)[:30].sort().values
     layer = pk.nn.SparseDiffLinear.from_linear(lin, idx)
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["values"]
     assert layer.values.dtype == torch.float32 and layer.values.numel() == 30
     opt = torch.optim.AdamW([layer.values], lr=1e-2)
-    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    x = torch.randn(8, 64, dtype=torch.bfloat16, device=DEVICE)
     for _ in range(3):
         layer(x).float().square().mean().backward()
         opt.step()
@@ -166,7 +167,7 @@ def test_sparse_diff_linear_module_trains_only_values_and_merges_exactly():
     layer.unmerge()
     assert torch.equal(layer.weight, w0)
     sd = layer.diff_state_dict()
-    assert torch.equal(sd["indices"], idx) and sd["shape"].tolist() == [48, 64]
+    assert torch.equal(sd["indices"].cpu(), idx) and sd["shape"].tolist() == [48, 64]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,9 +187,9 @@ def test_no_dense_weight_sized_tensor_in_a_training_step(backend):
 
     O, I, N = 512, 384, 16
     idx = torch.randperm(O * I)[: O * I // 1000].sort().values
-    layer = pk.nn.SparseDiffLinear.from_linear(torch.nn.Linear(I, O), idx)
+    layer = pk.nn.SparseDiffLinear.from_linear(torch.nn.Linear(I, O, device=DEVICE), idx)
     opt = torch.optim.AdamW([layer.values], lr=1e-3)
-    x = torch.randn(N, I, requires_grad=True)
+    x = torch.randn(N, I, device=DEVICE, requires_grad=True)
     with pk.use_backend(backend), Largest():
         layer(x).square().mean().backward()
         opt.step()
@@ -205,3 +206,38 @@ def test_indices_checked_once_per_version():
     idx[0] = idx[1]  # bumps the version: checked again
     with pytest.raises(ValueError, match="sorted and unique"):
         pk.sparse_diff_linear(*args())
+
+
+# ------------------------------------------------------------------------------------------------- host syncs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("density", [0.005, 0.05], ids=["nnz-le-out", "nnz-gt-out"])
+def test_forward_and_backward_never_sync_the_host(backend, density):
+    """What runs every call (the indices are checked once per tensor, before): none of the ops that would wait for a
+    GPU (checked here as the ops called; on CUDA by the next test), and the right numbers."""
+    c = _case(37, 130, 29, density)
+    x, w, b, idx, v, g = (c[n] for n in ("x", "weight", "bias", "indices", "values", "g"))
+    with no_host_syncs():
+        out = (run("sparse_diff_forward", backend, x.device, x, w, b, idx, v),
+               run("sparse_diff_dgrad", backend, x.device, g, w, idx, v),
+               run("sparse_masked_grad", backend, x.device, g, x, idx, w.shape[1]))
+    ref = _run(sparse_diff_linear_reference, c, to=torch.float64)
+    for name, o, r in zip(("y", "dx", "dvalues"), out, (ref[0], ref[1], ref[3])):
+        assert_close(o, r, name=name)
+
+
+@requires_cuda
+def test_cuda_forward_and_backward_never_wait_for_the_gpu():
+    """torch.cuda.set_sync_debug_mode("error") raises on nothing in a Triton forward and backward (after a first call,
+    which compiles the kernels and checks the indices)."""
+    c = _case(37, 130, 29, 0.05)
+    with pk.use_backend("triton"):
+        _run(pk.sparse_diff_linear, c)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = _run(pk.sparse_diff_linear, c)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for name, o, r in zip(NAMES, out, _run(sparse_diff_linear_reference, c, to=torch.float64)):
+        assert_close(o, r, name=name)
