@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import peftkern as pk
+from peftkern.ops.adapter import torch_impl
 from peftkern.ops.adapter.reference import ACTIVATIONS, bottleneck_adapter_reference
-from tests._helpers import assert_close, backends, poison_, saved_bytes, shape_id
+from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, poison_, saved_bytes, shape_id
 
 ACTS = sorted(ACTIVATIONS)
 SHAPES = [(1, 8, 1), (37, 24, 5), (64, 48, 20), (29, 40, 33)]  # N, D, M
@@ -21,7 +22,7 @@ def _params(N, D, M, dtype, bias=True, seed=0):
     wu = torch.randn(D, M, generator=g) / M ** 0.5
     bd = torch.randn(M, generator=g) if bias else None
     bu = torch.randn(D, generator=g) if bias else None
-    return [t if t is None else t.to(dtype).requires_grad_() for t in (h, wd, bd, wu, bu)]
+    return [t if t is None else t.to(DEVICE, dtype).requires_grad_() for t in (h, wd, bd, wu, bu)]
 
 
 def _run(fn, params, act, residual, scale, grad):
@@ -36,7 +37,7 @@ def _run(fn, params, act, residual, scale, grad):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_matches_reference(backend, act, N, D, M, dtype):
     params = _params(N, D, M, dtype)
-    grad = torch.randn(N, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad = torch.randn(N, D, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     with pk.use_backend(backend):
         out = _run(pk.bottleneck_adapter, params, act, True, 0.5, grad)
     p64 = [p.detach().double().requires_grad_() for p in params]
@@ -52,7 +53,7 @@ def test_matches_reference(backend, act, N, D, M, dtype):
                          ids=["no-residual", "no-bias", "neither"])
 def test_without_residual_or_biases(backend, residual, bias):
     params = _params(21, 32, 12, torch.float32, bias=bias)
-    grad = torch.randn(21, 32)
+    grad = torch.randn(21, 32, device=DEVICE)
     with pk.use_backend(backend):
         out = _run(pk.bottleneck_adapter, params, "gelu", residual, 2.0, grad)
     p64 = [p if p is None else p.detach().double().requires_grad_() for p in params]
@@ -72,7 +73,7 @@ def test_3d_and_non_contiguous(backend):
     ref = bottleneck_adapter_reference(h3.double(), wd.double(), bd.double(), wu_t.double(), bu.double(), "silu")
     assert_close(y, ref)
     leaves = (h3, wd, bd, wu_t, bu)
-    g = torch.randn(2, 7, 24)
+    g = torch.randn(2, 7, 24, device=DEVICE)
     (y * g).sum().backward()  # outside the block: the forward's backend serves it
     refs = [t.detach().double().requires_grad_() for t in leaves]
     (bottleneck_adapter_reference(*refs, "silu") * g.double()).sum().backward()
@@ -87,22 +88,24 @@ def test_launchers_write_every_output(residual):
 
     N, D, M = 37, 40, 20
     h, wd, bd, wu, bu = (p if p is None else p.detach() for p in _params(N, D, M, torch.float32))
-    g = torch.randn(N, D)
+    g = torch.randn(N, D, device=DEVICE)
     y, z = ti.fwd(h, wd, bd, wu, bu, "tanh", residual, 0.5, out=poison_(h.new_empty(N, D)),
                   out_z=poison_(h.new_empty(N, M)))
-    ry, rz = pk.ops.adapter.torch_impl.forward(h, wd, bd, wu, bu, "tanh", residual, 0.5)
-    torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(z, rz, rtol=1e-5, atol=1e-5)
+    eager = torch_impl.forward(h, wd, bd, wu, bu, "tanh", residual, 0.5)
+    ref = torch_impl.forward(*(t.double() for t in (h, wd, bd, wu, bu)), "tanh", residual, 0.5)
+    for name, got, e, r in zip(("y", "z"), (y, z), eager, ref):
+        assert_within_eager(got, r, e, name=name)
     dz, dh = ti.bwd_dz_dh(g, z, wd, wu, "tanh", residual, 0.5, out_dz=poison_(h.new_empty(N, M)),
                           out_dh=poison_(h.new_empty(N, D)))
-    ref = pk.ops.adapter.torch_impl.backward(g, h, z, wd, wu, "tanh", residual, 0.5)
-    torch.testing.assert_close(dh, ref[0], rtol=1e-5, atol=1e-5)
+    eager = torch_impl.backward(g, h, z, wd, wu, "tanh", residual, 0.5)
+    ref = torch_impl.backward(*(t.double() for t in (g, h, z, wd, wu)), "tanh", residual, 0.5)
+    assert_within_eager(dh, ref[0], eager[0], name="dh")
     dwu, dbu = ti.bwd_weight(g, z, 0.5, "tanh", True, True, False, torch.float32,
                              out=poison_(h.new_empty(D, M)), out_sum=poison_(h.new_empty(D)))
     dwd, dbd = ti.bwd_weight(h, dz, 1.0, "tanh", False, False, True, torch.float32,
                              out=poison_(h.new_empty(M, D)), out_sum=poison_(h.new_empty(M)))
-    for got, want in zip((dwd, dbd, dwu, dbu), ref[1:]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, got, e, r in zip(("dW_d", "db_d", "dW_u", "db_u"), (dwd, dbd, dwu, dbu), eager[1:], ref[1:]):
+        assert_within_eager(got, r, e, name=name)
 
 
 @pytest.mark.parametrize("act", ["gelu", "silu"])
