@@ -7,7 +7,7 @@ import torch
 
 import peftkern as pk
 from peftkern.ops.lora.reference import lora_linear_reference
-from tests._helpers import assert_close, backends, saved_bytes, shape_id
+from tests._helpers import DEVICE, assert_close, backends, saved_bytes, shape_id
 
 SCALING = 0.75
 SHAPES = [(1, 37, 29, 1), (37, 130, 29, 4), (2 * 9, 64, 96, 16)]  # (N, in, out, r)
@@ -16,7 +16,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _case(N, I, O, R, dtype, *, blocksize=64, seed=0, lead=None):
     g = torch.Generator().manual_seed(seed)
-    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64) * scale  # noqa: E731
+    rnd = lambda *s, scale=1.0: torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE) * scale  # noqa: E731
     q = pk.nf4.quantize(rnd(O, I, scale=I ** -0.5).to(dtype), blocksize)
     adt = torch.float32 if dtype != torch.float32 else dtype  # PEFT's fp32 adapters over a half base
     x_shape = (*lead, I) if lead else (N, I)
@@ -136,14 +136,14 @@ def test_bad_input():
     with pytest.raises(TypeError, match="weight must be an NF4Tensor"):
         pk.qlora_linear(x, q.dequantize(), None, A, B, 1.0)
     with pytest.raises(ValueError, match="x has 63 features"):
-        pk.nf4_linear(torch.randn(3, 63), q)
+        pk.nf4_linear(torch.randn(3, 63, device=DEVICE), q)
     with pytest.raises(TypeError, match="float64"):
         pk.nf4_linear(x.double(), q)
     with pytest.raises(ValueError, match="lora_A must have shape"):
-        pk.qlora_linear(x, q, None, torch.randn(4, 65), B, 1.0)
+        pk.qlora_linear(x, q, None, torch.randn(4, 65, device=DEVICE), B, 1.0)
     with pytest.raises(ValueError, match="dropout_p"):
         pk.qlora_linear(x, q, None, A, B, 1.0, dropout_p=1.0, training=True)
     with pytest.raises(ValueError, match="bias must have shape"):
-        pk.nf4_linear(x, q, torch.randn(5))
+        pk.nf4_linear(x, q, torch.randn(5, device=DEVICE))
     with pytest.raises(ValueError, match="2-D"):
-        pk.nf4_linear(x, pk.nf4.quantize(torch.randn(2, 29, 64)))
+        pk.nf4_linear(x, pk.nf4.quantize(torch.randn(2, 29, 64, device=DEVICE)))
