@@ -11,7 +11,7 @@ import peftkern as pk
 from peftkern.ops.nf4 import torch_impl
 from peftkern.ops.nf4.reference import (blockwise8_quantize_reference, nf4_dequantize_reference,
                                         nf4_quantize_reference)
-from tests._helpers import backends, poison_, shape_id, torch_variant_or_backend
+from tests._helpers import DEVICE, backends, poison_, shape_id, torch_variant_or_backend
 
 # the torch backend runs the csrc/cpu kernels on a CPU when built; "torch-pure" switches them off
 IMPLS = [*backends(), "torch-pure"]
@@ -22,7 +22,7 @@ SHAPES = [(64, 64), (37, 29), (1, 33), (130,), (5, 1000), (3, 7, 11), (1,)]
 
 def _weight(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g) * 3).to(dtype)
+    return (torch.randn(shape, generator=g) * 3).to(DEVICE, dtype)
 
 
 @pytest.fixture
@@ -67,13 +67,14 @@ def test_quantize_matches_bitsandbytes(shape, blocksize, dtype, backend, impl):
     assert torch.equal(q.offset, qs.offset) and torch.equal(q.absmax2, qs.state2.absmax)
     # the nested 8-bit codes follow the CUDA rule (exact nearest, ties to even); bitsandbytes' CPU build uses an
     # approximate table, so they are checked against the reference instead
-    q8, absmax2 = blockwise8_quantize_reference(_plain_absmax(w, blocksize) - q.offset, torch_impl.dynamic_code())
-    assert torch.equal(q.qabsmax, q8) and torch.equal(q.absmax2, absmax2)
+    q8, absmax2 = blockwise8_quantize_reference(_plain_absmax(w, blocksize) - q.offset.cpu(), torch_impl.dynamic_code())
+    assert torch.equal(q.qabsmax.cpu(), q8) and torch.equal(q.absmax2.cpu(), absmax2)
     assert torch.equal(plain.absmax, bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")[1].absmax)
 
 
 def _plain_absmax(w, blocksize):
-    return nf4_quantize_reference(w, torch_impl.nf4_code(), blocksize)[1]
+    """The reference's absmax of w (a CPU tensor: the reference runs element by element on the host)."""
+    return nf4_quantize_reference(w.cpu(), torch_impl.nf4_code(), blocksize)[1]
 
 
 @pytest.mark.parametrize("backend", IMPLS)
@@ -96,10 +97,11 @@ def test_dequantize_bitsandbytes_state_bit_for_bit(shape, blocksize, dtype, doub
 def test_matches_reference(shape, blocksize, backend, impl):
     w = _weight(shape, torch.bfloat16, seed=2)
     code = torch_impl.nf4_code()
-    packed, absmax = nf4_quantize_reference(w, code, blocksize)
+    packed, absmax = nf4_quantize_reference(w.cpu(), code, blocksize)
     q = pk.nf4.quantize(w, blocksize, double_quant=False)
-    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, absmax)
-    assert torch.equal(q.dequantize(), nf4_dequantize_reference(packed, absmax, code, blocksize, w.shape, w.dtype))
+    assert torch.equal(q.packed.cpu(), packed) and torch.equal(q.absmax.cpu(), absmax)
+    assert torch.equal(q.dequantize().cpu(),
+                       nf4_dequantize_reference(packed, absmax, code, blocksize, w.shape, w.dtype))
 
 
 @pytest.mark.parametrize("backend", IMPLS)
@@ -107,7 +109,7 @@ def test_ties_go_to_the_lower_nf4_code_and_zero_blocks_to_zero(backend, impl):
     code = torch_impl.nf4_code()
     mids = (code[:-1] + code[1:]) / 2
     w = torch.cat([mids, torch.ones(1), torch.zeros(64 - 16)])  # absmax 1: s = the midpoints themselves
-    q = pk.nf4.quantize(torch.cat([w, torch.zeros(64)]), 64, double_quant=False)
+    q = pk.nf4.quantize(torch.cat([w, torch.zeros(64)]).to(DEVICE), 64, double_quant=False)
     codes = torch.stack([q.packed.view(-1) >> 4, q.packed.view(-1) & 0xF], 1).view(-1)
     assert codes[:15].tolist() == list(range(15))  # a midpoint k gets code k, not k + 1
     assert (codes[64:] == 7).all() and q.absmax[1] == 0  # an all-zero block decodes to zeros
@@ -124,12 +126,12 @@ def test_nested_ties_go_to_the_even_index(backend):
     # offset = mean = 0 exactly and absmax2 = 1, so the scaled values are the midpoints themselves
     absmax = torch.cat([m, -m, torch.tensor([1.0, -1.0])])
     with pk.use_backend(backend):
-        _, impl = pk.backend.resolve("nf4_quantize_absmax", absmax.device)
-        q, absmax2, offset = impl(absmax, code8)
+        _, impl = pk.backend.resolve("nf4_quantize_absmax", torch.device(DEVICE))
+        q, absmax2, offset = impl(absmax.to(DEVICE), code8.to(DEVICE))
     assert offset == 0 and absmax2.tolist() == [1.0]
     even = [k + (k % 2) for k in ties[:8]]
     assert q[:8].tolist() == even
-    assert torch.equal(q, blockwise8_quantize_reference(absmax - offset, code8)[0])
+    assert torch.equal(q.cpu(), blockwise8_quantize_reference(absmax - offset.cpu(), code8)[0])
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["single", "double"])
@@ -146,14 +148,14 @@ def test_to_bnb_from_bnb_lossless(double_quant):
         assert (a is None and b is None) or torch.equal(a, b), name
     # through bitsandbytes' own serialisation (the transformers checkpoint format)
     sd = qs.as_dict(packed=True)
-    qs2 = bnbF.QuantState.from_dict({k: v.clone() if torch.is_tensor(v) else v for k, v in sd.items()}, "cpu")
+    qs2 = bnbF.QuantState.from_dict({k: v.clone() if torch.is_tensor(v) else v for k, v in sd.items()}, DEVICE)
     assert torch.equal(pk.nf4.NF4Tensor.from_bnb(packed, qs2).dequantize(), q.dequantize())
 
 
 def test_storage_bits_per_parameter():
-    q = pk.nf4.quantize(torch.randn(1024, 1024), 64, double_quant=True)
-    assert q.bits_per_parameter() <= 4 + 8 / 64 + 32 / (64 * 256) + 1e-3
-    assert pk.nf4.quantize(torch.randn(1024, 1024), 64, double_quant=False).bits_per_parameter() == 4.5
+    w = torch.randn(1024, 1024, device=DEVICE)
+    assert pk.nf4.quantize(w, 64, double_quant=True).bits_per_parameter() <= 4 + 8 / 64 + 32 / (64 * 256) + 1e-3
+    assert pk.nf4.quantize(w, 64, double_quant=False).bits_per_parameter() == 4.5
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy on NaN/Inf, in the interpreter
@@ -194,26 +196,27 @@ def test_triton_launchers_write_every_output(double_quant):
     w = _weight((37, 29), torch.bfloat16, seed=4)
     ref = pk.nf4.quantize(w, 32, double_quant)
     packed = poison_(torch.empty_like(ref.packed))
-    absmax = poison_(torch.empty(ref.packed.numel() * 2 // 32 + 1))
-    triton_impl.quantize_absmax_blocks(w, 32, torch_impl.nf4_code(), out=packed, out_absmax=absmax)
-    assert torch.equal(packed, ref.packed) and torch.equal(absmax, _plain_absmax(w, 32))
-    out = poison_(torch.empty(37, 29, dtype=torch.bfloat16))
+    absmax = poison_(w.new_empty(ref.packed.numel() * 2 // 32 + 1, dtype=torch.float32))
+    triton_impl.quantize_absmax_blocks(w, 32, ref.code, out=packed, out_absmax=absmax)
+    assert torch.equal(packed, ref.packed) and torch.equal(absmax.cpu(), _plain_absmax(w, 32))
+    out = poison_(w.new_empty(37, 29))
     triton_impl.dequantize_into(ref, torch.bfloat16, out=out)
     with pk.use_backend("torch"):
         assert torch.equal(out, ref.dequantize())
     for rows in (2, 19):  # the GEMV and the tiled matmul
-        x = torch.randn(rows, 29, dtype=torch.bfloat16)
-        y = poison_(torch.empty(rows, 37, dtype=torch.bfloat16))
+        x = torch.randn(rows, 29, dtype=torch.bfloat16, device=DEVICE)
+        y = poison_(x.new_empty(rows, 37))
         args = (ref.packed, ref.block_absmax(), ref.code, 32, [37, 29], torch.bfloat16)
         triton_impl.matmul(x, *args, True, None, out=y)
         assert torch.isfinite(y).all()
-        dx = poison_(torch.empty(rows, 29, dtype=torch.bfloat16))
+        dx = poison_(x.new_empty(rows, 29))
         triton_impl.matmul(y, *args, False, None, out=dx)
         assert torch.isfinite(dx).all()
         # QLoRA's epilogue: + 0.5 (h e) B^T
-        h, B, e = torch.randn(rows, 4), torch.randn(37, 4), torch.rand(4) + 0.5
+        h, B, e = (torch.randn(rows, 4, device=DEVICE), torch.randn(37, 4, device=DEVICE),
+                   torch.rand(4, device=DEVICE) + 0.5)
         term = triton_impl.LoRATerm(h, e, B, B.stride(1), B.stride(0), 0.5, torch.float32)
-        yl = poison_(torch.empty(rows, 37, dtype=torch.bfloat16))
+        yl = poison_(x.new_empty(rows, 37))
         triton_impl.matmul(x, *args, True, None, term, out=yl)
         expected = x.float() @ ref.dequantize().float().t() + 0.5 * (h * e) @ B.t()
         assert (yl.float() - expected).abs().max() <= 0.02 * expected.abs().max()
