@@ -7,7 +7,7 @@ import torch
 
 import peftkern as pk
 from peftkern.ops.adapter.reference import bottleneck_adapter_reference
-from tests._helpers import assert_close, backends
+from tests._helpers import DEVICE, assert_close, backends
 
 
 def _randomized(adapter):
@@ -15,13 +15,13 @@ def _randomized(adapter):
     with torch.no_grad():
         for p in adapter.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return adapter
+    return adapter.to(DEVICE)
 
 
 def test_fresh_adapter_is_the_identity_and_residual_free_adds_nothing():
-    h = torch.randn(3, 5, 32)
-    assert torch.equal(pk.nn.BottleneckAdapter(32, 4)(h), h)
-    assert torch.equal(pk.nn.BottleneckAdapter(32, 4, residual=False)(h), torch.zeros_like(h))
+    h = torch.randn(3, 5, 32, device=DEVICE)
+    assert torch.equal(pk.nn.BottleneckAdapter(32, 4, device=DEVICE)(h), h)
+    assert torch.equal(pk.nn.BottleneckAdapter(32, 4, residual=False, device=DEVICE)(h), torch.zeros_like(h))
     assert pk.nn.BottleneckAdapter(32, 4).bottleneck_size == 8
 
 
@@ -32,7 +32,7 @@ def test_fresh_adapter_is_the_identity_and_residual_free_adds_nothing():
 def test_options_match_the_math(backend, layer_norm, gated, residual):
     a = _randomized(pk.nn.BottleneckAdapter(24, 3, "silu", layer_norm=layer_norm, gated=gated, residual=residual,
                                             scale=0.5))
-    h = torch.randn(2, 7, 24, requires_grad=True)
+    h = torch.randn(2, 7, 24, device=DEVICE, requires_grad=True)
     with pk.use_backend(backend):
         y = a(h)
     d = a.double()
@@ -47,7 +47,7 @@ def test_options_match_the_math(backend, layer_norm, gated, residual):
 
 def test_fp32_adapter_over_bf16_activations():
     a = _randomized(pk.nn.BottleneckAdapter(16, 2, "gelu"))
-    h = torch.randn(4, 16, dtype=torch.bfloat16)
+    h = torch.randn(4, 16, dtype=torch.bfloat16, device=DEVICE)
     y = a(h)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, a(h.float()).to(torch.bfloat16), rtol=0, atol=0)
@@ -55,7 +55,7 @@ def test_fp32_adapter_over_bf16_activations():
 
 def test_torch_compile_fullgraph():
     a = _randomized(pk.nn.BottleneckAdapter(16, 4, "relu", gated=True))
-    h = torch.randn(3, 16)
+    h = torch.randn(3, 16, device=DEVICE)
     torch.testing.assert_close(torch.compile(a, fullgraph=True, backend="aot_eager")(h), a(h), rtol=0, atol=0)
 
 

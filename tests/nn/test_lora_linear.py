@@ -10,7 +10,7 @@ import peft
 
 import peftkern as pk
 from peftkern.ops.lora.reference import dora_linear_reference, dora_weight_norm_reference, lora_linear_reference
-from tests._helpers import assert_close, backends, shape_id
+from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, shape_id
 
 
 class _Holder(nn.Module):
@@ -25,14 +25,14 @@ class _Holder(nn.Module):
 def _pair(in_f, out_f, r, alpha, *, dtype=torch.float32, use_rslora=False, use_dora=False, bias=True, seed=0):
     """A PEFT LoRA layer and our LoRALinear holding the same (random, nonzero-B) weights."""
     torch.manual_seed(seed)
-    base = nn.Linear(in_f, out_f, bias=bias).to(dtype)
+    base = nn.Linear(in_f, out_f, bias=bias).to(DEVICE, dtype)
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], use_rslora=use_rslora, use_dora=use_dora)
     pm = peft.get_peft_model(_Holder(copy.deepcopy(base)), cfg)
     layer = pm.base_model.model.lin
     with torch.no_grad():
         layer.lora_B["default"].weight.normal_(0, 0.1)
         if use_dora:
-            layer.lora_magnitude_vector["default"].weight.mul_(1.0 + 0.1 * torch.rand(out_f))
+            layer.lora_magnitude_vector["default"].weight.mul_(1.0 + 0.1 * torch.rand(out_f, device=DEVICE))
     ours = pk.nn.LoRALinear.from_linear(copy.deepcopy(base), r=r, lora_alpha=alpha, use_rslora=use_rslora,
                                         use_dora=use_dora)
     with torch.no_grad():
@@ -68,8 +68,8 @@ def test_matches_peft_fp32(backend, variant, dims):
     dora = variant == "dora"
     pm, layer, ours = _pair(in_f, out_f, r, 2 * r + 1, use_rslora=variant == "rslora", use_dora=dora)
     assert ours.scaling == pytest.approx(layer.scaling["default"])
-    x = torch.randn(b, s, in_f)
-    g = torch.randn(b, s, out_f)
+    x = torch.randn(b, s, in_f, device=DEVICE)
+    g = torch.randn(b, s, out_f, device=DEVICE)
     y_p, g_p = _grads(layer, x, g, _peft_params(layer, dora))
     with pk.use_backend(backend):
         y_o, g_o = _grads(ours, x, g, _our_params(ours, dora))
@@ -96,8 +96,8 @@ def test_half_base_fp32_adapters_like_peft(dtype, dora):
     """PEFT keeps adapters in fp32 over a half base; ours too, with at most 2x PEFT's error vs fp64."""
     pm, layer, ours = _pair(64, 48, 8, 16, dtype=dtype, use_dora=dora)
     assert ours.lora_A.dtype == torch.float32 and layer.lora_A["default"].weight.dtype == torch.float32
-    x = torch.randn(3, 11, 64).to(dtype)
-    g = torch.randn(3, 11, 48).to(dtype)
+    x = torch.randn(3, 11, 64).to(DEVICE, dtype)
+    g = torch.randn(3, 11, 48).to(DEVICE, dtype)
     y_p, g_p = _grads(layer, x, g, _peft_params(layer, dora))
     y_o, g_o = _grads(ours, x, g, _our_params(ours, dora))
     assert y_o.dtype == dtype and g_o[0].dtype == dtype and g_o[1].dtype == torch.float32
@@ -119,7 +119,7 @@ def test_half_base_fp32_adapters_like_peft(dtype, dora):
 
 def test_init_like_peft():
     torch.manual_seed(0)
-    lin = nn.Linear(128, 64)
+    lin = nn.Linear(128, 64, device=DEVICE)
     m = pk.nn.LoRALinear.from_linear(lin, r=16, lora_alpha=32)
     assert m.weight is lin.weight and not m.weight.requires_grad and not m.bias.requires_grad
     assert m.lora_A.shape == (16, 128) and m.lora_B.shape == (64, 16)
@@ -128,7 +128,7 @@ def test_init_like_peft():
     assert m.lora_A.abs().max() <= bound and m.lora_A.abs().max() > 0.9 * bound
     assert m.scaling == 2.0
     assert pk.nn.LoRALinear.from_linear(lin, r=16, lora_alpha=32, use_rslora=True).scaling == 8.0
-    x = torch.randn(4, 128)
+    x = torch.randn(4, 128, device=DEVICE)
     assert torch.equal(m(x), lin(x))  # B = 0: the adapter starts as the identity
     d = pk.nn.LoRALinear(128, 64, r=4, use_dora=True)
     assert torch.allclose(d.lora_magnitude, d.weight.norm(dim=1))
@@ -138,13 +138,13 @@ def test_init_like_peft():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_merge_unmerge(variant, dtype):
     torch.manual_seed(1)
-    m = pk.nn.LoRALinear(37, 29, r=4, lora_alpha=8, use_dora=variant == "dora", dtype=dtype)
+    m = pk.nn.LoRALinear(37, 29, r=4, lora_alpha=8, use_dora=variant == "dora", device=DEVICE, dtype=dtype)
     if variant == "rank_scale":
         m.enable_rank_scale()
         torch.nn.init.normal_(m.rank_scale)
     torch.nn.init.normal_(m.lora_B, std=0.2)
     w0 = m.weight.detach().clone()
-    x = torch.randn(5, 37, dtype=dtype)
+    x = torch.randn(5, 37, dtype=dtype, device=DEVICE)
     y = m(x)
     m.merge()
     assert m.merged
@@ -159,9 +159,9 @@ def test_merge_unmerge(variant, dtype):
 
 def test_eval_disables_dropout_and_seed_reproduces():
     torch.manual_seed(0)
-    m = pk.nn.LoRALinear(32, 16, r=4, lora_dropout=0.5)
+    m = pk.nn.LoRALinear(32, 16, r=4, lora_dropout=0.5, device=DEVICE)
     torch.nn.init.normal_(m.lora_B)
-    x = torch.randn(6, 32)
+    x = torch.randn(6, 32, device=DEVICE)
     m.eval()
     y_eval = m(x)
     ref = lora_linear_reference(x.double(), m.weight.double(), m.bias.double(), m.lora_A.double(),
@@ -180,17 +180,22 @@ def test_eval_disables_dropout_and_seed_reproduces():
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "rank_scale"])
 def test_torch_compile_fullgraph(variant):
+    """Compiled and eager: outputs and eval-mode gradients both within 2x eager's error against the module in fp64
+    (inductor may round the norms and sums around our op differently); training-mode gradients reach every adapter
+    parameter."""
     torch.manual_seed(0)
-    m = pk.nn.LoRALinear(48, 40, r=8, lora_alpha=16, use_dora=variant == "dora", lora_dropout=0.1)
+    m = pk.nn.LoRALinear(48, 40, r=8, lora_alpha=16, use_dora=variant == "dora", lora_dropout=0.1, device=DEVICE)
     if variant == "rank_scale":
         m.enable_rank_scale(1.0)
     torch.nn.init.normal_(m.lora_B, std=0.1)
-    x = torch.randn(2, 9, 48)
+    x = torch.randn(2, 9, 48, device=DEVICE)
     m.eval()
+    m64 = copy.deepcopy(m).double()
     compiled = torch.compile(m, fullgraph=True)
     y_eager = m(x)
     y_comp = compiled(x)
-    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
+    y64 = m64(x.double())
+    assert_within_eager(y_comp, y64.detach(), y_eager, name="y")
     # gradients through the compiled graph (training mode, dropout on) are finite and reach every adapter param
     m.train()
     torch._dynamo.reset()
@@ -199,7 +204,7 @@ def test_torch_compile_fullgraph(variant):
     compiled(xg).square().sum().backward()
     params = [p for p in m.parameters() if p.requires_grad]
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
-    # eval-mode gradients are the same compiled and eager
+    # eval-mode gradients, compiled and eager
     m.eval()
     for p in params:
         p.grad = None
@@ -209,12 +214,13 @@ def test_torch_compile_fullgraph(variant):
         p.grad = None
     torch._dynamo.reset()
     torch.compile(m, fullgraph=True)(xg).square().sum().backward()
-    for p, ge in zip(params, eager_grads):
-        torch.testing.assert_close(p.grad, ge, rtol=1e-5, atol=1e-6)
+    y64.square().sum().backward()
+    params64 = [p for p in m64.parameters() if p.requires_grad]
+    for i, (p, p64, ge) in enumerate(zip(params, params64, eager_grads)):
+        assert_within_eager(p.grad, p64.grad, ge, name=f"grad {i}")
 
 
 def test_dora_norm_without_materializing():
     torch.manual_seed(0)
-    W, A, B = torch.randn(29, 37, dtype=torch.float64), torch.randn(5, 37, dtype=torch.float64), torch.randn(
-        29, 5, dtype=torch.float64)
+    W, A, B = (torch.randn(*shape, dtype=torch.float64, device=DEVICE) for shape in ((29, 37), (5, 37), (29, 5)))
     torch.testing.assert_close(pk.ops.lora.dora_weight_norm(W, A, B, 0.7), dora_weight_norm_reference(W, A, B, 0.7))

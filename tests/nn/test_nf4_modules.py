@@ -10,12 +10,12 @@ import bitsandbytes as bnb
 import peftkern as pk
 from peftkern.demo import bnb_linear4bit, peft_on_layer
 from peftkern.ops.lora.reference import lora_linear_reference
-from tests._helpers import max_err
+from tests._helpers import DEVICE, max_err
 
 
 def _linear(in_f, out_f, dtype, seed=0):
     torch.manual_seed(seed)
-    return nn.Linear(in_f, out_f).to(dtype)
+    return nn.Linear(in_f, out_f).to(DEVICE, dtype)
 
 
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double", "single"])
@@ -32,15 +32,15 @@ def test_state_dict_is_bitsandbytes_format(dtype, double_quant):
 def test_loads_bitsandbytes_and_bitsandbytes_loads_ours():
     lin = _linear(128, 64, torch.bfloat16)
     q4 = bnb_linear4bit(lin)
-    ours = pk.nn.NF4Linear(128, 64, dtype=torch.bfloat16)
+    ours = pk.nn.NF4Linear(128, 64, device=DEVICE, dtype=torch.bfloat16)
     ours.load_state_dict(q4.state_dict())
     assert torch.equal(ours.dequantized_weight(), pk.nn.NF4Linear.from_bnb(q4).dequantized_weight())
     sd = pk.nn.NF4Linear.from_linear(lin).state_dict()
     stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
-    p4 = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu")
+    p4 = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device=DEVICE)
     assert torch.equal(bnb.functional.dequantize_4bit(p4.data, p4.quant_state), ours.dequantized_weight())
     with pytest.raises(RuntimeError, match="size mismatch"):
-        pk.nn.NF4Linear(64, 128, dtype=torch.bfloat16).load_state_dict(q4.state_dict())
+        pk.nn.NF4Linear(64, 128, device=DEVICE, dtype=torch.bfloat16).load_state_dict(q4.state_dict())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -55,8 +55,8 @@ def test_qlora_matches_peft_bitsandbytes(dtype):
         layer.lora_A["default"].weight.copy_(ours.lora_A)
         layer.lora_B["default"].weight.copy_(ours.lora_B)
     torch.manual_seed(1)
-    x = torch.randn(3, 7, 96, dtype=dtype)
-    g = torch.randn(3, 7, 80, dtype=dtype)
+    x = torch.randn(3, 7, 96, dtype=dtype, device=DEVICE)
+    g = torch.randn(3, 7, 80, dtype=dtype, device=DEVICE)
 
     def grads(module, A, B):
         xx = x.clone().requires_grad_()
@@ -88,12 +88,12 @@ def test_dtypes_as_bitsandbytes(compute_dtype, x_dtype, autocast):
     q4.compute_dtype, q4.compute_type_is_set = compute_dtype, True  # the configured compute dtype, as loaded
     ours = pk.nn.NF4Linear.from_bnb(q4)
     assert ours.compute_dtype == compute_dtype
-    loaded = pk.nn.NF4Linear(96, 80, compute_dtype=compute_dtype)
+    loaded = pk.nn.NF4Linear(96, 80, compute_dtype=compute_dtype, device=DEVICE)
     loaded.load_state_dict(q4.state_dict())
     torch.manual_seed(1)
-    x = torch.randn(3, 5, 96).to(x_dtype)
+    x = torch.randn(3, 5, 96).to(DEVICE, x_dtype)
     ref = x.double() @ ours.dequantized_weight().double().t() + lin.bias.double()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16, enabled=autocast):
         y_bnb = q4(x)
         outs = ours(x), loaded(x)
     for y in outs:
@@ -108,7 +108,7 @@ def test_qlora_training_touches_only_the_adapter_and_merges():
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
     packed = layer.nf4.packed.clone()
     opt = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-2)
-    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    x = torch.randn(8, 64, dtype=torch.bfloat16, device=DEVICE)
     for _ in range(3):
         loss = layer(x).float().square().mean()
         loss.backward()
@@ -126,19 +126,19 @@ def test_torch_compile_fullgraph_same_numbers():
     lin = _linear(64, 48, torch.float32)
     layer = pk.nn.QLoRALinear.from_linear(lin, r=4, lora_alpha=8)
     nn.init.normal_(layer.lora_B, std=0.1)
-    x = torch.randn(5, 64)
+    x = torch.randn(5, 64, device=DEVICE)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
 
 
 def test_to_moves_state_and_ignores_dtype_casts():
-    layer = pk.nn.NF4Linear(64, 32, dtype=torch.bfloat16)
+    layer = pk.nn.NF4Linear(64, 32, device=DEVICE, dtype=torch.bfloat16)
     before = layer.nf4.packed.clone()
     layer.to(torch.float32)
     assert layer.nf4.packed.dtype == torch.uint8 and torch.equal(layer.nf4.packed, before)
     assert layer.nf4.dtype == torch.bfloat16 and layer.quant_storage == torch.uint8
-    unbiased = pk.nn.NF4Linear(64, 32, bias=False, dtype=torch.bfloat16)
-    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    unbiased = pk.nn.NF4Linear(64, 32, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16, device=DEVICE)
     ref = unbiased(x)
     unbiased.half()  # would cast the fp32 scales and tables too: undone
     assert unbiased.quant_absmax2.dtype == torch.float32 and torch.equal(unbiased(x), ref)
@@ -157,14 +157,14 @@ def test_storage_is_a_frozen_parameter_in_quant_storage(quant_storage):
     assert params["weight"].shape[1] == 1 and params["weight"].numel() * params["weight"].element_size() >= 64 * 40 // 2
     assert {n for n, _ in layer.named_buffers()} >= {"quant_qabsmax", "quant_absmax2", "quant_code"}
     ref = pk.nn.NF4Linear.from_linear(lin)
-    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16, device=DEVICE)
     assert torch.equal(layer(x), ref(x))
     sd = layer.state_dict()
     stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
-    p4 = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device="cpu", quant_storage=quant_storage)
+    p4 = bnb.nn.Params4bit.from_prequantized(sd["weight"], stats, device=DEVICE, quant_storage=quant_storage)
     assert p4.data.dtype == quant_storage
     assert torch.equal(bnb.functional.dequantize_4bit(p4.data, p4.quant_state), ref.dequantized_weight())
-    back = pk.nn.NF4Linear(64, 40, dtype=torch.bfloat16, quant_storage=quant_storage)
+    back = pk.nn.NF4Linear(64, 40, device=DEVICE, dtype=torch.bfloat16, quant_storage=quant_storage)
     back.load_state_dict(sd)
     assert torch.equal(back(x), ref(x))
 
@@ -185,8 +185,8 @@ def test_paged_adamw_trains_the_adapter(bits):
     torch.manual_seed(0)
     layer = pk.nn.QLoRALinear.from_linear(_linear(256, 64, torch.float32), r=8, lora_alpha=16)
     opt = pk.optim.paged_adamw([layer.lora_A, layer.lora_B], lr=1e-2, bits=bits)
-    assert type(opt).__name__ == f"AdamW{bits}bit"  # unpaged on a CPU
-    x, target = torch.randn(64, 256), torch.randn(64, 64)
+    assert type(opt).__name__ == f"{'Paged' if DEVICE == 'cuda' else ''}AdamW{bits}bit"  # unpaged on a CPU
+    x, target = torch.randn(64, 256, device=DEVICE), torch.randn(64, 64, device=DEVICE)
     losses = []
     for _ in range(20):
         loss = (layer(x) - target).square().mean()
