@@ -245,8 +245,8 @@ def test_dropout_same_seed_same_output(backend):
     b = run_op(backend, case, dropout_p=0.3, training=True, torch_seed=11)
     c = run_op(backend, case, dropout_p=0.3, training=True, torch_seed=12)
     assert torch.equal(a[0], b[0])
-    for name in a[1]:
-        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-6, atol=1e-6)  # atomics may reorder sums
+    for name in a[1]:  # atomics may reorder the sums: equal to fp32 accuracy of the largest gradient
+        assert_close(a[1][name], b[1][name].double(), name=f"d{name}")
     assert not torch.equal(a[0], c[0]), "another seed gave the same dropout"
 
 
