@@ -3,18 +3,20 @@ import pytest
 import torch
 
 import peftkern as pk
+from tests._helpers import DEVICE, on_device
 
 
 def _args(**over):
     a = dict(x=torch.randn(3, 8), weight=torch.randn(6, 8), bias=torch.randn(6), lora_A=torch.randn(2, 8),
              lora_B=torch.randn(6, 2), scaling=1.0)
     a.update(over)
-    return a
+    return on_device(a)
 
 
 def _call(kw=None, **over):
     a = _args(**over)
-    return pk.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["scaling"], **(kw or {}))
+    return pk.lora_linear(a["x"], a["weight"], a["bias"], a["lora_A"], a["lora_B"], a["scaling"],
+                          **on_device(kw or {}))
 
 
 @pytest.mark.parametrize("over, exc, match", [
@@ -67,6 +69,6 @@ def test_module_arguments():
         pk.nn.LoRALinear(8, 6, r=2, lora_dropout=1.0)
     with pytest.raises(TypeError, match="linear must be a torch.nn.Linear"):
         pk.nn.LoRALinear.from_linear(torch.nn.Conv1d(3, 3, 1))
+    x, w, A, B, magnitude = (torch.randn(*shape, device=DEVICE) for shape in ((3, 8), (6, 8), (2, 8), (6, 2), (5,)))
     with pytest.raises(ValueError, match="magnitude must have shape"):
-        pk.dora_linear(torch.randn(3, 8), torch.randn(6, 8), None, torch.randn(2, 8), torch.randn(6, 2), 1.0,
-                       torch.randn(5))
+        pk.dora_linear(x, w, None, A, B, 1.0, magnitude)
