@@ -4,10 +4,13 @@ Notation (README.md): h [N, D], W_d [M, D], b_d [M], W_u [D, M], b_u [D], z [N, 
 dz [N, M] (fp32 workspace). Tiles: BLOCK_N rows, BLOCK_D features, BLOCK_M the whole bottleneck (a power of two
 >= max(M, 16); columns past M are masked to 0, and act(0) = 0 for every activation here). Accumulation is fp32; dot
 operands are cast to DOT_DTYPE (the tensors' dtype; fp32 for bf16 under the interpreter). PRECISION is tl.dot's
-input_precision for fp32 operands. ACT: 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu, 4 tanh.
+input_precision for fp32 operands. ACT: 0 relu, 1 gelu (erf), 2 gelu_tanh, 3 silu, 4 tanh. Element offsets are
+int64 (``ops/triton_blocks.py``).
 """
 import triton
 import triton.language as tl
+
+from ..triton_blocks import tile_offsets
 
 
 @triton.jit
@@ -57,9 +60,9 @@ def adapter_rows_to_bottleneck(x_ptr, stride_xn, w_ptr, stride_wm, stride_wd, ro
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)  # [BD]
-        x = tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :],
+        x = tl.load(x_ptr + tile_offsets(rows, cols, stride_xn, 1),
                     mask=(rows[:, None] < N) & (cols[None, :] < D), other=0.0)  # [BN, BD]
-        w_t = tl.load(w_ptr + mids[None, :] * stride_wm + cols[:, None] * stride_wd,
+        w_t = tl.load(w_ptr + tile_offsets(cols, mids, stride_wd, stride_wm),
                       mask=(mids[None, :] < M) & (cols[:, None] < D), other=0.0)  # [BD, BM]
         acc = tl.dot(x.to(DOT_DTYPE), w_t.to(DOT_DTYPE), acc, input_precision=PRECISION)
     return acc
@@ -79,11 +82,11 @@ def adapter_fwd_kernel(h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, y_ptr, z_ptr, N, D
         z += tl.load(bd_ptr + mids, mask=mids < M, other=0.0).to(tl.float32)[None, :]
     # z is rounded to its stored dtype first: backward recomputes act from exactly what it reads back
     z = z.to(z_ptr.dtype.element_ty)
-    tl.store(z_ptr + rows[:, None] * M + mids[None, :], z, mask=(rows[:, None] < N) & (mids[None, :] < M))
+    tl.store(z_ptr + tile_offsets(rows, mids, M, 1), z, mask=(rows[:, None] < N) & (mids[None, :] < M))
     a = adapter_act(z.to(tl.float32), ACT).to(DOT_DTYPE)  # [BN, BM], stays in registers
     for d0 in range(0, D, BLOCK_D):
         outs = d0 + tl.arange(0, BLOCK_D)  # [BD]
-        wu_t = tl.load(wu_ptr + outs[None, :] * M + mids[:, None],
+        wu_t = tl.load(wu_ptr + tile_offsets(mids, outs, 1, M),
                        mask=(outs[None, :] < D) & (mids[:, None] < M), other=0.0)  # [BM, BD] = W_u^T tile
         acc = tl.dot(a, wu_t.to(DOT_DTYPE), input_precision=PRECISION)  # [BN, BD]
         if HAS_BU:
@@ -91,8 +94,8 @@ def adapter_fwd_kernel(h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, y_ptr, z_ptr, N, D
         acc = acc * scale
         mask = (rows[:, None] < N) & (outs[None, :] < D)
         if RESIDUAL:
-            acc += tl.load(h_ptr + rows[:, None] * stride_hn + outs[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows[:, None] * D + outs[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(h_ptr + tile_offsets(rows, outs, stride_hn, 1), mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + tile_offsets(rows, outs, D, 1), acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -107,20 +110,20 @@ def adapter_bwd_dz_dh_kernel(g_ptr, z_ptr, wd_ptr, wu_ptr, dz_ptr, dh_ptr, N, D,
     da = adapter_rows_to_bottleneck(g_ptr, D, wu_ptr, 1, M, rows, mids, N, D, M, DOT_DTYPE, PRECISION,
                                     BLOCK_N, BLOCK_D, BLOCK_M)  # [BN, BM]
     zmask = (rows[:, None] < N) & (mids[None, :] < M)
-    z = tl.load(z_ptr + rows[:, None] * M + mids[None, :], mask=zmask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + tile_offsets(rows, mids, M, 1), mask=zmask, other=0.0).to(tl.float32)
     dz = da * scale * adapter_act_grad(z, ACT)
     dz = tl.where(zmask, dz, 0.0)  # act'(0) is not 0 for every activation: padding must not leak into dh
-    tl.store(dz_ptr + rows[:, None] * M + mids[None, :], dz, mask=zmask)
+    tl.store(dz_ptr + tile_offsets(rows, mids, M, 1), dz, mask=zmask)
     dz = dz.to(DOT_DTYPE)
     for d0 in range(0, D, BLOCK_D):
         outs = d0 + tl.arange(0, BLOCK_D)  # [BD]
-        wd = tl.load(wd_ptr + mids[:, None] * D + outs[None, :],
+        wd = tl.load(wd_ptr + tile_offsets(mids, outs, D, 1),
                      mask=(mids[:, None] < M) & (outs[None, :] < D), other=0.0)  # [BM, BD]
         acc = tl.dot(dz, wd.to(DOT_DTYPE), input_precision=PRECISION)  # [BN, BD]
         mask = (rows[:, None] < N) & (outs[None, :] < D)
         if RESIDUAL:
-            acc += tl.load(g_ptr + rows[:, None] * D + outs[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dh_ptr + rows[:, None] * D + outs[None, :], acc.to(dh_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(g_ptr + tile_offsets(rows, outs, D, 1), mask=mask, other=0.0).to(tl.float32)
+        tl.store(dh_ptr + tile_offsets(rows, outs, D, 1), acc.to(dh_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -138,9 +141,9 @@ def adapter_bwd_weight_kernel(x_ptr, y_ptr, out_ptr, sum_ptr, N, D, M, stride_xn
     sy = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)  # [BN]
-        x_t = tl.load(x_ptr + rows[None, :] * stride_xn + cols[:, None],
+        x_t = tl.load(x_ptr + tile_offsets(cols, rows, 1, stride_xn),
                       mask=(rows[None, :] < N) & (cols[:, None] < D), other=0.0)  # [BD, BN] = X^T tile
-        y = tl.load(y_ptr + rows[:, None] * M + mids[None, :],
+        y = tl.load(y_ptr + tile_offsets(rows, mids, M, 1),
                     mask=(rows[:, None] < N) & (mids[None, :] < M), other=0.0).to(tl.float32)  # [BN, BM]
         if APPLY_ACT:
             y = adapter_act(y, ACT)
@@ -149,7 +152,7 @@ def adapter_bwd_weight_kernel(x_ptr, y_ptr, out_ptr, sum_ptr, N, D, M, stride_xn
             sx += tl.sum(x_t.to(tl.float32), axis=1)
         if SUM_Y:
             sy += tl.sum(y, axis=0)
-    tl.store(out_ptr + cols[:, None] * stride_od + mids[None, :] * stride_om,
+    tl.store(out_ptr + tile_offsets(cols, mids, stride_od, stride_om),
              (acc * alpha).to(out_ptr.dtype.element_ty), mask=(cols[:, None] < D) & (mids[None, :] < M))
     if SUM_X:
         tl.store(sum_ptr + cols, (sx * alpha).to(sum_ptr.dtype.element_ty), mask=cols < D)

@@ -8,8 +8,6 @@ compilation (``peftkern._aot``).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -21,8 +19,6 @@ from ..triton_launch import (TL_DTYPES, dot_dtype, launch_opts, out_buffer, prec
 from . import torch_impl
 from .triton_kernels import (lora_bwd_dA_kernel, lora_bwd_dB_dh_kernel, lora_bwd_dx_kernel,
                              lora_dropout_mask_kernel, lora_fwd_kernel, lora_shrink_kernel)
-
-_INT32_LIMIT = 2**31
 
 # GPU defaults, chosen spill-free on sm_80 and sm_90 (peftkern._aot). Base GEMMs: 128x128x32 tiles, 8 warps,
 # 3 stages (Triton's matmul tutorial config) with the LoRA epilogue; with dropout the dgrad epilogue also holds
@@ -69,19 +65,6 @@ def _torch_fallback(op: str, x: torch.Tensor, lora_A: torch.Tensor):
     if torch.float64 in (x.dtype, lora_A.dtype):
         return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
     return None
-
-
-def _check_int32(**operands) -> None:
-    """The kernels index with int32: every element offset must stay below 2**31 (a tensor's strides count;
-    a shape stands for a contiguous output)."""
-    for name, t in operands.items():
-        if isinstance(t, torch.Tensor):
-            span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()))
-        else:
-            span = math.prod(t)
-        if span >= _INT32_LIMIT:
-            raise ValueError(f"{name} spans {span} elements; the Triton LoRA kernels index with int32 "
-                             f"(< 2**31); use the torch backend")
 
 
 def _dropout_args(p: float, seed) -> tuple[int, float, float, bool]:
@@ -224,7 +207,6 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
     impl = _torch_fallback("lora_forward", x, lora_A)
     if impl is not None:
         return impl(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, promote_output)
-    _check_int32(x=x, weight=weight, y=(x.shape[0], weight.shape[0]))
     h = shrink(x, lora_A, dropout_p, seed)
     y = fwd(x, weight, bias, h, rank_scale, lora_B, scaling, out_dtype=h.dtype if promote_output else None)
     return y, h
@@ -237,7 +219,6 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling: flo
     impl = _torch_fallback("lora_backward", x, lora_A)
     if impl is not None:
         return impl(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed, compute_dx)
-    _check_int32(grad_y=grad_y, x=x, weight=weight)
     dh, dB, de = bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling)
     dA = bwd_dA(dh, x, h.dtype, dropout_p, seed)
     dx = bwd_dx(grad_y, weight, dh, lora_A, h.dtype, dropout_p, seed) if compute_dx else None

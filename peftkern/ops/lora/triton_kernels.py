@@ -8,17 +8,19 @@ DOT_DTYPE (the base GEMM: x's dtype) or LORA_DOT_DTYPE (the LoRA path: promote(x
 fp32 there for bf16 under the interpreter, where bf16 tl.dot is wrong. PRECISION is tl.dot's input_precision
 for fp32 operands ("ieee", or "tf32" when torch allows TF32).
 Dropout: keep = tl.rand(seed, row * K + col) >= p on the logical 2-D x, offsets in int64 so no two elements
-share a draw; the 1/(1-p) scale is applied by the caller of lora_keep_mask.
+share a draw; the 1/(1-p) scale is applied by the caller of lora_keep_mask. The kernels taking a seed leave it
+unspecialized (``do_not_specialize``): it changes every call. Element offsets are int64 (``ops/triton_blocks.py``).
 """
 import triton
 import triton.language as tl
+
+from ..triton_blocks import offsets, tile_offsets
 
 
 @triton.jit
 def lora_keep_mask(seed, rows, cols, n_cols, p):
     """Bernoulli(1-p) keep mask [len(rows), len(cols)] of x's elements, regenerated from the seed."""
-    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    return tl.rand(seed, offsets) >= p
+    return tl.rand(seed, tile_offsets(rows, cols, n_cols, 1)) >= p
 
 
 @triton.jit
@@ -42,19 +44,19 @@ def lora_rank_expand(acc, lhs_ptr, scale_ptr, rhs_ptr, rows, cols, M, N, R, stri
     rhs [R, N] strided."""
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
-        lhs = tl.load(lhs_ptr + rows[:, None] * stride_lhs + ranks[None, :],
+        lhs = tl.load(lhs_ptr + tile_offsets(rows, ranks, stride_lhs, 1),
                       mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0).to(tl.float32)  # [BM, BR]
         if HAS_SCALE:
             lhs = lhs * tl.load(scale_ptr + ranks, mask=ranks < R, other=0.0).to(tl.float32)[None, :]
         # alpha is folded into the small [BM, BR] tile rather than the [BM, BN] product
         lhs = (lhs * alpha).to(LORA_DOT_DTYPE)
-        rhs = tl.load(rhs_ptr + ranks[:, None] * stride_rhs_r + cols[None, :] * stride_rhs_c,
+        rhs = tl.load(rhs_ptr + tile_offsets(ranks, cols, stride_rhs_r, stride_rhs_c),
                       mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0)  # [BR, BN]
         acc = tl.dot(lhs, rhs.to(LORA_DOT_DTYPE), acc, input_precision=PRECISION)
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def lora_shrink_kernel(x_ptr, a_ptr, h_ptr, N, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
                        seed, p, keep_scale,
                        DROPOUT: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -65,17 +67,17 @@ def lora_shrink_kernel(x_ptr, a_ptr, h_ptr, N, K, R, stride_xm, stride_xk, strid
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)  # [BK]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        x = tl.load(x_ptr + tile_offsets(rows, cols, stride_xm, stride_xk),
                     mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # [BM, BK]
         if DROPOUT:
             x = tl.where(lora_keep_mask(seed, rows, cols, K, p), x, 0.0)
-        a_t = tl.load(a_ptr + ranks[None, :] * stride_ar + cols[:, None] * stride_ak,
+        a_t = tl.load(a_ptr + tile_offsets(cols, ranks, stride_ak, stride_ar),
                       mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)  # [BK, BR] = A^T tile
         acc = tl.dot(x.to(LORA_DOT_DTYPE), a_t.to(LORA_DOT_DTYPE), acc, input_precision=PRECISION)
     if DROPOUT:
         # the 1/(1-p) scale is uniform, so it is applied once to the sum instead of to every x element
         acc = acc * keep_scale
-    tl.store(h_ptr + rows[:, None] * R + ranks[None, :], acc.to(h_ptr.dtype.element_ty),
+    tl.store(h_ptr + tile_offsets(rows, ranks, R, 1), acc.to(h_ptr.dtype.element_ty),
              mask=(rows[:, None] < N) & (ranks[None, :] < R))
 
 
@@ -92,9 +94,9 @@ def lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, b_ptr, y_ptr, N, K, O,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)  # [BK]
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        x = tl.load(x_ptr + tile_offsets(rows, cols, stride_xm, stride_xk),
                     mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # [BM, BK]
-        w_t = tl.load(w_ptr + outs[None, :] * stride_wo + cols[:, None] * stride_wk,
+        w_t = tl.load(w_ptr + tile_offsets(cols, outs, stride_wk, stride_wo),
                       mask=(outs[None, :] < O) & (cols[:, None] < K), other=0.0)  # [BK, BN] = W^T tile
         acc = tl.dot(x.to(DOT_DTYPE), w_t.to(DOT_DTYPE), acc, input_precision=PRECISION)
     # B^T [R, O] is B read with swapped strides
@@ -103,7 +105,7 @@ def lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, b_ptr, y_ptr, N, K, O,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + outs, mask=outs < O, other=0.0).to(tl.float32)[None, :]
     # base, bias and LoRA sum in fp32 and round once to y's dtype
-    tl.store(y_ptr + rows[:, None] * O + outs[None, :], acc.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + tile_offsets(rows, outs, O, 1), acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < N) & (outs[None, :] < O))
 
 
@@ -121,29 +123,32 @@ def lora_bwd_dB_dh_kernel(g_ptr, b_ptr, h_ptr, e_ptr, dh_ptr, db_ptr, de_ptr, N,
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
     row_ok = rows < N
     rank_ok = ranks < R
-    h = tl.load(h_ptr + rows[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :],
+    h = tl.load(h_ptr + tile_offsets(rows, ranks, R, 1), mask=row_ok[:, None] & rank_ok[None, :],
                 other=0.0).to(tl.float32)  # [BM, BR]
     e = tl.load(e_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32) if HAS_RANK_SCALE else 1.0  # [BR]
     he = (h * e).to(LORA_DOT_DTYPE)
     dhe = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    # the g and B tiles at o0 = 0, moved by a scalar each step: 64-bit tile offsets rebuilt every step spill
+    g_tile = g_ptr + tile_offsets(rows, tl.arange(0, BLOCK_N), stride_gm, stride_go)  # [BM, BN]
+    b_tile = b_ptr + tile_offsets(tl.arange(0, BLOCK_N), ranks, stride_bo, stride_br)  # [BN, BR]
     for o0 in range(0, O, BLOCK_N):
         outs = o0 + tl.arange(0, BLOCK_N)  # [BN]
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + outs[None, :] * stride_go,
-                    mask=row_ok[:, None] & (outs[None, :] < O), other=0.0).to(LORA_DOT_DTYPE)  # [BM, BN]
-        b = tl.load(b_ptr + outs[:, None] * stride_bo + ranks[None, :] * stride_br,
-                    mask=(outs[:, None] < O) & rank_ok[None, :], other=0.0)  # [BN, BR]
+        g = tl.load(g_tile + offsets(o0, stride_go), mask=row_ok[:, None] & (outs[None, :] < O),
+                    other=0.0).to(LORA_DOT_DTYPE)  # [BM, BN]
+        b = tl.load(b_tile + offsets(o0, stride_bo), mask=(outs[:, None] < O) & rank_ok[None, :],
+                    other=0.0)  # [BN, BR]
         dhe = tl.dot(g, b.to(LORA_DOT_DTYPE), dhe, input_precision=PRECISION)
         db = tl.dot(tl.trans(g), he, input_precision=PRECISION)  # [BN, BR] partial over this row block
         # fp32 atomics: no [row blocks, O, R] split workspace; the summation order (last bits) may vary by run
-        tl.atomic_add(db_ptr + outs[:, None] * R + ranks[None, :], db * scaling,
+        tl.atomic_add(db_ptr + tile_offsets(outs, ranks, R, 1), db * scaling,
                       mask=(outs[:, None] < O) & rank_ok[None, :], sem="relaxed")
     dhe = dhe * scaling
     if HAS_RANK_SCALE:
         tl.atomic_add(de_ptr + ranks, tl.sum(dhe * h, axis=0), mask=rank_ok, sem="relaxed")
-    tl.store(dh_ptr + rows[:, None] * stride_dh + ranks[None, :], dhe * e, mask=row_ok[:, None] & rank_ok[None, :])
+    tl.store(dh_ptr + tile_offsets(rows, ranks, stride_dh, 1), dhe * e, mask=row_ok[:, None] & rank_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def lora_bwd_dA_kernel(dh_ptr, x_ptr, da_ptr, N, K, R, stride_dh, stride_xm, stride_xk, rows_per_split, seed, p,
                        keep_scale,
                        DROPOUT: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
@@ -159,9 +164,9 @@ def lora_bwd_dA_kernel(dh_ptr, x_ptr, da_ptr, N, K, R, stride_dh, stride_xm, str
     acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)  # [BM]
-        dh_t = tl.load(dh_ptr + rows[None, :] * stride_dh + ranks[:, None],
+        dh_t = tl.load(dh_ptr + tile_offsets(ranks, rows, 1, stride_dh),
                        mask=(rows[None, :] < row_end) & (ranks[:, None] < R), other=0.0)  # [BR, BM] = dh^T tile
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+        x = tl.load(x_ptr + tile_offsets(rows, cols, stride_xm, stride_xk),
                     mask=(rows[:, None] < row_end) & (cols[None, :] < K), other=0.0)  # [BM, BK]
         if DROPOUT:
             x = tl.where(lora_keep_mask(seed, rows, cols, K, p), x, 0.0)
@@ -169,11 +174,11 @@ def lora_bwd_dA_kernel(dh_ptr, x_ptr, da_ptr, N, K, R, stride_dh, stride_xm, str
     if DROPOUT:
         acc = acc * keep_scale
     # fp32 atomics over the row splits: splits fill the GPU when K / BLOCK_K alone gives too few programs
-    tl.atomic_add(da_ptr + ranks[:, None] * K + cols[None, :], acc,
+    tl.atomic_add(da_ptr + tile_offsets(ranks, cols, K, 1), acc,
                   mask=(ranks[:, None] < R) & (cols[None, :] < K), sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def lora_bwd_dx_kernel(g_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr, N, K, O, R,
                        stride_gm, stride_go, stride_wo, stride_wk, stride_dh, stride_ar, stride_ak, seed, p, keep_scale,
                        DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr,
@@ -186,9 +191,9 @@ def lora_bwd_dx_kernel(g_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr, N, K, O, R,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for o0 in range(0, O, BLOCK_K):
         outs = o0 + tl.arange(0, BLOCK_K)  # [BK]
-        g = tl.load(g_ptr + rows[:, None] * stride_gm + outs[None, :] * stride_go,
+        g = tl.load(g_ptr + tile_offsets(rows, outs, stride_gm, stride_go),
                     mask=(rows[:, None] < N) & (outs[None, :] < O), other=0.0)  # [BM, BK]
-        w = tl.load(w_ptr + outs[:, None] * stride_wo + cols[None, :] * stride_wk,
+        w = tl.load(w_ptr + tile_offsets(outs, cols, stride_wo, stride_wk),
                     mask=(outs[:, None] < O) & (cols[None, :] < K), other=0.0)  # [BK, BN]
         acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if DROPOUT:
@@ -200,14 +205,14 @@ def lora_bwd_dx_kernel(g_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr, N, K, O, R,
     else:
         acc = lora_rank_expand(acc, dh_ptr, dh_ptr, a_ptr, rows, cols, N, K, R, stride_dh, stride_ar, stride_ak, 1.0,
                                False, LORA_DOT_DTYPE, PRECISION, BLOCK_R)
-    tl.store(dx_ptr + rows[:, None] * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
+    tl.store(dx_ptr + tile_offsets(rows, cols, K, 1), acc.to(dx_ptr.dtype.element_ty),
              mask=(rows[:, None] < N) & (cols[None, :] < K))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def lora_dropout_mask_kernel(keep_ptr, N, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """keep[N, K] (bool) = the mask the LoRA kernels draw for x [N, K]; grid (cdiv(N, BM), cdiv(K, BK))."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
-    tl.store(keep_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], lora_keep_mask(seed, rows, cols, K, p),
+    tl.store(keep_ptr + tile_offsets(rows, cols, K, 1), lora_keep_mask(seed, rows, cols, K, p),
              mask=(rows[:, None] < N) & (cols[None, :] < K))

@@ -223,17 +223,13 @@ def dgrad(grad_y, weight, dh, lora_A, p: Plan, *, out=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- registered ops
 
 
-def _torch_fallback(op: str, x, weight, lora_A):
+def _torch_fallback(op: str, x, lora_A):
     """torch_impl's ``op`` for what the kernels do not serve, else None: empty problems (nothing to launch) and,
-    when the backend was chosen automatically, float64 (the kernels accumulate in fp32) and weights of 2**31
-    elements or more (the kernels index W with int32)."""
+    when the backend was chosen automatically, float64 (the kernels accumulate in fp32)."""
     if x.numel() == 0:
         return registered(op)["torch"]
     if torch.float64 in (x.dtype, lora_A.dtype):
         return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
-    if weight.numel() >= 2**31:
-        return fallback(op, f"weight has {weight.numel()} elements (the Triton kernels index it with int32)",
-                        ValueError)
     return None
 
 
@@ -244,7 +240,7 @@ def _scalings(scalings, device) -> torch.Tensor:
 @register("multi_lora_forward", "triton")
 def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
     """(y [B, S, out], h [B, S, r]) for x [B, S, in]; h is 0 for the rows of base-only sequences."""
-    impl = _torch_fallback("multi_lora_forward", x, weight, lora_A)
+    impl = _torch_fallback("multi_lora_forward", x, lora_A)
     if impl is not None:
         return impl(x, weight, bias, lora_A, lora_B, scalings, adapter_ids)
     B, S, K = x.shape
@@ -260,7 +256,7 @@ def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
 def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h, compute_dx: bool,
                         compute_dlora: bool):
     """(dx [B, S, in] or None, dA [n, r, in] or None, dB [n, out, r] or None); unused adapters get zeros."""
-    impl = _torch_fallback("multi_lora_backward", x, weight, lora_A)
+    impl = _torch_fallback("multi_lora_backward", x, lora_A)
     if impl is not None:
         return impl(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h, compute_dx, compute_dlora)
     B, S, K = x.shape

@@ -7,10 +7,13 @@ real count have start == end and exit at once; adapter -1 means the base layer o
 Constexprs shared by the kernels: ``DOT_DTYPE`` / ``LORA_DOT_DTYPE`` are the ``tl.dot`` operand dtypes of the base
 GEMM (x's dtype) and of the LoRA path (promote(x, A)), except fp32 for bf16 under the interpreter (its bf16
 ``tl.dot`` is wrong); ``PRECISION`` is ``tl.dot``'s ``input_precision`` for fp32 operands ("ieee", or "tf32" where
-PyTorch allows TF32 matmuls). Accumulation is fp32; each output is rounded once.
+PyTorch allows TF32 matmuls). Accumulation is fp32; each output is rounded once. Element offsets are int64
+(``ops/triton_blocks.py``).
 """
 import triton
 import triton.language as tl
+
+from ..triton_blocks import offsets, tile_offsets
 
 
 @triton.jit
@@ -37,22 +40,22 @@ def multi_lora_shrink_kernel(
         return
     offs_m = row_start + tl.arange(0, BLOCK_M)
     m_mask = offs_m < row_end
-    rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if adapter >= 0:
-        a_base = a_ptr + adapter.to(tl.int64) * stride_an
+        a_base = a_ptr + offsets(adapter, stride_an)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             k_mask = offs_k < K
-            xt = tl.load(x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            xt = tl.load(x_ptr + tile_offsets(rows, offs_k, stride_xm, stride_xk),
                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            at = tl.load(a_base + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            at = tl.load(a_base + tile_offsets(offs_k, offs_r, stride_ak, stride_ar),
                          mask=r_mask[None, :] & k_mask[:, None], other=0.0)
             acc = _multi_lora_mma(acc, xt, at, LORA_DOT_DTYPE, PRECISION)
     out = acc.to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + rows[:, None] * stride_hm + offs_r[None, :] * stride_hr, out,
+    tl.store(h_ptr + tile_offsets(rows, offs_r, stride_hm, stride_hr), out,
              mask=m_mask[:, None] & r_mask[None, :])
 
 
@@ -82,34 +85,34 @@ def multi_lora_gemm_kernel(
         return
     offs_m = row_start + tl.arange(0, BLOCK_M)  # [BM] sorted positions
     m_mask = offs_m < row_end
-    rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
     c_mask = offs_c < C
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         k_mask = offs_k < K
-        lhs = tl.load(lhs_ptr + rows[:, None] * stride_lm + offs_k[None, :] * stride_lk,
+        lhs = tl.load(lhs_ptr + tile_offsets(rows, offs_k, stride_lm, stride_lk),
                       mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
-        rhs = tl.load(rhs_ptr + offs_k[:, None] * stride_rk + offs_c[None, :] * stride_rc,
+        rhs = tl.load(rhs_ptr + tile_offsets(offs_k, offs_c, stride_rk, stride_rc),
                       mask=k_mask[:, None] & c_mask[None, :], other=0.0)  # [BK, BC]
         acc = _multi_lora_mma(acc, lhs, rhs, DOT_DTYPE, PRECISION)
     if adapter >= 0:
-        lora_rhs_base = lora_rhs_ptr + adapter.to(tl.int64) * stride_lra
+        lora_rhs_base = lora_rhs_ptr + offsets(adapter, stride_lra)
         for r0 in range(0, R, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)  # [BR]
             r_mask = offs_r < R
-            lora_lhs = tl.load(lora_lhs_ptr + rows[:, None] * stride_llm + offs_r[None, :] * stride_llr,
+            lora_lhs = tl.load(lora_lhs_ptr + tile_offsets(rows, offs_r, stride_llm, stride_llr),
                                mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [BM, BR]
             if HAS_SCALE:
                 # the adapter's scaling goes on the small [BM, BR] tile, not on the [BM, BC] product
                 lora_lhs = lora_lhs.to(tl.float32) * tl.load(scal_ptr + adapter)
-            lora_rhs = tl.load(lora_rhs_base + offs_r[:, None] * stride_lrr + offs_c[None, :] * stride_lrc,
+            lora_rhs = tl.load(lora_rhs_base + tile_offsets(offs_r, offs_c, stride_lrr, stride_lrc),
                                mask=r_mask[:, None] & c_mask[None, :], other=0.0)  # [BR, BC]
             acc = _multi_lora_mma(acc, lora_lhs, lora_rhs, LORA_DOT_DTYPE, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + offs_c[None, :] * stride_oc, acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + tile_offsets(rows, offs_c, stride_om, stride_oc), acc.to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & c_mask[None, :])
 
 
@@ -131,22 +134,22 @@ def multi_lora_grad_shrink_kernel(
         return
     offs_m = row_start + tl.arange(0, BLOCK_M)
     m_mask = offs_m < row_end
-    rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
-    b_base = b_ptr + adapter.to(tl.int64) * stride_bad
+    b_base = b_ptr + offsets(adapter, stride_bad)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, N, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < N
-        gt = tl.load(g_ptr + rows[:, None] * stride_gm + offs_k[None, :] * stride_gn,
+        gt = tl.load(g_ptr + tile_offsets(rows, offs_k, stride_gm, stride_gn),
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        bt = tl.load(b_base + offs_k[:, None] * stride_bn + offs_r[None, :] * stride_br,
+        bt = tl.load(b_base + tile_offsets(offs_k, offs_r, stride_bn, stride_br),
                      mask=k_mask[:, None] & r_mask[None, :], other=0.0)
         acc = _multi_lora_mma(acc, gt, bt, LORA_DOT_DTYPE, PRECISION)
     s = tl.load(scal_ptr + adapter)
     out = (acc * s).to(dh_ptr.dtype.element_ty)
-    tl.store(dh_ptr + rows[:, None] * stride_dm + offs_r[None, :] * stride_dr, out,
+    tl.store(dh_ptr + tile_offsets(rows, offs_r, stride_dm, stride_dr), out,
              mask=m_mask[:, None] & r_mask[None, :])
 
 
@@ -181,14 +184,14 @@ def multi_lora_segment_grad_kernel(
     for m0 in range(seg_start + split * BLOCK_M, seg_end, SPLIT * BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)  # [BM] sorted positions
         m_mask = offs_m < seg_end
-        rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-        lhs_t = tl.load(lhs_ptr + rows[None, :] * stride_lm + offs_c[:, None] * stride_lc,
+        rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0)
+        lhs_t = tl.load(lhs_ptr + tile_offsets(offs_c, rows, stride_lc, stride_lm),
                         mask=c_mask[:, None] & m_mask[None, :], other=0.0)  # [BC, BM]
-        rhs = tl.load(rhs_ptr + rows[:, None] * stride_rm + offs_r[None, :] * stride_rr,
+        rhs = tl.load(rhs_ptr + tile_offsets(rows, offs_r, stride_rm, stride_rr),
                       mask=m_mask[:, None] & r_mask[None, :], other=0.0)  # [BM, BR]
         acc = _multi_lora_mma(acc, lhs_t, rhs, LORA_DOT_DTYPE, PRECISION)
     if HAS_SCALE:
         acc = acc * tl.load(scal_ptr + adapter)
-    out = ws_ptr + split.to(tl.int64) * stride_ws + adapter.to(tl.int64) * stride_wa
-    tl.store(out + offs_c[:, None] * stride_wc + offs_r[None, :] * stride_wr, acc,
+    out = ws_ptr + offsets(split, stride_ws) + offsets(adapter, stride_wa)
+    tl.store(out + tile_offsets(offs_c, offs_r, stride_wc, stride_wr), acc,
              mask=c_mask[:, None] & r_mask[None, :])

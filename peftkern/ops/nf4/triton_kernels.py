@@ -3,11 +3,15 @@
 Layout: W's n elements flat in row-major order; ``packed`` [ceil(n/2)] uint8, element i in byte i // 2, the high
 nibble for even i; block absmax ``absmax[i // BLOCKSIZE]`` fp32. ``code`` fp32 [16], ``code8`` fp32 [256] (sorted).
 ``HAND_BF16`` rounds fp32 to bf16 to nearest even by hand: set under the interpreter, whose bf16 cast truncates.
+Quantization divides with ``tl.math.div_rn`` (correctly rounded, as torch, C++ and CUDA divide; ``/`` compiles to
+the approximate ``div.full.f32``), so its codes are bit-exact on a GPU too. Element offsets are int64
+(``ops/triton_blocks.py``).
 """
 import triton
 import triton.language as tl
 
 from ..lora.triton_kernels import lora_grouped_tile, lora_keep_mask, lora_rank_expand
+from ..triton_blocks import offsets, tile_offsets
 
 
 @triton.jit
@@ -70,11 +74,11 @@ def nf4_quantize_kernel(w_ptr, code_ptr, packed_ptr, absmax_ptr, n, BLOCKSIZE: t
     absmax = tl.max(tl.abs(x), axis=1)  # [ROWS]
     # NaN must reach absmax (the caller refuses a non-finite one); max reductions may skip it
     absmax = tl.where(tl.sum((x != x).to(tl.int32), axis=1) > 0, float("nan"), absmax)
-    inv = 1.0 / tl.maximum(absmax, 1e-38)
+    inv = tl.math.div_rn(1.0, tl.maximum(absmax, 1e-38))
     s = tl.minimum(tl.maximum(x * inv[:, None], -1.0), 1.0)
     q = tl.zeros((ROWS, BLOCKSIZE), dtype=tl.int32)
     for k in tl.static_range(15):
-        mid = (tl.load(code_ptr + k) + tl.load(code_ptr + k + 1)) / 2
+        mid = (tl.load(code_ptr + k) + tl.load(code_ptr + k + 1)) * 0.5  # exact, as the torch path's / 2
         q += (s > mid).to(tl.int32)
     hi, lo = tl.split(tl.reshape(q, (ROWS, BLOCKSIZE // 2, 2)))  # [ROWS, BLOCKSIZE / 2] each
     pair = rows[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
@@ -92,7 +96,7 @@ def nf4_quantize_absmax_kernel(absmax_ptr, offset_ptr, code8_ptr, q_ptr, absmax2
     a = tl.load(absmax_ptr + offs, mask=mask, other=0.0) - tl.load(offset_ptr)
     a = tl.where(mask, a, 0.0)
     absmax2 = tl.max(tl.abs(a), axis=0)
-    s = tl.minimum(tl.maximum(a * (1.0 / tl.maximum(absmax2, 1e-38)), -1.0), 1.0)
+    s = tl.minimum(tl.maximum(a * tl.math.div_rn(1.0, tl.maximum(absmax2, 1e-38)), -1.0), 1.0)
     j = tl.zeros((NESTED_BLOCKSIZE,), dtype=tl.int32)  # binary search: the last code8[j] <= s (0 below code8[0])
     for i in tl.static_range(8):
         cand = j + (128 >> i)
@@ -105,7 +109,7 @@ def nf4_quantize_absmax_kernel(absmax_ptr, offset_ptr, code8_ptr, q_ptr, absmax2
     tl.store(absmax2_ptr + pid, absmax2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, M, C, R, stride_am, stride_ar,
                       stride_wr, stride_wc, lora_lhs_ptr, lora_scale_ptr, lora_rhs_ptr, RL, stride_ll, stride_lrr,
                       stride_lrc, lora_alpha, seed, p, keep_scale,
@@ -127,10 +131,10 @@ def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         red = r0 + tl.arange(0, BLOCK_R)  # [BR]
-        a = tl.load(a_ptr + rows[:, None] * stride_am + red[None, :] * stride_ar,
+        a = tl.load(a_ptr + tile_offsets(rows, red, stride_am, stride_ar),
                     mask=(rows[:, None] < M) & (red[None, :] < R), other=0.0)  # [BM, BR]
         w_mask = (red[:, None] < R) & (cols[None, :] < C)
-        flat = red.to(tl.int64)[:, None] * stride_wr + cols.to(tl.int64)[None, :] * stride_wc  # [BR, BC]
+        flat = tile_offsets(red, cols, stride_wr, stride_wc)  # [BR, BC]
         w = nf4_weight(packed_ptr, absmax_ptr, code_ptr, flat, w_mask, BLOCKSIZE, W_DTYPE, X_DTYPE, HAND_BF16)
         acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if HAS_LORA:
@@ -146,7 +150,7 @@ def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr
                                    BLOCK_RL)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * C + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + tile_offsets(rows, cols, C, 1), acc.to(out_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < C))
 
 
@@ -161,11 +165,12 @@ def nf4_gemv_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, 
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         red = r0 + tl.arange(0, BLOCK_R)  # [BR] input features
-        a = tl.load(a_ptr + m * stride_am + red * stride_ar, mask=red < R, other=0.0).to(tl.float32)  # [BR]
+        a = tl.load(a_ptr + offsets(m, stride_am) + offsets(red, stride_ar), mask=red < R,
+                    other=0.0).to(tl.float32)  # [BR]
         w_mask = (cols[:, None] < C) & (red[None, :] < R)
-        flat = cols.to(tl.int64)[:, None] * R + red[None, :]  # [BC, BR], W row-major [C, R]
+        flat = tile_offsets(cols, red, R, 1)  # [BC, BR], W row-major [C, R]
         w = nf4_weight(packed_ptr, absmax_ptr, code_ptr, flat, w_mask, BLOCKSIZE, W_DTYPE, X_DTYPE, HAND_BF16)
         acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)
-    tl.store(out_ptr + m * C + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < C)
+    tl.store(out_ptr + offsets(m, C) + cols, acc.to(out_ptr.dtype.element_ty), mask=cols < C)

@@ -4,10 +4,13 @@ triton_impl.py). README.md has the math.
 Notation: q [B, Hq, S, D], k/v [B, Hkv, S, D], prefix pk/pv [B or 1, Hkv, P, D] (batch stride 0 when shared),
 kpm [B, S] (True = padding), o [B, Hq, S, D], lse [B, Hq, S] fp32. Query head h reads key/value head h // G.
 Tiles: BLOCK_M queries, BLOCK_N keys, BLOCK_D >= D features (masked). Scores and statistics are fp32; dot operands
-are cast to DOT_DTYPE (the inputs' dtype; fp32 for bf16 under the interpreter).
+are cast to DOT_DTYPE (the inputs' dtype; fp32 for bf16 under the interpreter). Element offsets are int64
+(``ops/triton_blocks.py``).
 """
 import triton
 import triton.language as tl
+
+from ..triton_blocks import offsets, tile_offsets
 
 
 @triton.jit
@@ -53,32 +56,32 @@ def prefix_attention_fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, kpm_ptr, o_
     kvh = h // G
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     dims = tl.arange(0, BLOCK_D)  # [BD]
-    q_base = q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh
-    q = tl.load(q_base + rows[:, None] * stride_qs + dims[None, :], mask=(rows[:, None] < S) & (dims[None, :] < D),
+    q_base = q_ptr + offsets(b, stride_qb) + offsets(h, stride_qh)
+    q = tl.load(q_base + tile_offsets(rows, dims, stride_qs, 1), mask=(rows[:, None] < S) & (dims[None, :] < D),
                 other=0.0)  # [BM, BD]
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    pk_base = pk_ptr + b.to(tl.int64) * stride_pkb + kvh * stride_pkh
-    pv_base = pv_ptr + b.to(tl.int64) * stride_pvb + kvh * stride_pvh
+    pk_base = pk_ptr + offsets(b, stride_pkb) + offsets(kvh, stride_pkh)
+    pv_base = pv_ptr + offsets(b, stride_pvb) + offsets(kvh, stride_pvh)
     for n0 in range(0, P, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)  # [BN] prefix keys
-        kt = tl.load(pk_base + cols[None, :] * stride_pkp + dims[:, None],
+        kt = tl.load(pk_base + tile_offsets(dims, cols, 1, stride_pkp),
                      mask=(cols[None, :] < P) & (dims[:, None] < D), other=0.0)  # [BD, BN]
-        v = tl.load(pv_base + cols[:, None] * stride_pvp + dims[None, :],
+        v = tl.load(pv_base + tile_offsets(cols, dims, stride_pvp, 1),
                     mask=(cols[:, None] < P) & (dims[None, :] < D), other=0.0)  # [BN, BD]
         s = prefix_attention_scores(q, kt, cols, rows, P, kpm_ptr, scale, True, CAUSAL, False, DOT_DTYPE, PRECISION)
         acc, m_i, l_i = prefix_attention_online(acc, m_i, l_i, s, v, DOT_DTYPE, PRECISION)
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
+    k_base = k_ptr + offsets(b, stride_kb) + offsets(kvh, stride_kh)
+    v_base = v_ptr + offsets(b, stride_vb) + offsets(kvh, stride_vh)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S  # keys past the last query are never visible
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)  # [BN] sequence keys
-        kt = tl.load(k_base + cols[None, :] * stride_ks + dims[:, None],
+        kt = tl.load(k_base + tile_offsets(dims, cols, 1, stride_ks),
                      mask=(cols[None, :] < S) & (dims[:, None] < D), other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :],
+        v = tl.load(v_base + tile_offsets(cols, dims, stride_vs, 1),
                     mask=(cols[:, None] < S) & (dims[None, :] < D), other=0.0)
-        s = prefix_attention_scores(q, kt, cols, rows, S, kpm_ptr + b.to(tl.int64) * stride_mb, scale, False, CAUSAL,
+        s = prefix_attention_scores(q, kt, cols, rows, S, kpm_ptr + offsets(b, stride_mb), scale, False, CAUSAL,
                                     HAS_PAD, DOT_DTYPE, PRECISION)
         acc, m_i, l_i = prefix_attention_online(acc, m_i, l_i, s, v, DOT_DTYPE, PRECISION)
     empty = l_i == 0.0  # no visible key: o = 0, lse = +inf (so the backward's probabilities are 0)
@@ -106,34 +109,34 @@ def prefix_attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, kpm_ptr,
     dims = tl.arange(0, BLOCK_D)  # [BD]
     row_ok = rows < S
     tile = (rows[:, None] < S) & (dims[None, :] < D)
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
+    q = tl.load(q_ptr + offsets(b, stride_qb) + offsets(h, stride_qh) + tile_offsets(rows, dims, stride_qs, 1),
                 mask=tile, other=0.0)
     flat = bh.to(tl.int64) * S + rows
     do = tl.load(do_ptr + flat[:, None] * D + dims[None, :], mask=tile, other=0.0)  # [BM, BD]
     lse = tl.load(lse_ptr + flat, mask=row_ok, other=float("inf"))
     delta = tl.load(delta_ptr + flat, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    pk_base = pk_ptr + b.to(tl.int64) * stride_pkb + kvh * stride_pkh
-    pv_base = pv_ptr + b.to(tl.int64) * stride_pvb + kvh * stride_pvh
+    pk_base = pk_ptr + offsets(b, stride_pkb) + offsets(kvh, stride_pkh)
+    pv_base = pv_ptr + offsets(b, stride_pvb) + offsets(kvh, stride_pvh)
     for n0 in range(0, P, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         key_tile = (cols[:, None] < P) & (dims[None, :] < D)
-        k = tl.load(pk_base + cols[:, None] * stride_pkp + dims[None, :], mask=key_tile, other=0.0)  # [BN, BD]
-        v = tl.load(pv_base + cols[:, None] * stride_pvp + dims[None, :], mask=key_tile, other=0.0)
+        k = tl.load(pk_base + tile_offsets(cols, dims, stride_pkp, 1), mask=key_tile, other=0.0)  # [BN, BD]
+        v = tl.load(pv_base + tile_offsets(cols, dims, stride_pvp, 1), mask=key_tile, other=0.0)
         s = prefix_attention_scores(q, tl.trans(k), cols, rows, P, kpm_ptr, scale, True, CAUSAL, False, DOT_DTYPE,
                                     PRECISION)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v).to(DOT_DTYPE), input_precision=PRECISION)
         dq = tl.dot((p * (dp - delta[:, None])).to(DOT_DTYPE), k.to(DOT_DTYPE), dq, input_precision=PRECISION)
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh * stride_vh
+    k_base = k_ptr + offsets(b, stride_kb) + offsets(kvh, stride_kh)
+    v_base = v_ptr + offsets(b, stride_vb) + offsets(kvh, stride_vh)
     hi = tl.minimum(S, (pid_m + 1) * BLOCK_M) if CAUSAL else S
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         key_tile = (cols[:, None] < S) & (dims[None, :] < D)
-        k = tl.load(k_base + cols[:, None] * stride_ks + dims[None, :], mask=key_tile, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vs + dims[None, :], mask=key_tile, other=0.0)
-        s = prefix_attention_scores(q, tl.trans(k), cols, rows, S, kpm_ptr + b.to(tl.int64) * stride_mb, scale,
+        k = tl.load(k_base + tile_offsets(cols, dims, stride_ks, 1), mask=key_tile, other=0.0)
+        v = tl.load(v_base + tile_offsets(cols, dims, stride_vs, 1), mask=key_tile, other=0.0)
+        s = prefix_attention_scores(q, tl.trans(k), cols, rows, S, kpm_ptr + offsets(b, stride_mb), scale,
                                     False, CAUSAL, HAS_PAD, DOT_DTYPE, PRECISION)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v).to(DOT_DTYPE), input_precision=PRECISION)
@@ -162,19 +165,18 @@ def prefix_attention_bwd_dkdv_kernel(q_ptr, key_ptr, val_ptr, kpm_ptr, do_ptr, l
     m_lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL and not PREFIX else 0
     for i in range(0, B_PER_PROGRAM):
         b = pid_b.to(tl.int64) * B_PER_PROGRAM + i
-        k = tl.load(key_ptr + b * stride_keyb + kvh * stride_keyh + cols[:, None] * stride_keyl + dims[None, :],
-                    mask=key_tile, other=0.0)  # [BN, BD]
-        v = tl.load(val_ptr + b * stride_valb + kvh * stride_valh + cols[:, None] * stride_vall + dims[None, :],
-                    mask=key_tile, other=0.0)
+        k = tl.load(key_ptr + offsets(b, stride_keyb) + offsets(kvh, stride_keyh)
+                    + tile_offsets(cols, dims, stride_keyl, 1), mask=key_tile, other=0.0)  # [BN, BD]
+        v = tl.load(val_ptr + offsets(b, stride_valb) + offsets(kvh, stride_valh)
+                    + tile_offsets(cols, dims, stride_vall, 1), mask=key_tile, other=0.0)
         kt = tl.trans(k)
-        for g in range(0, G):
-            h = kvh * G + g
+        for h in range(kvh * G, kvh * G + G):  # the query heads of this key/value head
             bh = b * Hq + h
             for m0 in range(m_lo, S, BLOCK_M):
                 rows = m0 + tl.arange(0, BLOCK_M)  # [BM]
                 tile = (rows[:, None] < S) & (dims[None, :] < D)
-                q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + dims[None, :],
-                            mask=tile, other=0.0)
+                q = tl.load(q_ptr + offsets(b, stride_qb) + offsets(h, stride_qh)
+                            + tile_offsets(rows, dims, stride_qs, 1), mask=tile, other=0.0)
                 flat = bh * S + rows
                 do = tl.load(do_ptr + flat[:, None] * D + dims[None, :], mask=tile, other=0.0)
                 lse = tl.load(lse_ptr + flat, mask=rows < S, other=float("inf"))

@@ -1,10 +1,12 @@
 """Triton kernels of the sparse diff family: ``@triton.jit`` bodies only (launchers: triton_impl.py).
 
 Entries e have a row r_e and a column c_e of the [out, in] weight and a value v_e. Activations are row-major with
-row strides; feature stride 1. Accumulation is fp32.
+row strides; feature stride 1. Accumulation is fp32. Element offsets are int64 (``ops/triton_blocks.py``).
 """
 import triton
 import triton.language as tl
+
+from ..triton_blocks import offsets, tile_offsets
 
 
 @triton.jit
@@ -13,14 +15,14 @@ def sparse_sddmm_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, out_ptr, N, NNZ, strid
     """out[e] = sum_n g[n, r_e] x[n, c_e] for BLOCK_E entries per program: only the sampled entries of g^T x."""
     ents = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
     ent_ok = ents < NNZ
-    rows = tl.load(rows_ptr + ents, mask=ent_ok, other=0).to(tl.int64)
-    cols = tl.load(cols_ptr + ents, mask=ent_ok, other=0).to(tl.int64)
+    rows = tl.load(rows_ptr + ents, mask=ent_ok, other=0)
+    cols = tl.load(cols_ptr + ents, mask=ent_ok, other=0)
     acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         toks = n0 + tl.arange(0, BLOCK_N)  # [BN]
         m = (toks[:, None] < N) & ent_ok[None, :]
-        g = tl.load(g_ptr + toks.to(tl.int64)[:, None] * stride_gn + rows[None, :], mask=m, other=0.0)  # [BN, BE]
-        x = tl.load(x_ptr + toks.to(tl.int64)[:, None] * stride_xn + cols[None, :], mask=m, other=0.0)
+        g = tl.load(g_ptr + tile_offsets(toks, rows, stride_gn, 1), mask=m, other=0.0)  # [BN, BE]
+        x = tl.load(x_ptr + tile_offsets(toks, cols, stride_xn, 1), mask=m, other=0.0)
         acc += tl.sum(g.to(tl.float32) * x.to(tl.float32), axis=0)
     tl.store(out_ptr + ents, acc, mask=ent_ok)
 
@@ -42,12 +44,12 @@ def sparse_correction_kernel(out_ptr, src_ptr, seg_ptr, src_pos_ptr, val_ptr, N,
     for e0 in range(start, end, BLOCK_E):
         ents = e0 + tl.arange(0, BLOCK_E)  # [BE]
         ent_ok = ents < end
-        pos = tl.load(src_pos_ptr + ents, mask=ent_ok, other=0).to(tl.int64)
+        pos = tl.load(src_pos_ptr + ents, mask=ent_ok, other=0)
         v = tl.load(val_ptr + ents, mask=ent_ok, other=0.0).to(tl.float32)
-        src = tl.load(src_ptr + toks.to(tl.int64)[:, None] * stride_sn + pos[None, :],
+        src = tl.load(src_ptr + tile_offsets(toks, pos, stride_sn, 1),
                       mask=tok_ok[:, None] & ent_ok[None, :], other=0.0)  # [BN, BE]
         acc += tl.sum(src.to(tl.float32) * v[None, :], axis=1)
-    ptrs = out_ptr + toks.to(tl.int64) * stride_on + j
+    ptrs = out_ptr + offsets(toks, stride_on) + j
     base = tl.load(ptrs, mask=tok_ok, other=0.0).to(tl.float32)
     tl.store(ptrs, (base + acc).to(out_ptr.dtype.element_ty), mask=tok_ok)
 
