@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import patching
+from .methods.prompt_tuning import virtual_tokens
 from .methods.selective import DiffPruningLinear
 from .methods.targets import replace_module
 from .nn import LoRALinear, QLoRALinear, RowDiffLinear, SparseDiffLinear
@@ -74,15 +75,14 @@ class Tracker:
         self.attention = [(c, c._attn_implementation_internal) for c in _configs(model)]
 
     def finish(self, patched: nn.Module) -> Changes:
-        """Record on ``patched`` what the method changed in the model given to :class:`Tracker`."""
-        inner = patching._inner(patched)
-        held = _storages(itertools.chain(inner.parameters(), inner.buffers()))
+        """Record on ``patched`` (the model given to :class:`Tracker`) what the method changed in it."""
+        held = _storages(itertools.chain(patched.parameters(), patched.buffers()))
         replaced: dict[str, Optional[nn.Module]] = {}
         children, hooks = [], []
         for name, module in self.modules.items():
             if any(name[:i] in replaced for i, c in enumerate(name) if c == "."):
                 continue
-            if name and inner.get_submodule(name) is not module:
+            if name and patched.get_submodule(name) is not module:
                 # a module whose tensors the patched model no longer holds is let go (QLoRA frees the fp weights)
                 own = _storages(itertools.chain(module.parameters(), module.buffers()))
                 replaced[name] = module if own <= held else None
@@ -90,7 +90,7 @@ class Tracker:
             children += [(module, c) for c in module._modules if c not in self.children[name]]
             hooks += [(module, kind, i) for kind in _HOOKS for i in getattr(module, kind)
                       if i not in self.hooks[name][kind]]
-        trained = {n: p.detach().clone() for n, p in inner.named_parameters()
+        trained = {n: p.detach().clone() for n, p in patched.named_parameters()
                    if p.requires_grad and self.params.get(n) is p}
         changes = Changes(replaced, children, hooks, self.requires_grad, trained, self.attention)
         patched._peftkern_changes = changes
@@ -114,10 +114,10 @@ def _base_form(layer: nn.Module, original: Optional[nn.Module]) -> nn.Module:
     raise RuntimeError(f"no base module was kept for a {type(layer).__name__}")
 
 
-def _unmerge(inner: nn.Module, changes: Changes) -> None:
+def _unmerge(model: nn.Module, changes: Changes) -> None:
     """Layers merged by hand (``LoRALinear.merge()``) give their base weights back first (exactly)."""
     for name in changes.replaced:
-        for module in inner.get_submodule(name).modules():
+        for module in model.get_submodule(name).modules():
             if callable(getattr(module, "unmerge", None)):
                 module.unmerge()
 
@@ -134,18 +134,17 @@ def _fold(layer: nn.Module, original: Optional[nn.Module], dtype: Optional[torch
 
 
 def _why_not_foldable(model: nn.Module, changes: Changes) -> Optional[str]:
-    inner = patching._inner(model)
-    if inner is not model:
+    if virtual_tokens(model) is not None:
         return "its virtual tokens / prefix live outside the weights"
     if any(_method_hooks(changes)) or changes.children:
         return "its adapters are modules of their own, not a weight update"
-    odd = [type(m).__name__ for m in map(inner.get_submodule, changes.replaced) if type(m) not in _FOLDABLE]
+    odd = [type(m).__name__ for m in map(model.get_submodule, changes.replaced) if type(m) not in _FOLDABLE]
     if odd:
         return f"its {odd[0]} layers are not a weight update"
     return None
 
 
-def _detach(model: nn.Module, inner: nn.Module, changes: Changes) -> None:
+def _detach(model: nn.Module, changes: Changes) -> None:
     """Remove what patch added besides the layers (children, hooks, attention choice, flags, attributes)."""
     for module, child in changes.children:
         delattr(module, child)
@@ -155,14 +154,13 @@ def _detach(model: nn.Module, inner: nn.Module, changes: Changes) -> None:
             getattr(module, flags, {}).pop(hook_id, None)
     for config, value in changes.attention:
         config._attn_implementation_internal = value
-    for name, p in inner.named_parameters():
+    for name, p in model.named_parameters():
         if name in changes.requires_grad and p.is_floating_point():
             p.requires_grad_(changes.requires_grad[name])
-    for module in inner.modules():
+    for module in model.modules():
         module.__dict__.pop("peftkern_prefix", None)
     for attr in _ATTRIBUTES:
         model.__dict__.pop(attr, None)
-        inner.__dict__.pop(attr, None)
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -170,23 +168,22 @@ def unpatch(model: nn.Module) -> nn.Module:
     modules and the prefix attention registration removed (``config._attn_implementation`` as before), each
     parameter's ``requires_grad`` as before, and the base parameters patch left trainable (the task head, BitFit's
     biases) reset to their values at patch time: every base weight bit-identical, the same ``state_dict`` keys.
-    Returns the transformers model (the prompt / prefix wrapper is dropped); everything the method trained is lost.
+    Returns the model (the same object); everything the method trained is lost.
 
     QLoRA: patch quantized the base and kept no full-precision copy (that memory is what QLoRA saves), so its
     layers come back as the 4-bit base alone, a :class:`pk.nn.NF4Linear` holding the same codes (state_dict in
     bitsandbytes' 4-bit format), or the very ``bitsandbytes.nn.Linear4bit`` the model had where patch took one.
     """
     changes = _changes(model)
-    inner = patching._inner(model)
-    _unmerge(inner, changes)
+    _unmerge(model, changes)
     for name, original in changes.replaced.items():
-        replace_module(inner, name, _base_form(inner.get_submodule(name), original))
-    params = dict(inner.named_parameters())
+        replace_module(model, name, _base_form(model.get_submodule(name), original))
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in changes.trained_in_place.items():
             params[name].copy_(value)
-    _detach(model, inner, changes)
-    return inner
+    _detach(model, changes)
+    return model
 
 
 def merge(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -211,7 +208,7 @@ def merge(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
     with torch.no_grad():
         for name, original in changes.replaced.items():
             replace_module(model, name, _fold(model.get_submodule(name), original, dtype))
-    _detach(model, model, changes)
+    _detach(model, changes)
     return model
 
 
@@ -231,42 +228,30 @@ def _passthrough(*args) -> None:
 @contextlib.contextmanager
 def disable(model: nn.Module) -> Iterator[nn.Module]:
     """``with pk.disable(model):`` the base model's outputs (PEFT's ``disable_adapter``): within the block the
-    replaced modules stand in their place again (QLoRA: the 4-bit base alone), patch's hooks pass through, the
-    attention implementation is the base's, a prompt / prefix wrapper calls the model directly, and the base
+    replaced modules stand in their place again (QLoRA: the 4-bit base alone), patch's hooks pass through (no
+    virtual tokens, no prefix), the attention implementation is the base's, and the base
     parameters the method trains in place (head, BitFit's biases) hold their values from patch time. All of it comes
     back when the block ends, also on an exception (what the block did to those in-place parameters is lost).
     Layers merged by hand are unmerged."""
     changes = _changes(model)
-    inner = patching._inner(model)
-    _unmerge(inner, changes)
+    _unmerge(model, changes)
     with contextlib.ExitStack() as undo:
         for name, original in changes.replaced.items():
-            layer = inner.get_submodule(name)
-            replace_module(inner, name, _base_form(layer, original))
-            undo.callback(replace_module, inner, name, layer)
+            layer = model.get_submodule(name)
+            replace_module(model, name, _base_form(layer, original))
+            undo.callback(replace_module, model, name, layer)
         for hooks, hook_id, hook in _method_hooks(changes):
             undo.callback(hooks.__setitem__, hook_id, hook)
             hooks[hook_id] = _passthrough
         for config, value in changes.attention:
             undo.callback(setattr, config, "_attn_implementation_internal", config._attn_implementation_internal)
             config._attn_implementation_internal = value
-        params = dict(inner.named_parameters())
+        params = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in changes.trained_in_place.items():
                 undo.callback(params[name].data.copy_, params[name].detach().clone())
                 params[name].data.copy_(value)
-        if inner is not model:
-            own = model.__dict__.get("forward")
-            model.forward = inner.__call__
-            undo.callback(_restore_forward, model, own)
         yield model
-
-
-def _restore_forward(model: nn.Module, own) -> None:
-    if own is None:
-        del model.forward
-    else:
-        model.forward = own
 
 
 # --------------------------------------------------------------------------------------------------- named adapters

@@ -2,16 +2,19 @@
 ``METHODS``, and ``save_adapter`` / ``load_adapter``.
 
 ``patch`` freezes the model, adds only the method's parameters (the task head, if any, stays trainable) and keeps
-the model's normal call (prompt and prefix methods return a wrapper that takes it). ``save_adapter`` writes
-``adapter_model.safetensors`` (only the method's tensors and the head) and ``adapter_config.json``; ``load_adapter``
-reads our files and PEFT's, patching an unpatched model from the saved config first, and rejects what does not fit.
+the model itself, patched in place: the same object and class, its call, ``generate`` and the rest of its API (prompt
+and prefix methods add their table as the submodule ``peftkern_prompt`` and a hook on the model's call).
+``save_adapter`` writes ``adapter_model.safetensors`` (only the method's tensors and the head) and
+``adapter_config.json``; ``load_adapter`` reads our files and PEFT's, patching an unpatched model from the saved config
+first, and rejects what does not fit.
 
 Saved layouts are PEFT's where PEFT has the method, so ``peft.PeftModel.from_pretrained`` loads them: LoRA / DoRA /
 QLoRA ``base_model.model.<module>.lora_A.weight``, ``.lora_B.weight``, ``.lora_magnitude_vector`` and
 ``base_model.model.<head param>``; prompt, P-Tuning, prefix and P-Tuning v2 ``prompt_embeddings`` (what the model
 sees: encoders and the prefix MLP are folded, as PEFT saves them) and ``base_model.<head param>``. The other methods
 save the parameters they added under ``base_model.model.<name>`` (FISH Mask / FAR also their selected indices / rows)
-with our config. The method and its options always go into the safetensors header (``peftkern``).
+(MAM and UniPELT: their prefix table too) with our config. The method and its options always go into the
+safetensors header (``peftkern``).
 """
 from __future__ import annotations
 
@@ -27,8 +30,8 @@ from torch import nn
 from . import lifecycle
 from .methods.adapters import AdapterFusion, add_adapters, add_serial, transformer_sites
 from .methods.adalora import AdaLoRAAllocator, prepare_adalora
-from .methods.prefix_tuning import PrefixTuning
-from .methods.prompt_tuning import PromptTuning
+from .methods.prefix_tuning import PrefixTuning, add_prefix
+from .methods.prompt_tuning import add_prompt, virtual_tokens
 from .methods.selective import (bitfit, diff_pruning, diff_pruning_l0, diff_pruning_to_sparse, far_select,
                                 fish_mask)
 from .methods.targets import freeze_except, replace_module, target_matcher
@@ -40,11 +43,6 @@ CONFIG_NAME = "adapter_config.json"
 HEAD_NAMES = ("classifier", "score")  # PEFT's modules_to_save for sequence classification
 _TASKS = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "ForTokenClassification": "TOKEN_CLS",
           "ForQuestionAnswering": "QUESTION_ANS"}
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    """The transformers model under a prompt / prefix wrapper (the model itself otherwise)."""
-    return model.model if isinstance(model, (PromptTuning, PrefixTuning)) else model
 
 
 def _heads(model: nn.Module, modules_to_save) -> list[str]:
@@ -131,50 +129,35 @@ def _lora_peft_config(model: nn.Module, record: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- prompt family
-def _prompt_apply(model, o: dict, wrapper: type, **wrapper_options):
+def _prompt_apply(model, o: dict, add: Callable, **add_options):
     heads = _heads(model, o.pop("modules_to_save"))
-    wrapped = wrapper(model, **o, **wrapper_options)
     freeze_except(model, heads)
-    return wrapped, {"heads": heads}
+    add(model, **o, **add_options)
+    return model, {"heads": heads}
 
 
 def _prompt_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
-    table = model.prefix() if isinstance(model, PrefixTuning) else model.prompts()
-    return {"prompt_embeddings": table}
+    module = virtual_tokens(model)
+    return {"prompt_embeddings": module.prefix() if isinstance(module, PrefixTuning) else module.prompts()}
 
 
 def _prompt_peft_config(model: nn.Module, record: dict) -> dict:
-    cfg = _inner(model).config
-    if isinstance(model, PrefixTuning):
-        return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": model.num_virtual_tokens,
-                "token_dim": model.num_kv_heads * model.head_dim, "num_attention_heads": model.num_kv_heads,
-                "num_layers": model.num_layers, "num_transformer_submodules": 1, "prefix_projection": False}
-    return {"peft_type": "P_TUNING" if model.encoder else "PROMPT_TUNING",
-            "num_virtual_tokens": model.num_virtual_tokens, "token_dim": model.embedding.weight.shape[1],
+    cfg, module = model.config, virtual_tokens(model)
+    if isinstance(module, PrefixTuning):
+        return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": module.num_virtual_tokens,
+                "token_dim": module.num_kv_heads * module.head_dim, "num_attention_heads": module.num_kv_heads,
+                "num_layers": module.num_layers, "num_transformer_submodules": 1, "prefix_projection": False}
+    return {"peft_type": "P_TUNING" if module.encoder else "PROMPT_TUNING",
+            "num_virtual_tokens": module.num_virtual_tokens, "token_dim": module.embedding.weight.shape[1],
             "num_attention_heads": cfg.num_attention_heads, "num_layers": cfg.num_hidden_layers,
             "num_transformer_submodules": 1}
-
-
-def _prompt_wrapper(model: nn.Module) -> Optional[nn.Module]:
-    return model if isinstance(model, (PromptTuning, PrefixTuning)) else None
 
 
 # --------------------------------------------------------------------------------------------------- adapters
 def _added_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
     """The parameters the method added to the base model, under PEFT's ``base_model.model.`` prefix."""
-    params = dict(_inner(model).named_parameters())
+    params = dict(model.named_parameters())
     return {f"base_model.model.{n}": params[n] for n in record["added"]}
-
-
-_FOLDED = ("model.", "embedding.", "transform.", "lstm_head.", "mlp_head.")  # the base, and what the table holds
-
-
-def _with_prompt(tensors: Callable) -> Callable:
-    """``tensors`` plus the prompt table and the wrapper's other parameters (UniPELT's prefix gates)."""
-    def all_tensors(model, record):
-        own = {n: p for n, p in model.named_parameters() if not n.startswith(_FOLDED)}
-        return {**tensors(model, record), **_prompt_tensors(model, record), **own}
-    return all_tensors
 
 
 _ADAPTER_OPTIONS = dict(reduction_factor=16, non_linearity="relu", layer_norm=False, modules_to_save=None)
@@ -242,10 +225,11 @@ def _site_name(model: nn.Module, site: dict) -> str:
 def _mam(model, o: dict):
     """MAM adapter (He et al., 2022): a parallel adapter beside every FFN and prefix tuning on attention."""
     heads = _heads(model, o.pop("modules_to_save"))
-    wrapper = PrefixTuning(model, o.pop("num_virtual_tokens"), prefix_projection=o.pop("prefix_projection"))
     freeze_except(model, heads)
+    prefix = dict(num_virtual_tokens=o.pop("num_virtual_tokens"), prefix_projection=o.pop("prefix_projection"))
     add_adapters(model, "parallel", **o)
-    return wrapper, {"heads": heads}
+    add_prefix(model, **prefix)
+    return model, {"heads": heads}
 
 
 # --------------------------------------------------------------------------------------------------- AdaLoRA, selective
@@ -359,7 +343,7 @@ def _structure_tensors(layer_type: type, buffer: str) -> Callable:
     """The added parameters plus each selected layer's ``buffer`` (its indices / rows), which rebuild the layers."""
     def tensors(model, record):
         out = _added_tensors(model, record)
-        for name, m in _inner(model).named_modules():
+        for name, m in model.named_modules():
             if isinstance(m, layer_type):
                 out[f"base_model.model.{name}.{buffer}"] = getattr(m, buffer)
         return out
@@ -410,14 +394,14 @@ METHODS: dict[str, Method] = {
     "qlora": Method(lambda m, o: _lora_apply(m, o, quantize=True), {**_LORA_OPTIONS, "blocksize": 64,
                                                                      "double_quant": True},
                     _lora_tensors, _lora_peft_config),
-    "prompt_tuning": Method(lambda m, o: _prompt_apply(m, o, PromptTuning),
+    "prompt_tuning": Method(lambda m, o: _prompt_apply(m, o, add_prompt),
                             {**_PROMPT_OPTIONS, "init": "random", "init_text": None, "tokenizer": None}, **_PROMPT),
-    "p_tuning": Method(lambda m, o: _prompt_apply(m, o, PromptTuning),
+    "p_tuning": Method(lambda m, o: _prompt_apply(m, o, add_prompt),
                        {**_PROMPT_OPTIONS, "encoder": "mlp", "encoder_hidden_size": None, "encoder_num_layers": 2,
                         "encoder_dropout": 0.0}, **_PROMPT),
-    "prefix_tuning": Method(lambda m, o: _prompt_apply(m, o, PrefixTuning),
+    "prefix_tuning": Method(lambda m, o: _prompt_apply(m, o, add_prefix),
                             {**_PROMPT_OPTIONS, "prefix_projection": True, "encoder_hidden_size": None}, **_PROMPT),
-    "p_tuning_v2": Method(lambda m, o: _prompt_apply(m, o, PrefixTuning, prefix_projection=False), _PROMPT_OPTIONS,
+    "p_tuning_v2": Method(lambda m, o: _prompt_apply(m, o, add_prefix, prefix_projection=False), _PROMPT_OPTIONS,
                           **_PROMPT),
     "adapter_houlsby": Method(lambda m, o: _adapter_apply(m, o, "houlsby"),
                               {**_ADAPTER_OPTIONS, "non_linearity": "swish"}, _added_tensors),
@@ -442,9 +426,9 @@ METHODS: dict[str, Method] = {
                   rebuild=_rebuild_sparse(RowDiffLinear, "rows")),
     "unipelt": Method(_unipelt, dict(r=8, lora_alpha=16, target_modules=r".*\.(query|value|q_proj|v_proj)",
                                      num_virtual_tokens=10, reduction_factor=16, non_linearity="relu",
-                                     modules_to_save=None), _with_prompt(_added_tensors)),
+                                     modules_to_save=None), _added_tensors),
     "mam": Method(_mam, dict(num_virtual_tokens=30, prefix_projection=False, reduction_factor=4,
-                             non_linearity="relu", scale=4.0, modules_to_save=None), _with_prompt(_added_tensors)),
+                             non_linearity="relu", scale=4.0, modules_to_save=None), _added_tensors),
 }
 
 
@@ -457,8 +441,8 @@ def _record(model: nn.Module) -> dict:
 
 # --------------------------------------------------------------------------------------------------- public API
 def patch(model: nn.Module, method: str = "lora", calibration_data=None, **options) -> nn.Module:
-    """Add ``method``'s parameters to ``model`` (in place; prompt and prefix methods return a wrapper that takes the
-    same call) and freeze everything else but the task head. ``options``: the method's (``pk.patching.METHODS``)."""
+    """Add ``method``'s parameters to ``model`` in place and freeze everything else but the task head; returns
+    ``model``. ``options``: the method's (``pk.patching.METHODS``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if method not in METHODS:
@@ -484,14 +468,14 @@ def patch(model: nn.Module, method: str = "lora", calibration_data=None, **optio
 
 def _apply(model: nn.Module, method: str, opts: dict, apply: Callable) -> nn.Module:
     # the base's parameters stay referenced until the comparison, so a freed one's id() cannot come back as a new one;
-    # a wrapped base changes its name but not its object, a base swapped for its NF4 form keeps its name
+    # a base wrapped by a layer changes its name but not its object, a base swapped for its NF4 form keeps its name
     base = dict(model.named_parameters())
     base_ids = {id(p) for p in base.values()}
     tracker = lifecycle.Tracker(model)  # what merge / unpatch / disable undo
     applied = dict(opts)
     patched, record = apply(model, applied)
     opts.update({k: v for k, v in applied.items() if k in opts})  # what the method resolved (e.g. fusion's sizes)
-    added = [n for n, p in _inner(patched).named_parameters() if id(p) not in base_ids and n not in base]
+    added = [n for n, p in patched.named_parameters() if id(p) not in base_ids and n not in base]
     del base
     patched.peftkern_config = {"method": method, "options": opts, "heads": [], "added": added, **record}
     tracker.finish(patched)
@@ -501,9 +485,8 @@ def _apply(model: nn.Module, method: str, opts: dict, apply: Callable) -> nn.Mod
 def _expected(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
     spec = METHODS[record["method"]]
     out = dict(spec.tensors(model, record))
-    inner = _inner(model)
     for head in record["heads"]:
-        for name, p in inner.get_submodule(head).named_parameters():
+        for name, p in model.get_submodule(head).named_parameters():
             out[f"{spec.head_prefix}{head}.{name}"] = p
     return out
 
@@ -530,11 +513,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: O
 
     record = lifecycle.adapter_record(model, adapter_name or "default")
     tensors = {k: v.detach().contiguous().clone() for k, v in _expected(model, record).items()}
-    inner = _inner(model)
     meta = {"method": record["method"], "options": _jsonable(record["options"])}
     peft_config = METHODS[record["method"]].peft_config
-    config = {"task_type": _task_type(inner), "inference_mode": True, "modules_to_save": record["heads"] or None,
-              "base_model_name_or_path": getattr(getattr(inner, "config", None), "_name_or_path", None) or None,
+    config = {"task_type": _task_type(model), "inference_mode": True, "modules_to_save": record["heads"] or None,
+              "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
               **(peft_config(model, record) if peft_config else {"peft_type": None, "peftkern": meta})}
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -614,8 +596,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, method: Optiona
     with torch.no_grad():
         for k, v in expected.items():
             if k == "prompt_embeddings":  # a folded table, not a live parameter
-                wrapper = _prompt_wrapper(model)
-                wrapper.load_prompt_embeddings(tensors[k].to(wrapper.embedding.weight.dtype))
+                module = virtual_tokens(model)
+                module.load_prompt_embeddings(tensors[k].to(module.embedding.weight.dtype))
             else:
                 v.copy_(tensors[k])
     return model

@@ -1,7 +1,7 @@
 """transformers' ``Trainer`` for ``pk.patch`` models: checkpoints hold the adapter, not the whole model.
 
 ``Trainer`` (a drop-in for ``transformers.Trainer``) and ``AdapterCheckpointMixin`` (for another trainer class:
-``class MyTrainer(AdapterCheckpointMixin, SFTTrainer)``) change three things, and only for a model ``pk.patch``
+``class MyTrainer(AdapterCheckpointMixin, SFTTrainer)``) change two things, and only for a model ``pk.patch``
 made (anything else is left to transformers):
 
 * every save (the ``checkpoint-*`` folders, ``trainer.save_model()``) writes ``pk.save_adapter``'s
@@ -10,9 +10,10 @@ made (anything else is left to transformers):
   Tuning) are saved folded, as PEFT saves them, so their trainable parameters also go to
   ``peftkern_trainable.safetensors`` for resuming;
 * ``train(resume_from_checkpoint=...)`` and ``load_best_model_at_end`` read them back into the model in training:
-  the same parameters, bit for bit, as at the save;
-* dataset columns are kept by the wrapped model's forward signature under a prompt / prefix wrapper, as
-  ``Trainer`` does for a PEFT model.
+  the same parameters, bit for bit, as at the save.
+
+``pk.patch`` patches in place, so everything else (the dataset columns ``Trainer`` keeps by the forward's signature,
+activation checkpointing, the optimizer's parameters) is the model's own, for every method.
 
 Why a trainer rather than a callback: ``Trainer`` reads checkpoints back itself and only knows PEFT's ``PeftModel``
 as a model whose checkpoint is an adapter. The model's own ``save_pretrained`` is unchanged (the whole model).
@@ -20,7 +21,6 @@ With FSDP / DeepSpeed (where ``Trainer`` gathers a state dict) checkpoints stay 
 """
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Optional
@@ -29,7 +29,7 @@ import torch
 import transformers
 from torch import nn
 
-from ..patching import WEIGHTS_NAME, _expected, _inner, load_adapter, save_adapter
+from ..patching import WEIGHTS_NAME, _expected, load_adapter, save_adapter
 
 TRAINABLE_NAME = "peftkern_trainable.safetensors"
 
@@ -102,13 +102,6 @@ class AdapterCheckpointMixin:
         if model is None or not (Path(best) / WEIGHTS_NAME).is_file():
             return super()._load_best_model()
         load_checkpoint(model, best)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        model = self._patched_model()
-        if self._signature_columns is None and model is not None and _inner(model) is not model:
-            names = [*inspect.signature(model.forward).parameters, *inspect.signature(_inner(model).forward).parameters]
-            self._signature_columns = list(dict.fromkeys(names)) + list({"label", "label_ids", *self.label_names})
-        super()._set_signature_columns_if_needed()
 
 
 class Trainer(AdapterCheckpointMixin, transformers.Trainer):

@@ -4,17 +4,24 @@
 Every layer attends to P learned key/value vectors per KV head before the sequence. The prefix lives in one table
 ``prefix [P, L * 2 * Hkv * D]`` (PEFT's ``prompt_embeddings`` layout: layer l's keys at slot 2l, values at 2l + 1),
 either trained directly (P-Tuning v2, ``prefix_projection=False``) or produced by the MLP reparameterization
-``Embedding(P, Hkv D) -> Linear -> Tanh -> Linear`` during training (Prefix Tuning), which :meth:`fold` replaces
-by its output for inference and saving.
+``Embedding(P, Hkv D) -> Linear -> Tanh -> Linear`` during training (Prefix Tuning), which :meth:`PrefixTuning.fold`
+replaces by its output for inference and saving.
 
-The model's attention runs peftkern's prefix attention (registered with transformers' attention-function registry
-under ``"peftkern_prefix"``, with the padding-mask format of flash attention): no cache objects, no concatenation,
-gradient checkpointing works (the prefix of the current step is kept on each attention module). Sequence tokens
-take positions P .. P + S - 1, as with PEFT's prefix in the cache; RoPE is not applied to prefix keys.
+:func:`add_prefix` patches the model in place: the table is the model's submodule ``peftkern_prompt``, the model's
+attention runs peftkern's prefix attention (registered with transformers' attention-function registry under
+``"peftkern_prefix"``, with the padding-mask format of flash attention), and a pre-hook on the model's call hands
+each attention module its prefix for that call (kept on the module, so activation checkpointing recomputes with it)
+and places the sequence after the virtual tokens: positions ``P + position_ids`` (``P + cached + 0 .. S-1`` where
+the call gives none), as PEFT's prefix in the cache places them; RoPE is not applied to prefix keys.
+
+Generation: the prefix never enters the KV cache (a dynamic cache holds the sequence's keys only, so any length
+bookkeeping of ``generate`` is the model's own); the decoding steps, whose few queries follow the cached keys,
+attend to ``[prefix; cache]`` with SDPA (bottom-right causal). Static / compiled caches are refused.
 Attention-probability dropout is not applied (the fused op has none).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -23,26 +30,47 @@ from torch import nn
 from .. import _validate as V
 
 from ..ops.prefix_attention import prefix_attention
-from .prompt_tuning import ModelWrapper, load_table_
+from .prompt_tuning import ATTRIBUTE, cached_tokens, load_table_, register_call_hook, virtual_tokens
 
 ATTENTION_NAME = "peftkern_prefix"
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: query [B, Hq, S, D], key/value [B, Hkv, S, D]; attention_mask the 2-D
-    padding mask (1 = token) or None. Returns ([B, S, Hq, D], None)."""
+    """transformers attention function: query [B, Hq, Sq, D], key/value [B, Hkv, Sk, D] (Sk > Sq: the queries are
+    the last Sq of Sk keys, after a cache); attention_mask the 2-D padding mask over the Sk keys (1 = token) or
+    None. Returns ([B, Sq, Hq, D], None)."""
     prefix = getattr(module, "peftkern_prefix", None)
     if prefix is None:  # a layer without prefix (P = 0)
         empty = key.new_zeros(key.shape[1], 0, key.shape[-1])
         prefix = (empty, empty)
     padding = None if attention_mask is None else ~attention_mask.bool()
     if padding is not None and padding.shape[-1] != key.shape[-2]:
-        raise ValueError(f"the padding mask covers {padding.shape[-1]} keys but the layer has {key.shape[-2]} "
-                         f"(generation with a cache is not supported by prefix attention)")
-    out = prefix_attention(query, key, value, prefix[0].to(query.dtype), prefix[1].to(query.dtype),
-                           causal=bool(getattr(module, "is_causal", False)), key_padding_mask=padding,
-                           softmax_scale=scaling)
+        raise ValueError(f"the padding mask covers {padding.shape[-1]} keys but the layer has {key.shape[-2]}")
+    prefix_k, prefix_v = prefix[0].to(query.dtype), prefix[1].to(query.dtype)
+    causal = bool(getattr(module, "is_causal", False))
+    if query.shape[-2] == key.shape[-2]:
+        out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=padding,
+                               softmax_scale=scaling)
+    else:
+        out = _after_cache(query, key, value, prefix_k, prefix_v, causal, padding, scaling)
     return out.transpose(1, 2), None
+
+
+def _after_cache(q, k, v, prefix_k, prefix_v, causal: bool, padding: Optional[torch.Tensor], scale):
+    """Queries that follow cached keys (decoding): SDPA over ``[prefix; keys]``, query i seeing every prefix key and
+    the keys up to its own position ``Sk - Sq + i``. A decoding step has a query or a few, where the fused op (made
+    for Sq = Sk training) would save nothing."""
+    B, Sq, Sk, P = q.shape[0], q.shape[-2], k.shape[-2], prefix_k.shape[-2]
+    prefix_k = prefix_k.expand(B, *prefix_k.shape[-3:])
+    prefix_v = prefix_v.expand(B, *prefix_v.shape[-3:])
+    visible = torch.ones(B, 1, Sq, P + Sk, dtype=torch.bool, device=q.device)
+    if causal:
+        position = torch.arange(Sk - Sq, Sk, device=q.device)[:, None]
+        visible[..., P:] &= torch.arange(Sk, device=q.device) <= position
+    if padding is not None:
+        visible[..., P:] &= ~padding[:, None, None, :]
+    return nn.functional.scaled_dot_product_attention(q, torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2),
+                                                      attn_mask=visible, scale=scale, enable_gqa=True)
 
 
 def register_attention() -> None:
@@ -61,13 +89,11 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
     return sorted(layers, key=lambda m: m.layer_idx)
 
 
-class PrefixTuning(ModelWrapper):
-    """A frozen transformers model with a learned prefix at every layer; ``model(...)``'s arguments pass through.
-
-    ``num_virtual_tokens`` P (per task: several PrefixTuning over one frozen model each bring their own length);
-    ``prefix_projection`` the MLP reparameterization (Prefix Tuning; off: P-Tuning v2) with ``encoder_hidden_size``
-    hidden units (default the model's hidden size).
-    """
+class PrefixTuning(nn.Module):
+    """The learned prefix of a transformers model ``model`` (read for its config and attention modules, which
+    :attr:`layers` lists; :func:`add_prefix` attaches it): ``num_virtual_tokens`` P; ``prefix_projection`` the MLP
+    reparameterization (Prefix Tuning; off: P-Tuning v2) with ``encoder_hidden_size`` hidden units (default the
+    model's hidden size)."""
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, prefix_projection: bool = False,
                  encoder_hidden_size: Optional[int] = None):
@@ -79,30 +105,32 @@ class PrefixTuning(ModelWrapper):
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.num_virtual_tokens = num_virtual_tokens
+        self.layers = _attention_layers(model)
+        if len(self.layers) != self.num_layers:
+            raise ValueError(f"found {len(self.layers)} self-attention modules with layer_idx for "
+                             f"{self.num_layers} layers; this architecture is not supported")
         token_dim = self.num_kv_heads * self.head_dim
         out_dim = self.num_layers * 2 * token_dim
+        device = next(model.parameters()).device
         self.prefix_projection = prefix_projection
         if prefix_projection:
             hidden = encoder_hidden_size or cfg.hidden_size
-            self.embedding = nn.Embedding(num_virtual_tokens, token_dim)
-            self.transform = nn.Sequential(nn.Linear(token_dim, hidden), nn.Tanh(), nn.Linear(hidden, out_dim))
+            self.embedding = nn.Embedding(num_virtual_tokens, token_dim, device=device)
+            self.transform = nn.Sequential(nn.Linear(token_dim, hidden, device=device), nn.Tanh(),
+                                           nn.Linear(hidden, out_dim, device=device))
         else:
-            self.embedding = nn.Embedding(num_virtual_tokens, out_dim)
+            self.embedding = nn.Embedding(num_virtual_tokens, out_dim, device=device)
             self.transform = None
-        self.model = model
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self._layers = _attention_layers(model)
-        if len(self._layers) != self.num_layers:
-            raise ValueError(f"found {len(self._layers)} self-attention modules with layer_idx for "
-                             f"{self.num_layers} layers; this architecture is not supported")
-        register_attention()
-        model.set_attn_implementation(ATTENTION_NAME)
 
     def prefix(self) -> torch.Tensor:
         """[P, L * 2 * Hkv * D]: the table PEFT calls ``prompt_embeddings``."""
         table = self.embedding.weight
         return table if self.transform is None else self.transform(table)
+
+    def layer_prefixes(self) -> torch.Tensor:
+        """[L * 2, Hkv, P, D]: layer l's prefix keys at 2l, values at 2l + 1."""
+        kv = self.prefix().view(self.num_virtual_tokens, self.num_layers * 2, self.num_kv_heads, self.head_dim)
+        return kv.permute(1, 2, 0, 3)
 
     @torch.no_grad()
     def fold(self) -> None:
@@ -119,26 +147,43 @@ class PrefixTuning(ModelWrapper):
         self.fold()
         load_table_(self.embedding, prompt_embeddings, "[P, L * 2 * Hkv * D]")
 
-    def _set_layer_prefixes(self) -> None:
-        kv = self.prefix().view(self.num_virtual_tokens, self.num_layers * 2, self.num_kv_heads, self.head_dim)
-        kv = kv.permute(1, 2, 0, 3)  # [L * 2, Hkv, P, D]
-        for layer in self._layers:
-            layer.peftkern_prefix = (kv[2 * layer.layer_idx], kv[2 * layer.layer_idx + 1])
-
-    def forward(self, input_ids=None, *, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, **kwargs):
-        """The model's call; the usual text inputs are named so that transformers' ``Trainer``, which keeps only the
-        dataset columns the signature names, keeps them (those left None are not passed on)."""
-        self._set_layer_prefixes()
-        if position_ids is None:  # sequence tokens follow the P virtual tokens, as PEFT places them
-            ref = input_ids if input_ids is not None else inputs_embeds
-            B, S = ref.shape[0], ref.shape[1]
-            position_ids = torch.arange(self.num_virtual_tokens, self.num_virtual_tokens + S,
-                                        device=ref.device).expand(B, S)
-        given = {k: v for k, v in dict(token_type_ids=token_type_ids, labels=labels).items() if v is not None}
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                          position_ids=position_ids, **given, **kwargs)
-
     def extra_repr(self) -> str:
         return (f"num_virtual_tokens={self.num_virtual_tokens}, layers={self.num_layers}, "
                 f"kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, prefix_projection={self.prefix_projection}")
+
+
+def add_prefix(model: nn.Module, num_virtual_tokens: int, **options) -> PrefixTuning:
+    """Give every attention layer of ``model`` (a transformers model) a trainable prefix, in place: a
+    :class:`PrefixTuning` (``options``: its keyword arguments) as ``model.peftkern_prompt``, prefix attention as the
+    model's attention implementation and the call hook of the module docstring. Freezes nothing (``pk.patch``
+    freezes the base first). Returns the module."""
+    if virtual_tokens(model) is not None:
+        raise ValueError(f"model already has virtual tokens ({ATTRIBUTE})")
+    module = PrefixTuning(model, num_virtual_tokens, **options)
+    module.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
+    model.add_module(ATTRIBUTE, module)
+    register_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    register_call_hook(model, _place_after_prefix)
+    return module
+
+
+def _place_after_prefix(model: nn.Module, call: dict) -> dict:
+    """The call hook of :func:`add_prefix` (module docstring)."""
+    cache = call.get("past_key_values")
+    if getattr(cache, "is_compileable", False):
+        raise ValueError(f"past_key_values: prefix methods keep their prefix out of the KV cache and decode with the "
+                         f"dynamic cache (generate's default), got a {type(cache).__name__}")
+    module = virtual_tokens(model)
+    kv = module.layer_prefixes()
+    for layer in module.layers:
+        layer.peftkern_prefix = (kv[2 * layer.layer_idx], kv[2 * layer.layer_idx + 1])
+    if not module.takes_positions:
+        return call
+    ref = call.get("input_ids") if call.get("inputs_embeds") is None else call["inputs_embeds"]
+    if call.get("position_ids") is None and ref is not None:
+        seen = cached_tokens(cache)
+        call["position_ids"] = torch.arange(seen, seen + ref.shape[1], device=ref.device)[None]
+    if call.get("position_ids") is not None:
+        call["position_ids"] = call["position_ids"] + module.num_virtual_tokens
+    return call

@@ -2,18 +2,35 @@
 
 Prompt Tuning trains the P x hidden table directly (initialised at random, from P sampled vocabulary rows, or from
 a text); P-Tuning produces it with PEFT's prompt encoder (``encoder="lstm"``: bidirectional LSTM + two-layer MLP;
-``"mlp"``: three-layer MLP). The frozen model sees ``[prompt; inputs]``: the attention mask gets P ones in front,
-``labels`` P ignored positions (-100), ``token_type_ids`` P zeros, as PEFT arranges them. Module and parameter
-names follow PEFT's prompt encoder, so its saved weights load with ``load_state_dict``.
+``"mlp"``: three-layer MLP). Module and parameter names follow PEFT's prompt encoder, so its saved weights load with
+``load_state_dict``.
+
+:func:`add_prompt` patches the model in place: the table is the model's submodule ``peftkern_prompt`` (state_dict,
+optimizers and ``.to()`` see it) and a pre-hook on the model's call puts the virtual tokens first, as PEFT arranges
+them: ``inputs_embeds`` becomes ``[prompt; inputs]``, the attention mask gets P ones in front, token ``labels`` P
+ignored positions (-100), ``token_type_ids`` P zeros, given ``position_ids`` ``[0 .. P-1; P + position_ids]``. The
+model stays itself (its class, ``generate``, ``save_pretrained``, activation checkpointing, its forward's signature
+for ``Trainer``). With a KV cache the virtual tokens are in the cache's frame, as with PEFT: they enter once, on the
+call that fills an empty cache; later calls (``generate``'s decoding steps) get only the P mask ones and the position
+offset, and the cache holds P + the sequence's tokens.
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import inspect
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .. import _validate as V
+
+ATTRIBUTE = "peftkern_prompt"  # the model's submodule holding the virtual tokens (prompt or prefix)
+
+
+def virtual_tokens(model: nn.Module) -> Optional[nn.Module]:
+    """The :class:`PromptTuning` / prefix module :func:`add_prompt` or ``add_prefix`` put on ``model``, else None."""
+    return model._modules.get(ATTRIBUTE)
 
 
 def load_table_(embedding: nn.Embedding, prompt_embeddings: torch.Tensor, layout: str) -> None:
@@ -26,26 +43,41 @@ def load_table_(embedding: nn.Embedding, prompt_embeddings: torch.Tensor, layout
         embedding.weight.copy_(prompt_embeddings)
 
 
-class ModelWrapper(nn.Module):
-    """Base of the prompt and prefix wrappers: what transformers' ``Trainer`` asks of the model it trains and the
-    wrapper leaves as it is (its configs, activation checkpointing) is the wrapped ``model``'s."""
-
-    _DELEGATED = frozenset({"config", "generation_config", "activation_checkpointing_enable",
-                            "activation_checkpointing_disable", "gradient_checkpointing_enable",
-                            "gradient_checkpointing_disable", "is_activation_checkpointing",
-                            "is_gradient_checkpointing"})
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name not in self._DELEGATED:
-                raise
-            return getattr(super().__getattr__("model"), name)
+def register_call_hook(model: nn.Module, hook: Callable[[nn.Module, dict], dict]) -> None:
+    """Run ``hook(model, arguments) -> arguments`` before every call of ``model``, with the call's arguments by name
+    (positional ones named after the model's forward), so it can rewrite inputs wherever the caller put them."""
+    names = [p.name for p in inspect.signature(model.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    model.register_forward_pre_hook(functools.partial(_by_name, names, hook), with_kwargs=True)
 
 
-class PromptTuning(ModelWrapper):
-    def __init__(self, model: nn.Module, num_virtual_tokens: int, *, init: str = "random",
+def _by_name(names: list[str], hook: Callable, model: nn.Module, args: tuple, kwargs: dict):
+    if len(args) > len(names):
+        raise TypeError(f"{type(model).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
+    return (), hook(model, {**dict(zip(names, args)), **kwargs})
+
+
+def cached_tokens(cache) -> int:
+    """How many tokens a KV cache (``past_key_values``) already holds; 0 without one."""
+    return 0 if cache is None else int(cache.get_seq_length())
+
+
+def shift_positions(position_ids: torch.Tensor, num_virtual_tokens: int, prepend: bool) -> torch.Tensor:
+    """Sequence positions after P virtual tokens: ``position_ids + P``, with the virtual tokens' 0 .. P-1 in front
+    where they are part of the input (``prepend``). Any leading dims (batch, rope sections) are kept."""
+    shifted = position_ids + num_virtual_tokens
+    if not prepend:
+        return shifted
+    ahead = torch.arange(num_virtual_tokens, device=position_ids.device, dtype=position_ids.dtype)
+    return torch.cat([ahead.expand(*position_ids.shape[:-1], num_virtual_tokens), shifted], -1)
+
+
+class PromptTuning(nn.Module):
+    """The virtual tokens of a prompt-tuned model: the table ``embedding`` [P, hidden] and, for P-Tuning, the
+    encoder that turns it into what the model sees (:meth:`prompts`). ``words``: the model's input embeddings
+    (width, device, and the rows ``init="vocab"`` / ``"text"`` start from)."""
+
+    def __init__(self, words: nn.Embedding, num_virtual_tokens: int, *, init: str = "random",
                  init_text: Optional[str] = None, tokenizer=None, encoder: Optional[str] = None,
                  encoder_hidden_size: Optional[int] = None, encoder_num_layers: int = 2, encoder_dropout: float = 0.0):
         super().__init__()
@@ -54,13 +86,9 @@ class PromptTuning(ModelWrapper):
             raise ValueError(f"init must be 'random', 'vocab' or 'text', got {init!r}")
         if encoder not in (None, "lstm", "mlp"):
             raise ValueError(f"encoder must be None (prompt tuning), 'lstm' or 'mlp' (P-Tuning), got {encoder!r}")
-        self.model = model
-        for p in model.parameters():
-            p.requires_grad_(False)
-        words = model.get_input_embeddings()
-        dim = words.weight.shape[1]
+        dim, device = words.weight.shape[1], words.weight.device
         self.num_virtual_tokens = num_virtual_tokens
-        self.embedding = nn.Embedding(num_virtual_tokens, dim, device=words.weight.device)
+        self.embedding = nn.Embedding(num_virtual_tokens, dim, device=device)
         self._initialise(words, init, init_text, tokenizer)
         self.encoder = encoder
         hidden = encoder_hidden_size or dim
@@ -68,11 +96,13 @@ class PromptTuning(ModelWrapper):
         self.mlp_head = None
         if encoder == "lstm":
             self.lstm_head = nn.LSTM(dim, hidden, num_layers=encoder_num_layers, dropout=encoder_dropout,
-                                     bidirectional=True, batch_first=True)
-            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden), nn.ReLU(), nn.Linear(2 * hidden, dim))
+                                     bidirectional=True, batch_first=True, device=device)
+            self.mlp_head = nn.Sequential(nn.Linear(2 * hidden, 2 * hidden, device=device), nn.ReLU(),
+                                          nn.Linear(2 * hidden, dim, device=device))
         elif encoder == "mlp":
-            self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                          nn.Linear(hidden, dim))
+            self.mlp_head = nn.Sequential(nn.Linear(dim, hidden, device=device), nn.ReLU(),
+                                          nn.Linear(hidden, hidden, device=device), nn.ReLU(),
+                                          nn.Linear(hidden, dim, device=device))
 
     @torch.no_grad()
     def _initialise(self, words: nn.Embedding, init: str, init_text, tokenizer) -> None:
@@ -105,22 +135,49 @@ class PromptTuning(ModelWrapper):
         load_table_(self.embedding, prompt_embeddings, "[P, hidden]")
         self.encoder, self.lstm_head, self.mlp_head = None, None, None
 
-    def forward(self, input_ids=None, *, attention_mask=None, inputs_embeds=None, labels=None, token_type_ids=None,
-                **kwargs):
-        if inputs_embeds is None:
-            inputs_embeds = self.model.get_input_embeddings()(input_ids)
-        B = inputs_embeds.shape[0]
-        P = self.num_virtual_tokens
-        prompts = self.prompts().to(inputs_embeds.dtype).expand(B, -1, -1)
-        inputs_embeds = torch.cat([prompts, inputs_embeds], 1)
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask.new_ones(B, P), attention_mask], 1)
-        if labels is not None and labels.dim() == 2:  # token labels (causal LM): the prompt is not predicted
-            labels = torch.cat([labels.new_full((B, P), -100), labels], 1)
-        if token_type_ids is not None:
-            token_type_ids = torch.cat([token_type_ids.new_zeros(B, P), token_type_ids], 1)
-            kwargs["token_type_ids"] = token_type_ids
-        return self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
-
     def extra_repr(self) -> str:
         return f"num_virtual_tokens={self.num_virtual_tokens}, encoder={self.encoder}"
+
+
+def add_prompt(model: nn.Module, num_virtual_tokens: int, **options) -> PromptTuning:
+    """Put P trainable virtual tokens before every input of ``model`` (a transformers model), in place: a
+    :class:`PromptTuning` (``options``: its keyword arguments) as ``model.peftkern_prompt`` and the call hook of the
+    module docstring. Freezes nothing (``pk.patch`` freezes the base first). Returns the module."""
+    if virtual_tokens(model) is not None:
+        raise ValueError(f"model already has virtual tokens ({ATTRIBUTE})")
+    module = PromptTuning(model.get_input_embeddings(), num_virtual_tokens, **options)
+    model.add_module(ATTRIBUTE, module)
+    register_call_hook(model, _prepend)
+    return module
+
+
+def _prepend(model: nn.Module, call: dict) -> dict:
+    """The call hook of :func:`add_prompt` (module docstring)."""
+    P = virtual_tokens(model).num_virtual_tokens
+    ids, embeds, mask = call.get("input_ids"), call.get("inputs_embeds"), call.get("attention_mask")
+    ref = embeds if embeds is not None else ids
+    if ref is None:
+        return call
+    B = ref.shape[0]
+    if mask is not None:
+        if mask.dim() != 2:
+            raise ValueError(f"attention_mask must be the 2-D [batch, sequence] padding mask with prompt tuning (the "
+                             f"virtual tokens are put in front of it), got shape {tuple(mask.shape)}: a static / "
+                             f"compiled cache builds 4-D masks; generate with the default dynamic cache")
+        call["attention_mask"] = torch.cat([mask.new_ones(B, P), mask], 1)
+    prefill = cached_tokens(call.get("past_key_values")) == 0
+    if call.get("position_ids") is not None:
+        call["position_ids"] = shift_positions(call["position_ids"], P, prepend=prefill)
+    if not prefill:  # the cache holds the virtual tokens already
+        return call
+    if embeds is None:
+        embeds = model.get_input_embeddings()(ids)
+    prompts = virtual_tokens(model).prompts().to(embeds.dtype)
+    call["inputs_embeds"] = torch.cat([prompts.expand(B, -1, -1), embeds], 1)
+    call["input_ids"] = None
+    labels, types = call.get("labels"), call.get("token_type_ids")
+    if labels is not None and labels.dim() == 2:  # token labels (causal LM): the prompt is not predicted
+        call["labels"] = torch.cat([labels.new_full((B, P), -100), labels], 1)
+    if types is not None:
+        call["token_type_ids"] = torch.cat([types.new_zeros(B, P), types], 1)
+    return call

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..nn.lora import LoRALinear
 from .adapters import add_adapters
-from .prefix_tuning import PrefixTuning
+from .prefix_tuning import PrefixTuning, add_prefix
 
 
 class GatedLoRALinear(LoRALinear):
@@ -36,33 +36,29 @@ class GatedLoRALinear(LoRALinear):
         return base + (torch.sigmoid(self.gate(xa)) * lora).to(base.dtype)
 
 
-def _gated_prefix_hook(wrapper: PrefixTuning, gate: nn.Linear, module: nn.Module, args, kwargs):
+def _gated_prefix_hook(prefix: PrefixTuning, gate: nn.Linear, module: nn.Module, args, kwargs):
     """Before an attention module runs: its prefix, scaled per example by the gate of its input."""
     h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    kv = wrapper.prefix().view(wrapper.num_virtual_tokens, wrapper.num_layers * 2, wrapper.num_kv_heads,
-                               wrapper.head_dim).permute(1, 2, 0, 3)  # [L * 2, Hkv, P, D]
+    kv = prefix.layer_prefixes()
     g = torch.sigmoid(gate(h.to(gate.weight.dtype).mean(1)))[:, :, None, None]  # [B, 1, 1, 1]
     i = module.layer_idx
     module.peftkern_prefix = (kv[2 * i][None] * g, kv[2 * i + 1][None] * g)
 
 
 def unipelt(model: nn.Module, *, lora_targets: list[str], r: int = 8, lora_alpha: float = 16,
-            num_virtual_tokens: int = 10, reduction_factor: float = 16, non_linearity: str = "relu") -> PrefixTuning:
-    """Gated LoRA on ``lora_targets`` (module names), a gated prefix and a gated FFN adapter in every layer.
-    Freezes nothing itself (the caller freezes the base first). Returns the prefix wrapper (the model's new call)."""
+            num_virtual_tokens: int = 10, reduction_factor: float = 16, non_linearity: str = "relu") -> nn.Module:
+    """Gated LoRA on ``lora_targets`` (module names), a gated prefix (its gates beside the prefix, in
+    ``model.peftkern_prompt.gates``) and a gated FFN adapter in every layer, in place. Freezes nothing itself (the
+    caller freezes the base first). Returns the model."""
     for name in lora_targets:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child,
                 GatedLoRALinear.from_linear(model.get_submodule(name), r=r, lora_alpha=lora_alpha))
     add_adapters(model, "pfeiffer", reduction_factor=reduction_factor, non_linearity=non_linearity, gated=True)
-    frozen = {id(p): p.requires_grad for p in model.parameters()}
-    wrapper = PrefixTuning(model, num_virtual_tokens)
-    for p in model.parameters():  # PrefixTuning freezes the model: what was trainable stays so
-        p.requires_grad_(frozen[id(p)])
+    prefix = add_prefix(model, num_virtual_tokens)
     d = model.config.hidden_size
-    ref = wrapper.embedding.weight
-    wrapper.prefix_gates = nn.ModuleList(nn.Linear(d, 1, device=ref.device, dtype=ref.dtype)
-                                         for _ in wrapper._layers)
-    for layer, gate in zip(wrapper._layers, wrapper.prefix_gates):
-        layer.register_forward_pre_hook(functools.partial(_gated_prefix_hook, wrapper, gate), with_kwargs=True)
-    return wrapper
+    ref = prefix.embedding.weight
+    prefix.gates = nn.ModuleList(nn.Linear(d, 1, device=ref.device, dtype=ref.dtype) for _ in prefix.layers)
+    for layer, gate in zip(prefix.layers, prefix.gates):
+        layer.register_forward_pre_hook(functools.partial(_gated_prefix_hook, prefix, gate), with_kwargs=True)
+    return model

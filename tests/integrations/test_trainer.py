@@ -182,10 +182,11 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
     assert not all(torch.equal(now[n], last[n]) for n in now)
 
 
-@pytest.mark.parametrize("method", ["qlora", "prefix_tuning"])
+@pytest.mark.parametrize("method", ["qlora", "prompt_tuning", "prefix_tuning"])
 def test_plain_transformers_trainer_writes_whole_model_checkpoints_that_load(method, tmp_path):
-    """The patched model under transformers' own Trainer: the prefix wrapper's signature keeps the inputs, and a QLoRA
-    model's state dict (bitsandbytes' keys, code tables every layer shares) saves with safetensors."""
+    """The patched model under transformers' own Trainer: patched in place, its forward's signature keeps the inputs
+    and labels, the prompt / prefix table is in its state dict, and a QLoRA model's state dict (bitsandbytes' keys,
+    code tables every layer shares) saves with safetensors."""
     model = _patched(method)
     trainer, columns = _trainer(model, METHODS[method][0], tmp_path, transformers.Trainer, max_steps=2)
     trainer.train()
@@ -194,6 +195,8 @@ def test_plain_transformers_trainer_writes_whole_model_checkpoints_that_load(met
     if method == "qlora":
         suffixes = ("weight.quant_map", "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4")
         assert all(any(k.endswith(s) for k in state) for s in suffixes)
+    else:
+        assert "peftkern_prompt.embedding.weight" in state
     fresh = _patched(method)
     fresh.load_state_dict(state)
     mine, theirs = fresh.state_dict(), model.state_dict()

@@ -1,5 +1,6 @@
-"""Prefix Tuning / P-Tuning v2 through peftkern's prefix attention: PEFT's logits and prefix gradients on the same
-prefix (BERT encoder, Llama GQA decoder, padding), gradient checkpointing, the MLP reparameterization and fold."""
+"""Prefix Tuning / P-Tuning v2 through ``pk.patch`` and peftkern's prefix attention: the model patched in place,
+PEFT's logits and prefix gradients on the same prefix (BERT encoder, Llama GQA decoder, padding, position ids),
+gradient checkpointing, the MLP reparameterization and fold."""
 from __future__ import annotations
 
 import copy
@@ -7,37 +8,24 @@ import copy
 import pytest
 import torch
 import peft
-import transformers
 
+import peftkern as pk
 from peftkern.methods.prefix_tuning import PrefixTuning
+from tests._helpers import tiny_bert, tiny_llama
 
 P = 5
 
 
-def _bert():
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, max_position_embeddings=64, attention_probs_dropout_prob=0.0,
-                                  hidden_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(cfg), "SEQ_CLS"
-
-
-def _llama():
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg), "CAUSAL_LM"
-
-
-def _pair(build):
-    torch.manual_seed(0)
-    model, task = build()
-    ours_base = copy.deepcopy(model)
+def _pair(arch: str):
+    """(PEFT's prefix-tuned model, ours holding the same prefix: PEFT's saved adapter, and head), both eval."""
+    model, task = (tiny_bert(), "SEQ_CLS") if arch == "bert" else (tiny_llama(), "CAUSAL_LM")
+    ours = pk.patch(copy.deepcopy(model), "p_tuning_v2", num_virtual_tokens=P)
     pm = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=P))
     table = pm.prompt_encoder["default"].embedding.weight
     torch.nn.init.normal_(table)
-    ours = PrefixTuning(ours_base, P)
-    ours.load_prompt_embeddings(peft.get_peft_model_state_dict(pm)["prompt_embeddings"])  # PEFT's saved adapter
+    ours.peftkern_prompt.load_prompt_embeddings(peft.get_peft_model_state_dict(pm)["prompt_embeddings"])
     if task == "SEQ_CLS":  # PEFT trains a copy of the head: give ours the same
-        ours.model.classifier.load_state_dict(pm.base_model.classifier.modules_to_save["default"].state_dict())
+        ours.classifier.load_state_dict(pm.base_model.classifier.modules_to_save["default"].state_dict())
     return pm, ours, table
 
 
@@ -49,74 +37,72 @@ def _batch():
     return ids, mask
 
 
-@pytest.mark.parametrize("build", [_bert, _llama], ids=["bert", "llama-gqa"])
-def test_peft_logits_and_prefix_gradients(build):
-    pm, ours, table = _pair(build)
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_peft_logits_and_prefix_gradients(arch):
+    pm, ours, table = _pair(arch)
     ids, mask = _batch()
-    keep = mask.bool() if build is _llama else torch.ones(2, dtype=torch.bool)
+    keep = mask.bool() if arch == "llama" else torch.ones(2, dtype=torch.bool)
     lp = pm(input_ids=ids, attention_mask=mask).logits
     lo = ours(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(lo[keep], lp[keep], rtol=1e-5, atol=1e-5)
     lp[keep].square().sum().backward()
     lo[keep].square().sum().backward()
-    torch.testing.assert_close(ours.embedding.weight.grad, table.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.peftkern_prompt.embedding.weight.grad, table.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_a_prompt_length_per_task_on_one_base():
-    """P-Tuning v2 style: two tasks with their own prefix lengths over one frozen model, each its own numbers."""
-    torch.manual_seed(0)
-    base, _ = _llama()
-    base.eval()
-    ids, mask = _batch()
-    tasks = {p: PrefixTuning(base, p) for p in (3, 8)}
-    for t in tasks.values():
-        torch.nn.init.normal_(t.embedding.weight)
-    alone = {p: t(input_ids=ids, attention_mask=mask).logits.detach() for p, t in tasks.items()}
-    interleaved = [tasks[p](input_ids=ids, attention_mask=mask).logits for p in (8, 3, 8)]
-    torch.testing.assert_close(interleaved[0], alone[8])
-    torch.testing.assert_close(interleaved[1], alone[3])
-    assert not torch.allclose(alone[3], alone[8])
+def test_given_position_ids_follow_the_prefix_as_in_peft():
+    """PEFT moves given position ids past its P cached prefix tokens: the same numbers for the same ids, by position
+    or by name, and the default ids (none given) are 0 .. S-1 before the shift."""
+    pm, ours, _ = _pair("llama")
+    ids, _ = _batch()
+    positions = (torch.arange(7) + 3).expand(2, 7)
+    ref = pm(input_ids=ids, position_ids=positions).logits
+    torch.testing.assert_close(ours(input_ids=ids, position_ids=positions).logits, ref, rtol=1e-5, atol=1e-5)
+    default = ours(ids).logits
+    torch.testing.assert_close(ours(input_ids=ids, position_ids=torch.arange(7)[None]).logits, default,
+                               rtol=0, atol=0)
 
 
-def test_gradient_checkpointing_same_gradients():
-    _, ours, _ = _pair(_llama)
+def test_patched_in_place_with_gradient_checkpointing():
+    _, ours, _ = _pair("llama")
     ids, mask = _batch()
     ours.train()
-    ours.model(input_ids=ids).logits  # warm the lazy modules
     grads = []
     for checkpointing in (False, True):
         if checkpointing:
-            ours.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        ours.embedding.weight.grad = None
+            ours.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        ours.peftkern_prompt.embedding.weight.grad = None
         ours(input_ids=ids, attention_mask=mask).logits.square().mean().backward()
-        grads.append(ours.embedding.weight.grad.clone())
+        grads.append(ours.peftkern_prompt.embedding.weight.grad.clone())
+    assert ours.is_activation_checkpointing and type(ours).__name__ == "LlamaForCausalLM"
     torch.testing.assert_close(grads[1], grads[0])
 
 
 def test_prefix_projection_trains_and_folds():
-    torch.manual_seed(0)
-    model, _ = _bert()
-    ours = PrefixTuning(model, P, prefix_projection=True, encoder_hidden_size=24)
+    ours = pk.patch(tiny_bert(), "prefix_tuning", num_virtual_tokens=P, encoder_hidden_size=24)
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
-    assert trainable == {"embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight",
-                         "transform.2.bias"}
+    prefix = {"embedding.weight", "transform.0.weight", "transform.0.bias", "transform.2.weight", "transform.2.bias"}
+    assert trainable == {f"peftkern_prompt.{n}" for n in prefix} | {"classifier.weight", "classifier.bias"}
     ids, mask = _batch()
     opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    ours.train()
     for _ in range(2):
         ours(input_ids=ids, attention_mask=mask).logits.square().mean().backward()
         opt.step()
         opt.zero_grad()
     ours.eval()
     before = ours(input_ids=ids, attention_mask=mask).logits
-    ours.fold()
-    assert ours.transform is None and tuple(ours.embedding.weight.shape) == (P, 2 * 2 * 32)
+    ours.peftkern_prompt.fold()
+    assert ours.peftkern_prompt.transform is None
+    assert tuple(ours.peftkern_prompt.embedding.weight.shape) == (P, 2 * 2 * 32)
     torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits, before)
 
 
 def test_bad_input():
-    model, _ = _bert()
     with pytest.raises(ValueError, match="num_virtual_tokens"):
-        PrefixTuning(model, 0)
-    ours = PrefixTuning(model, P)
+        pk.patch(tiny_bert(), "p_tuning_v2", num_virtual_tokens=0)
+    with pytest.raises(ValueError, match="num_virtual_tokens"):
+        PrefixTuning(tiny_bert(), 0)
+    ours = pk.patch(tiny_bert(), "p_tuning_v2", num_virtual_tokens=P)
     with pytest.raises(ValueError, match="prompt_embeddings must have shape"):
-        ours.load_prompt_embeddings(torch.zeros(P, 7))
+        ours.peftkern_prompt.load_prompt_embeddings(torch.zeros(P, 7))

@@ -1,5 +1,6 @@
-"""Prompt Tuning and P-Tuning (LSTM / MLP prompt encoders): PEFT's logits and prompt gradients on the same weights,
-initialisations, labels, bad input."""
+"""Prompt Tuning and P-Tuning (LSTM / MLP prompt encoders) through ``pk.patch``: the model patched in place (its class,
+its call by position or name, its transformers API), PEFT's logits and prompt gradients on the same weights,
+initialisations, position ids, labels, bad input."""
 from __future__ import annotations
 
 import copy
@@ -8,44 +9,46 @@ import pytest
 import torch
 import peft
 import transformers
+from safetensors.torch import load_file
 
+import peftkern as pk
 from peftkern.methods.prompt_tuning import PromptTuning
+from tests._helpers import tiny_bert, tiny_llama
 
 P = 4
+BUILDERS = {"llama": (tiny_llama, "CAUSAL_LM"), "bert": (tiny_bert, "SEQ_CLS")}
 
 
-def _models():
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
-    bcfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                   intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                   attention_probs_dropout_prob=0.0)
-    return {"llama": (lambda: transformers.LlamaForCausalLM(cfg), "CAUSAL_LM"),
-            "bert": (lambda: transformers.BertForSequenceClassification(bcfg), "SEQ_CLS")}
+def _patch(model, encoder=None, **options):
+    if encoder is None:
+        return pk.patch(model, "prompt_tuning", num_virtual_tokens=P, **options)
+    return pk.patch(model, "p_tuning", num_virtual_tokens=P, encoder=encoder, encoder_hidden_size=24, **options)
+
+
+def _batch():
+    torch.manual_seed(1)
+    ids = torch.randint(0, 100, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    return ids, mask
 
 
 @pytest.mark.parametrize("encoder", [None, "mlp", "lstm"], ids=["prompt-tuning", "p-tuning-mlp", "p-tuning-lstm"])
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_matches_peft(arch, encoder):
-    build, task = _models()[arch]
-    torch.manual_seed(0)
-    model = build().eval()
-    ours = PromptTuning(copy.deepcopy(model), P, encoder=encoder, encoder_hidden_size=24)
+    build, task = BUILDERS[arch]
+    model = build()
+    ours = _patch(copy.deepcopy(model), encoder)
     if encoder is None:
         config = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=P)
     else:
         config = peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=P, encoder_hidden_size=24,
                                           encoder_reparameterization_type=encoder.upper())
     pm = peft.get_peft_model(model, config)
-    encoder_state = pm.prompt_encoder["default"].state_dict()
-    missing, unexpected = ours.load_state_dict(encoder_state, strict=False)
-    assert not unexpected and all(k.startswith("model.") for k in missing)
+    ours.peftkern_prompt.load_state_dict(pm.prompt_encoder["default"].state_dict())  # PEFT's names, all of them
     if task == "SEQ_CLS":
-        ours.model.classifier.load_state_dict(pm.base_model.classifier.modules_to_save["default"].state_dict())
-    torch.manual_seed(1)
-    ids = torch.randint(0, 100, (2, 6))
-    mask = torch.ones(2, 6, dtype=torch.long)
-    mask[1, 4:] = 0
+        ours.classifier.load_state_dict(pm.base_model.classifier.modules_to_save["default"].state_dict())
+    ids, mask = _batch()
     extra = {"labels": ids} if task == "CAUSAL_LM" else {}
     out_p = pm(input_ids=ids, attention_mask=mask, **extra)
     out_o = ours(input_ids=ids, attention_mask=mask, **extra)
@@ -54,33 +57,65 @@ def test_matches_peft(arch, encoder):
         torch.testing.assert_close(out_o.loss, out_p.loss)
     out_p.logits.square().sum().backward()
     out_o.logits.square().sum().backward()
-    torch.testing.assert_close(ours.embedding.weight.grad, pm.prompt_encoder["default"].embedding.weight.grad,
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours.peftkern_prompt.embedding.weight.grad,
+                               pm.prompt_encoder["default"].embedding.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_patched_in_place_and_called_as_the_model(arch, tmp_path):
+    """The same object of the same class, its table a submodule (state_dict, save_pretrained, activation
+    checkpointing are the model's), and its call the model's: by position or by name, with position ids (the
+    virtual tokens take 0 .. P-1, the sequence follows) and BERT's token type ids."""
+    build, _ = BUILDERS[arch]
+    model = build()
+    cls = type(model)
+    ours = _patch(model, "mlp")
+    assert ours is model and type(ours) is cls
+    assert {k for k in ours.state_dict() if k.startswith("peftkern_prompt.")} == {
+        f"peftkern_prompt.{k}" for k in ours.peftkern_prompt.state_dict()}
+    ids, mask = _batch()
+    ref = ours(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours(ids, mask).logits, ref, rtol=0, atol=0)
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask, position_ids=positions).logits, ref,
+                               rtol=1e-6, atol=1e-6)
+    if arch == "bert":
+        types = torch.ones_like(ids)
+        with_types = ours(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
+        embeds = torch.cat([ours.peftkern_prompt.prompts().expand(2, -1, -1), ours.get_input_embeddings()(ids)], 1)
+        by_hand = ours.bert(inputs_embeds=embeds, attention_mask=torch.cat([torch.ones(2, P).long(), mask], 1),
+                            token_type_ids=torch.cat([torch.zeros(2, P).long(), types], 1)).pooler_output
+        torch.testing.assert_close(with_types, ours.classifier(by_hand), rtol=1e-6, atol=1e-6)
+    ours.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert {k for k in saved if k.startswith("peftkern_prompt.")} == {
+        k for k in ours.state_dict() if k.startswith("peftkern_prompt.")}
+    ours.train()
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert ours.is_gradient_checkpointing
+    ours(input_ids=ids, attention_mask=mask).logits.square().mean().backward()
+    assert ours.peftkern_prompt.embedding.weight.grad.abs().sum() > 0
 
 
 def test_loads_peft_saved_prompt_embeddings():
     """PEFT saves what the model sees (the encoder's output for P-Tuning): loading it reproduces PEFT's logits."""
-    build, task = _models()["llama"]
-    torch.manual_seed(0)
-    model = build().eval()
-    ours = PromptTuning(copy.deepcopy(model), P, encoder="mlp", encoder_hidden_size=24)
-    pm = peft.get_peft_model(model, peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=P,
+    model = tiny_llama()
+    ours = _patch(copy.deepcopy(model), "mlp")
+    pm = peft.get_peft_model(model, peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=P,
                                                              encoder_hidden_size=24))
     saved = peft.get_peft_model_state_dict(pm)["prompt_embeddings"]
-    ours.load_prompt_embeddings(saved)
-    assert ours.encoder is None
+    ours.peftkern_prompt.load_prompt_embeddings(saved)
+    assert ours.peftkern_prompt.encoder is None
     ids = torch.randint(0, 100, (2, 6))
     torch.testing.assert_close(ours(input_ids=ids).logits, pm(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="prompt_embeddings must have shape"):
-        ours.load_prompt_embeddings(saved[:, :3])
+        ours.peftkern_prompt.load_prompt_embeddings(saved[:, :3])
 
 
 def test_initialisations():
-    build, _ = _models()["llama"]
-    torch.manual_seed(0)
-    model = build()
+    model = tiny_llama()
     words = model.get_input_embeddings().weight
-    vocab = PromptTuning(model, P, init="vocab")
+    vocab = pk.patch(model, "prompt_tuning", num_virtual_tokens=P, init="vocab").peftkern_prompt
     rows = (vocab.embedding.weight[:, None, :] == words[None]).all(-1).any(-1)
     assert rows.all()  # every virtual token starts as some vocabulary row
 
@@ -88,19 +123,24 @@ def test_initialisations():
         def __call__(self, text, add_special_tokens=False):
             return {"input_ids": [ord(c) % 100 for c in text]}
 
-    text = PromptTuning(build(), 5, init="text", init_text="ab", tokenizer=Tok())
-    torch.testing.assert_close(text.embedding.weight, text.model.get_input_embeddings()(
+    text = pk.patch(tiny_llama(), "prompt_tuning", num_virtual_tokens=5, init="text", init_text="ab", tokenizer=Tok())
+    torch.testing.assert_close(text.peftkern_prompt.embedding.weight, text.get_input_embeddings()(
         torch.tensor([97 % 100, 98 % 100] * 2 + [97 % 100])))
-    assert [n for n, p in text.named_parameters() if p.requires_grad] == ["embedding.weight"]
+    assert [n for n, p in text.named_parameters() if p.requires_grad] == ["peftkern_prompt.embedding.weight"]
 
 
 def test_bad_input():
-    build, _ = _models()["llama"]
     with pytest.raises(ValueError, match="num_virtual_tokens"):
-        PromptTuning(build(), 0)
+        pk.patch(tiny_llama(), "prompt_tuning", num_virtual_tokens=0)
     with pytest.raises(ValueError, match="init must be"):
-        PromptTuning(build(), P, init="zeros")
+        pk.patch(tiny_llama(), "prompt_tuning", init="zeros")
     with pytest.raises(ValueError, match="encoder must be"):
-        PromptTuning(build(), P, encoder="gru")
+        pk.patch(tiny_llama(), "p_tuning", encoder="gru")
     with pytest.raises(ValueError, match="init_text"):
-        PromptTuning(build(), P, init="text")
+        pk.patch(tiny_llama(), "prompt_tuning", init="text")
+    with pytest.raises(ValueError, match="init must be"):
+        PromptTuning(tiny_llama().get_input_embeddings(), P, init="zeros")
+    ours = _patch(tiny_llama())
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="attention_mask must be the 2-D"):
+        ours(input_ids=ids, attention_mask=mask[:, None, None, :])
