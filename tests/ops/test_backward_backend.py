@@ -1,5 +1,6 @@
 """The forward decides, the backward follows: the backend (and dropout seed) that served a forward serves its backward,
-also when the backward runs outside the ``use_backend`` block or on another thread (PyTorch's CUDA autograd worker)."""
+also when the backward runs outside the ``use_backend`` block or on another thread (PyTorch's CUDA autograd worker).
+And what a forward and backward run every step never waits for the GPU (no host sync)."""
 import threading
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import peftkern as pk
 from peftkern import backend
 
-from .._helpers import DEVICE
+from .._helpers import DEVICE, no_host_syncs, requires_cuda
 
 BACKWARD_OPS = ("lora_backward", "qlora_backward", "multi_lora_backward", "nf4_matmul", "adapter_backward",
                 "prefix_attention_backward", "sparse_masked_grad", "sparse_diff_dgrad")
@@ -154,3 +155,37 @@ def test_backward_ops_have_their_forwards_backends():
     pairs += [("sparse_diff_forward", "sparse_masked_grad"), ("sparse_diff_forward", "sparse_diff_dgrad")]
     for fwd, bwd in pairs:
         assert set(backend.registered(fwd)) == set(backend.registered(bwd)), (fwd, bwd)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_implementations_never_sync_the_host(case, monkeypatch):
+    """A Triton forward and backward with every op implementation run inside no_host_syncs: none calls what would wait
+    for a GPU (the checks before them read host tensors, or, for the sparse indices, run once per tensor)."""
+    for impls in backend._registry.values():
+        for name, fn in impls.items():
+            def checked(*args, _fn=fn):
+                with no_host_syncs():
+                    return _fn(*args)
+            monkeypatch.setitem(impls, name, checked)
+    torch.manual_seed(0)
+    leaves, forward = CASES[case]()
+    with pk.use_backend("triton"):
+        forward().sum().backward()
+    assert all(t.grad is not None for t in leaves)
+
+
+@requires_cuda
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_forward_and_backward_never_wait_for_the_gpu(case):
+    """torch.cuda.set_sync_debug_mode("error") raises on nothing in a Triton forward and backward (after a first one,
+    which compiles the kernels and checks the sparse indices)."""
+    torch.manual_seed(0)
+    leaves, forward = CASES[case]()
+    with pk.use_backend("triton"):
+        forward().sum().backward()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            forward().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

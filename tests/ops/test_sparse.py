@@ -8,8 +8,8 @@ import torch
 import peftkern as pk
 from peftkern.backend import registered, run
 from peftkern.ops.sparse.reference import masked_weight_grad_reference, sparse_diff_linear_reference
-from tests._helpers import (DEVICE, assert_close, backends, no_host_syncs, on_device, poison_, requires_cuda,
-                            saved_bytes, shape_id)
+from tests._helpers import (DEVICE, assert_close, backends, no_host_syncs, on_device, poison_, saved_bytes,
+                            shape_id)
 
 BACKENDS = [b for b in backends() if getattr(b, "values", (b,))[0] in registered("sparse_diff_forward")]
 SHAPES = [(1, 37, 29), (37, 130, 29), (2 * 33, 64, 96)]  # (N, in, out)
@@ -215,7 +215,7 @@ def test_indices_checked_once_per_version():
 @pytest.mark.parametrize("density", [0.005, 0.1], ids=["nnz-le-out", "nnz-gt-out"])
 def test_forward_and_backward_never_sync_the_host(backend, density):
     """What runs every call (the indices are checked once per tensor, before): none of the ops that would wait for a
-    GPU (checked here as the ops called; on CUDA by the next test), and the right numbers."""
+    GPU (checked here as the ops called; on CUDA in test_backward_backend.py), and the right numbers."""
     c = _case(9, 40, 29, density)
     x, w, b, idx, v, g = (c[n] for n in ("x", "weight", "bias", "indices", "values", "g"))
     with no_host_syncs():
@@ -226,18 +226,3 @@ def test_forward_and_backward_never_sync_the_host(backend, density):
     for name, o, r in zip(("y", "dx", "dvalues"), out, (ref[0], ref[1], ref[3])):
         assert_close(o, r, name=name)
 
-
-@requires_cuda
-def test_cuda_forward_and_backward_never_wait_for_the_gpu():
-    """torch.cuda.set_sync_debug_mode("error") raises on nothing in a Triton forward and backward (after a first call,
-    which compiles the kernels and checks the indices)."""
-    c = _case(37, 130, 29, 0.05)
-    with pk.use_backend("triton"):
-        _run(pk.sparse_diff_linear, c)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            out = _run(pk.sparse_diff_linear, c)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    for name, o, r in zip(NAMES, out, _run(sparse_diff_linear_reference, c, to=torch.float64)):
-        assert_close(o, r, name=name)
