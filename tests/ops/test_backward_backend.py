@@ -176,13 +176,14 @@ def test_triton_implementations_never_sync_the_host(case, monkeypatch):
 
 
 @requires_cuda
+@pytest.mark.parametrize("name", ["triton", "auto"])  # auto: the CUDA library's launchers where it has the op
 @pytest.mark.parametrize("case", list(CASES))
-def test_cuda_forward_and_backward_never_wait_for_the_gpu(case):
-    """torch.cuda.set_sync_debug_mode("error") raises on nothing in a Triton forward and backward (after a first one,
-    which compiles the kernels and checks the sparse indices)."""
+def test_cuda_forward_and_backward_never_wait_for_the_gpu(case, name):
+    """torch.cuda.set_sync_debug_mode("error") raises on nothing in a forward and backward (after a first one, which
+    compiles the kernels and checks the sparse indices)."""
     torch.manual_seed(0)
     leaves, forward = CASES[case]()
-    with pk.use_backend("triton"):
+    with pk.use_backend(name):
         forward().sum().backward()
         torch.cuda.set_sync_debug_mode("error")
         try:
