@@ -10,7 +10,7 @@ int64 (``ops/triton_blocks.py``).
 import triton
 import triton.language as tl
 
-from ..triton_blocks import tile_offsets
+from ..triton_blocks import offsets, tile_offsets
 
 
 @triton.jit
@@ -139,12 +139,15 @@ def adapter_bwd_weight_kernel(x_ptr, y_ptr, out_ptr, sum_ptr, N, D, M, stride_xn
     acc = tl.zeros((BLOCK_D, BLOCK_M), dtype=tl.float32)
     sx = tl.zeros((BLOCK_D,), dtype=tl.float32)
     sy = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # the X^T and Y tiles at n0 = 0, moved by a scalar each step: 64-bit tile offsets rebuilt every step spill
+    x_tile = x_ptr + tile_offsets(cols, tl.arange(0, BLOCK_N), 1, stride_xn)
+    y_tile = y_ptr + tile_offsets(tl.arange(0, BLOCK_N), mids, M, 1)
     for n0 in range(0, N, BLOCK_N):
         rows = n0 + tl.arange(0, BLOCK_N)  # [BN]
-        x_t = tl.load(x_ptr + tile_offsets(cols, rows, 1, stride_xn),
-                      mask=(rows[None, :] < N) & (cols[:, None] < D), other=0.0)  # [BD, BN] = X^T tile
-        y = tl.load(y_ptr + tile_offsets(rows, mids, M, 1),
-                    mask=(rows[:, None] < N) & (mids[None, :] < M), other=0.0).to(tl.float32)  # [BN, BM]
+        x_t = tl.load(x_tile + offsets(n0, stride_xn), mask=(rows[None, :] < N) & (cols[:, None] < D),
+                      other=0.0)  # [BD, BN] = X^T tile
+        y = tl.load(y_tile + offsets(n0, M), mask=(rows[:, None] < N) & (mids[None, :] < M),
+                    other=0.0).to(tl.float32)  # [BN, BM]
         if APPLY_ACT:
             y = adapter_act(y, ACT)
         acc = tl.dot(x_t.to(DOT_DTYPE), y.to(DOT_DTYPE), acc, input_precision=PRECISION)
