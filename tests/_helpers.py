@@ -141,13 +141,16 @@ def tiny_bert(seed: int = 0, hidden: int = 32, layers: int = 2, num_labels: int 
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32):
-    """A random LlamaForCausalLM with grouped-query attention (4 query heads over 2 key/value heads), in eval mode."""
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, **config):
+    """A random LlamaForCausalLM with grouped-query attention (4 query heads over 2 key/value heads), in eval mode;
+    ``config`` overrides config fields (e.g. ``initializer_range=0.3``: at the default 0.02 the context barely moves
+    the logits)."""
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(**{**dict(vocab_size=100, hidden_size=hidden, num_hidden_layers=layers,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             intermediate_size=2 * hidden, max_position_embeddings=64), **config})
     return transformers.LlamaForCausalLM(cfg).eval()
 
 

@@ -12,7 +12,8 @@ attention runs peftkern's prefix attention (registered with transformers' attent
 ``"peftkern_prefix"``, with the padding-mask format of flash attention), and a pre-hook on the model's call hands
 each attention module its prefix for that call (kept on the module, so activation checkpointing recomputes with it)
 and places the sequence after the virtual tokens: positions ``P + position_ids`` (``P + cached + 0 .. S-1`` where
-the call gives none), as PEFT's prefix in the cache places them; RoPE is not applied to prefix keys.
+the call gives none), as PEFT's prefix in the cache places them; RoPE is not applied to prefix keys. Models whose
+forward takes no ``position_ids`` keep their own positions.
 
 Generation: the prefix never enters the KV cache (a dynamic cache holds the sequence's keys only, so any length
 bookkeeping of ``generate`` is the model's own); the decoding steps, whose few queries follow the cached keys,
@@ -170,10 +171,7 @@ def add_prefix(model: nn.Module, num_virtual_tokens: int, **options) -> PrefixTu
 
 def _place_after_prefix(model: nn.Module, call: dict) -> dict:
     """The call hook of :func:`add_prefix` (module docstring)."""
-    cache = call.get("past_key_values")
-    if getattr(cache, "is_compileable", False):
-        raise ValueError(f"past_key_values: prefix methods keep their prefix out of the KV cache and decode with the "
-                         f"dynamic cache (generate's default), got a {type(cache).__name__}")
+    seen = cached_tokens(call.get("past_key_values"))
     module = virtual_tokens(model)
     kv = module.layer_prefixes()
     for layer in module.layers:
@@ -182,7 +180,6 @@ def _place_after_prefix(model: nn.Module, call: dict) -> dict:
         return call
     ref = call.get("input_ids") if call.get("inputs_embeds") is None else call["inputs_embeds"]
     if call.get("position_ids") is None and ref is not None:
-        seen = cached_tokens(cache)
         call["position_ids"] = torch.arange(seen, seen + ref.shape[1], device=ref.device)[None]
     if call.get("position_ids") is not None:
         call["position_ids"] = call["position_ids"] + module.num_virtual_tokens

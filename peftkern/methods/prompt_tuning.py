@@ -58,7 +58,11 @@ def _by_name(names: list[str], hook: Callable, model: nn.Module, args: tuple, kw
 
 
 def cached_tokens(cache) -> int:
-    """How many tokens a KV cache (``past_key_values``) already holds; 0 without one."""
+    """How many tokens a KV cache (``past_key_values``) already holds; 0 without one. Static (compilable) caches,
+    whose size ``generate`` chooses from the sequence alone, are refused."""
+    if getattr(cache, "is_compileable", False):
+        raise ValueError(f"past_key_values: prompt and prefix methods decode with a dynamic cache (generate's "
+                         f"default, no cache_implementation), got a {type(cache).__name__}")
     return 0 if cache is None else int(cache.get_seq_length())
 
 
@@ -159,13 +163,12 @@ def _prepend(model: nn.Module, call: dict) -> dict:
     if ref is None:
         return call
     B = ref.shape[0]
+    prefill = cached_tokens(call.get("past_key_values")) == 0
     if mask is not None:
         if mask.dim() != 2:
             raise ValueError(f"attention_mask must be the 2-D [batch, sequence] padding mask with prompt tuning (the "
-                             f"virtual tokens are put in front of it), got shape {tuple(mask.shape)}: a static / "
-                             f"compiled cache builds 4-D masks; generate with the default dynamic cache")
+                             f"virtual tokens are put in front of it), got shape {tuple(mask.shape)}")
         call["attention_mask"] = torch.cat([mask.new_ones(B, P), mask], 1)
-    prefill = cached_tokens(call.get("past_key_values")) == 0
     if call.get("position_ids") is not None:
         call["position_ids"] = shift_positions(call["position_ids"], P, prepend=prefill)
     if not prefill:  # the cache holds the virtual tokens already
