@@ -91,10 +91,10 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
 
 
 class PrefixTuning(nn.Module):
-    """The learned prefix of a transformers model ``model`` (read for its config and attention modules, which
-    :attr:`layers` lists; :func:`add_prefix` attaches it): ``num_virtual_tokens`` P; ``prefix_projection`` the MLP
-    reparameterization (Prefix Tuning; off: P-Tuning v2) with ``encoder_hidden_size`` hidden units (default the
-    model's hidden size)."""
+    """The learned prefix of a transformers model ``model`` (read for its config, whether its forward takes
+    ``position_ids``, and its attention modules, which :attr:`layers` lists; :func:`add_prefix` attaches it):
+    ``num_virtual_tokens`` P; ``prefix_projection`` the MLP reparameterization (Prefix Tuning; off: P-Tuning v2)
+    with ``encoder_hidden_size`` hidden units (default the model's hidden size)."""
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, prefix_projection: bool = False,
                  encoder_hidden_size: Optional[int] = None):
@@ -106,6 +106,7 @@ class PrefixTuning(nn.Module):
         self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.num_virtual_tokens = num_virtual_tokens
+        self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         self.layers = _attention_layers(model)
         if len(self.layers) != self.num_layers:
             raise ValueError(f"found {len(self.layers)} self-attention modules with layer_idx for "
@@ -161,7 +162,6 @@ def add_prefix(model: nn.Module, num_virtual_tokens: int, **options) -> PrefixTu
     if virtual_tokens(model) is not None:
         raise ValueError(f"model already has virtual tokens ({ATTRIBUTE})")
     module = PrefixTuning(model, num_virtual_tokens, **options)
-    module.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
     model.add_module(ATTRIBUTE, module)
     register_attention()
     model.set_attn_implementation(ATTENTION_NAME)
