@@ -1,19 +1,25 @@
 """Ahead-of-time compilation of the Triton kernels, no GPU needed: PTX and cubin per arch, registers and spills.
 
-Each family's ``triton_impl`` (the module of its implementations registered for the "triton" backend, so a new
-family cannot be missed) lists its kernels in ``KERNELS`` (:class:`KernelSpec`: the jit function, a
-representative signature, its constexprs, launch options). :func:`compile_spec` compiles one for a CUDA
-arch and reads the register and spill figures from the log of Triton's bundled ``ptxas -v`` (re-running it on
-the PTX when Triton's cache served the cubin).
+The gate compiles what the launchers launch, as Triton's JIT would compile it. Each family's ``triton_impl`` (the
+module of its implementations registered for the "triton" backend, so a new family cannot be missed) lists
+``AOT_SCENARIOS``: representative training steps ({variant: function}) that call its launchers on aligned CPU
+tensors of real model sizes. :func:`kernel_specs` runs them with every ``kernel[grid](...)`` recorded instead of
+launched (:func:`record_launches`) and hands each launch to Triton's own binder (``triton.runtime.jit``), so a
+:class:`KernelSpec` carries the launcher's tiles, warps and stages and the JIT's specialization: the
+``tt.divisibility`` marks of 16-byte aligned pointers and of ints divisible by 16, and ints equal to 1 turned into
+constants. Without those marks Triton emits scalar loads and no pipelining: other kernels than the ones that run.
+:func:`compile_spec` compiles one spec for its arch and reads the register and spill figures from the log of
+Triton's bundled ``ptxas -v`` (re-running it on the PTX when Triton's cache served the cubin).
 
 The compilation must run with ``TRITON_INTERPRET`` unset (with it set, the jit functions are interpreter
-objects): :func:`report` runs :func:`main` with ``--json`` in a clean subprocess, so callers that interpret
-(the tests) can use it too. ``python -c "import peftkern._aot as a; a.main()" [--arch 80 90]`` prints a table.
+objects): :func:`report` runs :func:`compile_all` in a clean subprocess, so callers that interpret (the tests)
+can use it too. ``python -c "import peftkern._aot as a; a.main()" [--arch 80 90]`` prints a table.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import json
@@ -26,23 +32,42 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, NamedTuple
+from unittest import mock
 
 DEFAULT_ARCHS = (80, 90)
+# SMs of the GPU each arch stands for (A100, H100 SXM): launchers that split work to fill the device size their
+# grids, and so some runtime ints, by it
+SM_COUNTS = {80: 108, 90: 132}
+PROGRAMS_PER_SM = 4  # triton_launch.programs_wanted's rule on a GPU
 
 
 class KernelSpec(NamedTuple):
-    """One jit kernel in a representative configuration (the launcher's GPU defaults)."""
-    fn: Any  # the @triton.jit function
-    signature: dict  # runtime argument -> Triton type ("*bf16", "*fp32", "i32", "fp32")
-    constexprs: dict  # constexpr argument -> value
-    num_warps: int = 4
-    num_stages: int = 3
-    aligned: tuple = ()  # runtime arguments hinted divisible by 16 (pointers, sizes, strides), as the JIT would
-    variant: str = ""  # what this configuration represents, e.g. "bf16 x, fp32 adapters, dropout"
+    """One kernel launch as Triton's JIT compiles it for ``sm_<arch>``: the jit function (by module and name, so a
+    spec pickles to a compile worker) and the ``ASTSource`` arguments and options ``JITFunction.run`` derives from
+    the launch's arguments."""
+    module: str
+    name: str
+    variant: str  # the scenario that launched it, e.g. "bf16 base, fp32 adapters r16, dropout"
+    arch: int
+    signature: dict  # argument -> Triton type ("*bf16", "i32", "constexpr", ...)
+    constexprs: dict  # (argument index,) -> value: constexpr arguments and the runtime ints the JIT fixes (== 1)
+    attrs: dict  # (argument index,) -> [["tt.divisibility", 16]] or []: the JIT's marks of every runtime argument
+    options: dict  # the parsed compile options (num_warps, num_stages, ...)
 
     @property
-    def name(self) -> str:
-        return self.fn.__name__
+    def fn(self):
+        return getattr(importlib.import_module(self.module), self.name)
+
+    def divisible(self) -> list[str]:
+        """The runtime arguments marked divisible by 16 (aligned pointers, sizes and strides)."""
+        names = self.fn.arg_names
+        return [names[path[0]] for path, marks in self.attrs.items() if ["tt.divisibility", 16] in marks]
+
+    def specialized(self) -> dict:
+        """The runtime arguments the JIT turned into constants (ints equal to 1, None)."""
+        params = self.fn.params
+        return {params[path[0]].name: value for path, value in self.constexprs.items()
+                if not params[path[0]].is_constexpr}
 
 
 def kernel_modules() -> list[str]:
@@ -54,25 +79,86 @@ def kernel_modules() -> list[str]:
     return list(dict.fromkeys(mods))
 
 
-def kernel_specs() -> list[KernelSpec]:
-    specs = []
-    for mod in kernel_modules():
-        specs.extend(importlib.import_module(mod).KERNELS)
-    return specs
+class Launch(NamedTuple):
+    kernel: Any  # the jit (or interpreted) function
+    args: tuple
+    kwargs: dict
+    callers: tuple  # the code objects of the calling frames, innermost first
 
 
-def _ast_source(spec: KernelSpec):
+@contextlib.contextmanager
+def record_launches(sm_count: int):
+    """Within the block, ``kernel[grid](*args, **kwargs)`` of every Triton kernel (jit or interpreted) appends a
+    :class:`Launch` to the yielded list instead of launching, and the launchers size their grids for a GPU of
+    ``sm_count`` SMs (on CPU tensors ``programs_wanted`` answers the interpreter's 2)."""
+    from triton.runtime.jit import KernelInterface
+
+    from .ops import triton_launch
+
+    launches: list[Launch] = []
+
+    def record(kernel, *args, **kwargs):
+        frame, callers = sys._getframe(1), []
+        while frame is not None:
+            callers.append(frame.f_code)
+            frame = frame.f_back
+        launches.append(Launch(kernel, args, kwargs, tuple(callers)))
+
+    wanted = triton_launch.programs_wanted
+    users = [m for name, m in list(sys.modules.items())
+             if name.startswith("peftkern.ops.") and getattr(m, "programs_wanted", None) is wanted]
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(
+            KernelInterface, "__getitem__", lambda kernel, grid: functools.partial(record, kernel)))
+        for m in users:
+            stack.enter_context(mock.patch.object(m, "programs_wanted", lambda device: PROGRAMS_PER_SM * sm_count))
+        yield launches
+
+
+def jit_specialization(kernel, args: tuple, kwargs: dict, arch: int) -> tuple[dict, dict, dict, dict]:
+    """(signature, constexprs, attrs, options) that ``JITFunction.run`` compiles for ``kernel[grid](*args,
+    **kwargs)`` on ``sm_<arch>``: Triton's own binder and ``_pack_args``, with the knobs ``run`` adds."""
     import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.jit import create_function_from_signature
 
-    fn = spec.fn
-    unknown = (set(spec.signature) | set(spec.constexprs)) - set(fn.arg_names)
-    missing = set(fn.arg_names) - set(spec.signature) - set(spec.constexprs)
-    if unknown or missing:
-        raise ValueError(f"{spec.name}: signature does not match the kernel (unknown {sorted(unknown)}, "
-                         f"missing {sorted(missing)})")
-    signature = {a: ("constexpr" if a in spec.constexprs else spec.signature[a]) for a in fn.arg_names}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
-    return triton.compiler.ASTSource(fn, signature, dict(spec.constexprs), attrs)
+    backend = triton.compiler.make_backend(GPUTarget("cuda", arch, 32))
+    knobs = triton.knobs
+    kwargs = dict(kwargs, debug=kwargs.get("debug", kernel.debug) or knobs.runtime.debug,
+                  instrumentation_mode=knobs.compilation.instrumentation_mode,
+                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return signature, constexprs, attrs, dict(options.__dict__)
+
+
+def scenario_launches(arch: int) -> list[tuple[str, Launch]]:
+    """(variant, launch) of every family's ``AOT_SCENARIOS`` sized for ``sm_<arch>``; the variant names the
+    scenario and the function it called that launched the kernel (an op or a launcher)."""
+    out = []
+    for module in kernel_modules():
+        for scenario, run in importlib.import_module(module).AOT_SCENARIOS.items():
+            code = getattr(run, "func", run).__code__
+            with record_launches(SM_COUNTS[arch]) as launches:
+                run()
+            for launch in launches:
+                called = launch.callers[launch.callers.index(code) - 1].co_name
+                out.append((f"{scenario}: {called}", launch))
+    return out
+
+
+def kernel_specs(arch: int) -> list[KernelSpec]:
+    """The distinct compilations of every family's ``AOT_SCENARIOS`` on ``sm_<arch>``, in launch order (a spec
+    launched again, by the same scenario or another, is listed once under its first variant)."""
+    if _interpreting():
+        raise RuntimeError("unset TRITON_INTERPRET to specialize like the JIT (or call peftkern._aot.report())")
+    specs: dict[str, KernelSpec] = {}
+    for variant, (kernel, args, kwargs, _) in scenario_launches(arch):
+        spec = KernelSpec(kernel.fn.__module__, kernel.__name__, variant, arch,
+                          *jit_specialization(kernel, args, kwargs, arch))
+        specs.setdefault(repr((spec.module, spec.name, *(sorted(d.items()) for d in spec[4:]))), spec)
+    return list(specs.values())
 
 
 _PTXAS_USED = re.compile(r"Used (\d+) registers")
@@ -106,49 +192,47 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
     return usage
 
 
-def compile_spec(spec: KernelSpec, arch: int) -> dict:
-    """Compile ``spec`` for ``sm_<arch>``; the result row: kernel, arch, registers, spills, shared memory."""
+def compile_spec(spec: KernelSpec) -> dict:
+    """Compile ``spec`` for its arch; the result row: kernel, variant, arch, launch config, the JIT's marks,
+    registers, spills, shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import sm_arch_from_capability
 
     start = time.perf_counter()
     log = io.StringIO()
+    source = triton.compiler.ASTSource(spec.fn, spec.signature, spec.constexprs, spec.attrs)
     # Triton runs ptxas -v itself; its log is printed only when asked (and not at all on a cache hit)
     with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
         triton.knobs.nvidia.dump_ptxas_log = True
-        compiled = triton.compile(_ast_source(spec), target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+        compiled = triton.compile(source, target=GPUTarget("cuda", spec.arch, 32), options=spec.options)
     if not compiled.asm.get("cubin"):
-        raise RuntimeError(f"{spec.name}: no cubin for sm_{arch}")
-    usage = parse_ptxas_log(log.getvalue()) or ptxas_usage(compiled.asm["ptx"], arch)
-    tiles = {k: v for k, v in spec.constexprs.items() if k.startswith("BLOCK_") or k == "GROUP_M"}
-    return {"kernel": spec.name, "variant": spec.variant, "arch": arch, "gpu": sm_arch_from_capability(arch),
-            "num_warps": spec.num_warps, "num_stages": spec.num_stages,
-            "config": {**tiles, "num_warps": spec.num_warps, "num_stages": spec.num_stages},
-            "shared_bytes": int(compiled.metadata.shared), **usage,
-            "seconds": round(time.perf_counter() - start, 2)}
-
-
-def _compile_job(index: int, arch: int) -> dict:
-    return compile_spec(kernel_specs()[index], arch)
+        raise RuntimeError(f"{spec.name}: no cubin for sm_{spec.arch}")
+    usage = parse_ptxas_log(log.getvalue()) or ptxas_usage(compiled.asm["ptx"], spec.arch)
+    names = spec.fn.arg_names
+    tiles = {names[path[0]]: v for path, v in spec.constexprs.items()
+             if names[path[0]].startswith("BLOCK_") or names[path[0]] == "GROUP_M"}
+    warps, stages = spec.options["num_warps"], spec.options["num_stages"]
+    return {"kernel": spec.name, "variant": spec.variant, "arch": spec.arch,
+            "gpu": sm_arch_from_capability(spec.arch), "num_warps": warps, "num_stages": stages,
+            "config": {**tiles, "num_warps": warps, "num_stages": stages},
+            "divisible": spec.divisible(), "specialized": spec.specialized(),
+            "shared_bytes": int(compiled.metadata.shared), **usage, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def compile_all(archs=DEFAULT_ARCHS, workers: int | None = None, progress: bool = False) -> list[dict]:
-    """Every kernel of :func:`kernel_modules` for every arch, in ``workers`` processes (default: the CPUs, <= 8);
+    """Every spec of :func:`kernel_specs` for every arch, in ``workers`` processes (default: the CPUs, <= 8);
     ``progress``: a progress bar on a terminal."""
     from ._console import progress_bar
 
-    if _interpreting():
-        raise RuntimeError("unset TRITON_INTERPRET to compile ahead of time (or call peftkern._aot.report())")
-    jobs = [(i, arch) for i in range(len(kernel_specs())) for arch in archs]
+    specs = [spec for arch in archs for spec in kernel_specs(arch)]
     workers = workers or min(8, os.cpu_count() or 1)
-    with progress_bar(len(jobs), "compiling", progress) as step:
+    with progress_bar(len(specs), "compiling", progress) as step:
         if workers == 1:
-            return [step(row["kernel"]) or row for row in map(_compile_job, *zip(*jobs))]
+            return [step(row["kernel"]) or row for row in map(compile_spec, specs)]
         # processes, not threads: Triton's compiler holds the GIL through most of a compile
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return [step(row["kernel"]) or row for row in pool.map(_compile_job, *zip(*jobs))]
+            return [step(row["kernel"]) or row for row in pool.map(compile_spec, specs)]
 
 
 def _interpreting() -> bool:
@@ -170,13 +254,16 @@ def report(archs=DEFAULT_ARCHS, timeout: float | None = 600, workers: int | None
 def format_table(rows: list[dict]) -> str:
     from ._console import format_table as table
 
-    cols = [("kernel", "kernel"), ("variant", "variant"), ("gpu", "arch"), ("num_warps", "warps"),
-            ("registers", "regs"), ("spill", "spill st/ld B"), ("shared_bytes", "smem B")]
-    return table([{**r, "spill": f"{r['spill_store_bytes']}/{r['spill_load_bytes']}"} for r in rows], cols)
+    cols = [("kernel", "kernel"), ("variant", "variant"), ("gpu", "arch"), ("tiles", "tiles"),
+            ("num_warps", "warps"), ("num_stages", "stages"), ("registers", "regs"), ("spill", "spill st/ld B"),
+            ("shared_bytes", "smem B")]
+    return table([{**r, "spill": f"{r['spill_store_bytes']}/{r['spill_load_bytes']}",
+                   "tiles": "x".join(str(v) for k, v in r["config"].items() if k.startswith("BLOCK_"))}
+                  for r in rows], cols)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), choices=sorted(SM_COUNTS),
                         help="compute capabilities (default: 80 90)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the rows as JSON to FILE")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: the CPUs, <= 8)")
@@ -191,8 +278,7 @@ def run_from_args(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
-    spilled = [f"{r['kernel']} ({r['variant']}, {r['gpu']})" for r in rows
-               if r["spills"]]
+    spilled = [f"{r['kernel']} ({r['variant']}, {r['gpu']})" for r in rows if r["spills"]]
     if spilled:
         print(f"register spills: {', '.join(spilled)}", file=sys.stderr)
         return 1

@@ -3,7 +3,7 @@
     peftkern info [--json]            versions, backends (with the reason one is unavailable), CUDA library status
     peftkern bench [lora|nf4|prefix|sparse|adapter|methods|all] [--quick] [--json F] [--plot F.png]  (benchmarks/)
     peftkern demo [--quick]           a real QLoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
-    peftkern kernels [--arch 80 90] [--json FILE]     compile the Triton kernels ahead of time (peftkern/_aot.py)
+    peftkern kernels [--arch 80 90] [--json FILE]     compile the launchers' kernel launches as the JIT would (_aot.py)
 """
 from __future__ import annotations
 
@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("kernels", help="compile the Triton kernels ahead of time (registers, spills)")
+    p = sub.add_parser("kernels", help="compile the kernels the launchers launch, as the JIT would (registers, spills)")
     if importlib.util.find_spec("triton") is not None:
         from ._aot import add_arguments as add_kernels_arguments
 

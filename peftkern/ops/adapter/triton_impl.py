@@ -1,12 +1,14 @@
-"""Triton launchers of the bottleneck adapter (kernels: triton_kernels.py); torch_impl.py's signatures."""
+"""Triton launchers of the bottleneck adapter (kernels: triton_kernels.py); torch_impl.py's signatures.
+``AOT_SCENARIOS`` are the launches ``peftkern kernels`` compiles (``peftkern._aot``)."""
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 
-from ..._aot import KernelSpec
 from ...backend import fallback, interpret_mode, register
-from ..triton_launch import TL_DTYPES, dot_dtype, launch_opts, out_buffer, precision, staged, unstage
+from ..triton_launch import dot_dtype, launch_opts, out_buffer, precision, staged, unstage
 from .triton_kernels import adapter_bwd_dz_dh_kernel, adapter_bwd_weight_kernel, adapter_fwd_kernel
 
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4}
@@ -17,15 +19,18 @@ def block_m(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
-def _gpu_cfg(m: int) -> dict:
+def _gpu_cfg(m: int, weight_grad: bool) -> dict:
     """The row tile shrinks as the bottleneck tile grows (the [BLOCK_N, BLOCK_M] fp32 tile lives in registers);
-    chosen so no kernel spills at M = 64 or 256 on sm_80 / sm_90 (`peftkern kernels`)."""
+    the weight gradient, which steps over rows by BLOCK_N beside its [BLOCK_D, BLOCK_M] accumulator, takes 32-row
+    steps up to M = 64 (64-row steps spill on sm_90). Chosen so no kernel spills at M = 64 or 256 on sm_80 / sm_90
+    as the JIT specializes them (`peftkern kernels`)."""
     bm = block_m(m)
-    return dict(BLOCK_N=64 if bm <= 64 else 16, BLOCK_D=32, BLOCK_M=bm, num_warps=8, num_stages=2)
+    rows = (32 if weight_grad else 64) if bm <= 64 else 16
+    return dict(BLOCK_N=rows, BLOCK_D=32, BLOCK_M=bm, num_warps=8, num_stages=2)
 
 
-def _cfg(m: int) -> dict:
-    return dict(BLOCK_N=16, BLOCK_D=16, BLOCK_M=block_m(m)) if interpret_mode() else _gpu_cfg(m)
+def _cfg(m: int, weight_grad: bool = False) -> dict:
+    return dict(BLOCK_N=16, BLOCK_D=16, BLOCK_M=block_m(m)) if interpret_mode() else _gpu_cfg(m, weight_grad)
 
 
 def _unsupported(op, h, w_down):
@@ -73,7 +78,7 @@ def bwd_weight(x, y, alpha, activation, apply_act, sum_x, transposed, dtype, out
     sums = out_buffer(out_sum, (D if sum_x else M,), dtype, x.device)
     wb, sb = staged(w), staged(sums)
     view = wb.t() if transposed else wb  # the kernel writes [D, M] through strides
-    cfg = _cfg(M)
+    cfg = _cfg(M, weight_grad=True)
     adapter_bwd_weight_kernel[(triton.cdiv(D, cfg["BLOCK_D"]),)](
         x, y, view, sb, N, D, M, x.stride(0), view.stride(0), view.stride(1), float(alpha),
         ACT=ACT_CODES[activation], APPLY_ACT=apply_act, SUM_X=sum_x, SUM_Y=not sum_x, **_common(x),
@@ -101,31 +106,19 @@ def backward(g, h, z, w_down, w_up, activation, residual, scale):
     return dh, dw_down, db_down, dw_up, db_up
 
 
-def _kernel_specs() -> list[KernelSpec]:
-    """bf16, GELU, a 64-wide and the widest (256) bottleneck."""
-    specs = []
-    for m in (64, MAX_BOTTLENECK):
-        cfg = _gpu_cfg(m)
-        tiles = dict(BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], ACT=1,
-                     DOT_DTYPE=TL_DTYPES[torch.bfloat16], PRECISION="ieee")
-        run = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], variant=f"bf16, gelu, M<={m}")
-        specs += [
-            KernelSpec(adapter_fwd_kernel, dict(h_ptr="*bf16", wd_ptr="*bf16", bd_ptr="*bf16", wu_ptr="*bf16",
-                                                bu_ptr="*bf16", y_ptr="*bf16", z_ptr="*bf16", N="i32", D="i32",
-                                                M="i32", stride_hn="i32", scale="fp32"),
-                       dict(tiles, RESIDUAL=True, HAS_BD=True, HAS_BU=True),
-                       aligned=("h_ptr", "wd_ptr", "wu_ptr", "y_ptr", "z_ptr"), **run),
-            KernelSpec(adapter_bwd_dz_dh_kernel, dict(g_ptr="*bf16", z_ptr="*bf16", wd_ptr="*bf16", wu_ptr="*bf16",
-                                                      dz_ptr="*fp32", dh_ptr="*bf16", N="i32", D="i32", M="i32",
-                                                      scale="fp32"),
-                       dict(tiles, RESIDUAL=True), aligned=("g_ptr", "z_ptr", "wd_ptr", "wu_ptr", "dz_ptr", "dh_ptr"),
-                       **run),
-            KernelSpec(adapter_bwd_weight_kernel, dict(x_ptr="*bf16", y_ptr="*bf16", out_ptr="*bf16",
-                                                       sum_ptr="*bf16", N="i32", D="i32", M="i32", stride_xn="i32",
-                                                       stride_od="i32", stride_om="i32", alpha="fp32"),
-                       dict(tiles, APPLY_ACT=True, SUM_X=True, SUM_Y=False), aligned=("x_ptr", "y_ptr"), **run),
-        ]
-    return specs
+# ------------------------------------------------------------------------------------ ahead-of-time listing
 
 
-KERNELS: list[KernelSpec] = _kernel_specs()
+def _aot_step(m: int) -> None:
+    """Forward and backward of a Houlsby adapter (GELU, biases, residual) of bottleneck ``m`` on bf16 hidden
+    states of width 4096, 1024 tokens."""
+    N, D = 1024, 4096
+    h, g = (torch.empty(N, D, dtype=torch.bfloat16) for _ in range(2))
+    w_down, b_down = torch.empty(m, D, dtype=h.dtype), torch.empty(m, dtype=h.dtype)
+    w_up, b_up = torch.empty(D, m, dtype=h.dtype), torch.empty(D, dtype=h.dtype)
+    _, z = forward(h, w_down, b_down, w_up, b_up, "gelu", True, 1.0)
+    backward(g, h, z, w_down, w_up, "gelu", True, 1.0)
+
+
+# representative launches for peftkern._aot: one per tile configuration
+AOT_SCENARIOS = {f"bf16, gelu, bottleneck {m}": functools.partial(_aot_step, m) for m in (64, MAX_BOTTLENECK)}

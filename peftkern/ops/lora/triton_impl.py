@@ -3,19 +3,17 @@
 The registered ops have the signatures and return conventions of torch_impl.py. The per-kernel launchers
 (:func:`shrink`, :func:`fwd`, :func:`bwd_dB_dh`, :func:`bwd_dA`, :func:`bwd_dx`) take optional
 ``out=`` buffers so tests can hand them NaN-poisoned ones. float64 inputs are served by torch_impl (the kernels
-accumulate in fp32). ``KERNELS`` lists every kernel in its GPU default configuration for ahead-of-time
-compilation (``peftkern._aot``).
+accumulate in fp32). ``AOT_SCENARIOS`` are the launches ``peftkern kernels`` compiles (``peftkern._aot``).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
-import triton.language as tl
 
-from ..._aot import KernelSpec
 from ...backend import fallback, interpret_mode, register, registered
-from ..triton_launch import (TL_DTYPES, dot_dtype, launch_opts, out_buffer, precision, programs_wanted, staged,
-                             unstage)
+from ..triton_launch import dot_dtype, launch_opts, out_buffer, precision, programs_wanted, staged, unstage
 from . import torch_impl
 from .triton_kernels import (lora_bwd_dA_kernel, lora_bwd_dB_dh_kernel, lora_bwd_dx_kernel,
                              lora_dropout_mask_kernel, lora_fwd_kernel, lora_shrink_kernel)
@@ -228,74 +226,25 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling: flo
 
 # ------------------------------------------------------------------------------------ ahead-of-time listing
 
-_TL_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+def _aot_step(lora_dtype: torch.dtype, r: int, dropout_p: float, rank_scale: bool) -> None:
+    """Forward and backward (dx too) of a LoRA layer over a bf16 4096 x 4096 base with bias, 1024 tokens; the
+    dropout mask's own kernel where dropout is on."""
+    N, K = 1024, 4096
+    x, g = (torch.empty(N, K, dtype=torch.bfloat16) for _ in range(2))
+    weight, bias = torch.empty(K, K, dtype=torch.bfloat16), torch.empty(K, dtype=torch.bfloat16)
+    lora_A, lora_B = torch.empty(r, K, dtype=lora_dtype), torch.empty(K, r, dtype=lora_dtype)
+    e = torch.empty(r, dtype=lora_dtype) if rank_scale else None
+    seed = 12345  # dropout seeds are random 31-bit ints: most are not multiples of 16
+    y, h = lora_forward(x, weight, bias, lora_A, lora_B, e, 2.0, dropout_p, seed)
+    lora_backward(g, x, weight, lora_A, lora_B, e, h, 2.0, dropout_p, seed, True)
+    if dropout_p:
+        dropout_keep_mask(seed, (N, K), dropout_p, x.device)
 
 
-def _spec(fn, cfg: dict, types: dict, constexprs: dict, aligned: tuple, variant: str) -> KernelSpec:
-    """A KernelSpec launched with ``cfg``'s tiles and options (pass unit strides as constexpr 1: the JIT
-    specializes them)."""
-    tiles = {k: v for k, v in cfg.items() if (k.startswith("BLOCK_") or k == "GROUP_M") and k in fn.arg_names}
-    return KernelSpec(fn, types, {**tiles, **constexprs}, num_warps=cfg["num_warps"],
-                      num_stages=cfg["num_stages"], aligned=aligned, variant=variant)
-
-
-def _i32(*names: str) -> dict:
-    return {n: "i32" for n in names}
-
-
-def _kernel_specs() -> list[KernelSpec]:
-    """Representative GPU launches over a bf16 base: PEFT's defaults (fp32 adapters, r = 8: a row stride of h
-    that is not a multiple of 16) and bf16 adapters at r = 64 (the largest rank chunk); dropout on where it
-    enlarges the kernel, off and on for dx; TF32 off. Sizes and strides that a typical model makes multiples of
-    16 carry the divisibility hint the JIT would give them."""
-    specs = []
-    for adapter, r in ((torch.float32, 8), (torch.bfloat16, 64)):
-        xt, at = "*bf16", "*" + _TL_NAMES[adapter]
-        block_r = min(max(16, triton.next_power_of_2(r)), _GPU["max_block_r"][adapter])
-        lora = dict(LORA_DOT_DTYPE=TL_DTYPES[adapter], PRECISION="ieee", BLOCK_R=block_r)
-        r16 = ("R",) if r % 16 == 0 else ()
-        variant = f"{_TL_NAMES[adapter]} adapters r{r}"
-        specs += [
-            _spec(lora_shrink_kernel, _GPU["shrink"],
-                  dict(x_ptr=xt, a_ptr=at, h_ptr=at, **_i32("N", "K", "R", "stride_xm", "stride_ar", "seed"),
-                       p="fp32", keep_scale="fp32"),
-                  dict(stride_xk=1, stride_ak=1, DROPOUT=True, **lora),
-                  ("x_ptr", "a_ptr", "h_ptr", "K", "stride_xm", "stride_ar") + r16, variant + ", dropout"),
-            _spec(lora_fwd_kernel, _GPU["fwd"],
-                  dict(x_ptr=xt, w_ptr=xt, bias_ptr=xt, h_ptr=at, e_ptr=at, b_ptr=at, y_ptr=xt,
-                       **_i32("N", "K", "O", "R", "stride_xm", "stride_wo", "stride_bo"), scaling="fp32"),
-                  dict(stride_xk=1, stride_wk=1, stride_br=1, HAS_BIAS=True, HAS_RANK_SCALE=True,
-                       DOT_DTYPE=tl.bfloat16, **lora),
-                  ("x_ptr", "w_ptr", "bias_ptr", "h_ptr", "e_ptr", "b_ptr", "y_ptr", "K", "O", "stride_xm",
-                   "stride_wo") + r16 + (("stride_bo",) if r16 else ()), variant + ", bias, rank scale"),
-            _spec(lora_bwd_dB_dh_kernel, _GPU["bwd_dB_dh"],
-                  dict(g_ptr=xt, b_ptr=at, h_ptr=at, e_ptr=at, dh_ptr="*fp32", db_ptr="*fp32", de_ptr="*fp32",
-                       **_i32("N", "O", "R", "stride_gm", "stride_bo", "stride_dh"), scaling="fp32"),
-                  dict(stride_go=1, stride_br=1, HAS_RANK_SCALE=True, **lora),
-                  ("g_ptr", "b_ptr", "h_ptr", "e_ptr", "dh_ptr", "db_ptr", "de_ptr", "O", "stride_gm", "stride_dh")
-                  + r16 + (("stride_bo",) if r16 else ()), variant + ", rank scale"),
-            _spec(lora_bwd_dA_kernel, _GPU["bwd_dA"],
-                  dict(dh_ptr="*fp32", x_ptr=xt, da_ptr="*fp32",
-                       **_i32("N", "K", "R", "stride_dh", "stride_xm", "rows_per_split", "seed"), p="fp32",
-                       keep_scale="fp32"),
-                  dict(stride_xk=1, DROPOUT=True, **lora),
-                  ("dh_ptr", "x_ptr", "da_ptr", "K", "stride_dh", "stride_xm", "rows_per_split") + r16,
-                  variant + ", dropout"),
-        ]
-        for dropout in (False, True):
-            specs.append(_spec(
-                lora_bwd_dx_kernel, _GPU["bwd_dx_dropout" if dropout else "bwd_dx"],
-                dict(g_ptr=xt, w_ptr=xt, dh_ptr="*fp32", a_ptr=at, dx_ptr=xt,
-                     **_i32("N", "K", "O", "R", "stride_gm", "stride_wo", "stride_dh", "stride_ar", "seed"),
-                     p="fp32", keep_scale="fp32"),
-                dict(stride_go=1, stride_wk=1, stride_ak=1, DROPOUT=dropout, DOT_DTYPE=tl.bfloat16, **lora),
-                ("g_ptr", "w_ptr", "dh_ptr", "a_ptr", "dx_ptr", "K", "O", "stride_gm", "stride_wo", "stride_dh",
-                 "stride_ar") + r16,
-                variant + (", dropout" if dropout else "")))
-    specs.append(_spec(lora_dropout_mask_kernel, _GPU["mask"],
-                       dict(keep_ptr="*i1", N="i32", K="i32", seed="i32", p="fp32"), {}, ("keep_ptr", "K"),
-                       "bool mask"))
-    return specs
-
-
-KERNELS: list[KernelSpec] = _kernel_specs()
+# representative launches for peftkern._aot: PEFT's fp32 adapters with dropout (and the dropout tile configs), and
+# bf16 adapters at the largest rank chunk with AdaLoRA's rank scale
+AOT_SCENARIOS = {
+    "bf16 base, fp32 adapters r16, dropout": functools.partial(_aot_step, torch.float32, 16, 0.1, False),
+    "bf16 base, bf16 adapters r64, rank scale": functools.partial(_aot_step, torch.bfloat16, 64, 0.0, True),
+}

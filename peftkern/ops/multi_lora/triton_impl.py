@@ -4,8 +4,8 @@ The registered ops have the signatures and return conventions of torch_impl.py. 
 adapter on the device (no host sync); the per-kernel launchers (:func:`shrink`, :func:`forward_gemm`,
 :func:`grad_shrink`, :func:`grad_b`, :func:`grad_a`, :func:`dgrad`) take a plan and, for the outputs the kernels fill
 row by row, optional ``out=`` buffers so tests can hand them NaN-poisoned ones. float64 tensors are served by
-torch_impl (the kernels accumulate in fp32). ``KERNELS`` lists every kernel in its GPU default configuration for
-ahead-of-time compilation (``peftkern._aot``).
+torch_impl (the kernels accumulate in fp32). ``AOT_SCENARIOS`` are the launches ``peftkern kernels`` compiles
+(``peftkern._aot``).
 """
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ from typing import NamedTuple
 
 import torch
 import triton
-import triton.language as tl
 
-from ..._aot import KernelSpec
 from ...backend import fallback, interpret_mode, register, registered
 from ..triton_launch import dot_dtype, launch_opts, out_buffer, precision, programs_wanted, staged, unstage
 from . import torch_impl
@@ -279,55 +277,16 @@ def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids
 # ------------------------------------------------------------------------------------- ahead-of-time listing
 
 
-def _kernel_specs() -> list[KernelSpec]:
-    """Representative GPU launches: bf16 x/W with PEFT's fp32 adapters, r = 16, TF32 off, contiguous tensors."""
-    bm, gemm, rank, red = _GPU["block_m"], _GPU["gemm"], _GPU["rank"], _GPU["reduce"]
-    opts = lambda cfg: dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])  # noqa: E731
-    lora = dict(LORA_DOT_DTYPE=tl.float32, PRECISION="ieee")
-    variant = "bf16 x/W, fp32 adapters, r16"
-    idx = dict(perm_ptr="*i32", table_ptr="*i32")
-    return [
-        KernelSpec(multi_lora_shrink_kernel,
-                   dict(x_ptr="*bf16", a_ptr="*fp32", h_ptr="*fp32", K="i32", R="i32", stride_xm="i32",
-                        stride_an="i32", stride_ar="i32", stride_hm="i32", **idx),
-                   dict(stride_xk=1, stride_ak=1, stride_hr=1, BLOCK_M=bm, BLOCK_R=16, BLOCK_K=rank["BLOCK_K"],
-                        **lora),
-                   aligned=("x_ptr", "a_ptr", "h_ptr", "K", "R", "stride_xm", "stride_an", "stride_ar", "stride_hm"),
-                   variant=variant, **opts(rank)),
-        *[KernelSpec(multi_lora_gemm_kernel,
-                     dict(lhs_ptr="*bf16", rhs_ptr="*bf16", bias_ptr="*bf16", lora_lhs_ptr="*fp32",
-                          lora_rhs_ptr="*fp32", scal_ptr="*fp32", out_ptr="*bf16", C="i32", K="i32", R="i32",
-                          stride_lm="i32", stride_llm="i32", stride_lra="i32", stride_om="i32", **idx,
-                          **{name: "i32" for name in strided}),
-                     dict(stride_lk=1, stride_llr=1, stride_oc=1, **{name: 1 for name in unit}, HAS_BIAS=bias,
-                          HAS_SCALE=bias, BLOCK_M=bm, BLOCK_C=gemm["BLOCK_N"], BLOCK_K=gemm["BLOCK_K"], BLOCK_R=16,
-                          DOT_DTYPE=tl.bfloat16, **lora),
-                     aligned=("lhs_ptr", "rhs_ptr", "bias_ptr", "lora_lhs_ptr", "lora_rhs_ptr", "out_ptr", "C", "K",
-                              "R", "stride_lm", "stride_llm", "stride_lra", "stride_om") + strided,
-                     variant=f"{variant}, {what}", **opts(gemm))
-          for what, bias, unit, strided in (
-              ("forward, bias", True, ("stride_rk", "stride_lrr"), ("stride_rc", "stride_lrc")),
-              ("dgrad", False, ("stride_rc", "stride_lrc"), ("stride_rk", "stride_lrr")))],
-        KernelSpec(multi_lora_grad_shrink_kernel,
-                   dict(g_ptr="*bf16", b_ptr="*fp32", scal_ptr="*fp32", dh_ptr="*fp32", N="i32", R="i32",
-                        stride_gm="i32", stride_bad="i32", stride_bn="i32", stride_dm="i32", **idx),
-                   dict(stride_gn=1, stride_br=1, stride_dr=1, BLOCK_M=bm, BLOCK_R=16, BLOCK_K=rank["BLOCK_K"],
-                        **lora),
-                   aligned=("g_ptr", "b_ptr", "dh_ptr", "N", "R", "stride_gm", "stride_bad", "stride_bn",
-                            "stride_dm"),
-                   variant=variant, **opts(rank)),
-        *[KernelSpec(multi_lora_segment_grad_kernel,
-                     dict(lhs_ptr="*bf16", rhs_ptr="*fp32", scal_ptr="*fp32", ws_ptr="*fp32", perm_ptr="*i32",
-                          seg_ptr="*i32", C="i32", R="i32", SPLIT="i32", stride_lm="i32", stride_rm="i32",
-                          stride_ws="i32", stride_wa="i32", **{free_stride: "i32"}),
-                     dict(stride_lc=1, stride_rr=1, **{unit_stride: 1}, HAS_SCALE=has_scale, BLOCK_M=red["BLOCK_M"],
-                          BLOCK_C=red["BLOCK_N"], BLOCK_R=16, **lora),
-                     aligned=("lhs_ptr", "rhs_ptr", "ws_ptr", "C", "R", "stride_lm", "stride_rm", "stride_ws",
-                              "stride_wa", free_stride),
-                     variant=f"{variant}, {what}", **opts(red))
-          for what, has_scale, free_stride, unit_stride in (("dB", True, "stride_wc", "stride_wr"),
-                                                            ("dA", False, "stride_wr", "stride_wc"))],
-    ]
+def _aot_step() -> None:
+    """Forward and backward (dx and adapter gradients) of a mixed batch over a bf16 4096 x 4096 base with bias:
+    8 sequences of 256 tokens over 4 fp32 adapters of rank 16 and the base alone (id -1)."""
+    B, S, K, n, r = 8, 256, 4096, 4, 16
+    x, g = (torch.empty(B, S, K, dtype=torch.bfloat16) for _ in range(2))
+    weight, bias = torch.empty(K, K, dtype=torch.bfloat16), torch.empty(K, dtype=torch.bfloat16)
+    lora_A, lora_B = torch.empty(n, r, K), torch.empty(n, K, r)
+    scalings, ids = torch.full((n,), 2.0), torch.arange(B) % (n + 1) - 1
+    y, h = multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, ids)
+    multi_lora_backward(g, x, weight, lora_A, lora_B, scalings, ids, h, True, True)
 
 
-KERNELS: list[KernelSpec] = _kernel_specs()
+AOT_SCENARIOS = {"bf16 base, 4 fp32 adapters r16 and the base": _aot_step}  # representative launches (peftkern._aot)

@@ -1,7 +1,7 @@
 """Triton launchers of the NF4 ops: allocate outputs, choose blocks, launch (kernels: triton_kernels.py).
 
-The registered ops have the signatures and return conventions of torch_impl.py. ``KERNELS`` lists every kernel in
-its GPU default configuration for ahead-of-time compilation (``peftkern._aot``).
+The registered ops have the signatures and return conventions of torch_impl.py. ``AOT_SCENARIOS`` are the launches
+``peftkern kernels`` compiles (``peftkern._aot``).
 """
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ from typing import NamedTuple, Optional
 
 import torch
 import triton
-import triton.language as tl
 
-from ..._aot import KernelSpec
 from ...backend import fallback, interpret_mode, register
 from ..lora import triton_impl as lora_triton
 from ..triton_launch import TL_DTYPES, dot_dtype, launch_opts, out_buffer, precision, staged, unstage
-from .torch_impl import NESTED_BLOCKSIZE
+from .torch_impl import NESTED_BLOCKSIZE, dynamic_code, nf4_code
 from .triton_kernels import (nf4_dequantize_kernel, nf4_gemv_kernel, nf4_matmul_kernel, nf4_quantize_absmax_kernel,
                              nf4_quantize_kernel)
 
@@ -198,55 +196,28 @@ def qlora_backward(grad_y, x, packed, absmax, code, blocksize: int, shape, weigh
 # ------------------------------------------------------------------------------------ ahead-of-time listing
 
 
-def _kernel_specs() -> list[KernelSpec]:
-    """Representative GPU launches: bf16 weights and activations, blocksize 64, double quantization."""
-    ew = dict(num_warps=4, num_stages=1)
-    gv = _GPU["gemv"]
-    bf16 = dict(W_DTYPE=tl.bfloat16, X_DTYPE=tl.bfloat16, HAND_BF16=False)
-    matmul = dict(a_ptr="*bf16", packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", bias_ptr="*bf16",
-                  out_ptr="*bf16", M="i32", C="i32", R="i32", stride_am="i32")
-    specs = [
-        KernelSpec(nf4_dequantize_kernel,
-                   dict(packed_ptr="*u8", absmax_ptr="*fp32", qabsmax_ptr="*u8", absmax2_ptr="*fp32",
-                        offset_ptr="*fp32", code_ptr="*fp32", code8_ptr="*fp32", out_ptr="*bf16", n="i32"),
-                   dict(BLOCKSIZE=64, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, DOUBLE_QUANT=True,
-                        BLOCK=_GPU["dequantize"]["BLOCK"]),
-                   aligned=("packed_ptr", "qabsmax_ptr", "out_ptr", "n"), variant="bf16, double quant", **ew),
-        KernelSpec(nf4_quantize_kernel, dict(w_ptr="*bf16", code_ptr="*fp32", packed_ptr="*u8", absmax_ptr="*fp32",
-                                             n="i32"),
-                   dict(BLOCKSIZE=64, ROWS=_GPU["quantize_elements"] // 64), aligned=("w_ptr", "packed_ptr", "n"),
-                   variant="bf16, blocksize 64", **ew),
-        KernelSpec(nf4_quantize_absmax_kernel, dict(absmax_ptr="*fp32", offset_ptr="*fp32", code8_ptr="*fp32",
-                                                    q_ptr="*u8", absmax2_ptr="*fp32", blocks="i32"),
-                   dict(NESTED_BLOCKSIZE=NESTED_BLOCKSIZE), aligned=("absmax_ptr", "q_ptr"), variant="nested", **ew),
-        KernelSpec(nf4_gemv_kernel, dict(matmul),
-                   dict(stride_ar=1, HAS_BIAS=True, BLOCKSIZE=64, BLOCK_C=gv["BLOCK_C"], BLOCK_R=gv["BLOCK_R"],
-                        **bf16),
-                   aligned=("a_ptr", "packed_ptr", "out_ptr", "C", "R", "stride_am"), variant="bf16, bias",
-                   num_warps=gv["num_warps"], num_stages=gv["num_stages"]),
-    ]
-    lora_sig = dict(lora_lhs_ptr="*fp32", lora_scale_ptr="*fp32", lora_rhs_ptr="*fp32", RL="i32", stride_ll="i32",
-                    seed="i32", p="fp32", keep_scale="fp32", lora_alpha="fp32")
-    # (variant, forward?, LoRA epilogue?, dropout in it?): nf4_linear's forward and dgrad, QLoRA's (fp32 adapters,
-    # r = 16, rank scale) forward and dgrad with dropout
-    for what, forward, lora, dropout in (("forward, bias", True, False, False), ("dgrad", False, False, False),
-                                         ("QLoRA forward, bias, rank scale", True, True, False),
-                                         ("QLoRA dgrad, dropout", False, True, True)):
-        free = "stride_wc" if forward else "stride_wr"
-        lora_strides = dict(stride_lrr=1) if forward else dict(stride_lrc=1)  # B^T / A rows
-        lora_free = "stride_lrc" if forward else "stride_lrr"
-        mm = _GPU["matmul_dropout" if dropout else "matmul"]
-        specs.append(KernelSpec(
-            nf4_matmul_kernel, {**matmul, free: "i32", **lora_sig, lora_free: "i32"},
-            dict(stride_ar=1, **({"stride_wr": 1} if forward else {"stride_wc": 1}), **lora_strides,
-                 HAS_BIAS=forward, BLOCKSIZE=64, DOT_DTYPE=tl.bfloat16, PRECISION="ieee", HAS_LORA=lora,
-                 HAS_LORA_SCALE=lora and forward, LORA_DROPOUT=dropout, LORA_DOT_DTYPE=tl.float32,
-                 BLOCK_M=mm["BLOCK_M"], BLOCK_C=mm["BLOCK_C"], BLOCK_R=mm["BLOCK_R"], BLOCK_RL=16,
-                 GROUP_M=mm["GROUP_M"], **bf16),
-            aligned=("a_ptr", "packed_ptr", "out_ptr", "C", "R", "stride_am", free, "lora_lhs_ptr", "lora_rhs_ptr",
-                     "RL", "stride_ll", lora_free),
-            variant=f"bf16, {what}", num_warps=mm["num_warps"], num_stages=mm["num_stages"]))
-    return specs
+def _aot_step() -> None:
+    """QLoRA's kernels on a bf16 4096 x 4096 weight (blocksize 64, double quantization): quantize, dequantize, the
+    NF4 matmul's forward with bias and dgrad at 1024 tokens, the GEMV of one decode token, and a QLoRA step with
+    fp32 adapters of rank 16 and dropout."""
+    from .function import NF4Tensor
+
+    N, K, r, seed = 1024, 4096, 16, 12345
+    code, code8 = nf4_code(), dynamic_code()
+    w = torch.empty(K, K, dtype=torch.bfloat16)
+    packed, absmax = quantize(w, 64, code)
+    qabsmax, absmax2, offset = quantize_absmax(absmax, code8)
+    q = NF4Tensor(packed, w.shape, w.dtype, 64, qabsmax=qabsmax, absmax2=absmax2, offset=offset, code=code,
+                  code8=code8)
+    dequantize_into(q, w.dtype)
+    x, g, bias = torch.empty(N, K, dtype=w.dtype), torch.empty(N, K, dtype=w.dtype), torch.empty(K, dtype=w.dtype)
+    nf4 = (packed, absmax, code, 64, (K, K), w.dtype)
+    nf4_matmul(x, *nf4, True, bias)
+    nf4_matmul(g, *nf4, False)
+    nf4_matmul(x[:1], *nf4, True, bias)
+    lora_A, lora_B = torch.empty(r, K), torch.empty(K, r)
+    _, h = qlora_forward(x, *nf4, None, lora_A, lora_B, None, 2.0, 0.1, seed)
+    qlora_backward(g, x, *nf4, lora_A, lora_B, None, h, 2.0, 0.1, seed, True)
 
 
-KERNELS: list[KernelSpec] = _kernel_specs()
+AOT_SCENARIOS = {"bf16 weight, blocksize 64, double quant; QLoRA fp32 r16, dropout": _aot_step}  # peftkern._aot

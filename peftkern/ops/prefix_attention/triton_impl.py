@@ -1,41 +1,40 @@
 """Triton launchers of prefix attention: allocate, choose blocks, launch (kernels: triton_kernels.py).
 
-The registered ops have the signatures and return conventions of torch_impl.py. ``KERNELS`` lists every kernel in
-its GPU default configuration for ahead-of-time compilation (``peftkern._aot``).
+The registered ops have the signatures and return conventions of torch_impl.py. ``AOT_SCENARIOS`` are the launches
+``peftkern kernels`` compiles (``peftkern._aot``).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
-import triton.language as tl
 
-from ..._aot import KernelSpec
 from ...backend import fallback, interpret_mode, register
 from ..triton_launch import dot_dtype, launch_opts, precision, staged, unstage
 from .triton_kernels import (prefix_attention_bwd_dkdv_kernel, prefix_attention_bwd_dq_kernel,
                              prefix_attention_fwd_kernel)
 
-# GPU defaults by head dim (spill-free on sm_80/sm_90, peftkern._aot): forward and dq 64x64 tiles up to D = 64,
-# 64x32 up to 128; 4 warps, 2 stages. The interpreter takes 16x16 tiles (small shapes still cross
-# several blocks).
-_GPU = [(64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
-        (128, dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2))]
+# GPU defaults per kernel by head dim, spill-free on sm_80/sm_90 as the JIT specializes them (peftkern._aot; also
+# for MHA and per-batch prefixes). Forward: 64x64 tiles up to D = 64, 64x32 up to 128; 4 warps, 2 stages. dq
+# holds q, do and its accumulator beside the recomputed p and dp: 64x32 (64x64 spills 64 B on sm_80 at D = 64).
+# dk/dv holds two [BLOCK_N, D] accumulators beside the recomputed tiles: 64x32 with 8 warps up to D = 64 (4 warps
+# and one stage spill on sm_80 over a shared prefix), 32x64 with 8 warps up to 128. The interpreter takes 16x16
+# tiles (small shapes still cross several blocks).
+_GPU = {"fwd": [(64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
+                (128, dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2))],
+        "dq": [(128, dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2))],
+        "dkdv": [(64, dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)),
+                 (128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2))]}
 MAX_HEAD_DIM = 128  # wider heads spill the dk/dv kernel's two [BLOCK_N, D] accumulators: the torch path serves them
-# The dk/dv kernel holds two [BLOCK_N, D] accumulators beside the recomputed tiles: 64x32 with one stage up to
-# D = 64 (more stages or wider tiles spill on sm_80), 32x64 with 8 warps up to 128.
-_GPU_DKDV = [(64, dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)),
-             (128, dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2))]
 _INTERPRET = dict(BLOCK_M=16, BLOCK_N=16)
 
 
-def _cfg(D: int, dkdv: bool = False) -> dict:
+def _cfg(D: int, kernel: str) -> dict:
+    """Tiles and launch options of ``kernel`` ("fwd", "dq" or "dkdv") at head dim D."""
     if interpret_mode():
         return _INTERPRET
-    return _cfg_gpu(D, dkdv)
-
-
-def _cfg_gpu(D: int, dkdv: bool = False) -> dict:
-    return next(cfg for limit, cfg in (_GPU_DKDV if dkdv else _GPU) if D <= limit)
+    return next(cfg for limit, cfg in _GPU[kernel] if D <= limit)
 
 
 def _block_d(D: int) -> int:
@@ -77,7 +76,7 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: 
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    cfg = _cfg(D)
+    cfg = _cfg(D, "fwd")
     o_buf = staged(o)
     prefix_attention_fwd_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * Hq)](
         q, k, v, pk, pv, kpm, o_buf, lse, S, pk.shape[2], D, Hq, Hq // k.shape[1], float(scale), *strides,
@@ -99,7 +98,7 @@ def backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, caus
     do = grad_o.contiguous()
     lse = lse.contiguous()
     delta = (do.float() * o.float()).sum(-1).contiguous()  # [B, Hq, S]
-    cfg, cfg_kv = _cfg(D), _cfg(D, dkdv=True)
+    cfg, cfg_kv = _cfg(D, "dq"), _cfg(D, "dkdv")
     flags = dict(CAUSAL=causal, HAS_PAD=key_padding_mask is not None, DOT_DTYPE=dot_dtype(q.dtype),
                  PRECISION=precision(), BLOCK_D=_block_d(D))
     common = dict(flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **launch_opts(cfg))
@@ -132,44 +131,19 @@ def backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, caus
 # ------------------------------------------------------------------------------------ ahead-of-time listing
 
 
-def _kernel_specs() -> list[KernelSpec]:
-    """bf16, causal, padding, GQA, a shared prefix; head dims 64 and 128 (one per configuration)."""
-    specs = []
-    ptr = "*bf16"
-    strides_fwd = ["stride_qb", "stride_qh", "stride_qs", "stride_kb", "stride_kh", "stride_ks", "stride_vb",
-                   "stride_vh", "stride_vs", "stride_pkh", "stride_pkp", "stride_pvh", "stride_pvp", "stride_mb"]
-    for D in (64, 128):
-        cfg = _cfg_gpu(D)
-        consts = dict(CAUSAL=True, HAS_PAD=True, DOT_DTYPE=tl.bfloat16, PRECISION="ieee", BLOCK_M=cfg["BLOCK_M"],
-                      BLOCK_N=cfg["BLOCK_N"], BLOCK_D=D)
-        opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        base = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, pk_ptr=ptr, pv_ptr=ptr, kpm_ptr="*i1", S="i32", P="i32",
-                    D="i32", Hq="i32", G="i32", scale="fp32", **{s: "i32" for s in strides_fwd})
-        aligned = ("q_ptr", "k_ptr", "v_ptr", "pk_ptr", "pv_ptr", "D", "stride_qs", "stride_ks", "stride_vs",
-                   "stride_pkp", "stride_pvp")
-        shared = dict(stride_pkb=0, stride_pvb=0)
-        specs.append(KernelSpec(prefix_attention_fwd_kernel, dict(base, o_ptr=ptr, lse_ptr="*fp32"),
-                                dict(consts, **shared), aligned=aligned + ("o_ptr",), variant=f"bf16 D{D}", **opts))
-        specs.append(KernelSpec(prefix_attention_bwd_dq_kernel,
-                                dict(base, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", dq_ptr=ptr),
-                                dict(consts, **shared), aligned=aligned + ("do_ptr", "dq_ptr"), variant=f"bf16 D{D}",
-                                **opts))
-        dkdv = dict(q_ptr=ptr, key_ptr=ptr, val_ptr=ptr, kpm_ptr="*i1", do_ptr=ptr, lse_ptr="*fp32",
-                    delta_ptr="*fp32", dk_ptr=ptr, dv_ptr=ptr, S="i32", L="i32", D="i32", Hq="i32", G="i32",
-                    B_PER_PROGRAM="i32", scale="fp32", stride_qb="i32", stride_qh="i32", stride_qs="i32",
-                    stride_keyh="i32", stride_keyl="i32", stride_valh="i32", stride_vall="i32", stride_mb="i32")
-        kv = _cfg_gpu(D, dkdv=True)
-        consts_kv = dict(consts, BLOCK_M=kv["BLOCK_M"], BLOCK_N=kv["BLOCK_N"])
-        opts_kv = dict(num_warps=kv["num_warps"], num_stages=kv["num_stages"])
-        for prefix in (False, True):
-            batch = dict(stride_keyb=0, stride_valb=0) if prefix else {}
-            sig = dkdv if prefix else dict(dkdv, stride_keyb="i32", stride_valb="i32")
-            specs.append(KernelSpec(prefix_attention_bwd_dkdv_kernel, sig, dict(consts_kv, PREFIX=prefix, **batch),
-                                    aligned=("q_ptr", "key_ptr", "val_ptr", "do_ptr", "dk_ptr", "dv_ptr", "D",
-                                             "stride_qs", "stride_keyl", "stride_vall"),
-                                    variant=f"bf16 D{D}, {'shared prefix' if prefix else 'sequence'} keys",
-                                    **opts_kv))
-    return specs
+def _aot_step(D: int) -> None:
+    """Forward and backward of one layer of a Llama-like model in bf16 (32 query / 8 key-value heads, head dim D,
+    2 x 1024 tokens with padding, causal), q/k/v in transformers' [B, H, S, D] views of [B, S, H, D], a shared
+    prefix of 32 keys."""
+    B, Hq, Hkv, S, P = 2, 32, 8, 1024, 32
+    q = torch.empty(B, S, Hq, D, dtype=torch.bfloat16).transpose(1, 2)
+    k, v = (torch.empty(B, S, Hkv, D, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
+    pk, pv = (torch.empty(Hkv, P, D, dtype=torch.bfloat16) for _ in range(2))
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    o, lse = forward(q, k, v, pk, pv, pad, True, D ** -0.5)
+    backward(torch.empty_like(o), q, k, v, pk, pv, pad, o, lse, True, D ** -0.5)
 
 
-KERNELS: list[KernelSpec] = _kernel_specs()
+# representative launches for peftkern._aot: one per tile configuration
+AOT_SCENARIOS = {f"bf16 GQA 32/8 heads, D{D}, shared prefix, causal, padding": functools.partial(_aot_step, D)
+                 for D in (64, 128)}

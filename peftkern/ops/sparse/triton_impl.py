@@ -1,12 +1,12 @@
 """Triton launchers of the sparse diff ops: the dense GEMMs stay with PyTorch (cuBLAS), the nnz-sized work runs in
 the kernels of triton_kernels.py. The registered ops have torch_impl.py's signatures and return conventions.
+``AOT_SCENARIOS`` are the launches ``peftkern kernels`` compiles (``peftkern._aot``).
 """
 from __future__ import annotations
 
 import torch
 import triton
 
-from ..._aot import KernelSpec
 from ...backend import fallback, interpret_mode, register
 from ..triton_launch import launch_opts, staged, unstage
 from .torch_impl import rows_cols, segment_bounds
@@ -110,24 +110,19 @@ def scatter_add_(flat, indices, values, alpha: float) -> None:
 # ------------------------------------------------------------------------------------ ahead-of-time listing
 
 
-def _kernel_specs() -> list[KernelSpec]:
-    """bf16 activations, fp32 values."""
-    sd, co = _GPU["sddmm"], _GPU["correction"]
-    return [
-        KernelSpec(sparse_sddmm_kernel, dict(g_ptr="*bf16", x_ptr="*bf16", rows_ptr="*i32", cols_ptr="*i32",
-                                             out_ptr="*fp32", N="i32", NNZ="i32", stride_gn="i32", stride_xn="i32"),
-                   dict(BLOCK_E=sd["BLOCK_E"], BLOCK_N=sd["BLOCK_N"]), aligned=("g_ptr", "x_ptr", "out_ptr"),
-                   variant="bf16", num_warps=sd["num_warps"], num_stages=sd["num_stages"]),
-        KernelSpec(sparse_correction_kernel, dict(out_ptr="*bf16", src_ptr="*bf16", seg_ptr="*i32",
-                                                  src_pos_ptr="*i32", val_ptr="*fp32", N="i32", stride_on="i32",
-                                                  stride_sn="i32"),
-                   dict(BLOCK_N=co["BLOCK_N"], BLOCK_E=co["BLOCK_E"]), aligned=("out_ptr", "src_ptr"),
-                   variant="bf16, fp32 values", num_warps=co["num_warps"], num_stages=co["num_stages"]),
-        KernelSpec(sparse_scatter_add_kernel, dict(flat_ptr="*bf16", idx_ptr="*i64", val_ptr="*fp32", NNZ="i32",
-                                                   alpha="fp32"),
-                   dict(BLOCK=_GPU["scatter"]["BLOCK"]), aligned=("flat_ptr", "idx_ptr", "val_ptr"),
-                   variant="bf16 weight, fp32 values", num_warps=4, num_stages=1),
-    ]
+def _aot_step() -> None:
+    """A training step of a sparse diff on a bf16 4096 x 4096 weight (1/64 of it, fp32 values) at 1024 tokens: the
+    forward's and dgrad's corrections (their dense GEMMs are cuBLAS'), the values' gradient, the merge."""
+    N, K = 1024, 4096
+    nnz = K * K // 64
+    indices = torch.arange(nnz) * 64 + torch.arange(nnz) % 61  # sorted, unique, scattered over rows and columns
+    rows, cols = rows_cols(indices, K)
+    values = torch.empty(nnz)
+    x, g = (torch.empty(N, K, dtype=torch.bfloat16) for _ in range(2))
+    add_correction_(torch.empty(N, K, dtype=torch.bfloat16), x, rows, cols, values)
+    add_correction_(torch.empty(N, K, dtype=torch.bfloat16), g, cols, rows, values)
+    masked_grad(g, x, indices, K)
+    scatter_add_(torch.empty(K * K, dtype=torch.bfloat16), indices, values, 1.0)
 
 
-KERNELS: list[KernelSpec] = _kernel_specs()
+AOT_SCENARIOS = {"bf16 activations and weight, fp32 values, density 1/64": _aot_step}  # peftkern._aot
