@@ -80,6 +80,7 @@ def kernel_modules() -> list[str]:
 
 
 class Launch(NamedTuple):
+    """One ``kernel[grid](*args, **kwargs)`` call, recorded instead of run (:func:`record_launches`)."""
     kernel: Any  # the jit (or interpreted) function
     args: tuple
     kwargs: dict
@@ -155,9 +156,10 @@ def kernel_specs(arch: int) -> list[KernelSpec]:
         raise RuntimeError("unset TRITON_INTERPRET to specialize like the JIT (or call peftkern._aot.report())")
     specs: dict[str, KernelSpec] = {}
     for variant, (kernel, args, kwargs, _) in scenario_launches(arch):
-        spec = KernelSpec(kernel.fn.__module__, kernel.__name__, variant, arch,
+        spec = KernelSpec(kernel.fn.__module__, kernel.fn.__name__, variant, arch,
                           *jit_specialization(kernel, args, kwargs, arch))
-        specs.setdefault(repr((spec.module, spec.name, *(sorted(d.items()) for d in spec[4:]))), spec)
+        compiled = (spec.signature, spec.constexprs, spec.attrs, spec.options)
+        specs.setdefault(repr((spec.module, spec.name, *(sorted(d.items()) for d in compiled))), spec)
     return list(specs.values())
 
 
@@ -175,7 +177,7 @@ def parse_ptxas_log(log: str) -> dict | None:
             "spills": int(spill.group(2)) + int(spill.group(3))}
 
 
-def ptxas_usage(ptx: str, arch: int) -> dict:
+def ptxas_usage(ptx: str, arch: int, fp_fusion: bool = True) -> dict:
     """Run Triton's bundled ``ptxas -v`` on ``ptx`` with the flags Triton's make_cubin passes."""
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
@@ -183,8 +185,9 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        cmd = [get_ptxas(arch).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
-               f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(tmp, "k.cubin")]
+        cmd = [get_ptxas(arch).path, "-lineinfo", *([] if fp_fusion else ["--fmad=false"]), "-v",
+               "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o",
+               os.path.join(tmp, "k.cubin")]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
     usage = parse_ptxas_log(log)
     if usage is None:
@@ -208,7 +211,8 @@ def compile_spec(spec: KernelSpec) -> dict:
         compiled = triton.compile(source, target=GPUTarget("cuda", spec.arch, 32), options=spec.options)
     if not compiled.asm.get("cubin"):
         raise RuntimeError(f"{spec.name}: no cubin for sm_{spec.arch}")
-    usage = parse_ptxas_log(log.getvalue()) or ptxas_usage(compiled.asm["ptx"], spec.arch)
+    usage = (parse_ptxas_log(log.getvalue())
+             or ptxas_usage(compiled.asm["ptx"], spec.arch, spec.options.get("enable_fp_fusion", True)))
     names = spec.fn.arg_names
     tiles = {names[path[0]]: v for path, v in spec.constexprs.items()
              if names[path[0]].startswith("BLOCK_") or names[path[0]] == "GROUP_M"}

@@ -242,9 +242,10 @@ def _aot_step(lora_dtype: torch.dtype, r: int, dropout_p: float, rank_scale: boo
         dropout_keep_mask(seed, (N, K), dropout_p, x.device)
 
 
-# representative launches for peftkern._aot: PEFT's fp32 adapters with dropout (and the dropout tile configs), and
-# bf16 adapters at the largest rank chunk with AdaLoRA's rank scale
+# representative launches for peftkern._aot: PEFT's defaults (fp32 adapters, r = 8: h's rows are not 16-aligned)
+# with dropout (and the dropout tile configs), and bf16 adapters at the largest rank chunk with AdaLoRA's rank
+# scale; QLoRA's scenario (nf4) launches the rank kernels at r = 16
 AOT_SCENARIOS = {
-    "bf16 base, fp32 adapters r16, dropout": functools.partial(_aot_step, torch.float32, 16, 0.1, False),
+    "bf16 base, fp32 adapters r8, dropout": functools.partial(_aot_step, torch.float32, 8, 0.1, False),
     "bf16 base, bf16 adapters r64, rank scale": functools.partial(_aot_step, torch.bfloat16, 64, 0.0, True),
 }
