@@ -34,9 +34,11 @@ from .methods.prefix_tuning import PrefixTuning, add_prefix
 from .methods.prompt_tuning import add_prompt, virtual_tokens
 from .methods.selective import (bitfit, diff_pruning, diff_pruning_l0, diff_pruning_to_sparse, far_select,
                                 fish_mask)
+from .methods.sites import find_layers
 from .methods.targets import freeze_except, replace_module, target_matcher
-from .methods.unipelt import unipelt
+from .methods.unipelt import qv_targets, unipelt
 from .nn import BottleneckAdapter, LoRALinear, QLoRALinear, RowDiffLinear, SparseDiffLinear
+from .nn.lora import is_conv1d, linear_features
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -68,10 +70,11 @@ def _is_bnb_4bit(module: nn.Module) -> bool:
 
 # --------------------------------------------------------------------------------------------------- LoRA family
 def _lora_targets(model: nn.Module, target_modules, heads: list[str], quantized: bool) -> list[str]:
-    """Names of the modules to adapt: every ``nn.Linear`` (and bitsandbytes 4-bit linear for QLoRA) for
-    ``"all-linear"`` except the heads and the output embeddings, else those ``target_modules`` matches."""
+    """Names of the modules to adapt: every ``nn.Linear`` and transformers ``Conv1D`` (and bitsandbytes 4-bit linear
+    for QLoRA) for ``"all-linear"`` except the heads and the output embeddings, else those ``target_modules``
+    matches."""
     def linear(m):
-        return isinstance(m, nn.Linear) and (quantized or not _is_bnb_4bit(m))
+        return (isinstance(m, nn.Linear) or is_conv1d(m)) and (quantized or not _is_bnb_4bit(m))
 
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if target_modules == "all-linear":
@@ -82,12 +85,31 @@ def _lora_targets(model: nn.Module, target_modules, heads: list[str], quantized:
         names = [n for n, m in model.named_modules() if n and match(n, m)]
         bad = [n for n in names if not linear(model.get_submodule(n))]
         if bad:
-            kind = "torch.nn.Linear" + (" or bitsandbytes Linear4bit" if quantized else " (use method='qlora' for "
-                                                                                        "a 4-bit base)")
+            kind = "torch.nn.Linear / transformers Conv1D" + (" or bitsandbytes Linear4bit" if quantized else
+                                                               " (use method='qlora' for a 4-bit base)")
             raise ValueError(f"target_modules matched {bad[:3]}, which are not {kind}")
     if not names:
         raise ValueError(f"target_modules {target_modules!r} matched no linear layer of the model")
     return names
+
+
+def _kept_in_full_precision(model: nn.Module) -> Callable[[str], bool]:
+    """Whether transformers' 4-bit loading leaves the module of that name unquantized: the class's
+    ``_keep_in_fp32_modules`` (T5's ``wo``, whose input the model casts to ``wo.weight.dtype``) and what its
+    quantizer never converts (``get_keys_to_not_convert``: tied weights, the output embeddings, the last module),
+    matched by its rule (``should_convert_module``: a prefix up to a dot, a regex, or a suffix)."""
+    keys = {*(getattr(model, "_keep_in_fp32_modules", None) or ()),
+            *(getattr(model, "_keep_in_fp32_modules_strict", None) or ())}
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:  # transformers < 5: its names for the same rules differ; the output embeddings by identity
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        keys |= {n for n, m in model.named_modules() if m is out_emb and out_emb is not None}
+        return lambda name: any(name == k or name.endswith("." + k) or name.startswith(k + ".") for k in keys)
+    if hasattr(model, "all_tied_weights_keys") and hasattr(model, "get_output_embeddings"):
+        keys |= set(get_keys_to_not_convert(model))
+    return lambda name: not should_convert_module(name, sorted(keys))
 
 
 def _lora_apply(model, o: dict, use_dora: bool = False, quantize: bool = False):
@@ -96,9 +118,11 @@ def _lora_apply(model, o: dict, use_dora: bool = False, quantize: bool = False):
     freeze_except(model, heads)
     lora = dict(r=o["r"], lora_alpha=o["lora_alpha"], lora_dropout=o["lora_dropout"], use_rslora=o["use_rslora"],
                 adapter_dtype=o["adapter_dtype"])
+    full_precision = _kept_in_full_precision(model) if quantize else None
+    fan_in_fan_out = any(is_conv1d(model.get_submodule(n)) for n in names)
     for name in names:
         base = model.get_submodule(name)
-        if not quantize:
+        if not quantize or (full_precision(name) and not _is_bnb_4bit(base)):
             layer = LoRALinear.from_linear(base, use_dora=use_dora, **lora)
         elif _is_bnb_4bit(base):
             layer = QLoRALinear.from_bnb(base, **lora)
@@ -106,7 +130,7 @@ def _lora_apply(model, o: dict, use_dora: bool = False, quantize: bool = False):
             layer = QLoRALinear.from_linear(base, blocksize=o["blocksize"], double_quant=o["double_quant"], **lora)
         replace_module(model, name, layer)
     lifecycle.route_adapter_names(model)
-    return model, {"targets": names, "heads": heads}
+    return model, {"targets": names, "heads": heads, "fan_in_fan_out": fan_in_fan_out}
 
 
 def _lora_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
@@ -125,7 +149,8 @@ def _lora_peft_config(model: nn.Module, record: dict) -> dict:
     o = record["options"]
     return {"peft_type": "LORA", "r": o.get("r", 8), "lora_alpha": o.get("lora_alpha", 8),
             "lora_dropout": o.get("lora_dropout", 0.0), "use_rslora": o.get("use_rslora", False),
-            "use_dora": record["method"] == "dora", "target_modules": sorted(record["targets"]), "bias": "none"}
+            "use_dora": record["method"] == "dora", "target_modules": sorted(record["targets"]), "bias": "none",
+            "fan_in_fan_out": record.get("fan_in_fan_out", False)}
 
 
 # --------------------------------------------------------------------------------------------------- prompt family
@@ -160,7 +185,7 @@ def _added_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
     return {f"base_model.model.{n}": params[n] for n in record["added"]}
 
 
-_ADAPTER_OPTIONS = dict(reduction_factor=16, non_linearity="relu", layer_norm=False, modules_to_save=None)
+_ADAPTER_OPTIONS = dict(reduction_factor=16, non_linearity="relu", layer_norm=False, modules_to_save=None, sites=None)
 
 
 def _adapter_apply(model, o: dict, placement: str, **extra):
@@ -172,7 +197,7 @@ def _adapter_apply(model, o: dict, placement: str, **extra):
 
 def _adapter_drop(model, o: dict):
     if o["skip_layers"] is None:  # resolved here so the saved options rebuild the same layers
-        o["skip_layers"] = len(transformer_sites(model)) // 2
+        o["skip_layers"] = len(transformer_sites(model, o["sites"])) // 2
     opts = dict(o)
     return _adapter_apply(model, opts, opts.pop("placement"))
 
@@ -193,8 +218,8 @@ def _fusion(model, o: dict):
         o["adapter_options"], o["num_adapters"], n = adapter_opts, len(dirs), len(dirs)
     if not isinstance(n, int) or isinstance(n, bool) or n < 2:
         raise ValueError(f"adapter_fusion needs adapters=[2+ directories] or num_adapters >= 2, got {dirs!r} / {n!r}")
-    sites = transformer_sites(model)
-    d = sites[0]["ffn_out"].out_features
+    sites = transformer_sites(model, o["sites"])
+    d = linear_features(sites[0]["ffn_out"])[1]
     per_site = [_fusion_site(site, d, n, adapter_opts) for site in sites]
     for i, directory in enumerate(dirs or []):
         tensors = _read_adapter(directory)[0]
@@ -316,10 +341,14 @@ def _fish_mask(model, o: dict):
 
 
 def _far(model, o: dict):
-    """FAR: priming steps on ``calibration_data`` train the FFN linears, the rows that moved most are kept as small
-    dense blocks, and the primed weights are restored."""
+    """FAR: priming steps on ``calibration_data`` train the FFN linears (``target_modules``; None: every layer's FFN
+    input and output linears, as the model's sites give them), the rows that moved most are kept as small dense
+    blocks, and the primed weights are restored."""
     heads = _heads(model, o["modules_to_save"])
-    names = _lora_targets(model, o["target_modules"], heads, False)
+    if o["target_modules"] is None:
+        names = [n for layer in find_layers(model) for n in (*layer.ffn_in, layer.ffn_out)]
+    else:
+        names = _lora_targets(model, o["target_modules"], heads, False)
     weights = [model.get_submodule(n).weight for n in names]
     primed = {n: w.detach().clone() for n, w in zip(names, weights)}
     for p in model.parameters():
@@ -363,11 +392,15 @@ def _rebuild_sparse(layer_cls, buffer: str) -> Callable:
     return rebuild
 
 
-_FFN = r".*(intermediate\.dense|(?<!attention\.)output\.dense|mlp\.(gate|up|down)_proj)"
-
 def _unipelt(model, o: dict):
+    """UniPELT; its gated LoRA on ``target_modules`` (None: every self-attention's query and value projections, or
+    their slices of a fused qkv projection), its adapters and prefix at the model's sites (``sites``)."""
     heads = _heads(model, o.pop("modules_to_save"))
-    targets = _lora_targets(model, o.pop("target_modules"), heads, False)
+    target_modules = o.pop("target_modules")
+    if target_modules is None:
+        targets = qv_targets(find_layers(model, o["sites"]))
+    else:
+        targets = _lora_targets(model, target_modules, heads, False)
     freeze_except(model, heads)
     return unipelt(model, lora_targets=targets, **o), {"heads": heads}
 
@@ -409,7 +442,7 @@ METHODS: dict[str, Method] = {
     "adapter_drop": Method(_adapter_drop, {**_ADAPTER_OPTIONS, "placement": "pfeiffer", "skip_layers": None,
                                            "drop_prob": 0.0}, _added_tensors),
     "adapter_fusion": Method(_fusion, dict(adapters=None, num_adapters=None, adapter_options=None,
-                                           modules_to_save=None), _added_tensors),
+                                           modules_to_save=None, sites=None), _added_tensors),
     "adalora": Method(_adalora, dict(init_r=12, target_r=8, lora_alpha=8, lora_dropout=0.0,
                                      target_modules="all-linear", total_step=None, tinit=0, tfinal=0, deltaT=1,
                                      modules_to_save=None), _added_tensors),
@@ -421,14 +454,14 @@ METHODS: dict[str, Method] = {
     "fish_mask": Method(_fish_mask, dict(density=0.005, target_modules="all-linear", modules_to_save=None),
                         _structure_tensors(SparseDiffLinear, "indices"), calibrated=True,
                         rebuild=_rebuild_sparse(SparseDiffLinear.from_linear, "indices")),
-    "far": Method(_far, dict(fraction=0.1, target_modules=_FFN, priming_lr=1e-4, modules_to_save=None),
+    "far": Method(_far, dict(fraction=0.1, target_modules=None, priming_lr=1e-4, modules_to_save=None),
                   _structure_tensors(RowDiffLinear, "rows"), calibrated=True,
                   rebuild=_rebuild_sparse(RowDiffLinear, "rows")),
-    "unipelt": Method(_unipelt, dict(r=8, lora_alpha=16, target_modules=r".*\.(query|value|q_proj|v_proj)",
+    "unipelt": Method(_unipelt, dict(r=8, lora_alpha=16, target_modules=None, sites=None,
                                      num_virtual_tokens=10, reduction_factor=16, non_linearity="relu",
                                      modules_to_save=None), _added_tensors),
     "mam": Method(_mam, dict(num_virtual_tokens=30, prefix_projection=False, reduction_factor=4,
-                             non_linearity="relu", scale=4.0, modules_to_save=None), _added_tensors),
+                             non_linearity="relu", scale=4.0, modules_to_save=None, sites=None), _added_tensors),
 }
 
 

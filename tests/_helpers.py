@@ -154,6 +154,77 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 32, **config):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+_DROPOUT_OFF = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+# family -> (config class, model class, config fields): hidden 32, 2 layers (each stack), 4 heads, FFN 64, vocab 100,
+# 64 positions, no dropout, special token ids inside the vocabulary
+TINY_FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, intermediate_size=64)),
+    "bert": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=32, num_hidden_layers=2,
+                                                                 num_attention_heads=4, intermediate_size=64,
+                                                                 **_DROPOUT_OFF)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.0,
+                                                   embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                                                word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_size=32, num_hidden_layers=2,
+                                                             num_attention_heads=4, intermediate_size=64,
+                                                             hidden_dropout=0.0, attention_dropout=0.0)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                   num_key_value_heads=2, intermediate_size=64, resid_pdrop=0.0,
+                                                   embd_pdrop=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, intermediate_size=64, bos_token_id=1,
+                                                      eos_token_id=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(hidden_size=32, num_hidden_layers=2,
+                                                            num_attention_heads=4, num_key_value_heads=2,
+                                                            intermediate_size=64)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, head_dim=8, intermediate_size=64)),
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", dict(hidden_size=32, num_hidden_layers=2,
+                                                                          num_attention_heads=4, intermediate_size=64,
+                                                                          **_DROPOUT_OFF)),
+    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
+                   dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64, dropout=0.0, attention_dropout=0.0,
+                        seq_classif_dropout=0.0)),
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                                          dropout_rate=0.0, decoder_start_token_id=0)),
+    "bart": ("BartConfig", "BartForConditionalGeneration",
+             dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                  encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0, attention_dropout=0.0,
+                  activation_dropout=0.0)),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **config):
+    """A random tiny transformers model of ``family`` (a key of TINY_FAMILIES), the usual task model: ForCausalLM
+    for decoders, ForSequenceClassification (2 labels) for encoders, ForConditionalGeneration for T5 and BART; in
+    eval mode. ``config`` overrides the config's fields."""
+    import transformers
+
+    config_cls, model_cls, fields = TINY_FAMILIES[family]
+    defaults = dict(vocab_size=100, max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(**{**defaults, **fields, **config})
+    return getattr(transformers, model_cls)(cfg).eval()
+
+
+def tiny_batch(model, seed: int = 1, batch: int = 2, seq: int = 8) -> dict:
+    """Inputs with labels for ``model``'s task (a tiny_model): token ids in [3, 100), an all-ones attention mask;
+    labels the ids (causal LM), decoder targets (encoder-decoder) or classes (sequence classification)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (batch, seq), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        out["labels"] = torch.randint(0, model.config.num_labels, (batch,), generator=g)
+    elif name.endswith("ForConditionalGeneration"):
+        out["labels"] = torch.randint(3, 100, (batch, seq // 2), generator=g)
+    else:
+        out["labels"] = ids
+    return out
+
+
 @contextlib.contextmanager
 def torch_variant_or_backend(name: str, variant: str, monkeypatch, module, flag: str):
     """Enter backend ``name``; ``variant`` means the torch backend with ``module.<flag>`` turned off (its fallback

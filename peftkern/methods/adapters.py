@@ -1,42 +1,33 @@
 """Bottleneck adapters in transformers models (Houlsby et al., 2019; Pfeiffer et al., 2021; He et al., 2022),
 AdapterDrop (Rücklé et al., 2021) and AdapterFusion (Pfeiffer et al., 2021), on :class:`pk.nn.BottleneckAdapter`.
 
-Where they go, per layer (``transformer_sites``): the linear that produces the attention sublayer's output
-(BERT ``attention.output.dense``, Llama ``self_attn.o_proj``), the FFN's input module (BERT ``intermediate``, Llama
-``mlp``) and the linear that produces the FFN's output (BERT ``output.dense``, Llama ``mlp.down_proj``), before the
-layer's own residual and norm. A serial adapter rewrites a sublayer output h as h + f(h) through a forward hook; a
-parallel adapter adds s f(x) of the FFN's input x to the FFN's output. The adapter is a child module of the linear
-it follows (``<linear>.adapter``), so the base keeps its parameter names and bits.
+Where they go, per layer (``transformer_sites``, from :func:`peftkern.methods.sites.find_layers`): the linear that
+produces the self-attention sublayer's output (BERT ``attention.output.dense``, Llama ``self_attn.o_proj``, GPT-2
+``attn.c_proj``), the FFN's input module (BERT ``intermediate``, Llama ``mlp``, OPT ``fc1``) and the linear that
+produces the FFN's output (BERT ``output.dense``, Llama ``mlp.down_proj``, T5 ``DenseReluDense.wo``), before the
+layer's own residual and norm; in an encoder-decoder, the encoder's layers and the decoder's. A serial adapter
+rewrites a sublayer output h as h + f(h) through a forward hook; a parallel adapter adds s f(x) of the FFN's input x
+to the FFN's output. The adapter is a child module of the linear it follows (``<linear>.adapter``), so the base keeps
+its parameter names and bits.
 """
 from __future__ import annotations
 
 import functools
-import re
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
 from ..nn.adapter import BottleneckAdapter
-
-# (attention output linear, FFN input module, FFN output linear), each with the layer index as the first group
-SITE_PATTERNS = {
-    "bert": (r".*layer\.(\d+)\.attention\.output\.dense", r".*layer\.(\d+)\.intermediate",
-             r".*layer\.(\d+)\.output\.dense"),
-    "llama": (r".*layers\.(\d+)\.self_attn\.o_proj", r".*layers\.(\d+)\.mlp", r".*layers\.(\d+)\.mlp\.down_proj"),
-}
+from ..nn.lora import linear_features
+from .sites import find_layers
 
 
-def transformer_sites(model: nn.Module) -> list[dict[str, nn.Module]]:
-    """Per layer, in order: ``{"attn_out", "ffn_in", "ffn_out"}`` modules (see the module docstring)."""
-    names = [n for n, _ in model.named_modules()]
-    for arch, patterns in SITE_PATTERNS.items():
-        found = [{int(m.group(1)): n for n in names if (m := re.fullmatch(p, n))} for p in patterns]
-        if found[0] and all(f.keys() == found[0].keys() for f in found):
-            return [{key: model.get_submodule(f[i]) for key, f in zip(("attn_out", "ffn_in", "ffn_out"), found)}
-                    for i in sorted(found[0])]
-    raise ValueError("no transformer layers found: adapters need BERT-style (attention.output.dense, intermediate, "
-                     "output.dense) or Llama-style (self_attn.o_proj, mlp, mlp.down_proj) module names")
+def transformer_sites(model: nn.Module, sites: Optional[Mapping[str, str]] = None) -> list[dict[str, nn.Module]]:
+    """Per layer, in order: ``{"attn_out", "ffn_in", "ffn_out"}`` modules (see the module docstring); ``sites``
+    names them where the model's own are not found (:func:`peftkern.methods.sites.find_layers`)."""
+    return [{"attn_out": model.get_submodule(layer.attention.out.name), "ffn_in": model.get_submodule(layer.ffn),
+             "ffn_out": model.get_submodule(layer.ffn_out)} for layer in find_layers(model, sites)]
 
 
 def _dropped(adapter: nn.Module) -> bool:
@@ -74,20 +65,22 @@ def add_parallel(ffn_in: nn.Module, ffn_out: nn.Module, adapter: nn.Module) -> n
 
 def add_adapters(model: nn.Module, placement: str, *, reduction_factor: float = 16, non_linearity: str = "relu",
                  layer_norm: bool = False, scale: float = 1.0, skip_layers: int = 0, drop_prob: float = 0.0,
-                 gated: bool = False, hidden_size: Optional[int] = None) -> list[BottleneckAdapter]:
+                 gated: bool = False, hidden_size: Optional[int] = None,
+                 sites: Optional[Mapping[str, str]] = None) -> list[BottleneckAdapter]:
     """Insert fresh adapters (identity at first) in every layer from ``skip_layers`` on (AdapterDrop's static
     dropping); ``drop_prob`` skips each one per training forward at random (its dynamic dropping).
     ``placement``: "houlsby" (after attention and after the FFN), "pfeiffer" (after the FFN) or "parallel"
-    (beside the FFN, scaled by ``scale``). Returns the adapters, lowest layer first."""
+    (beside the FFN, scaled by ``scale``); ``sites``: see :func:`transformer_sites`. Returns the adapters, lowest
+    layer first."""
     if placement not in ("houlsby", "pfeiffer", "parallel"):
         raise ValueError(f"placement must be 'houlsby', 'pfeiffer' or 'parallel', got {placement!r}")
-    sites = transformer_sites(model)
+    sites = transformer_sites(model, sites)
     if not 0 <= skip_layers < len(sites):
         raise ValueError(f"skip_layers must be in [0, {len(sites)}) for this {len(sites)}-layer model, "
                          f"got {skip_layers}")
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
-    d = hidden_size or sites[0]["ffn_out"].out_features
+    d = hidden_size or linear_features(sites[0]["ffn_out"])[1]
     ref = sites[0]["ffn_out"].weight
 
     def new(residual: bool) -> BottleneckAdapter:

@@ -15,15 +15,17 @@ import torch
 from torch import nn
 
 from .. import _validate as V
+from ..nn.lora import _check_linear, is_conv1d, out_in
 from ..nn.sparse import RowDiffLinear, SparseDiffLinear
 from .targets import freeze_except, replace_module
 
 
-def _linears(model: nn.Module, target: Optional[str]) -> dict[str, nn.Linear]:
+def _linears(model: nn.Module, target: Optional[str]) -> dict[str, nn.Module]:
+    """The ``nn.Linear`` and transformers ``Conv1D`` modules whose names ``target`` fully matches (None: all)."""
     found = {n: m for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and (target is None or re.fullmatch(target, n))}
+             if (isinstance(m, nn.Linear) or is_conv1d(m)) and (target is None or re.fullmatch(target, n))}
     if not found:
-        raise ValueError(f"no nn.Linear matches target {target!r}")
+        raise ValueError(f"no nn.Linear matches target {target!r} (nor a transformers Conv1D)")
     return found
 
 
@@ -58,13 +60,14 @@ def fish_mask(model: nn.Module, calibration_data: Iterable, loss_fn: Callable[[n
         p.requires_grad_(False)
     for m in linears.values():
         m.weight.requires_grad_(True)
-    fisher = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in linears.items()}
+    fisher = {n: torch.zeros(out_in(m).shape, dtype=torch.float32, device=m.weight.device)  # [out, in]
+              for n, m in linears.items()}
     count = 0
     for sample in calibration_data:
         model.zero_grad(set_to_none=True)
         loss_fn(model, sample).backward()
         for n, m in linears.items():
-            fisher[n] += m.weight.grad.float().square()
+            fisher[n] += out_in(m, m.weight.grad).float().square()
         count += 1
     if count == 0:
         raise ValueError("calibration_data yielded no sample")
@@ -87,20 +90,26 @@ class DiffPruningLinear(nn.Module):
     """Diff Pruning (Guo et al., 2021): ``y = x (W + z * w)^T + b`` with a dense diff ``w`` and hard-concrete gates
     ``z`` (stretch l = -1.5, r = 1.5, temperature beta, a log-alpha per entry); :meth:`l0` is the expected number of
     open gates (the differentiable L0 penalty). :meth:`to_sparse` projects ``z * w`` to its largest-magnitude entries
-    for fixed-mask training as a SparseDiffLinear."""
+    for fixed-mask training as a SparseDiffLinear. ``linear``: an ``nn.Linear`` or a transformers ``Conv1D`` (the
+    diff is [out, in] either way)."""
 
-    def __init__(self, linear: nn.Linear, *, beta: float = 2.0 / 3.0, l: float = -1.5, r: float = 1.5,
+    def __init__(self, linear: nn.Module, *, beta: float = 2.0 / 3.0, l: float = -1.5, r: float = 1.5,
                  init_log_alpha: float = 5.0):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        _check_linear(linear)
         self.linear = linear
         for p in linear.parameters():
             p.requires_grad_(False)
         self.beta, self.l, self.r = float(beta), float(l), float(r)
         kw = dict(device=linear.weight.device, dtype=torch.float32)
-        self.diff = nn.Parameter(torch.zeros(linear.weight.shape, **kw))
-        self.log_alpha = nn.Parameter(torch.full(linear.weight.shape, float(init_log_alpha), **kw))
+        shape = out_in(linear).shape
+        self.diff = nn.Parameter(torch.zeros(shape, **kw))
+        self.log_alpha = nn.Parameter(torch.full(shape, float(init_log_alpha), **kw))
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The frozen base weight, as stored (model code reads it: T5 casts its FFN input to ``wo.weight.dtype``)."""
+        return self.linear.weight
 
     def gates(self) -> torch.Tensor:
         """A stochastic gate sample while training, the deterministic gate in eval."""
@@ -116,8 +125,9 @@ class DiffPruningLinear(nn.Module):
         return torch.sigmoid(self.log_alpha - self.beta * math.log(-self.l / self.r)).sum()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.linear.weight
-        return nn.functional.linear(x, (w.float() + self.gates() * self.diff).to(w.dtype), self.linear.bias)
+        w = out_in(self.linear)
+        wide = torch.promote_types(w.dtype, torch.float32)
+        return nn.functional.linear(x, (w.to(wide) + self.gates() * self.diff).to(w.dtype), self.linear.bias)
 
     @torch.no_grad()
     def eval_diff(self) -> torch.Tensor:
@@ -130,9 +140,9 @@ class DiffPruningLinear(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """``W + z * w`` (eval gates) in W's dtype, rounded once as the eval forward rounds it."""
+        """``W + z * w`` (eval gates) in W's dtype and stored layout, rounded once as the eval forward rounds it."""
         w = self.linear.weight
-        return (w.float() + self.eval_diff()).to(w.dtype)
+        return (w.to(torch.promote_types(w.dtype, torch.float32)) + out_in(self.linear, self.eval_diff())).to(w.dtype)
 
     @torch.no_grad()
     def to_sparse(self, density: float) -> SparseDiffLinear:
@@ -180,10 +190,10 @@ def far_select(model: nn.Module, primed_weights: dict[str, torch.Tensor], fracti
     out = {}
     for n, before in primed_weights.items():
         linear = model.get_submodule(n)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{n} must name an nn.Linear, got {type(linear).__name__}")
+        if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
+            raise TypeError(f"{n} must name an nn.Linear or a Conv1D, got {type(linear).__name__}")
         with torch.no_grad():
-            change = (linear.weight.float() - before.float()).abs().sum(1)  # [out]: L1 change per node
+            change = out_in(linear, linear.weight.float() - before.float()).abs().sum(1)  # [out]: L1 per node
             linear.weight.copy_(before)
         k = max(1, int(round(fraction * change.numel())))
         out[n] = RowDiffLinear(linear, torch.topk(change, k).indices.sort().values)

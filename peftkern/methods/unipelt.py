@@ -1,7 +1,8 @@
 """UniPELT (Mao et al., 2022): LoRA, prefix tuning and a bottleneck adapter in one model, each behind a learned gate.
 
 Per layer: the query and value projections get a gated LoRA term ``W x + b + sigmoid(x w_L + c_L) * s B A x``
-(:class:`GatedLoRALinear`; the gate is per token, so the LoRA term is computed apart from the base GEMM); the
+(:class:`GatedLoRALinear`; the gate is per token, so the LoRA term is computed apart from the base GEMM; where q,
+k and v are one fused projection, a rank-r LoRA on its q slice and one on its v slice, under one gate); the
 attention gets a prefix whose keys and values are scaled per example by ``sigmoid(mean_s(h) w_P + c_P)``, h the
 attention's input (prefix attention with a per-row prefix); the FFN output gets a Pfeiffer adapter
 ``h + sigmoid(h w_A + c_A) * f(h)`` on the fused adapter kernel. Everything else is frozen.
@@ -9,31 +10,70 @@ attention's input (prefix attention with a per-row prefix); the FFN output gets 
 from __future__ import annotations
 
 import functools
+import math
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ..nn.lora import LoRALinear
 from .adapters import add_adapters
+from .sites import Layer
 from .prefix_tuning import PrefixTuning, add_prefix
 
 
 class GatedLoRALinear(LoRALinear):
-    """A :class:`LoRALinear` whose LoRA term is scaled per token by ``sigmoid(gate(x))`` (``gate`` [1, in])."""
+    """A :class:`LoRALinear` whose LoRA term is scaled per token by ``sigmoid(gate(x))`` (``gate`` [1, in]).
+
+    ``slices`` (output-feature indices, one tensor per slice: the q and v parts of a fused qkv projection): a rank-r
+    LoRA per slice that adds to those outputs only; ``lora_A`` [slices * r, in] stacks their down projections,
+    ``lora_B`` [sum of slice sizes, r] their up projections, ``lora_rows`` the outputs they add to."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                    **kwargs) -> "GatedLoRALinear":
+    def from_linear(cls, linear: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0, *,
+                    slices: Optional[Sequence[torch.Tensor]] = None, **kwargs) -> "GatedLoRALinear":
         self = super().from_linear(linear, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, **kwargs)
+        self.register_buffer("lora_rows", None)
+        if slices is not None:
+            rows = torch.cat(list(slices)).to(self.lora_A.device)
+            if (rows.numel() == 0 or rows.unique().numel() != rows.numel() or rows.min() < 0
+                    or rows.max() >= self.out_features):
+                raise ValueError(f"slices must be disjoint non-empty output-feature indices in [0, "
+                                 f"{self.out_features}), got sizes {[len(s) for s in slices]}")
+            kw = dict(device=self.lora_A.device, dtype=self.lora_A.dtype)
+            self.lora_A = nn.Parameter(torch.empty(len(slices) * r, self.in_features, **kw))
+            for a in self.lora_A.split(r):
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_B = nn.Parameter(torch.zeros(rows.numel(), r, **kw))
+            self.register_buffer("lora_rows", rows, persistent=False)
+            self.lora_sizes = [len(s) for s in slices]
         self.gate = nn.Linear(self.in_features, 1, device=self.lora_A.device, dtype=self.lora_A.dtype)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = nn.functional.linear(x, self.weight, self.bias)
+        base = nn.functional.linear(x, self.base_weight, self.bias)
         xa = x.to(self.lora_A.dtype)
         dropped = nn.functional.dropout(xa, self.lora_dropout, self.training)
-        lora = nn.functional.linear(nn.functional.linear(dropped, self.lora_A), self.lora_B) * self.scaling
-        return base + (torch.sigmoid(self.gate(xa)) * lora).to(base.dtype)
+        h = nn.functional.linear(dropped, self.lora_A)
+        if self.lora_rows is None:
+            lora = nn.functional.linear(h, self.lora_B) * self.scaling
+            return base + (torch.sigmoid(self.gate(xa)) * lora).to(base.dtype)
+        lora = torch.cat([nn.functional.linear(hs, bs) for hs, bs in zip(h.split(self.r, -1),
+                                                                          self.lora_B.split(self.lora_sizes))], -1)
+        return base.index_add(-1, self.lora_rows, (torch.sigmoid(self.gate(xa)) * lora * self.scaling).to(base.dtype))
+
+
+LoRATargets = Union[Sequence[str], Mapping[str, Optional[Sequence[torch.Tensor]]]]
+
+
+def qv_targets(layers: Sequence[Layer]) -> dict[str, Optional[list[torch.Tensor]]]:
+    """UniPELT's LoRA targets from the model's sites: every self-attention's query and value projections (module
+    name -> None), or where they are slices of one fused projection, its name -> their output-feature indices."""
+    parts: dict[str, list] = {}
+    for layer in layers:
+        for proj in (layer.attention.q, layer.attention.v):
+            parts.setdefault(proj.name, []).append(proj.indices())
+    return {name: None if rows == [None] else rows for name, rows in parts.items()}
 
 
 def _gated_prefix_hook(prefix: PrefixTuning, gate: nn.Linear, module: nn.Module, args, kwargs):
@@ -45,16 +85,20 @@ def _gated_prefix_hook(prefix: PrefixTuning, gate: nn.Linear, module: nn.Module,
     module.peftkern_prefix = (kv[2 * i][None] * g, kv[2 * i + 1][None] * g)
 
 
-def unipelt(model: nn.Module, *, lora_targets: list[str], r: int = 8, lora_alpha: float = 16,
-            num_virtual_tokens: int = 10, reduction_factor: float = 16, non_linearity: str = "relu") -> nn.Module:
-    """Gated LoRA on ``lora_targets`` (module names), a gated prefix (its gates beside the prefix, in
+def unipelt(model: nn.Module, *, lora_targets: LoRATargets, r: int = 8, lora_alpha: float = 16,
+            num_virtual_tokens: int = 10, reduction_factor: float = 16, non_linearity: str = "relu",
+            sites: Optional[Mapping[str, str]] = None) -> nn.Module:
+    """Gated LoRA on ``lora_targets`` (module names; or a dict of module name -> None or its slices, as
+    :func:`qv_targets` gives), a gated prefix (its gates beside the prefix, in
     ``model.peftkern_prompt.gates``) and a gated FFN adapter in every layer, in place. Freezes nothing itself (the
     caller freezes the base first). Returns the model."""
-    for name in lora_targets:
+    targets = lora_targets if isinstance(lora_targets, Mapping) else dict.fromkeys(lora_targets)
+    for name, slices in targets.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child,
-                GatedLoRALinear.from_linear(model.get_submodule(name), r=r, lora_alpha=lora_alpha))
-    add_adapters(model, "pfeiffer", reduction_factor=reduction_factor, non_linearity=non_linearity, gated=True)
+                GatedLoRALinear.from_linear(model.get_submodule(name), r=r, lora_alpha=lora_alpha, slices=slices))
+    add_adapters(model, "pfeiffer", reduction_factor=reduction_factor, non_linearity=non_linearity, gated=True,
+                 sites=sites)
     prefix = add_prefix(model, num_virtual_tokens)
     d = model.config.hidden_size
     ref = prefix.embedding.weight

@@ -2,6 +2,7 @@
 the named adapters it (and QLoRALinear) can hold beside its own."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -11,6 +12,40 @@ from torch import nn
 from .. import _validate as V
 from ..ops.lora import dora_linear, dora_weight_norm, lora_linear
 from ..ops.multi_lora import multi_lora_linear
+
+
+@functools.cache
+def _conv1d_type() -> Optional[type]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's projections): ``y = x W + b`` with W stored [in, out] (PEFT's
+    ``fan_in_fan_out``), a linear layer whose weight is the transpose of ``nn.Linear``'s."""
+    cls = _conv1d_type()
+    return cls is not None and isinstance(module, cls)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an ``nn.Linear``, a ``Conv1D`` or a layer that names them."""
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+def out_in(module: nn.Module, tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``tensor`` (default: the module's weight) laid out [out, in]: a transposed view for a ``Conv1D``, no copy."""
+    t = module.weight if tensor is None else tensor
+    return t.t() if is_conv1d(module) else t
+
+
+def _check_linear(linear: nn.Module) -> None:
+    if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
+        raise TypeError(f"linear must be a torch.nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
 
 
 class AdapterTensors(NamedTuple):
@@ -133,7 +168,12 @@ class LoRALinear(NamedAdapters, nn.Module):
     trainable ``lora_magnitude`` [out] starts at the row norms of W. ``rank_scale`` [r] (AdaLoRA's singular
     values) is created by :meth:`enable_rank_scale`. Adapters over a half-precision base are kept in fp32, as PEFT
     does, unless ``adapter_dtype`` says otherwise. More adapters by name beside this one: :class:`NamedAdapters`.
+
+    Wrapping a transformers ``Conv1D`` (GPT-2), ``weight`` stays the Conv1D's own [in, out] parameter
+    (``fan_in_fan_out``, as PEFT) and the ops read it through the transposed view :attr:`base_weight`.
     """
+
+    fan_in_fan_out = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, r: int = 8, lora_alpha: float = 8,
                  lora_dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False,
@@ -146,19 +186,25 @@ class LoRALinear(NamedAdapters, nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, use_dora: bool = False,
                     adapter_dtype: Optional[torch.dtype] = None) -> "LoRALinear":
-        """Wrap an existing ``nn.Linear``; its weight and bias tensors are shared, not copied."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        """Wrap an existing ``nn.Linear`` or transformers ``Conv1D``; its weight and bias tensors are shared, not
+        copied."""
+        _check_linear(linear)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
+        self.fan_in_fan_out = is_conv1d(linear)
         self._init(linear.weight, linear.bias, r, lora_alpha, lora_dropout, use_rslora, use_dora, adapter_dtype)
         return self
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as [out, in] (for a wrapped ``Conv1D`` a transposed view of ``weight``: no copy)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def _init(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, use_dora, adapter_dtype):
         V.integer("r", r)
         V.number("lora_alpha", lora_alpha)
         V.number("lora_dropout", lora_dropout, low=0.0, high=1.0)
-        out_features, in_features = weight.shape
+        out_features, in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.lora_alpha, self.lora_dropout = lora_alpha, float(lora_dropout)
         self.use_rslora, self.use_dora = use_rslora, use_dora
@@ -191,31 +237,33 @@ class LoRALinear(NamedAdapters, nn.Module):
 
     def _weight_norm(self, a: Optional[AdapterTensors] = None) -> torch.Tensor:
         a = a or self.adapter(self.active_adapter)
-        return dora_weight_norm(self.weight, a.lora_A, a.lora_B, a.scaling)
+        return dora_weight_norm(self.base_weight, a.lora_A, a.lora_B, a.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_weight
         if self.adapter_names is not None:
-            return self.mixed_forward(x, self.weight, self.bias)
+            return self.mixed_forward(x, weight, self.bias)
         a = None if self.merged else self.adapter(self.active_adapter)
         if a is None:
-            return nn.functional.linear(x, self.weight, self.bias)
+            return nn.functional.linear(x, weight, self.bias)
         if a.lora_magnitude is not None:
-            return dora_linear(x, self.weight, self.bias, a.lora_A, a.lora_B, a.scaling, a.lora_magnitude,
+            return dora_linear(x, weight, self.bias, a.lora_A, a.lora_B, a.scaling, a.lora_magnitude,
                                dropout_p=a.lora_dropout, training=self.training)
-        return lora_linear(x, self.weight, self.bias, a.lora_A, a.lora_B, a.scaling, dropout_p=a.lora_dropout,
+        return lora_linear(x, weight, self.bias, a.lora_A, a.lora_B, a.scaling, dropout_p=a.lora_dropout,
                            training=self.training, rank_scale=a.rank_scale)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """``weight`` with the active adapter folded in (DoRA: each row rescaled to its magnitude), computed in the
-        wider of the two dtypes and returned in the weight's; ``weight`` itself is left as it is."""
+        wider of the two dtypes and returned in the weight's dtype and stored layout; ``weight`` itself is left as
+        it is."""
         a = self.adapter(self.active_adapter)
         if a is None:
             return self.weight.detach().clone()
-        w = self.weight.to(torch.promote_types(self.weight.dtype, a.lora_A.dtype)) + self.delta_weight()
+        w = self.base_weight.to(torch.promote_types(self.weight.dtype, a.lora_A.dtype)) + self.delta_weight()
         if a.lora_magnitude is not None:
             w = w * (a.lora_magnitude / self._weight_norm(a))[:, None]
-        return w.to(self.weight.dtype)
+        return (w.t() if self.fan_in_fan_out else w).to(self.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

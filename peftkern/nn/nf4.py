@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import _validate as V
 from ..ops.nf4 import NF4Tensor, nf4_linear, qlora_linear, quantize
-from .lora import NamedAdapters
+from .lora import NamedAdapters, _check_linear, out_in
 
 
 _STATE = ("absmax", "qabsmax", "absmax2", "offset", "code", "code8")  # NF4Tensor's tensors besides the codes
@@ -42,13 +42,13 @@ class NF4Linear(nn.Module):
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
                     quant_storage: torch.dtype = torch.uint8,
                     compute_dtype: Optional[torch.dtype] = None) -> "NF4Linear":
-        """Quantize an ``nn.Linear``'s weight (bit-exact with bitsandbytes); its bias is shared, frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        """Quantize an ``nn.Linear``'s weight (bit-exact with bitsandbytes); its bias is shared, frozen. A
+        transformers ``Conv1D``'s [in, out] weight is quantized as [out, in], as transformers' 4-bit loading does."""
+        _check_linear(linear)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._init(quantize(linear.weight.detach(), blocksize, double_quant), linear.bias, quant_storage,
-                   compute_dtype)
+        self._init(quantize(out_in(linear).detach().contiguous(), blocksize, double_quant), linear.bias,
+                   quant_storage, compute_dtype)
         return self
 
     @classmethod

@@ -8,17 +8,23 @@ from torch import nn
 
 from ..ops.sparse import merge, sparse_diff_linear, unmerge
 from ..ops.sparse.function import check_indices
+from .lora import _check_linear, is_conv1d, linear_features, out_in
 
 
 class SparseDiffLinear(nn.Module):
     """``y = x (W + scatter(values at indices))^T + b``; only ``values`` [nnz] train (fp32 by default, as PEFT keeps
-    adapters over a half base). :meth:`diff_state_dict` holds what a task adds: indices, values and the shape."""
+    adapters over a half base). :meth:`diff_state_dict` holds what a task adds: indices, values and the shape.
+
+    ``fan_in_fan_out``: ``weight`` is stored [in, out] (a transformers ``Conv1D``'s own parameter); the ops read it
+    through a transposed view and ``indices`` still count in the [out, in] layout."""
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], indices: torch.Tensor,
-                 values: Optional[torch.Tensor] = None, values_dtype: Optional[torch.dtype] = None):
+                 values: Optional[torch.Tensor] = None, values_dtype: Optional[torch.dtype] = None, *,
+                 fan_in_fan_out: bool = False):
         super().__init__()
         check_indices(indices, weight.numel())
-        self.out_features, self.in_features = weight.shape
+        self.fan_in_fan_out = bool(fan_in_fan_out)
+        self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.weight.requires_grad_(False)
         self.bias = bias
@@ -35,9 +41,15 @@ class SparseDiffLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, indices: torch.Tensor, values: Optional[torch.Tensor] = None,
                     values_dtype: Optional[torch.dtype] = None) -> "SparseDiffLinear":
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        return cls(linear.weight, linear.bias, indices, values, values_dtype)
+        """Over an ``nn.Linear`` or a transformers ``Conv1D`` (its weight and bias shared); ``indices`` into the
+        [out, in] weight."""
+        _check_linear(linear)
+        return cls(linear.weight, linear.bias, indices, values, values_dtype, fan_in_fan_out=is_conv1d(linear))
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight as [out, in] (a transposed view where it is stored [in, out])."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     @property
     def merged(self) -> bool:
@@ -45,19 +57,27 @@ class SparseDiffLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
-            return nn.functional.linear(x, self.weight, self.bias)
-        return sparse_diff_linear(x, self.weight, self.bias, self.indices, self.values)
+            return nn.functional.linear(x, self.base_weight, self.bias)
+        return sparse_diff_linear(x, self.base_weight, self.bias, self.indices, self.values)
+
+    def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted flat positions of the indices in ``weight`` as stored, the values in that order)."""
+        if not self.fan_in_fan_out:
+            return self.indices, self.values
+        stored = self.indices % self.in_features * self.out_features + self.indices // self.in_features
+        order = stored.argsort()
+        return stored[order], self.values[order]
 
     @torch.no_grad()
     def merge(self) -> None:
         """Add the values into ``weight`` in place (the overwritten nnz entries are kept: unmerge is exact)."""
         if not self.merged:
-            self._previous = merge(self.weight, self.indices, self.values)
+            self._previous = merge(self.weight, *self._stored())
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            unmerge(self.weight, self.indices, self.values, previous=self._previous)
+            unmerge(self.weight, *self._stored(), previous=self._previous)
             self._previous = None
 
     def diff_state_dict(self) -> dict:
@@ -73,21 +93,26 @@ class SparseDiffLinear(nn.Module):
 class RowDiffLinear(nn.Module):
     """FAR's structured variant: ``y = x (W + scatter_rows(delta))^T + b`` with the selected rows' (nodes') diff
     ``delta`` [k, in] trained as one small dense block: ``y[:, rows] += x delta^T``, ``d delta = g[:, rows]^T x``,
-    ``dx += g[:, rows] delta`` (plain autograd on k-row tensors); :meth:`merge` adds it back by rows."""
+    ``dx += g[:, rows] delta`` (plain autograd on k-row tensors); :meth:`merge` adds it back by rows. ``linear``:
+    an ``nn.Linear`` or a transformers ``Conv1D`` (whose rows are the columns of its stored weight)."""
 
-    def __init__(self, linear: nn.Linear, rows: torch.Tensor):
+    def __init__(self, linear: nn.Module, rows: torch.Tensor):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        check_indices(rows, linear.out_features, "rows")
+        _check_linear(linear)
+        in_features, out_features = linear_features(linear)
+        check_indices(rows, out_features, "rows")
         self.linear = linear
         for p in linear.parameters():
             p.requires_grad_(False)
         self.register_buffer("rows", rows.to(device=linear.weight.device, dtype=torch.int64))
         dtype = torch.float32 if linear.weight.dtype in (torch.float16, torch.bfloat16) else linear.weight.dtype
-        self.delta = nn.Parameter(torch.zeros(rows.numel(), linear.in_features, device=linear.weight.device,
-                                              dtype=dtype))
+        self.delta = nn.Parameter(torch.zeros(rows.numel(), in_features, device=linear.weight.device, dtype=dtype))
         self._previous: Optional[torch.Tensor] = None
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The frozen base weight, as stored (model code reads it: T5 casts its FFN input to ``wo.weight.dtype``)."""
+        return self.linear.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear(x)
@@ -100,12 +125,12 @@ class RowDiffLinear(nn.Module):
     def merge(self) -> None:
         """W[rows] += delta in place (the previous rows are kept: unmerge is exact)."""
         if self._previous is None:
-            w = self.linear.weight
+            w = out_in(self.linear)
             self._previous = w[self.rows].clone()
             w[self.rows] = (w[self.rows].to(self.delta.dtype) + self.delta).to(w.dtype)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self._previous is not None:
-            self.linear.weight[self.rows] = self._previous
+            out_in(self.linear)[self.rows] = self._previous
             self._previous = None
