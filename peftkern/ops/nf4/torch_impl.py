@@ -118,11 +118,11 @@ def _times_block_scale(v: torch.Tensor, scale: torch.Tensor, blocksize: int) -> 
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _byte_table(code: tuple, device: torch.device) -> torch.Tensor:
-    """[256, 2] fp32: the two code values (high nibble, low nibble) of every byte."""
-    values = torch.tensor(code, dtype=torch.float32, device=device)
-    byte = torch.arange(256, device=device)
+def _byte_table(code: torch.Tensor) -> torch.Tensor:
+    """[256, 2] fp32: the two code values (high nibble, low nibble) of every byte, built where ``code`` lives (reading
+    the code back to key a cache would wait on the GPU every call)."""
+    values = code.to(torch.float32)
+    byte = torch.arange(256, device=code.device)
     return torch.stack([values[byte >> 4], values[byte & 0xF]], 1)
 
 
@@ -140,7 +140,7 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, code:
                                      n, blocksize, out.data_ptr(), _CPU_DTYPES[dtype]) != 0:
             raise RuntimeError("pk_nf4_dequantize_cpu refused its arguments")
         return out
-    table = _byte_table(tuple(code.tolist()), packed.device)
+    table = _byte_table(code.to(packed.device))
     v = table[packed.reshape(-1).long()].view(-1)[:n]
     return _times_block_scale(v, absmax, blocksize).to(dtype).view(shape)
 
