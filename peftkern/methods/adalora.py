@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .. import _validate as V
-from ..nn.lora import LoRALinear
+from ..nn.lora import LoRALinear, is_conv1d
 from .targets import TargetSpec, name_matches, target_matcher
 
 __all__ = ["AdaLoRAAllocator", "prepare_adalora", "adalora_scaling", "RANKNUM_EPS"]
@@ -96,8 +96,9 @@ def prepare_adalora(model: nn.Module, target_modules: TargetSpec, *, init_r: int
     if not targets:
         raise ValueError("target_modules matched no submodule of model")
     for n, m in targets:
-        if not isinstance(m, nn.Linear):
-            raise ValueError(f"target_modules matched {n!r}, a {type(m).__name__}; only torch.nn.Linear is supported")
+        if not isinstance(m, nn.Linear) and not is_conv1d(m):
+            raise ValueError(f"target_modules matched {n!r}, a {type(m).__name__}; only torch.nn.Linear and "
+                             f"transformers' Conv1D are supported")
 
     layers: dict[str, LoRALinear] = {}
     for name, linear in targets:

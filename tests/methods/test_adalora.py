@@ -496,3 +496,28 @@ def test_lockstep_with_peft_adalora():
                                        rtol=1e-7, atol=1e-9)
     assert masks_seen >= T - kw["tinit"] - 2 and alloc.total_rank == 2 * len(layers)
     assert sum(sum(v) for v in pcfg.rank_pattern.values()) == alloc.total_rank
+
+
+def test_gpt2_conv1d_projections():
+    """GPT-2's transformers Conv1D projections (weight [in, out]) take AdaLoRA's SVD form, checked against the literal
+    ``x W + b + s ((x A^T) * e) B^T`` in fp64; the allocator trains them like nn.Linear ones."""
+    import peftkern as pk
+    from tests._helpers import tiny_batch, tiny_model
+
+    model = pk.patch(tiny_model("gpt2").double(), "adalora", init_r=4, target_r=2, total_step=4)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert layers and all(m.fan_in_fan_out for m in layers.values())
+    layer = layers["transformer.h.0.attn.c_attn"]
+    with torch.no_grad():
+        layer.rank_scale.normal_()
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.float64)
+    expected = x @ layer.weight + layer.bias + layer.scaling * ((x @ layer.lora_A.T) * layer.rank_scale) @ layer.lora_B.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    batch = tiny_batch(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for step in range(4):
+        model(**batch).loss.backward()
+        opt.step()
+        model.peftkern_allocator.update_and_allocate(step)
+        opt.zero_grad()
+    assert model.peftkern_allocator.total_rank == 2 * len(layers)  # the target budget, reached at the last step
