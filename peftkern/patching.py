@@ -251,7 +251,8 @@ def _mam(model, o: dict):
     """MAM adapter (He et al., 2022): a parallel adapter beside every FFN and prefix tuning on attention."""
     heads = _heads(model, o.pop("modules_to_save"))
     freeze_except(model, heads)
-    prefix = dict(num_virtual_tokens=o.pop("num_virtual_tokens"), prefix_projection=o.pop("prefix_projection"))
+    prefix = dict(num_virtual_tokens=o.pop("num_virtual_tokens"), prefix_projection=o.pop("prefix_projection"),
+                  sites=o["sites"])
     add_adapters(model, "parallel", **o)
     add_prefix(model, **prefix)
     return model, {"heads": heads}
@@ -433,9 +434,10 @@ METHODS: dict[str, Method] = {
                        {**_PROMPT_OPTIONS, "encoder": "mlp", "encoder_hidden_size": None, "encoder_num_layers": 2,
                         "encoder_dropout": 0.0}, **_PROMPT),
     "prefix_tuning": Method(lambda m, o: _prompt_apply(m, o, add_prefix),
-                            {**_PROMPT_OPTIONS, "prefix_projection": True, "encoder_hidden_size": None}, **_PROMPT),
-    "p_tuning_v2": Method(lambda m, o: _prompt_apply(m, o, add_prefix, prefix_projection=False), _PROMPT_OPTIONS,
-                          **_PROMPT),
+                            {**_PROMPT_OPTIONS, "prefix_projection": True, "encoder_hidden_size": None, "sites": None},
+                            **_PROMPT),
+    "p_tuning_v2": Method(lambda m, o: _prompt_apply(m, o, add_prefix, prefix_projection=False),
+                          {**_PROMPT_OPTIONS, "sites": None}, **_PROMPT),
     "adapter_houlsby": Method(lambda m, o: _adapter_apply(m, o, "houlsby"),
                               {**_ADAPTER_OPTIONS, "non_linearity": "swish"}, _added_tensors),
     "adapter_pfeiffer": Method(lambda m, o: _adapter_apply(m, o, "pfeiffer"), _ADAPTER_OPTIONS, _added_tensors),

@@ -11,19 +11,20 @@ replaces by its output for inference and saving.
 attention runs peftkern's prefix attention (registered with transformers' attention-function registry under
 ``"peftkern_prefix"``, with the padding-mask format of flash attention), and a pre-hook on the model's call hands
 each attention module its prefix for that call (kept on the module, so activation checkpointing recomputes with it)
-and places the sequence after the virtual tokens: positions ``P + position_ids`` (``P + cached + 0 .. S-1`` where
-the call gives none), as PEFT's prefix in the cache places them; RoPE is not applied to prefix keys. Models whose
-forward takes no ``position_ids`` keep their own positions.
+and places the sequence after the virtual tokens: positions ``P + position_ids``, where the call gives none the
+model's own numbering after ``P + cached`` tokens (``P + cached + 0 .. S-1``; RoBERTa's from its padding index), as
+PEFT's prefix in the cache places them; RoPE is not applied to prefix keys. Models whose forward takes no
+``position_ids`` keep their own positions.
 
 Generation: the prefix never enters the KV cache (a dynamic cache holds the sequence's keys only, so any length
 bookkeeping of ``generate`` is the model's own); the decoding steps, whose few queries follow the cached keys,
 attend to ``[prefix; cache]`` with SDPA (bottom-right causal). Static / compiled caches are refused.
-Attention-probability dropout is not applied (the fused op has none).
+Attention-probability dropout is not applied (the fused op has none), nor sliding windows: longer inputs raise.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -32,14 +33,18 @@ from .. import _validate as V
 
 from ..ops.prefix_attention import prefix_attention
 from .prompt_tuning import ATTRIBUTE, cached_tokens, load_table_, register_call_hook, virtual_tokens
+from .sites import attention_modules
 
 ATTENTION_NAME = "peftkern_prefix"
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs):
     """transformers attention function: query [B, Hq, Sq, D], key/value [B, Hkv, Sk, D] (Sk > Sq: the queries are
     the last Sq of Sk keys, after a cache); attention_mask the 2-D padding mask over the Sk keys (1 = token) or
     None. Returns ([B, Sq, Hq, D], None)."""
+    if sliding_window is not None and key.shape[-2] > sliding_window:
+        raise ValueError(f"input_ids: {key.shape[-2]} tokens exceed the model's sliding attention window of "
+                         f"{sliding_window}, which prefix attention does not apply")
     prefix = getattr(module, "peftkern_prefix", None)
     if prefix is None:  # a layer without prefix (P = 0)
         empty = key.new_zeros(key.shape[1], 0, key.shape[-1])
@@ -83,21 +88,15 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, flash_attention_mask)
 
 
-def _attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules, in layer order (modules with ``layer_idx`` and ``scaling``, no cross-attention)."""
-    layers = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")
-              and "cross" not in type(m).__name__.lower() and not getattr(m, "is_cross_attention", False)]
-    return sorted(layers, key=lambda m: m.layer_idx)
-
-
 class PrefixTuning(nn.Module):
     """The learned prefix of a transformers model ``model`` (read for its config, whether its forward takes
-    ``position_ids``, and its attention modules, which :attr:`layers` lists; :func:`add_prefix` attaches it):
+    ``position_ids``, and its self-attention modules, which :attr:`layers` lists in layer order, found by
+    :func:`peftkern.methods.sites.attention_modules` with ``sites``; :func:`add_prefix` attaches it):
     ``num_virtual_tokens`` P; ``prefix_projection`` the MLP reparameterization (Prefix Tuning; off: P-Tuning v2)
     with ``encoder_hidden_size`` hidden units (default the model's hidden size)."""
 
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, prefix_projection: bool = False,
-                 encoder_hidden_size: Optional[int] = None):
+                 encoder_hidden_size: Optional[int] = None, sites: Optional[Mapping[str, str]] = None):
         super().__init__()
         V.integer("num_virtual_tokens", num_virtual_tokens)
         cfg = model.config
@@ -107,10 +106,12 @@ class PrefixTuning(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.num_virtual_tokens = num_virtual_tokens
         self.takes_positions = "position_ids" in inspect.signature(model.forward).parameters
-        self.layers = _attention_layers(model)
+        if getattr(cfg, "is_encoder_decoder", False):
+            raise ValueError(f"model: prefix methods take encoder or decoder models; {type(model).__name__} is an "
+                             f"encoder-decoder")
+        self.layers = [m for _, m in attention_modules(model, sites=sites)]
         if len(self.layers) != self.num_layers:
-            raise ValueError(f"found {len(self.layers)} self-attention modules with layer_idx for "
-                             f"{self.num_layers} layers; this architecture is not supported")
+            raise ValueError(f"model: found {len(self.layers)} self-attention modules for {self.num_layers} layers")
         token_dim = self.num_kv_heads * self.head_dim
         out_dim = self.num_layers * 2 * token_dim
         device = next(model.parameters()).device
@@ -174,13 +175,27 @@ def _place_after_prefix(model: nn.Module, call: dict) -> dict:
     seen = cached_tokens(call.get("past_key_values"))
     module = virtual_tokens(model)
     kv = module.layer_prefixes()
-    for layer in module.layers:
-        layer.peftkern_prefix = (kv[2 * layer.layer_idx], kv[2 * layer.layer_idx + 1])
+    for i, layer in enumerate(module.layers):
+        layer.peftkern_prefix = (kv[2 * i], kv[2 * i + 1])
     if not module.takes_positions:
         return call
+    P = module.num_virtual_tokens
     ref = call.get("input_ids") if call.get("inputs_embeds") is None else call["inputs_embeds"]
-    if call.get("position_ids") is None and ref is not None:
-        call["position_ids"] = torch.arange(seen, seen + ref.shape[1], device=ref.device)[None]
     if call.get("position_ids") is not None:
-        call["position_ids"] = call["position_ids"] + module.num_virtual_tokens
+        call["position_ids"] = call["position_ids"] + P
+    elif ref is not None:
+        call["position_ids"] = _default_positions(model, call.get("input_ids"), ref, seen + P)
     return call
+
+
+def _default_positions(model: nn.Module, input_ids, ref: torch.Tensor, start: int) -> torch.Tensor:
+    """The position ids the model numbers its tokens with when given none, for tokens that follow ``start`` others
+    (the cached and the virtual ones): ``start + 0 .. S-1``, or, where the embeddings number from their padding
+    index (RoBERTa and its kin: ``create_position_ids_from_input_ids``), their own numbering moved by ``start``."""
+    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    pad = getattr(embeddings, "padding_idx", None)
+    if pad is None or not hasattr(embeddings, "create_position_ids_from_input_ids"):
+        return torch.arange(start, start + ref.shape[1], device=ref.device)[None]
+    if input_ids is not None:
+        return embeddings.create_position_ids_from_input_ids(input_ids, pad, start)
+    return embeddings.create_position_ids_from_inputs_embeds(ref, pad) + start

@@ -8,11 +8,12 @@ a text); P-Tuning produces it with PEFT's prompt encoder (``encoder="lstm"``: bi
 :func:`add_prompt` patches the model in place: the table is the model's submodule ``peftkern_prompt`` (state_dict,
 optimizers and ``.to()`` see it) and a pre-hook on the model's call puts the virtual tokens first, as PEFT arranges
 them: ``inputs_embeds`` becomes ``[prompt; inputs]``, the attention mask gets P ones in front, token ``labels`` P
-ignored positions (-100), ``token_type_ids`` P zeros, given ``position_ids`` ``[0 .. P-1; P + position_ids]``. The
-model stays itself (its class, ``generate``, ``save_pretrained``, activation checkpointing, its forward's signature
-for ``Trainer``). With a KV cache the virtual tokens are in the cache's frame, as with PEFT: they enter once, on the
-call that fills an empty cache; later calls (``generate``'s decoding steps) get only the P mask ones and the position
-offset, and the cache holds P + the sequence's tokens.
+ignored positions (-100), ``token_type_ids`` P zeros, given ``position_ids`` ``[p0 .. p0+P-1; P + position_ids]``
+(p0 the first given one: 0, or RoBERTa's padding index + 1). The model stays itself (its class, ``generate``,
+``save_pretrained``, activation checkpointing, its forward's signature for ``Trainer``). With a KV cache the virtual
+tokens are in the cache's frame, as with PEFT: they enter once, on the call that fills an empty cache; later calls
+(``generate``'s decoding steps) get only the P mask ones and the position offset, and the cache holds P + the
+sequence's tokens.
 """
 from __future__ import annotations
 
@@ -67,13 +68,14 @@ def cached_tokens(cache) -> int:
 
 
 def shift_positions(position_ids: torch.Tensor, num_virtual_tokens: int, prepend: bool) -> torch.Tensor:
-    """Sequence positions after P virtual tokens: ``position_ids + P``, with the virtual tokens' 0 .. P-1 in front
-    where they are part of the input (``prepend``). Any leading dims (batch, rope sections) are kept."""
+    """Sequence positions after P virtual tokens: ``position_ids + P``, with the virtual tokens' in front where they
+    are part of the input (``prepend``): the P positions from the first given one on (0 .. P-1 for positions that
+    start at 0). Any leading dims (batch, rope sections) are kept."""
     shifted = position_ids + num_virtual_tokens
     if not prepend:
         return shifted
     ahead = torch.arange(num_virtual_tokens, device=position_ids.device, dtype=position_ids.dtype)
-    return torch.cat([ahead.expand(*position_ids.shape[:-1], num_virtual_tokens), shifted], -1)
+    return torch.cat([position_ids[..., :1] + ahead, shifted], -1)
 
 
 class PromptTuning(nn.Module):

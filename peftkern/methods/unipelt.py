@@ -76,12 +76,11 @@ def qv_targets(layers: Sequence[Layer]) -> dict[str, Optional[list[torch.Tensor]
     return {name: None if rows == [None] else rows for name, rows in parts.items()}
 
 
-def _gated_prefix_hook(prefix: PrefixTuning, gate: nn.Linear, module: nn.Module, args, kwargs):
-    """Before an attention module runs: its prefix, scaled per example by the gate of its input."""
+def _gated_prefix_hook(prefix: PrefixTuning, gate: nn.Linear, i: int, module: nn.Module, args, kwargs):
+    """Before attention module ``i`` runs: its prefix, scaled per example by the gate of its input."""
     h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     kv = prefix.layer_prefixes()
     g = torch.sigmoid(gate(h.to(gate.weight.dtype).mean(1)))[:, :, None, None]  # [B, 1, 1, 1]
-    i = module.layer_idx
     module.peftkern_prefix = (kv[2 * i][None] * g, kv[2 * i + 1][None] * g)
 
 
@@ -99,10 +98,10 @@ def unipelt(model: nn.Module, *, lora_targets: LoRATargets, r: int = 8, lora_alp
                 GatedLoRALinear.from_linear(model.get_submodule(name), r=r, lora_alpha=lora_alpha, slices=slices))
     add_adapters(model, "pfeiffer", reduction_factor=reduction_factor, non_linearity=non_linearity, gated=True,
                  sites=sites)
-    prefix = add_prefix(model, num_virtual_tokens)
+    prefix = add_prefix(model, num_virtual_tokens, sites=sites)
     d = model.config.hidden_size
     ref = prefix.embedding.weight
     prefix.gates = nn.ModuleList(nn.Linear(d, 1, device=ref.device, dtype=ref.dtype) for _ in prefix.layers)
-    for layer, gate in zip(prefix.layers, prefix.gates):
-        layer.register_forward_pre_hook(functools.partial(_gated_prefix_hook, prefix, gate), with_kwargs=True)
+    for i, (layer, gate) in enumerate(zip(prefix.layers, prefix.gates)):
+        layer.register_forward_pre_hook(functools.partial(_gated_prefix_hook, prefix, gate, i), with_kwargs=True)
     return model

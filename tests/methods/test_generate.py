@@ -1,7 +1,8 @@
-"""``model.generate`` on ``pk.patch`` decoders (tiny Llama, GQA): greedy decoding with the KV cache gives the tokens it
-gives without one and the argmax of the patched model's own forward on the growing sequence; a left-padded row the
-tokens it gives alone; a cache continued by several tokens the logits of the whole sequence; PEFT's prompt-tuning,
-P-Tuning and prefix-tuning adapters loaded with ``pk.load_adapter`` the tokens PEFT's ``generate`` gives."""
+"""``model.generate`` on ``pk.patch`` decoders (tiny Llama with GQA; GPT-2 and OPT): greedy decoding with the KV cache
+gives the tokens it gives without one and the argmax of the patched model's own forward on the growing sequence; a
+left-padded row the tokens it gives alone; a cache continued by several tokens the logits of the whole sequence;
+PEFT's prompt-tuning, P-Tuning and prefix-tuning adapters loaded with ``pk.load_adapter`` the tokens PEFT's
+``generate`` gives."""
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import peftkern as pk
-from tests._helpers import tiny_llama
+from tests._helpers import tiny_llama, tiny_model
 from tests.test_patching import _randomize_
 
 NEW = 4  # tokens generated
@@ -113,6 +114,28 @@ def test_peft_adapter_generates_what_peft_generates(kind, tmp_path):
             ids[2, :2], mask[2, :2] = 0, 0
         theirs = pm.generate(input_ids=ids, attention_mask=mask, **GREEDY)
     assert torch.equal(ours.generate(input_ids=ids, attention_mask=mask, **GREEDY), theirs)
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_other_decoders_generate_what_peft_generates_with_and_without_cache(family, kind, tmp_path):
+    """GPT-2 (learned absolute positions, Conv1D projections) and OPT (positions from the attention mask, offset 2):
+    a PEFT adapter loaded with pk.load_adapter generates PEFT's tokens, with the cache and without, and the argmax
+    of its own forward."""
+    base = tiny_model(family, **INIT)
+    base.generation_config.eos_token_id = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[kind]())
+        torch.nn.init.normal_(pm.prompt_encoder["default"].embedding.weight)
+        pm.save_pretrained(str(tmp_path))
+        ids = _ids(seed=5)
+        theirs = pm.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GREEDY)
+    ours = pk.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    for use_cache in (True, False):
+        assert torch.equal(ours.generate(ids, attention_mask=torch.ones_like(ids), use_cache=use_cache, **GREEDY),
+                           theirs)
+    assert torch.equal(_argmax_loop(ours, ids), theirs)
 
 
 def test_bad_calls_name_the_problem():

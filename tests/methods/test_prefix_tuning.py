@@ -1,6 +1,6 @@
 """Prefix Tuning / P-Tuning v2 through ``pk.patch`` and peftkern's prefix attention: the model patched in place,
-PEFT's logits and prefix gradients on the same prefix (BERT encoder, Llama GQA decoder, padding, position ids),
-gradient checkpointing, the MLP reparameterization and fold."""
+PEFT's logits and prefix gradients on the same prefix (BERT and RoBERTa encoders, Llama GQA decoder, padding, position
+ids), gradient checkpointing, the MLP reparameterization and fold, encoder-decoders refused."""
 from __future__ import annotations
 
 import copy
@@ -11,14 +11,15 @@ import peft
 
 import peftkern as pk
 from peftkern.methods.prefix_tuning import PrefixTuning
-from tests._helpers import tiny_bert, tiny_llama
+from tests._helpers import tiny_bert, tiny_llama, tiny_model
 
 P = 5
 
 
 def _pair(arch: str):
     """(PEFT's prefix-tuned model, ours holding the same prefix: PEFT's saved adapter, and head), both eval."""
-    model, task = (tiny_bert(), "SEQ_CLS") if arch == "bert" else (tiny_llama(), "CAUSAL_LM")
+    model = {"bert": tiny_bert, "roberta": lambda: tiny_model("roberta"), "llama": tiny_llama}[arch]()
+    task = "CAUSAL_LM" if arch == "llama" else "SEQ_CLS"
     ours = pk.patch(copy.deepcopy(model), "p_tuning_v2", num_virtual_tokens=P)
     pm = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=P))
     table = pm.prompt_encoder["default"].embedding.weight
@@ -37,8 +38,9 @@ def _batch():
     return ids, mask
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "llama"])
 def test_peft_logits_and_prefix_gradients(arch):
+    """RoBERTa numbers positions from its padding index: PEFT's prefix in the cache moves that numbering by P."""
     pm, ours, table = _pair(arch)
     ids, mask = _batch()
     keep = mask.bool() if arch == "llama" else torch.ones(2, dtype=torch.bool)
@@ -106,3 +108,9 @@ def test_bad_input():
     ours = pk.patch(tiny_bert(), "p_tuning_v2", num_virtual_tokens=P)
     with pytest.raises(ValueError, match="prompt_embeddings must have shape"):
         ours.peftkern_prompt.load_prompt_embeddings(torch.zeros(P, 7))
+    with pytest.raises(ValueError, match="model: prefix methods take encoder or decoder models; "
+                                         "T5ForConditionalGeneration is an encoder-decoder"):
+        pk.patch(tiny_model("t5"), "prefix_tuning")
+    mistral = pk.patch(tiny_model("mistral", sliding_window=4), "p_tuning_v2", num_virtual_tokens=P)
+    with pytest.raises(ValueError, match="input_ids: 7 tokens exceed the model's sliding attention window of 4"):
+        mistral(input_ids=_batch()[0])

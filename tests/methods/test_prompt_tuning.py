@@ -13,10 +13,11 @@ from safetensors.torch import load_file
 
 import peftkern as pk
 from peftkern.methods.prompt_tuning import PromptTuning
-from tests._helpers import tiny_bert, tiny_llama
+from tests._helpers import tiny_bert, tiny_llama, tiny_model
 
 P = 4
-BUILDERS = {"llama": (tiny_llama, "CAUSAL_LM"), "bert": (tiny_bert, "SEQ_CLS")}
+BUILDERS = {"llama": (tiny_llama, "CAUSAL_LM"), "bert": (tiny_bert, "SEQ_CLS"),
+            "roberta": (lambda: tiny_model("roberta"), "SEQ_CLS")}
 
 
 def _patch(model, encoder=None, **options):
@@ -34,7 +35,7 @@ def _batch():
 
 
 @pytest.mark.parametrize("encoder", [None, "mlp", "lstm"], ids=["prompt-tuning", "p-tuning-mlp", "p-tuning-lstm"])
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "bert", "roberta"])
 def test_matches_peft(arch, encoder):
     build, task = BUILDERS[arch]
     model = build()
@@ -61,11 +62,12 @@ def test_matches_peft(arch, encoder):
                                pm.prompt_encoder["default"].embedding.weight.grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "bert", "roberta"])
 def test_patched_in_place_and_called_as_the_model(arch, tmp_path):
     """The same object of the same class, its table a submodule (state_dict, save_pretrained, activation
-    checkpointing are the model's), and its call the model's: by position or by name, with position ids (the
-    virtual tokens take 0 .. P-1, the sequence follows) and BERT's token type ids."""
+    checkpointing are the model's), and its call the model's: by position or by name, with the position ids the
+    model numbers its tokens with (the virtual tokens take the first P, the sequence follows: RoBERTa's start after
+    its padding index) and BERT's token type ids."""
     build, _ = BUILDERS[arch]
     model = build()
     cls = type(model)
@@ -76,7 +78,8 @@ def test_patched_in_place_and_called_as_the_model(arch, tmp_path):
     ids, mask = _batch()
     ref = ours(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(ours(ids, mask).logits, ref, rtol=0, atol=0)
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    first = ours.config.pad_token_id + 1 if arch == "roberta" else 0
+    positions = (first + torch.arange(ids.shape[1])).expand_as(ids)
     torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask, position_ids=positions).logits, ref,
                                rtol=1e-6, atol=1e-6)
     if arch == "bert":
