@@ -151,6 +151,9 @@ def add_prompt(model: nn.Module, num_virtual_tokens: int, **options) -> PromptTu
     module docstring. Freezes nothing (``pk.patch`` freezes the base first). Returns the module."""
     if virtual_tokens(model) is not None:
         raise ValueError(f"model already has virtual tokens ({ATTRIBUTE})")
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"model: prompt methods take encoder or decoder models; {type(model).__name__} is an "
+                         f"encoder-decoder (PEFT puts virtual tokens before its encoder's and its decoder's inputs)")
     module = PromptTuning(model.get_input_embeddings(), num_virtual_tokens, **options)
     model.add_module(ATTRIBUTE, module)
     register_call_hook(model, _prepend)

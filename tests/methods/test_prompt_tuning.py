@@ -147,3 +147,6 @@ def test_bad_input():
     ids, mask = _batch()
     with pytest.raises(ValueError, match="attention_mask must be the 2-D"):
         ours(input_ids=ids, attention_mask=mask[:, None, None, :])
+    with pytest.raises(ValueError, match="model: prompt methods take encoder or decoder models; "
+                                         "BartForConditionalGeneration is an encoder-decoder"):
+        pk.patch(tiny_model("bart"), "p_tuning")
