@@ -11,7 +11,8 @@ What it shows, in order:
    evaluated on sentences whose adjectives and nouns were never trained on: accuracy before, loss per step (with a
    progress bar), accuracy after, and a training step's time against PEFT + bitsandbytes;
 4. the adapter saved with ``pk.save_adapter`` (PEFT's ``adapter_model.safetensors`` + ``adapter_config.json``),
-   loaded back by ``pk.load_adapter`` and by PEFT over bitsandbytes' 4-bit model.
+   loaded back by ``pk.load_adapter`` and by PEFT over bitsandbytes' 4-bit model;
+5. the run in short, as the README's table of it (:func:`summary_table`, markdown).
 
 Deterministic for a seed (same machine, same thread count). The model, batching and memory helpers here are also
 used by ``benchmarks/bench_lora.py`` and the tests.
@@ -404,10 +405,12 @@ class DemoResult:
     method: str = "qlora"
     losses: list[float] = field(default_factory=list)  # per step
     epoch_losses: list[float] = field(default_factory=list)
+    epoch_accuracies: list[float] = field(default_factory=list)  # eval accuracy after each epoch
     acc_before: float = float("nan")
     acc_after: float = float("nan")
     trainable: int = 0
     total: int = 0
+    peft_trainable: Optional[int] = None  # PEFT + bitsandbytes' model on the same modules
     adapted_modules: int = 0
     weight_bytes: Optional[dict] = None  # the adapted projections: fp32 vs NF4 (codes, scales)
     same_codes_as_bnb: Optional[bool] = None
@@ -441,6 +444,41 @@ def _logits_diff(a: nn.Module, b: nn.Module, batches: list[dict]) -> tuple[float
             same += (la.argmax(-1) == lb.argmax(-1)).sum().item()
             total += la.shape[0]
     return diff, same / total
+
+
+def summary_table(res: DemoResult) -> list[str]:
+    """The run as the README's table (markdown lines): ours beside PEFT + bitsandbytes, whose cells stay empty where
+    the run did not compare (``--no-peft``); accuracy after the first epoch and after the last."""
+    wb, mem, st = res.weight_bytes, res.saved_bytes, res.step_time
+    same_codes = {True: "same NF4 codes, bit for bit", False: "other NF4 codes", None: ""}[res.same_codes_as_bnb]
+    peft_trainable = ("" if res.peft_trainable is None else
+                      "same" if res.peft_trainable == res.trainable else f"{res.peft_trainable:,}")
+    accuracies = [f"{100 * res.acc_before:.1f}% before"]
+    epochs = len(res.epoch_accuracies)
+    if epochs:
+        accuracies.append(f"{100 * res.epoch_accuracies[0]:.1f}% after epoch 1")
+    if epochs > 1:
+        accuracies.append(f"{100 * res.epoch_accuracies[-1]:.1f}% after {epochs}")
+    adapter = f"{fmt_bytes(Path(res.adapter_path).stat().st_size)}, PEFT's layout; " + (
+        "reloads exactly with `pk.load_adapter`" if res.reload_max_diff == 0 else
+        f"reloads with `pk.load_adapter` (logits within {res.reload_max_diff:.2g})")
+    if res.peft_reload_agreement is not None:
+        adapter += (f"; PEFT + bitsandbytes agrees on {100 * res.peft_reload_agreement:.0f}% of predictions (logits "
+                    f"within {res.peft_reload_max_diff:.2g}: bitsandbytes' CPU matmul rounds the NF4 scales to bf16)")
+    rows = [("", "peftkern", "PEFT + bitsandbytes"),
+            ("projection weights", f"{fmt_bytes(wb['nf4'])} NF4 ({fmt_bytes(wb['fp32'])} fp32)", same_codes),
+            ("trainable parameters",
+             f"{res.trainable:,} of {res.total / 1e6:.1f} M ({100 * res.trainable / res.total:.2f}%)", peft_trainable)]
+    if mem:
+        shape = " x ".join(map(str, mem["batch_shape"]))
+        rows.append((f"saved for backward, one batch ({shape} tokens, weights excluded)",
+                     f"{fmt_bytes(mem['ours_bytes'])}, of which QLoRA adds {fmt_bytes(mem['lora_ours_bytes'])}",
+                     f"{fmt_bytes(mem['peft_bytes'])}, of which {fmt_bytes(mem['lora_peft_bytes'])}"))
+    if st:
+        rows.append((f"training step (median of {st['reps']}, interleaved)", f"{st['ratio']:.2f}x PEFT's time", "1"))
+    rows += [("eval accuracy (unseen words)", ", ".join(accuracies), ""), ("adapter", adapter, "")]
+    lines = ["|" + "|".join(f" {c} " if c else " " for c in row) + "|" for row in rows]
+    return [lines[0], "|---|---|---|", *lines[1:]]
 
 
 def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
@@ -485,11 +523,12 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
             torch.equal(base.get_submodule(n).weight.data.view(-1), model.get_submodule(n).nf4.packed.view(-1))
             for n in names)
         peft_model = apply_peft(base, cfg.r, cfg.lora_alpha, cfg.lora_dropout)
+        res.peft_trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         batch = tokenize(tok, train[:cfg.batch_size])
         del batch["labels"]
         mem = compare_saved_bytes(batch, cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.seed, ours=model,
                                   peft_model=peft_model)
-        res.saved_bytes = mem
+        res.saved_bytes = {**mem, "batch_shape": list(batch["input_ids"].shape)}
         log(f"NF4 codes bit-identical to bitsandbytes' own quantization: {'yes' if res.same_codes_as_bnb else 'NO'}")
         log(f"bytes saved for backward, one training batch ({cfg.batch_size} x {batch['input_ids'].shape[1]} tokens, "
             f"weights excluded): peftkern {fmt_bytes(mem['ours_bytes'])} vs PEFT + bitsandbytes "
@@ -526,10 +565,11 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
                 if step == 1 or step % log_every == 0 or step == total_steps:
                     log(f"  epoch {epoch + 1} step {step:3d}/{total_steps}  loss {loss.item():.4f}")
             res.epoch_losses.append(sum(ep_losses) / len(ep_losses))
+            res.epoch_accuracies.append(accuracy(model, eval_batches))
             log(f"epoch {epoch + 1}: mean loss {res.epoch_losses[-1]:.4f}, eval accuracy "
-                f"{100 * accuracy(model, eval_batches):.1f}%")
+                f"{100 * res.epoch_accuracies[-1]:.1f}%")
 
-    res.acc_after = accuracy(model, eval_batches)
+    res.acc_after = res.epoch_accuracies[-1] if res.epoch_accuracies else accuracy(model, eval_batches)
     log(f"eval accuracy after fine-tuning: {100 * res.acc_after:.1f}% (before: {100 * res.acc_before:.1f}%)")
     if peft_model is not None and cfg.time_reps:
         copy_lora_to_peft(model, peft_model)
@@ -553,7 +593,9 @@ def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
             f"{res.peft_reload_max_diff:.2e}, same prediction on {100 * res.peft_reload_agreement:.1f}% of the eval "
             f"set (bitsandbytes' CPU matmul rounds the NF4 scales to bf16)")
     res.seconds = time.perf_counter() - t0
-    log(f"done in {res.seconds:.1f} s")
+    log(f"done in {res.seconds:.1f} s; in short:")
+    for line in summary_table(res):
+        log(line)
     return res
 
 
