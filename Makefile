@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.peftkern-installed
 
-.PHONY: venv test demo bench kernels clean
+.PHONY: venv test demo bench kernels gpu-check clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ bench: venv
 # every Triton kernel compiled ahead of time for sm_80 and sm_90; fails on a compile error or a register spill
 kernels: venv
 	$(VENV)/bin/peftkern kernels --arch 80 90
+
+# on a CUDA machine, in under 8 minutes: the GPU tests, the kernels gate and the quick benchmarks, one JSON report;
+# exits 2 without CUDA
+gpu-check: venv
+	$(VENV)/bin/peftkern gpu-check --json benchmarks/results/gpu-check.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

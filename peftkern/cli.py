@@ -1,9 +1,10 @@
-"""The ``peftkern`` command (``python -m peftkern.cli``): info, bench, demo, kernels.
+"""The ``peftkern`` command (``python -m peftkern.cli``): info, bench, demo, kernels, gpu-check.
 
     peftkern info [--json]            versions, backends (with the reason one is unavailable), CUDA library status
     peftkern bench [lora|nf4|prefix|sparse|adapter|methods|all] [--quick] [--json F] [--plot F.png]  (benchmarks/)
     peftkern demo [--quick]           a real QLoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
     peftkern kernels [--arch 80 90] [--json FILE]     compile the launchers' kernel launches as the JIT would (_aot.py)
+    peftkern gpu-check [--json FILE] [--budget S]     on a CUDA machine: GPU tests, kernels, benches (_gpu_check.py)
 """
 from __future__ import annotations
 
@@ -164,9 +165,15 @@ def cmd_kernels(args) -> int:
     return _aot.run_from_args(args)
 
 
+def cmd_gpu_check(args) -> int:
+    from . import _gpu_check
+
+    return _gpu_check.run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="peftkern", description="Fused kernels for parameter-efficient fine-tuning.")
-    sub = ap.add_subparsers(dest="command", metavar="{info,bench,demo,kernels}")
+    sub = ap.add_subparsers(dest="command", metavar="{info,bench,demo,kernels,gpu-check}")
     sub.required = True
 
     p = sub.add_parser("info", help="versions, backends, CUDA library status")
@@ -203,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         p.set_defaults(func=lambda args: print("peftkern kernels: needs triton (pip install triton)",
                                                file=sys.stderr) or 2)
+
+    p = sub.add_parser("gpu-check", help="on a CUDA machine: the GPU tests, kernels and quick benchmarks, one JSON "
+                                         "report (exits 2 without CUDA)")
+    from ._gpu_check import add_arguments as add_gpu_check_arguments
+
+    add_gpu_check_arguments(p)
+    p.set_defaults(func=cmd_gpu_check)
     return ap
 
 
