@@ -5,8 +5,9 @@ neither runs bf16 through the real ``tl.dot`` at the GPU tile sizes, nor times a
 each step in its own process and within its share of a time budget (default 450 s, so the whole stays under
 8 minutes):
 
-1. the GPU tests: pytest on :data:`GPU_TESTS` (the op and module tests, which put their tensors on
-   ``tests/_helpers.DEVICE``, "cuda" there, plus the CUDA-only tests);
+1. the GPU tests: pytest on :data:`GPU_TESTS`: the op and module tests, which put their tensors on
+   ``tests/_helpers.DEVICE`` ("cuda" there), the CUDA-only tests, and the models under autocast and
+   bitsandbytes' 4-bit loading on the device;
 2. ``peftkern kernels``: the launchers' kernel launches compiled as the JIT would, for sm_80 and sm_90 (spills);
 3. ``peftkern bench <family> --quick`` for every family, one process each (a failing family leaves the others' rows);
 
@@ -30,7 +31,8 @@ from typing import Optional
 
 from .cli import _REPO, BENCHMARKS
 
-GPU_TESTS = ("tests/ops", "tests/nn", "tests/test_native.py")
+GPU_TESTS = ("tests/ops", "tests/nn", "tests/test_native.py", "tests/test_backend.py",
+             "tests/integrations/test_autocast_models.py", "tests/integrations/test_peft_fuse_4bit.py")
 DEFAULT_BUDGET_S = 450.0
 # each step's share of the budget; time a step leaves unused passes to the next ones
 SHARES = {"tests": 0.5, "kernels": 0.2, "bench": 0.3}
