@@ -1,6 +1,8 @@
 """Argument checks at the API boundary: every error names the argument."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -19,7 +21,7 @@ def tensor(name: str, t, *, ndim: int | None = None, min_ndim: int | None = None
 
 
 def shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str = "") -> None:
-    if tuple(t.shape) != tuple(expected):
+    if t.shape != tuple(expected):
         hint = f" ({meaning})" if meaning else ""
         raise ValueError(f"{name} must have shape {tuple(expected)}{hint}, got {tuple(t.shape)}")
 
@@ -46,9 +48,15 @@ def cast_dtype(t: torch.Tensor) -> torch.dtype:
 
 def same_dtype(ref_name: str, ref: torch.Tensor, *, autocast: bool = False, **others: torch.Tensor | None) -> None:
     """Equal dtypes; with ``autocast`` the dtypes the op sees after its autocast rule cast them."""
-    dtype = cast_dtype if autocast else (lambda t: t.dtype)
+    if autocast and torch._C._is_any_autocast_enabled():
+        expected = cast_dtype(ref)
+        for name, t in others.items():
+            if t is not None and cast_dtype(t) != expected:
+                raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+        return
+    expected = ref.dtype
     for name, t in others.items():
-        if t is not None and dtype(t) != dtype(ref):
+        if t is not None and t.dtype != expected:
             raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
 
 
@@ -72,3 +80,57 @@ def integer(name: str, v, *, low: int = 1) -> int:
         what = "a positive int" if low == 1 else f"an int >= {low}"
         raise ValueError(f"{name} must be {what}, got {v!r}")
     return v
+
+
+# ------------------------------------------------------------------------------------------- checks run once
+_accepted: dict = {}
+_ACCEPTED_MAX = 4096
+_MISSING = object()
+_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+class _Unkeyed(Exception):
+    """An argument whose signature is not known (it is then checked on every call)."""
+
+
+def _signature(a):
+    """What a check may read of an argument other than a tensor (whose dtype, device, shape and requires_grad
+    :func:`checked` keeps, never its values): a number, string or dtype itself, with its type (``True`` is not ``1``);
+    of an object with shape / dtype / device (an NF4Tensor) those."""
+    if type(a) in _VALUES:
+        return type(a), a
+    try:
+        return type(a), tuple(a.shape), a.dtype, a.device
+    except (AttributeError, TypeError):
+        raise _Unkeyed from None
+
+
+def _mode() -> tuple:
+    """The global state checks read: grad mode, and the autocast dtype of each device where autocast is on."""
+    if not torch._C._is_any_autocast_enabled():
+        return torch.is_grad_enabled(), None
+    return torch.is_grad_enabled(), tuple(torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None
+                                          for d in ("cpu", "cuda"))
+
+
+def checked(check: Callable, *args):
+    """``check(*args)``, or its result from an earlier call with arguments of the same signature.
+
+    Why: the full checks cost 6-10 us of Python per call, as much as a decode-sized layer's arithmetic. They read only
+    metadata: of a tensor its dtype, device, shape and requires_grad, of other arguments what :func:`_signature`
+    keeps, and the state :func:`_mode` keeps; so a signature that passed once passes again. A check that raised is
+    not remembered; arguments of another kind (lists) are checked on every call.
+    """
+    try:
+        key = (check, _mode(), *[(a.dtype, a.device, a.shape, a.requires_grad) if isinstance(a, torch.Tensor)
+                                 else _signature(a) for a in args])
+        result = _accepted.get(key, _MISSING)
+    except _Unkeyed:
+        return check(*args)
+    if result is not _MISSING:
+        return result
+    result = check(*args)
+    if len(_accepted) >= _ACCEPTED_MAX:
+        _accepted.clear()
+    _accepted[key] = result
+    return result

@@ -118,7 +118,8 @@ def get_backend() -> str:
     explicit = getattr(_state, "backend", None)
     if explicit is not None:
         return explicit
-    return _check_name(os.environ.get("PEFTKERN_BACKEND", "auto") or "auto", _CHOICES, "PEFTKERN_BACKEND")
+    name = os.environ.get("PEFTKERN_BACKEND") or "auto"
+    return name if name in _CHOICES else _check_name(name, _CHOICES, "PEFTKERN_BACKEND")
 
 
 def set_backend(name: str) -> None:
@@ -138,12 +139,14 @@ def use_backend(name: str) -> Iterator[None]:
         _state.backend = previous
 
 
-def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
-    """The (backend name, implementation) that serves ``op`` for tensors on ``device``."""
+def resolve(op: str, device: torch.device, requested: str | None = None) -> tuple[str, Callable]:
+    """The (backend name, implementation) that serves ``op`` for tensors on ``device`` under backend ``requested``
+    (default: the one in force)."""
     impls = _registry.get(op)
     if not impls:
         raise KeyError(f"no implementation registered for op {op!r}")
-    requested = get_backend()
+    if requested is None:
+        requested = get_backend()
     if requested != "auto":
         if requested not in impls:
             raise RuntimeError(f"backend {requested!r} has no implementation of {op!r} "
@@ -160,10 +163,15 @@ def resolve(op: str, device: torch.device) -> tuple[str, Callable]:
 
 def run(op: str, requested: str, device: torch.device, *args):
     """``op``'s implementation for ``device`` under backend ``requested`` (captured at the forward), called on
-    ``args``; a fallback inside it follows ``requested`` too."""
-    with use_backend(requested):
-        _, impl = resolve(op, device)
-        return impl(*args)
+    ``args``; a fallback inside it follows ``requested`` too.
+
+    (What :func:`use_backend` does, without its context manager: this runs on every call of every op.)"""
+    previous = getattr(_state, "backend", None)
+    _state.backend = requested
+    try:
+        return resolve(op, device, requested)[1](*args)
+    finally:
+        _state.backend = previous
 
 
 def fallback(op: str, reason: str, error: type[Exception] = TypeError, *, after: str | None = None,

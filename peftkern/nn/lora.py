@@ -43,6 +43,13 @@ def out_in(module: nn.Module, tensor: Optional[torch.Tensor] = None) -> torch.Te
     return t.t() if is_conv1d(module) else t
 
 
+def _member(module: nn.Module, name: str):
+    """``getattr(module, name, None)``, a parameter read from the module's dict: through ``nn.Module.__getattr__`` a
+    parameter read costs ~0.5 us, and a decode-sized layer's forward makes five (as long as its LoRA matmuls)."""
+    params = module._parameters
+    return params[name] if name in params else getattr(module, name, None)
+
+
 def _check_linear(linear: nn.Module) -> None:
     if not isinstance(linear, nn.Linear) and not is_conv1d(linear):
         raise TypeError(f"linear must be a torch.nn.Linear or a transformers Conv1D, got {type(linear).__name__}")
@@ -122,10 +129,11 @@ class NamedAdapters:
     def adapter(self, name: str) -> Optional[AdapterTensors]:
         """Adapter ``name``'s tensors, None where this layer has no such adapter (it then computes the base alone)."""
         if name == "default":
-            if self.lora_A is None:
+            lora_A = _member(self, "lora_A")
+            if lora_A is None:
                 return None
-            return AdapterTensors(self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
-                                  getattr(self, "lora_magnitude", None), getattr(self, "rank_scale", None))
+            return AdapterTensors(lora_A, _member(self, "lora_B"), self.scaling, self.lora_dropout,
+                                  _member(self, "lora_magnitude"), _member(self, "rank_scale"))
         extra = self._modules.get("lora_adapters")
         return extra[name].tensors() if extra is not None and name in extra else None
 
@@ -198,7 +206,8 @@ class LoRALinear(NamedAdapters, nn.Module):
     @property
     def base_weight(self) -> torch.Tensor:
         """The frozen weight as [out, in] (for a wrapped ``Conv1D`` a transposed view of ``weight``: no copy)."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
+        weight = _member(self, "weight")
+        return weight.t() if self.fan_in_fan_out else weight
 
     def _init(self, weight, bias, r, lora_alpha, lora_dropout, use_rslora, use_dora, adapter_dtype):
         V.integer("r", r)
@@ -240,16 +249,16 @@ class LoRALinear(NamedAdapters, nn.Module):
         return dora_weight_norm(self.base_weight, a.lora_A, a.lora_B, a.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base_weight
+        weight, bias = self.base_weight, _member(self, "bias")
         if self.adapter_names is not None:
-            return self.mixed_forward(x, weight, self.bias)
+            return self.mixed_forward(x, weight, bias)
         a = None if self.merged else self.adapter(self.active_adapter)
         if a is None:
-            return nn.functional.linear(x, weight, self.bias)
+            return nn.functional.linear(x, weight, bias)
         if a.lora_magnitude is not None:
-            return dora_linear(x, weight, self.bias, a.lora_A, a.lora_B, a.scaling, a.lora_magnitude,
+            return dora_linear(x, weight, bias, a.lora_A, a.lora_B, a.scaling, a.lora_magnitude,
                                dropout_p=a.lora_dropout, training=self.training)
-        return lora_linear(x, weight, self.bias, a.lora_A, a.lora_B, a.scaling, dropout_p=a.lora_dropout,
+        return lora_linear(x, weight, bias, a.lora_A, a.lora_B, a.scaling, dropout_p=a.lora_dropout,
                            training=self.training, rank_scale=a.rank_scale)
 
     @torch.no_grad()

@@ -8,11 +8,11 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, run
-from ..autocast import register_autocast
+from ..custom_op import custom_op
 from . import torch_impl
 
 
-@torch.library.custom_op("peftkern::lora_forward", mutates_args=())
+@custom_op("peftkern::lora_forward")
 def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                  rank_scale: Optional[Tensor], scaling: float, dropout_p: float,
                  seed: Optional[Tensor], promote_output: bool, backend: str) -> tuple[Tensor, Tensor]:
@@ -27,7 +27,7 @@ def _(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, pro
             x.new_empty(x.shape[0], lora_A.shape[0], dtype=ldt))
 
 
-@torch.library.custom_op("peftkern::lora_backward", mutates_args=())
+@custom_op("peftkern::lora_backward")
 def lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                   rank_scale: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float,
                   seed: Optional[Tensor], compute_dx: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -59,8 +59,8 @@ def _backward(ctx, grad_y, _grad_h):
             de if ctx.needs_input_grad[5] else None, None, None, None, None, None)
 
 
-torch.library.register_autograd("peftkern::lora_forward", _backward, setup_context=_setup_context)
-register_autocast("lora_forward", ("x", "weight", "bias", "lora_A", "lora_B", "rank_scale"))
+lora_forward.register_autograd(_backward, setup_context=_setup_context)
+lora_forward.register_autocast(("x", "weight", "bias", "lora_A", "lora_B", "rank_scale"))
 
 
 def seed_int(seed: Optional[Tensor]) -> Optional[int]:
@@ -118,16 +118,17 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     x has any leading shape; W is frozen; dropout applies only when ``training``; ``rank_scale`` [r] is
     AdaLoRA's per-rank scale and gets a gradient.
     """
-    _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
+    V.checked(_check_lora_args, x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
     return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, rank_scale, False)
 
 
 def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, rank_scale, promote_output):
     p = float(dropout_p) if training else 0.0
     seed = new_seed() if p > 0.0 else None
-    y, _ = lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, rank_scale,
+    flat = x.dim() == 2
+    y, _ = lora_forward(x if flat else x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, rank_scale,
                         float(scaling), p, seed, promote_output, get_backend())
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,

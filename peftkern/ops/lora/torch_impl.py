@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ...backend import register
 
@@ -32,8 +33,14 @@ def _masked(x: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> t
     TensorIterator casts mixed-dtype inputs into temporaries), about 1.5-4x slower on this CPU.
     """
     if keep is None:
-        return x.to(dtype)
-    return torch.where(keep, x, 0).to(dtype)
+        return _to(x, dtype)
+    return _to(torch.where(keep, x, 0), dtype)
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call where it is one already (a no-op ``.to`` costs ~1 us: decode-sized calls
+    count them)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _dropped(x: torch.Tensor, p: float, seed: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -44,7 +51,8 @@ def _dropped(x: torch.Tensor, p: float, seed: int | None, dtype: torch.dtype) ->
 
 
 def lora_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, lora_A.dtype)
+    dt = x.dtype
+    return dt if dt == lora_A.dtype else torch.promote_types(dt, lora_A.dtype)
 
 
 @register("lora_forward", "torch")
@@ -56,11 +64,11 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
     """
     ldt = lora_dtype(x, lora_A)
     keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device) if dropout_p else None
-    h = torch.mm(_masked(x, keep, ldt), lora_A.t())
+    h = F.linear(_masked(x, keep, ldt), lora_A)
     if dropout_p:
         h.mul_(1.0 / (1.0 - dropout_p))  # the dropout scale on [N, r], not on [N, in]
     he = h if rank_scale is None else h * rank_scale
-    y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+    y = F.linear(x, weight, bias)  # addmm(bias, x, W^T) or x @ W^T, the transpose taken in C++
     if ldt == x.dtype:
         return y.addmm_(he, lora_B.t(), alpha=scaling), h
     # fp32 adapters over a half base: the sum is formed in ldt and rounded once to x's dtype. (An in-place
@@ -75,22 +83,25 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling: flo
     """(dx or None, dA, dB, d_rank_scale or None).
 
     The mask is regenerated once and applied unscaled to the [N, in] operands; 1/(1-p) goes on dh [N, r].
+    ``addmm(t, a, b, beta=0, alpha=s)`` forms ``s * (a @ b)`` in one op (with beta=0 the values of t, of its shape,
+    are not read): a scalar ``mul_`` after an ``mm`` costs as much as the small mm itself on a CPU.
     """
     ldt = h.dtype
-    g = grad_y.to(ldt)
+    g = _to(grad_y, ldt)
     he = h if rank_scale is None else h * rank_scale
-    dB = torch.mm(g.t(), he).mul_(scaling).to(lora_B.dtype)
-    dhe = torch.mm(g, lora_B.to(ldt)).mul_(scaling)
+    B = _to(lora_B, ldt)
+    dB = _to(torch.addmm(B, g.t(), he, beta=0, alpha=scaling), lora_B.dtype)
+    dhe = torch.addmm(h, g, B, beta=0, alpha=scaling)
     d_rank_scale = None if rank_scale is None else (dhe * h).sum(0).to(rank_scale.dtype)
     dh = dhe if rank_scale is None else dhe.mul_(rank_scale)
     keep = None
     if dropout_p:
         keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device)
         dh.mul_(1.0 / (1.0 - dropout_p))
-    dA = torch.mm(dh.t(), _masked(x, keep, ldt)).to(lora_A.dtype)
+    dA = _to(torch.mm(dh.t(), _masked(x, keep, ldt)), lora_A.dtype)
     dx = None
     if compute_dx:
-        t = dh @ lora_A.to(ldt)
+        t = dh @ _to(lora_A, ldt)
         if keep is not None:
             t = torch.where(keep, t, 0)
         if ldt == x.dtype:
