@@ -1,15 +1,21 @@
 """Helpers shared by the families' Triton launchers (``ops/<family>/triton_impl.py``): dtypes, precision,
-launch options, output buffers. Torch-side only; no kernel bodies here."""
+launch options, output buffers, rank chunks, dropout arguments, and what the kernels leave to another backend.
+Torch-side only; the shared kernel bodies are in ``triton_blocks.py``."""
 from __future__ import annotations
 
 import functools
 
 import torch
+import triton
 import triton.language as tl
 
-from ..backend import interpret_mode
+from ..backend import fallback, interpret_mode, registered
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+# The rank chunk of ``lora_rank_expand`` (triton_blocks.py) per LoRA dtype on a GPU, spill-free on sm_80 / sm_90
+# (peftkern._aot): fp32 LoRA dots run on FMA units and need the 16-wide chunk. The interpreter takes 16 for all.
+LORA_MAX_BLOCK_R = {torch.float32: 16, torch.float16: 64, torch.bfloat16: 64}
+FLOAT64 = "float64 tensors (the Triton kernels accumulate in fp32)"
 
 
 def dot_dtype(dtype: torch.dtype):
@@ -64,3 +70,34 @@ def staged(out: torch.Tensor) -> torch.Tensor:
 
 def unstage(out: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     return out if buf is out else out.copy_(buf)
+
+
+def rank_chunk(r: int, cap: int) -> int:
+    """Rank chunk a kernel holds in registers: a power of two >= 16 (tl.dot's minimum) covering ``r``, at most
+    ``cap`` (larger ranks loop over chunks or add grid columns)."""
+    return min(max(16, triton.next_power_of_2(r)), cap)
+
+
+def lora_rank_chunk(r: int, lora_dtype: torch.dtype) -> int:
+    """The BLOCK_R of a LoRA epilogue (``lora_rank_expand``) and of the LoRA rank kernels, capped per LoRA dtype."""
+    return rank_chunk(r, 16 if interpret_mode() else LORA_MAX_BLOCK_R[lora_dtype])
+
+
+def dropout_args(p: float, seed) -> tuple[int, float, float, bool]:
+    """(seed, p, keep scale, DROPOUT) kernel arguments of LoRA dropout with probability ``p``."""
+    if p <= 0.0:
+        return 0, 0.0, 1.0, False
+    if seed is None:
+        raise ValueError("dropout_p > 0 needs a seed")
+    return int(seed), float(p), 1.0 / (1.0 - float(p)), True
+
+
+def torch_fallback(op: str, *tensors, empty: bool = False):
+    """The implementation serving ``op`` where the Triton kernels do not, else None: torch_impl's for an ``empty``
+    problem (nothing to launch) and, for float64 ``tensors`` (None entries skipped), the next backend when "auto"
+    chose (a backend named explicitly raises): the kernels accumulate in fp32."""
+    if empty:
+        return registered(op)["torch"]
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return fallback(op, FLOAT64)
+    return None

@@ -2,36 +2,11 @@
 derivative recomputed from z (README.md). Registered as the "torch" backend."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from ...backend import register
 from .reference import ACTIVATIONS
-
-_K = math.sqrt(2.0 / math.pi)
-
-
-def activation_grad(z: Tensor, activation: str) -> Tensor:
-    """act'(z), computed in fp32 for half inputs."""
-    z = _wide(z)
-    if activation == "relu":
-        return (z > 0).to(z.dtype)
-    if activation == "gelu":
-        return 0.5 * (1.0 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-    if activation == "gelu_tanh":
-        t = torch.tanh(_K * (z + 0.044715 * z ** 3))
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _K * (1.0 + 3 * 0.044715 * z * z)
-    if activation == "silu":
-        sig = torch.sigmoid(z)
-        return sig * (1.0 + z * (1.0 - sig))
-    t = torch.tanh(z)
-    return 1.0 - t * t
-
-
-def _wide(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _affine(x: Tensor, w: Tensor, b) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 import triton
 
 from ...backend import fallback, interpret_mode, register
-from ..triton_launch import dot_dtype, launch_opts, out_buffer, precision, staged, unstage
+from ..triton_launch import dot_dtype, launch_opts, out_buffer, precision, staged, torch_fallback, unstage
 from .triton_kernels import adapter_bwd_dz_dh_kernel, adapter_bwd_weight_kernel, adapter_fwd_kernel
 
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4}
@@ -34,11 +34,10 @@ def _cfg(m: int, weight_grad: bool = False) -> dict:
 
 
 def _unsupported(op, h, w_down):
-    if h.dtype == torch.float64:
-        return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
-    if w_down.shape[0] > MAX_BOTTLENECK:
-        return fallback(op, f"bottleneck width {w_down.shape[0]} > {MAX_BOTTLENECK} (one register tile)")
-    return None
+    impl = torch_fallback(op, h)
+    if impl is None and w_down.shape[0] > MAX_BOTTLENECK:
+        impl = fallback(op, f"bottleneck width {w_down.shape[0]} > {MAX_BOTTLENECK} (one register tile)")
+    return impl
 
 
 def _common(h):

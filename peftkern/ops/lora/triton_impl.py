@@ -12,8 +12,9 @@ import functools
 import torch
 import triton
 
-from ...backend import fallback, interpret_mode, register, registered
-from ..triton_launch import dot_dtype, launch_opts, out_buffer, precision, programs_wanted, staged, unstage
+from ...backend import interpret_mode, register
+from ..triton_launch import (dot_dtype, dropout_args, launch_opts, lora_rank_chunk, out_buffer, precision,
+                             programs_wanted, staged, torch_fallback, unstage)
 from . import torch_impl
 from .triton_kernels import (lora_bwd_dA_kernel, lora_bwd_dB_dh_kernel, lora_bwd_dx_kernel,
                              lora_dropout_mask_kernel, lora_fwd_kernel, lora_shrink_kernel)
@@ -21,8 +22,7 @@ from .triton_kernels import (lora_bwd_dA_kernel, lora_bwd_dB_dh_kernel, lora_bwd
 # GPU defaults, chosen spill-free on sm_80 and sm_90 (peftkern._aot). Base GEMMs: 128x128x32 tiles, 8 warps,
 # 3 stages (Triton's matmul tutorial config) with the LoRA epilogue; with dropout the dgrad epilogue also holds
 # the Philox mask tile and a second accumulator, so its tile is 128x64. Rank-sized kernels: 64-row tiles, 4 warps;
-# dA reduces over rows with a 32-row step. BLOCK_R caps the rank chunk held in registers (larger ranks loop in
-# the epilogues or add grid columns): fp32 LoRA dots run on FMA units and need the 16-wide chunk.
+# dA reduces over rows with a 32-row step. BLOCK_R (the rank chunk in registers): triton_launch.lora_rank_chunk.
 _GPU = {
     "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
     "bwd_dx": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
@@ -31,14 +31,12 @@ _GPU = {
     "bwd_dB_dh": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "bwd_dA": dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
     "mask": dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=1),
-    "max_block_r": {torch.float32: 16, torch.float16: 64, torch.bfloat16: 64},
 }
 # The interpreter runs each program as numpy ops: small tiles still exercise every mask and loop.
 _SMALL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 _INTERPRET = {
     "fwd": _SMALL, "bwd_dx": _SMALL, "bwd_dx_dropout": _SMALL, "shrink": _SMALL, "bwd_dB_dh": _SMALL,
     "bwd_dA": _SMALL, "mask": dict(BLOCK_M=32, BLOCK_K=32),
-    "max_block_r": {torch.float32: 16, torch.float16: 16, torch.bfloat16: 16},
 }
 
 
@@ -46,32 +44,8 @@ def _configs() -> dict:
     return _INTERPRET if interpret_mode() else _GPU
 
 
-def _block_r(r: int, lora_dtype: torch.dtype) -> int:
-    """Rank chunk: a power of two >= 16 (tl.dot's minimum), capped per LoRA dtype."""
-    return min(max(16, triton.next_power_of_2(r)), _configs()["max_block_r"][lora_dtype])
-
-
 def _cfg(name: str) -> dict:
     return _configs()[name]
-
-
-def _torch_fallback(op: str, x: torch.Tensor, lora_A: torch.Tensor):
-    """torch_impl's ``op`` for what the kernels do not serve, else None: empty batches (nothing to launch) and,
-    when the backend was chosen automatically, float64 (the kernels accumulate in fp32)."""
-    if x.shape[0] == 0:
-        return registered(op)["torch"]
-    if torch.float64 in (x.dtype, lora_A.dtype):
-        return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
-    return None
-
-
-def _dropout_args(p: float, seed) -> tuple[int, float, float, bool]:
-    """(seed, p, keep scale, DROPOUT) kernel arguments."""
-    if p <= 0.0:
-        return 0, 0.0, 1.0, False
-    if seed is None:
-        raise ValueError("dropout_p > 0 needs a seed")
-    return int(seed), float(p), 1.0 / (1.0 - float(p)), True
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -82,8 +56,8 @@ def shrink(x, lora_A, dropout_p: float, seed, *, out=None) -> torch.Tensor:
     N, K = x.shape
     R = lora_A.shape[0]
     h = out_buffer(out, (N, R), torch_impl.lora_dtype(x, lora_A), x.device)
-    cfg, block_r = _cfg("shrink"), _block_r(R, h.dtype)
-    seed_, p, keep_scale, dropout = _dropout_args(dropout_p, seed)
+    cfg, block_r = _cfg("shrink"), lora_rank_chunk(R, h.dtype)
+    seed_, p, keep_scale, dropout = dropout_args(dropout_p, seed)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
     h_buf = staged(h)
     lora_shrink_kernel[grid](
@@ -108,7 +82,7 @@ def fwd(x, weight, bias, h, rank_scale, lora_B, scaling: float, *, out=None,
         lora_B.stride(1), float(scaling),
         HAS_BIAS=bias is not None, HAS_RANK_SCALE=rank_scale is not None, DOT_DTYPE=dot_dtype(x.dtype),
         LORA_DOT_DTYPE=dot_dtype(h.dtype), PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_block_r(R, h.dtype), GROUP_M=cfg["GROUP_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=lora_rank_chunk(R, h.dtype), GROUP_M=cfg["GROUP_M"],
         **launch_opts(cfg))
     return unstage(y, y_buf)
 
@@ -128,7 +102,7 @@ def bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling: float, *, out_dh=None):
     dh = out_dh
     dB = torch.zeros((O, R), dtype=torch.float32, device=h.device)
     de = torch.zeros(R, dtype=torch.float32, device=h.device) if rank_scale is not None else None
-    cfg, block_r = _cfg("bwd_dB_dh"), _block_r(R, h.dtype)
+    cfg, block_r = _cfg("bwd_dB_dh"), lora_rank_chunk(R, h.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
     lora_bwd_dB_dh_kernel[grid](
         grad_y, lora_B, h, rank_scale if rank_scale is not None else h, dh, dB, de if de is not None else dB,
@@ -143,14 +117,14 @@ def bwd_dA(dh, x, lora_dtype: torch.dtype, dropout_p: float, seed, *, splits: in
     N, K = x.shape
     R = dh.shape[1]
     dA = torch.zeros((R, K), dtype=torch.float32, device=x.device)
-    cfg, block_r = _cfg("bwd_dA"), _block_r(R, lora_dtype)
+    cfg, block_r = _cfg("bwd_dA"), lora_rank_chunk(R, lora_dtype)
     tiles = triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(R, block_r)
     row_blocks = triton.cdiv(N, cfg["BLOCK_M"])
     if splits is None:
         splits = triton.cdiv(programs_wanted(x.device), tiles)
     splits = max(1, min(splits, row_blocks))
     rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
-    seed_, p, keep_scale, dropout = _dropout_args(dropout_p, seed)
+    seed_, p, keep_scale, dropout = dropout_args(dropout_p, seed)
     grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(R, block_r), triton.cdiv(N, rows_per_split))
     lora_bwd_dA_kernel[grid](
         dh, x, dA, N, K, R, dh.stride(0), x.stride(0), x.stride(1), rows_per_split, seed_, p, keep_scale,
@@ -165,7 +139,7 @@ def bwd_dx(grad_y, weight, dh, lora_A, lora_dtype: torch.dtype, dropout_p: float
     K = weight.shape[1]
     R = lora_A.shape[0]
     dx = out_buffer(out, (N, K), weight.dtype, grad_y.device)
-    seed_, p, keep_scale, dropout = _dropout_args(dropout_p, seed)
+    seed_, p, keep_scale, dropout = dropout_args(dropout_p, seed)
     cfg = _cfg("bwd_dx_dropout" if dropout else "bwd_dx")
     grid = (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
     dx_buf = staged(dx)
@@ -174,7 +148,7 @@ def bwd_dx(grad_y, weight, dh, lora_A, lora_dtype: torch.dtype, dropout_p: float
         weight.stride(1), dh.stride(0), lora_A.stride(0), lora_A.stride(1), seed_, p, keep_scale,
         DROPOUT=dropout, DOT_DTYPE=dot_dtype(weight.dtype), LORA_DOT_DTYPE=dot_dtype(lora_dtype),
         PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=_block_r(R, lora_dtype), GROUP_M=cfg["GROUP_M"], **launch_opts(cfg))
+        BLOCK_R=lora_rank_chunk(R, lora_dtype), GROUP_M=cfg["GROUP_M"], **launch_opts(cfg))
     return unstage(dx, dx_buf)
 
 
@@ -202,7 +176,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
 
     y is in x's dtype, or in the LoRA dtype promote(x, A) when ``promote_output`` (DoRA rescales it there).
     """
-    impl = _torch_fallback("lora_forward", x, lora_A)
+    impl = torch_fallback("lora_forward", x, lora_A, empty=x.shape[0] == 0)
     if impl is not None:
         return impl(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, promote_output)
     h = shrink(x, lora_A, dropout_p, seed)
@@ -214,7 +188,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
 def lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling: float, dropout_p: float, seed,
                   compute_dx: bool):
     """(dx or None, dA, dB, d_rank_scale or None)."""
-    impl = _torch_fallback("lora_backward", x, lora_A)
+    impl = torch_fallback("lora_backward", x, lora_A, empty=x.shape[0] == 0)
     if impl is not None:
         return impl(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed, compute_dx)
     dh, dB, de = bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling)

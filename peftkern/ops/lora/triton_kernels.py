@@ -14,46 +14,7 @@ unspecialized (``do_not_specialize``): it changes every call. Element offsets ar
 import triton
 import triton.language as tl
 
-from ..triton_blocks import offsets, tile_offsets
-
-
-@triton.jit
-def lora_keep_mask(seed, rows, cols, n_cols, p):
-    """Bernoulli(1-p) keep mask [len(rows), len(cols)] of x's elements, regenerated from the seed."""
-    return tl.rand(seed, tile_offsets(rows, cols, n_cols, 1)) >= p
-
-
-@triton.jit
-def lora_grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of a 1-D program id, GROUP_M row tiles at a time so their operands stay in L2."""
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * grid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
-    return pid_m, pid_n
-
-
-@triton.jit
-def lora_rank_expand(acc, lhs_ptr, scale_ptr, rhs_ptr, rows, cols, M, N, R, stride_lhs, stride_rhs_r, stride_rhs_c,
-                     alpha, HAS_SCALE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
-    """acc [BM, BN] + alpha * (lhs[rows, :] * scale) @ rhs[:, cols]; lhs [M, R] with row stride stride_lhs,
-    rhs [R, N] strided."""
-    for r0 in range(0, R, BLOCK_R):
-        ranks = r0 + tl.arange(0, BLOCK_R)
-        lhs = tl.load(lhs_ptr + tile_offsets(rows, ranks, stride_lhs, 1),
-                      mask=(rows[:, None] < M) & (ranks[None, :] < R), other=0.0).to(tl.float32)  # [BM, BR]
-        if HAS_SCALE:
-            lhs = lhs * tl.load(scale_ptr + ranks, mask=ranks < R, other=0.0).to(tl.float32)[None, :]
-        # alpha is folded into the small [BM, BR] tile rather than the [BM, BN] product
-        lhs = (lhs * alpha).to(LORA_DOT_DTYPE)
-        rhs = tl.load(rhs_ptr + tile_offsets(ranks, cols, stride_rhs_r, stride_rhs_c),
-                      mask=(ranks[:, None] < R) & (cols[None, :] < N), other=0.0)  # [BR, BN]
-        acc = tl.dot(lhs, rhs.to(LORA_DOT_DTYPE), acc, input_precision=PRECISION)
-    return acc
+from ..triton_blocks import lora_grouped_tile, lora_keep_mask, lora_rank_expand, offsets, tile_offsets
 
 
 @triton.jit(do_not_specialize=["seed"])

@@ -14,8 +14,9 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ...backend import fallback, interpret_mode, register, registered
-from ..triton_launch import dot_dtype, launch_opts, out_buffer, precision, programs_wanted, staged, unstage
+from ...backend import interpret_mode, register
+from ..triton_launch import (dot_dtype, launch_opts, out_buffer, precision, programs_wanted, rank_chunk, staged,
+                             torch_fallback, unstage)
 from . import torch_impl
 from .triton_kernels import (multi_lora_gemm_kernel, multi_lora_grad_shrink_kernel, multi_lora_segment_grad_kernel,
                              multi_lora_shrink_kernel)
@@ -61,7 +62,7 @@ def _block_r(r: int, lora_dtype: torch.dtype) -> int:
     cap = _configs()["max_block_r"]
     if lora_dtype == torch.float32:
         cap = min(cap, _configs()["max_block_r_fp32"])
-    return min(max(16, triton.next_power_of_2(r)), cap)
+    return rank_chunk(r, cap)
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
@@ -221,16 +222,6 @@ def dgrad(grad_y, weight, dh, lora_A, p: Plan, *, out=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- registered ops
 
 
-def _torch_fallback(op: str, x, lora_A):
-    """torch_impl's ``op`` for what the kernels do not serve, else None: empty problems (nothing to launch) and,
-    when the backend was chosen automatically, float64 (the kernels accumulate in fp32)."""
-    if x.numel() == 0:
-        return registered(op)["torch"]
-    if torch.float64 in (x.dtype, lora_A.dtype):
-        return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
-    return None
-
-
 def _scalings(scalings, device) -> torch.Tensor:
     return scalings.to(device=device, dtype=torch.float32, non_blocking=True).contiguous()
 
@@ -238,7 +229,7 @@ def _scalings(scalings, device) -> torch.Tensor:
 @register("multi_lora_forward", "triton")
 def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
     """(y [B, S, out], h [B, S, r]) for x [B, S, in]; h is 0 for the rows of base-only sequences."""
-    impl = _torch_fallback("multi_lora_forward", x, lora_A)
+    impl = torch_fallback("multi_lora_forward", x, lora_A, empty=x.numel() == 0)
     if impl is not None:
         return impl(x, weight, bias, lora_A, lora_B, scalings, adapter_ids)
     B, S, K = x.shape
@@ -254,7 +245,7 @@ def multi_lora_forward(x, weight, bias, lora_A, lora_B, scalings, adapter_ids):
 def multi_lora_backward(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h, compute_dx: bool,
                         compute_dlora: bool):
     """(dx [B, S, in] or None, dA [n, r, in] or None, dB [n, out, r] or None); unused adapters get zeros."""
-    impl = _torch_fallback("multi_lora_backward", x, lora_A)
+    impl = torch_fallback("multi_lora_backward", x, lora_A, empty=x.numel() == 0)
     if impl is not None:
         return impl(grad_y, x, weight, lora_A, lora_B, scalings, adapter_ids, h, compute_dx, compute_dlora)
     B, S, K = x.shape

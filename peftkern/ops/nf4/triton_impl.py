@@ -10,9 +10,10 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
-from ...backend import fallback, interpret_mode, register
+from ...backend import interpret_mode, register
 from ..lora import triton_impl as lora_triton
-from ..triton_launch import TL_DTYPES, dot_dtype, launch_opts, out_buffer, precision, staged, unstage
+from ..triton_launch import (TL_DTYPES, dot_dtype, dropout_args, launch_opts, lora_rank_chunk, out_buffer, precision,
+                             staged, torch_fallback, unstage)
 from .torch_impl import NESTED_BLOCKSIZE, dynamic_code, nf4_code
 from .triton_kernels import (nf4_dequantize_kernel, nf4_gemv_kernel, nf4_matmul_kernel, nf4_quantize_absmax_kernel,
                              nf4_quantize_kernel)
@@ -136,7 +137,7 @@ def matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype, transpo
         rl, lora_dt = lora.lhs.shape[1], lora.dtype
         lora_args = (lora.lhs, lora.scale if lora.scale is not None else lora.lhs, lora.rhs, rl, lora.lhs.stride(0),
                      lora.stride_r, lora.stride_c, float(lora.alpha))
-        seed, p, keep_scale, dropout = lora_triton._dropout_args(lora.dropout_p, lora.seed)
+        seed, p, keep_scale, dropout = dropout_args(lora.dropout_p, lora.seed)
     cfg = _cfg("matmul_dropout" if dropout else "matmul")
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_C"]),)
     nf4_matmul_kernel[grid](
@@ -144,30 +145,24 @@ def matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype, transpo
         seed, p, keep_scale, HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, DOT_DTYPE=dot_dtype(a.dtype),
         PRECISION=precision(), HAS_LORA=lora is not None, HAS_LORA_SCALE=lora is not None and lora.scale is not None,
         LORA_DROPOUT=dropout, LORA_DOT_DTYPE=dot_dtype(lora_dt), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
-        BLOCK_R=cfg["BLOCK_R"], BLOCK_RL=lora_triton._block_r(rl, lora_dt), GROUP_M=cfg["GROUP_M"], **dtypes,
+        BLOCK_R=cfg["BLOCK_R"], BLOCK_RL=lora_rank_chunk(rl, lora_dt), GROUP_M=cfg["GROUP_M"], **dtypes,
         **launch_opts(cfg))
     return unstage(y, buf)
 
 
 @register("nf4_matmul", "triton")
 def nf4_matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype, transpose_w: bool, bias=None):
-    if a.dtype == torch.float64:
-        return fallback("nf4_matmul", "float64 tensors (the Triton kernels accumulate in fp32)")(
-            a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias)
+    impl = torch_fallback("nf4_matmul", a)
+    if impl is not None:
+        return impl(a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias)
     return matmul(a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias)
-
-
-def _float64(op: str, x, lora_A):
-    if torch.float64 in (x.dtype, lora_A.dtype):
-        return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
-    return None
 
 
 @register("qlora_forward", "triton")
 def qlora_forward(x, packed, absmax, code, blocksize: int, shape, weight_dtype, bias, lora_A, lora_B, rank_scale,
                   scaling: float, dropout_p: float, seed):
     """(y, h): the shrink kernel, then the NF4 matmul with bias and the LoRA expand in its epilogue."""
-    impl = _float64("qlora_forward", x, lora_A)
+    impl = torch_fallback("qlora_forward", x, lora_A)
     if impl is not None:
         return impl(x, packed, absmax, code, blocksize, shape, weight_dtype, bias, lora_A, lora_B, rank_scale,
                     scaling, dropout_p, seed)
@@ -180,7 +175,7 @@ def qlora_forward(x, packed, absmax, code, blocksize: int, shape, weight_dtype, 
 def qlora_backward(grad_y, x, packed, absmax, code, blocksize: int, shape, weight_dtype, lora_A, lora_B, rank_scale,
                    h, scaling: float, dropout_p: float, seed, compute_dx: bool):
     """The LoRA family's dB/dh and dA kernels, then the NF4 dgrad with drop'(dh A) in its epilogue."""
-    impl = _float64("qlora_backward", x, lora_A)
+    impl = torch_fallback("qlora_backward", x, lora_A)
     if impl is not None:
         return impl(grad_y, x, packed, absmax, code, blocksize, shape, weight_dtype, lora_A, lora_B, rank_scale, h,
                     scaling, dropout_p, seed, compute_dx)

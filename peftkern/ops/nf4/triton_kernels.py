@@ -10,8 +10,7 @@ the approximate ``div.full.f32``), so its codes are bit-exact on a GPU too. Elem
 import triton
 import triton.language as tl
 
-from ..lora.triton_kernels import lora_grouped_tile, lora_keep_mask, lora_rank_expand
-from ..triton_blocks import offsets, tile_offsets
+from ..triton_blocks import lora_grouped_tile, lora_keep_mask, lora_rank_expand, offsets, tile_offsets
 
 
 @triton.jit

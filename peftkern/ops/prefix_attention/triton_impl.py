@@ -11,7 +11,7 @@ import torch
 import triton
 
 from ...backend import fallback, interpret_mode, register
-from ..triton_launch import dot_dtype, launch_opts, precision, staged, unstage
+from ..triton_launch import dot_dtype, launch_opts, precision, staged, torch_fallback, unstage
 from .triton_kernels import (prefix_attention_bwd_dkdv_kernel, prefix_attention_bwd_dq_kernel,
                              prefix_attention_fwd_kernel)
 
@@ -58,11 +58,10 @@ def _common(q, k, v, prefix_k, prefix_v, key_padding_mask):
 
 
 def _too_wide(op: str, q, k):
-    if q.dtype == torch.float64:
-        return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return fallback(op, f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} (the Triton kernels' limit)", ValueError)
-    return None
+    impl = torch_fallback(op, q)
+    if impl is None and q.shape[-1] > MAX_HEAD_DIM:
+        impl = fallback(op, f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} (the Triton kernels' limit)", ValueError)
+    return impl
 
 
 @register("prefix_attention_forward", "triton")

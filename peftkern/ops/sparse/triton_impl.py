@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...backend import fallback, interpret_mode, register
-from ..triton_launch import launch_opts, staged, unstage
+from ...backend import interpret_mode, register
+from ..triton_launch import launch_opts, staged, torch_fallback, unstage
 from .torch_impl import rows_cols, segment_bounds
 from .triton_kernels import sparse_correction_kernel, sparse_scatter_add_kernel, sparse_sddmm_kernel
 
@@ -36,15 +36,9 @@ def add_correction_(out, src, group, src_pos, values) -> torch.Tensor:
     return unstage(out, buf)
 
 
-def _float64(op, *tensors):
-    if any(t is not None and t.dtype == torch.float64 for t in tensors):
-        return fallback(op, "float64 tensors (the Triton kernels accumulate in fp32)")
-    return None
-
-
 @register("sparse_diff_forward", "triton")
 def forward(x, weight, bias, indices, values):
-    impl = _float64("sparse_diff_forward", x, values)
+    impl = torch_fallback("sparse_diff_forward", x, values)
     if impl is not None:
         return impl(x, weight, bias, indices, values)
     rows, cols = rows_cols(indices, weight.shape[1])
@@ -56,7 +50,7 @@ def forward(x, weight, bias, indices, values):
 
 @register("sparse_masked_grad", "triton")
 def masked_grad(grad_out, x, indices, in_features: int, *, out=None):
-    impl = _float64("sparse_masked_grad", grad_out, x)
+    impl = torch_fallback("sparse_masked_grad", grad_out, x)
     if impl is not None:
         return impl(grad_out, x, indices, in_features)
     rows, cols = rows_cols(indices, in_features)
@@ -74,7 +68,7 @@ def masked_grad(grad_out, x, indices, in_features: int, *, out=None):
 
 @register("sparse_diff_dgrad", "triton")
 def dgrad(grad_out, weight, indices, values):
-    impl = _float64("sparse_diff_dgrad", grad_out, values)
+    impl = torch_fallback("sparse_diff_dgrad", grad_out, values)
     if impl is not None:
         return impl(grad_out, weight, indices, values)
     rows, cols = rows_cols(indices, weight.shape[1])
@@ -92,7 +86,7 @@ def gather(flat, indices):
 
 @register("sparse_scatter_add", "triton")
 def scatter_add_(flat, indices, values, alpha: float) -> None:
-    impl = _float64("sparse_scatter_add", flat, values)
+    impl = torch_fallback("sparse_scatter_add", flat, values)
     if impl is not None:
         return impl(flat, indices, values, alpha)
     nnz = indices.numel()
