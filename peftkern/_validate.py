@@ -86,7 +86,7 @@ def integer(name: str, v, *, low: int = 1) -> int:
 _accepted: dict = {}
 _ACCEPTED_MAX = 4096
 _MISSING = object()
-_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.Size)
 
 
 class _Unkeyed(Exception):
@@ -95,8 +95,8 @@ class _Unkeyed(Exception):
 
 def _signature(a):
     """What a check may read of an argument other than a tensor (whose dtype, device, shape and requires_grad
-    :func:`checked` keeps, never its values): a number, string or dtype itself, with its type (``True`` is not ``1``);
-    of an object with shape / dtype / device (an NF4Tensor) those."""
+    :func:`checked` keeps, never its values): a number, string, dtype or torch.Size itself, with its type (``True`` is
+    not ``1``); of an object with shape / dtype / device (an NF4Tensor) those."""
     if type(a) in _VALUES:
         return type(a), a
     try:

@@ -8,13 +8,13 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, run
-from ..autocast import register_autocast
+from ..custom_op import custom_op
 from .reference import ACTIVATIONS
 
 ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
-@torch.library.custom_op("peftkern::adapter_forward", mutates_args=())
+@custom_op("peftkern::adapter_forward")
 def adapter_forward(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
                     activation: str, residual: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
     return run("adapter_forward", backend, h.device, h, w_down, b_down, w_up, b_up, activation, residual, scale)
@@ -25,7 +25,7 @@ def _(h, w_down, b_down, w_up, b_up, activation, residual, scale, backend):
     return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[0], w_down.shape[0])
 
 
-@torch.library.custom_op("peftkern::adapter_backward", mutates_args=())
+@custom_op("peftkern::adapter_backward")
 def adapter_backward(grad_y: Tensor, h: Tensor, z: Tensor, w_down: Tensor, w_up: Tensor, activation: str,
                      residual: bool, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return run("adapter_backward", backend, h.device, grad_y.contiguous(), h, z, w_down, w_up, activation, residual,
@@ -53,8 +53,8 @@ def _backward(ctx, grad_y, _grad_z):
             dwu if need[3] else None, dbu if need[4] else None, None, None, None, None)
 
 
-torch.library.register_autograd("peftkern::adapter_forward", _backward, setup_context=_setup_context)
-register_autocast("adapter_forward", ("h", "w_down", "b_down", "w_up", "b_up"))
+adapter_forward.register_autograd(_backward, setup_context=_setup_context)
+adapter_forward.register_autocast(("h", "w_down", "b_down", "w_up", "b_up"))
 
 
 def activation_name(activation: str) -> str:
@@ -71,6 +71,15 @@ def bottleneck_adapter(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
                        activation: str = "relu", residual: bool = True, scale: float = 1.0) -> Tensor:
     """``[h +] scale * (act(h W_d^T + b_d) W_u^T + b_u)``: W_d [M, D], W_u [D, M], h [..., D]; one fused op whose
     autograd keeps only z = h W_d^T + b_d [..., M] beside h (README.md)."""
+    name = V.checked(_check, h, w_down, b_down, w_up, b_up, activation, residual, scale)
+    flat = h.dim() == 2
+    y, _ = adapter_forward(h if flat else h.reshape(-1, h.shape[-1]), w_down, b_down, w_up, b_up, name, residual,
+                           float(scale), get_backend())
+    return y if flat else y.view(h.shape)
+
+
+def _check(h, w_down, b_down, w_up, b_up, activation, residual, scale) -> str:
+    """The checks of :func:`bottleneck_adapter`; the activation's canonical name."""
     V.tensor("h", h, min_ndim=1)
     V.tensor("w_down", w_down, ndim=2)
     V.tensor("w_up", w_up, ndim=2)
@@ -89,6 +98,4 @@ def bottleneck_adapter(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
     V.number("scale", scale)
-    y, _ = adapter_forward(h.reshape(-1, D), w_down, b_down, w_up, b_up, activation_name(activation), residual,
-                           float(scale), get_backend())
-    return y.view(h.shape)
+    return activation_name(activation)

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, run
-from ..autocast import register_autocast
+from ..custom_op import custom_op
 from . import torch_impl
 
 
@@ -28,7 +28,7 @@ def _check_ids_range(adapter_ids: Tensor, n: int) -> None:
                          f"got {bad}")
 
 
-@torch.library.custom_op("peftkern::multi_lora_forward", mutates_args=())
+@custom_op("peftkern::multi_lora_forward")
 def multi_lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                        scalings: Tensor, adapter_ids: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """x [B, S, in] -> (y [B, S, out], h [B, S, r]); adapter_ids [B] on the CPU or x's device."""
@@ -43,7 +43,7 @@ def _(x, weight, bias, lora_A, lora_B, scalings, adapter_ids, backend):
             x.new_empty(B, S, lora_A.shape[1], dtype=torch_impl.lora_dtype(x, lora_A)))
 
 
-@torch.library.custom_op("peftkern::multi_lora_backward", mutates_args=())
+@custom_op("peftkern::multi_lora_backward")
 def multi_lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scalings: Tensor,
                         adapter_ids: Tensor, h: Tensor, compute_dx: bool,
                         compute_dlora: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -78,8 +78,8 @@ def _backward(ctx, grad_y, _grad_h):
     return (dx if need[0] else None, None, db, dA if need[3] else None, dB if need[4] else None, None, None, None)
 
 
-torch.library.register_autograd("peftkern::multi_lora_forward", _backward, setup_context=_setup_context)
-register_autocast("multi_lora_forward", ("x", "weight", "bias", "lora_A", "lora_B"))
+multi_lora_forward.register_autograd(_backward, setup_context=_setup_context)
+multi_lora_forward.register_autocast(("x", "weight", "bias", "lora_A", "lora_B"))
 
 
 def _scalings_tensor(scalings, n: int, x: Tensor, dtype: torch.dtype) -> Tensor:
@@ -126,6 +126,14 @@ def _adapter_ids_tensor(adapter_ids, batch: int, n: int, x: Tensor) -> Tensor:
 
 
 def _check_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids) -> tuple[Tensor, Tensor]:
+    """The checks of :func:`multi_lora_linear`; scalings and adapter_ids as tensors."""
+    V.checked(_check_tensors, x, weight, bias, lora_A, lora_B)
+    sdt = torch.float64 if torch_impl.lora_dtype(x, lora_A) == torch.float64 else torch.float32
+    n = lora_A.shape[0]
+    return _scalings_tensor(scalings, n, x, sdt), _adapter_ids_tensor(adapter_ids, x.shape[0], n, x)
+
+
+def _check_tensors(x, weight, bias, lora_A, lora_B) -> None:
     V.tensor("x", x)
     if x.dim() not in (2, 3):
         raise ValueError(f"x must be [batch, seq, in] or [batch, in], got shape {tuple(x.shape)}")
@@ -151,8 +159,6 @@ def _check_args(x, weight, bias, lora_A, lora_B, scalings, adapter_ids) -> tuple
     V.same_device("x", x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
     if torch.is_grad_enabled() and weight.requires_grad:
         raise ValueError("weight must be frozen (requires_grad=False): the multi-LoRA op computes no weight gradient")
-    sdt = torch.float64 if torch_impl.lora_dtype(x, lora_A) == torch.float64 else torch.float32
-    return _scalings_tensor(scalings, n, x, sdt), _adapter_ids_tensor(adapter_ids, x.shape[0], n, x)
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, resolve, run
-from ..autocast import register_autocast
+from ..custom_op import custom_op
 from ..lora.function import check_adapter_args, new_seed, seed_int
 from . import torch_impl
 from .torch_impl import NESTED_BLOCKSIZE, dynamic_code, nf4_code
@@ -41,23 +41,8 @@ class NF4Tensor:
         self.code = code if code is not None else nf4_code(packed.device)
         self.code8 = code8 if code8 is not None or qabsmax is None else dynamic_code(packed.device)
         self.nested_blocksize = int(nested_blocksize)
-        self._check()
-
-    def _check(self) -> None:
-        n = self.shape.numel()
-        blocks = -(-n // self.blocksize)
-        V.shape("packed", self.packed, ((n + 1) // 2, 1), "[ceil(n/2), 1] uint8")
-        if self.packed.dtype != torch.uint8:
-            raise TypeError(f"packed must be uint8, got {self.packed.dtype}")
-        if self.double_quant:
-            V.shape("qabsmax", self.qabsmax, (blocks,), "[blocks] uint8")
-            V.shape("absmax2", self.absmax2, (-(-blocks // self.nested_blocksize),), "[ceil(blocks/256)] fp32")
-            if self.offset is None or self.code8 is None:
-                raise ValueError("double quantization needs offset and code8")
-        elif self.absmax is None:
-            raise ValueError("an NF4Tensor needs absmax, or qabsmax + absmax2 + offset (double quantization)")
-        else:
-            V.shape("absmax", self.absmax, (blocks,), "[blocks] fp32")
+        V.checked(_check_state, self.packed, self.shape, self.blocksize, self.absmax, self.qabsmax, self.absmax2,
+                  self.offset, self.code8, self.nested_blocksize)
 
     @property
     def double_quant(self) -> bool:
@@ -165,6 +150,24 @@ class NF4Tensor:
                 f"double_quant={self.double_quant}, {self.bits_per_parameter():.3f} bits/parameter)")
 
 
+def _check_state(packed, shape, blocksize, absmax, qabsmax, absmax2, offset, code8, nested_blocksize) -> None:
+    """An NF4Tensor's tensors fit its shape and blocksizes (an NF4Linear builds one every call: checked once)."""
+    n = shape.numel()
+    blocks = -(-n // blocksize)
+    V.shape("packed", packed, ((n + 1) // 2, 1), "[ceil(n/2), 1] uint8")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8, got {packed.dtype}")
+    if qabsmax is not None:
+        V.shape("qabsmax", qabsmax, (blocks,), "[blocks] uint8")
+        V.shape("absmax2", absmax2, (-(-blocks // nested_blocksize),), "[ceil(blocks/256)] fp32")
+        if offset is None or code8 is None:
+            raise ValueError("double quantization needs offset and code8")
+    elif absmax is None:
+        raise ValueError("an NF4Tensor needs absmax, or qabsmax + absmax2 + offset (double quantization)")
+    else:
+        V.shape("absmax", absmax, (blocks,), "[blocks] fp32")
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -208,7 +211,7 @@ def dequantize(q: NF4Tensor) -> torch.Tensor:
 # double-quantized: 1/16 of the packed bytes), code fp32 [16]; plus blocksize, [out, in] and the weight's dtype.
 
 
-@torch.library.custom_op("peftkern::nf4_matmul", mutates_args=())
+@custom_op("peftkern::nf4_matmul")
 def nf4_matmul(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: list[int],
                weight_dtype: torch.dtype, transpose_w: bool, bias: Optional[Tensor], backend: str) -> Tensor:
     """``a deq(W)^T + bias`` (``transpose_w``) or ``a deq(W)``."""
@@ -238,9 +241,9 @@ def _nf4_matmul_backward(ctx, grad):
     return da, None, None, None, None, None, None, None, db, None
 
 
-torch.library.register_autograd("peftkern::nf4_matmul", _nf4_matmul_backward, setup_context=_nf4_matmul_setup)
+nf4_matmul.register_autograd(_nf4_matmul_backward, setup_context=_nf4_matmul_setup)
 # the NF4 scales and code table stay fp32: the weight decodes in fp32, then rounds once to the compute dtype
-register_autocast("nf4_matmul", ("a", "bias"))
+nf4_matmul.register_autocast(("a", "bias"))
 
 
 def _check_nf4_weight(q, x) -> None:
@@ -265,17 +268,22 @@ def _state(q: NF4Tensor) -> tuple:
 def nf4_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``y = x dequant(weight)^T + bias`` with ``weight`` an NF4Tensor [out, in]; x has any leading shape. Gradients
     reach x (``dx = dy dequant(weight)``) and a trainable bias; the 4-bit weight is frozen."""
+    V.checked(_check_nf4_linear, x, weight, bias)
+    flat = x.dim() == 2
+    y = nf4_matmul(x if flat else x.reshape(-1, x.shape[-1]), *_state(weight), True, bias, get_backend())
+    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _check_nf4_linear(x, weight, bias) -> None:
     _check_nf4_weight(weight, x)
     if bias is not None:
         V.tensor("bias", bias, ndim=1)
         V.shape("bias", bias, (weight.shape[0],), "[out]")
         V.same_dtype("x", x, autocast=True, bias=bias)
         V.same_device("x", x, bias=bias)
-    y = nf4_matmul(x.reshape(-1, x.shape[-1]), *_state(weight), True, bias, get_backend())
-    return y.view(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("peftkern::qlora_forward", mutates_args=())
+@custom_op("peftkern::qlora_forward")
 def qlora_forward(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: list[int],
                   weight_dtype: torch.dtype, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                   rank_scale: Optional[Tensor], scaling: float, dropout_p: float,
@@ -291,7 +299,7 @@ def _(x, packed, absmax, code, blocksize, shape, weight_dtype, bias, lora_A, lor
             x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch.promote_types(x.dtype, lora_A.dtype)))
 
 
-@torch.library.custom_op("peftkern::qlora_backward", mutates_args=())
+@custom_op("peftkern::qlora_backward")
 def qlora_backward(grad_y: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int,
                    shape: list[int], weight_dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor,
                    rank_scale: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
@@ -329,8 +337,8 @@ def _qlora_backward(ctx, grad_y, _grad_h):
             de if need[10] else None, None, None, None, None)
 
 
-torch.library.register_autograd("peftkern::qlora_forward", _qlora_backward, setup_context=_qlora_setup)
-register_autocast("qlora_forward", ("x", "bias", "lora_A", "lora_B", "rank_scale"))
+qlora_forward.register_autograd(_qlora_backward, setup_context=_qlora_setup)
+qlora_forward.register_autocast(("x", "bias", "lora_A", "lora_B", "rank_scale"))
 
 
 def qlora_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
@@ -341,12 +349,17 @@ def qlora_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor], lora_A: T
     As :func:`peftkern.lora_linear`, with ``weight`` an NF4Tensor [out, in]: what autograd keeps for backward is x,
     the rank-sized h, a dropout seed and the 4-bit state, never a dequantized weight.
     """
+    V.checked(_check_qlora, x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
+    p = float(dropout_p) if training else 0.0
+    flat = x.dim() == 2
+    y, _ = qlora_forward(x if flat else x.reshape(-1, x.shape[-1]), *_state(weight), bias, lora_A, lora_B,
+                         rank_scale, float(scaling), p, new_seed() if p > 0.0 else None, get_backend())
+    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _check_qlora(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale) -> None:
     _check_nf4_weight(weight, x)
     check_adapter_args(x, tuple(weight.shape), bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
-    p = float(dropout_p) if training else 0.0
-    y, _ = qlora_forward(x.reshape(-1, x.shape[-1]), *_state(weight), bias, lora_A, lora_B, rank_scale,
-                         float(scaling), p, new_seed() if p > 0.0 else None, get_backend())
-    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 __all__ = ["NF4Tensor", "quantize", "dequantize", "nf4_linear", "qlora_linear", "BLOCKSIZES"]

@@ -8,11 +8,11 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, run
-from ..autocast import register_autocast
+from ..custom_op import custom_op
 from . import torch_impl
 
 
-@torch.library.custom_op("peftkern::prefix_attention_forward", mutates_args=())
+@custom_op("peftkern::prefix_attention_forward")
 def prefix_attention_forward(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                              key_padding_mask: Optional[Tensor], causal: bool,
                              scale: float, backend: str) -> tuple[Tensor, Tensor]:
@@ -25,7 +25,7 @@ def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend):
     return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch_impl.compute_dtype(q))
 
 
-@torch.library.custom_op("peftkern::prefix_attention_backward", mutates_args=())
+@custom_op("peftkern::prefix_attention_backward")
 def prefix_attention_backward(grad_o: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
                               key_padding_mask: Optional[Tensor], o: Tensor, lse: Tensor, causal: bool,
                               scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -53,8 +53,8 @@ def _backward(ctx, grad_o, _grad_lse):
     return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad)), None, None, None, None)
 
 
-torch.library.register_autograd("peftkern::prefix_attention_forward", _backward, setup_context=_setup_context)
-register_autocast("prefix_attention_forward", ("q", "k", "v", "prefix_k", "prefix_v"))
+prefix_attention_forward.register_autograd(_backward, setup_context=_setup_context)
+prefix_attention_forward.register_autocast(("q", "k", "v", "prefix_k", "prefix_v"))
 
 
 def _check(q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale) -> float:
@@ -99,7 +99,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     """
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    scale = _check(q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale)
+    scale = V.checked(_check, q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale)
     o, _ = prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, float(scale),
                                     get_backend())
     return o

@@ -9,10 +9,10 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, resolve, run
-from ..autocast import register_autocast
+from ..custom_op import custom_op
 
 
-@torch.library.custom_op("peftkern::sparse_diff_forward", mutates_args=())
+@custom_op("peftkern::sparse_diff_forward")
 def sparse_diff_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor,
                         backend: str) -> Tensor:
     check_index_values(indices, weight.numel())  # data-dependent: on the real tensor, before any kernel
@@ -24,7 +24,7 @@ def _(x, weight, bias, indices, values, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("peftkern::sparse_masked_grad", mutates_args=())
+@custom_op("peftkern::sparse_masked_grad")
 def sparse_masked_grad(grad_out: Tensor, x: Tensor, indices: Tensor, in_features: int, backend: str) -> Tensor:
     return run("sparse_masked_grad", backend, x.device, grad_out.contiguous(), x, indices, in_features)
 
@@ -34,7 +34,7 @@ def _(grad_out, x, indices, in_features, backend):
     return x.new_empty(indices.shape[0], dtype=torch.promote_types(grad_out.dtype, torch.float32))
 
 
-@torch.library.custom_op("peftkern::sparse_diff_dgrad", mutates_args=())
+@custom_op("peftkern::sparse_diff_dgrad")
 def sparse_diff_dgrad(grad_out: Tensor, weight: Tensor, indices: Tensor, values: Tensor, backend: str) -> Tensor:
     return run("sparse_diff_dgrad", backend, grad_out.device, grad_out.contiguous(), weight, indices, values)
 
@@ -58,9 +58,9 @@ def _backward(ctx, grad_y):
     return dx, None, db, None, dv, None
 
 
-torch.library.register_autograd("peftkern::sparse_diff_forward", _backward, setup_context=_setup_context)
+sparse_diff_forward.register_autograd(_backward, setup_context=_setup_context)
 # values keep their dtype: the op takes fp32 values over a half-precision weight
-register_autocast("sparse_diff_forward", ("x", "weight", "bias"))
+sparse_diff_forward.register_autocast(("x", "weight", "bias"))
 
 
 def check_index_tensor(indices, name: str = "indices") -> None:
@@ -121,9 +121,10 @@ def _check(x, weight, bias, indices, values) -> None:
 def sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor) -> Tensor:
     """``y = x (W + scatter(values at indices))^T + b`` with W frozen; gradients reach x, values (only at the indices:
     an SDDMM, never a dense dW) and a trainable bias. ``indices`` are sorted unique flat int64/int32 positions."""
-    _check(x, weight, bias, indices, values)
-    y = sparse_diff_forward(x.reshape(-1, x.shape[-1]), weight, bias, indices, values, get_backend())
-    return y.view(*x.shape[:-1], weight.shape[0])
+    V.checked(_check, x, weight, bias, indices, values)
+    flat = x.dim() == 2
+    y = sparse_diff_forward(x if flat else x.reshape(-1, x.shape[-1]), weight, bias, indices, values, get_backend())
+    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def masked_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
