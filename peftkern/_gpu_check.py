@@ -17,6 +17,7 @@ nothing it runs would tell anything about a GPU there.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -73,13 +74,17 @@ def run_step(cmd: list[str], limit_s: float) -> dict:
                 "output_tail": "not run: the time budget was spent"}
     proc = subprocess.Popen(cmd, cwd=_REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    out, timed_out = "", False
     try:
         out, _ = proc.communicate(timeout=limit_s)
-        timed_out = False
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
         timed_out = True
+    finally:  # past the limit, or interrupted (Ctrl-C reaches only this process: the step has its own session)
+        if timed_out or proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    if timed_out:
+        out, _ = proc.communicate()
     return {"command": cmd, "returncode": proc.returncode, "seconds": round(time.monotonic() - start, 1),
             "timed_out": timed_out, "output_tail": (out or "")[-_TAIL:]}
 

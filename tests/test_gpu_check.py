@@ -71,12 +71,25 @@ def test_pytest_summary_of_a_real_run(tmp_path):
     assert _gpu_check.pytest_summary(tmp_path / "missing.xml") is None
 
 
-def test_step_killed_at_its_limit():
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_step_killed_at_its_limit_with_its_children():
+    """The kernels step compiles in worker processes: a step past its limit goes with all of them."""
+    child = "import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; " \
+            "time.sleep(60)']); print(c.pid, flush=True); time.sleep(60)"
     start = time.monotonic()
-    step = _gpu_check.run_step([sys.executable, "-c", "print('started', flush=True); import time; time.sleep(60)"],
-                               2)
-    assert step["timed_out"] and step["returncode"] != 0 and "started" in step["output_tail"]
-    assert time.monotonic() - start < 30
+    step = _gpu_check.run_step([sys.executable, "-c", child], 3)
+    assert step["timed_out"] and step["returncode"] != 0 and time.monotonic() - start < 30
+    grandchild = int(step["output_tail"].split()[0])
+    deadline = time.monotonic() + 10
+    while _alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(grandchild)
     skipped = _gpu_check.run_step([sys.executable, "-c", "pass"], 0)
     assert skipped["timed_out"] and skipped["returncode"] is None and "budget" in skipped["output_tail"]
 
