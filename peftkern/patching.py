@@ -43,13 +43,18 @@ from .nn.lora import is_conv1d, linear_features
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 HEAD_NAMES = ("classifier", "score")  # PEFT's modules_to_save for sequence classification
-_TASKS = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "ForTokenClassification": "TOKEN_CLS",
+# PEFT's task type by the model class's suffix (GPT-2's causal LM is GPT2LMHeadModel; T5 / BART's seq2seq LMs are
+# ...ForConditionalGeneration): without it PEFT loads a plain PeftModel, whose forward puts no virtual tokens in
+_TASKS = {"ForSequenceClassification": "SEQ_CLS", "ForCausalLM": "CAUSAL_LM", "LMHeadModel": "CAUSAL_LM",
+          "ForConditionalGeneration": "SEQ_2_SEQ_LM", "ForTokenClassification": "TOKEN_CLS",
           "ForQuestionAnswering": "QUESTION_ANS"}
 
 
 def _heads(model: nn.Module, modules_to_save) -> list[str]:
+    """The task head's modules: by default the model's children whose names end with a HEAD_NAMES entry, as PEFT's
+    modules_to_save matches names by suffix (DistilBERT's ``pre_classifier`` with ``classifier``)."""
     if modules_to_save is None:
-        return [h for h in HEAD_NAMES if isinstance(getattr(model, h, None), nn.Module)]
+        return [n for n, m in model.named_children() if n.endswith(HEAD_NAMES)]
     names = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
     for h in names:
         try:

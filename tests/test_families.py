@@ -2,7 +2,8 @@
 each of a few training steps on a fixed batch lowers the loss and leaves the frozen base bit-identical; greedy
 ``generate`` on decoders and encoder-decoders gives the same tokens with the KV cache, without it and as the argmax
 of the patched model's own forward, and a forward continued over a cache gives the logits of the whole one;
-``save_adapter`` -> ``load_adapter`` on a fresh model gives the same logits.
+``save_adapter`` -> ``load_adapter`` on a fresh model gives the same logits, and so does PEFT's
+``PeftModel.from_pretrained`` for the methods PEFT has.
 
 A cell of the matrix is "ok", "refused" (a ``ValueError`` saying why, asserted) or "xfail" (a known bug, strict).
 :func:`support_table` prints README's "Supported architectures" table from the same definitions:
@@ -10,8 +11,10 @@ A cell of the matrix is "ok", "refused" (a ``ValueError`` saying why, asserted) 
 from __future__ import annotations
 
 import textwrap
+import warnings
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 
@@ -65,6 +68,9 @@ def _refusal(family: str, method: str):
     return None
 
 
+# the methods whose files PEFT loads (QLoRA's too, but onto a bitsandbytes 4-bit base: tests/methods/test_sites.py)
+PEFT_METHODS = {"lora", "dora", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"}
+PEFT_REFUSES = {("distilbert", "prefix_tuning"), ("distilbert", "p_tuning_v2")}  # its forward takes no past_key_values
 DECODERS = [f for f in FAMILIES if f not in ENCODERS | ENCODER_DECODERS]
 # (family, method) -> the bug
 XFAIL: dict[tuple[str, str], str] = {
@@ -213,6 +219,12 @@ def test_family_method(family, method, tmp_path):
     loaded = pk.load_adapter(_model(family), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, ref, rtol=1e-5, atol=1e-5)
+    if method in PEFT_METHODS and (family, method) not in PEFT_REFUSES:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            theirs = peft.PeftModel.from_pretrained(_model(family), str(tmp_path)).eval()
+            logits = theirs(**inputs).logits  # a causal LM's begins with the virtual tokens'
+        torch.testing.assert_close(logits[:, -ref.shape[1]:] if ref.dim() == 3 else logits, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_readme_table_is_the_matrix():
