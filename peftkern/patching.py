@@ -569,7 +569,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: O
 def _from_peft_config(cfg: dict, model: nn.Module) -> tuple[str, dict]:
     """(method, options) that rebuild what a PEFT adapter_config.json describes."""
     kind = cfg.get("peft_type")
-    heads = [h for h in (cfg.get("modules_to_save") or []) if isinstance(getattr(model, h, None), nn.Module)]
+    saved = tuple(cfg.get("modules_to_save") or ())  # matched by name suffix, as PEFT does
+    heads = [n for n, _ in model.named_modules() if n and n.endswith(saved)]
     if kind == "LORA":
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             raise ValueError("LoRA adapters with rank_pattern / alpha_pattern are not supported")

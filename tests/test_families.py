@@ -227,6 +227,51 @@ def test_family_method(family, method, tmp_path):
         torch.testing.assert_close(logits[:, -ref.shape[1]:] if ref.dim() == 3 else logits, ref, rtol=1e-5, atol=1e-5)
 
 
+PEFT_TASKS = {"bert": "SEQ_CLS", "roberta": "SEQ_CLS", "distilbert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM",
+              "bart": "SEQ_2_SEQ_LM"}  # the others: CAUSAL_LM
+# what PEFT reads from the model's config, given (DistilBERT's config calls them dim, n_heads, n_layers)
+PEFT_SIZES = dict(num_virtual_tokens=3, token_dim=32, num_attention_heads=4, num_layers=2)
+PEFT_CONFIGS = {
+    "lora": lambda task: peft.LoraConfig(task_type=task, r=4, target_modules="all-linear"),
+    "dora": lambda task: peft.LoraConfig(task_type=task, r=4, target_modules="all-linear", use_dora=True),
+    "prompt_tuning": lambda task: peft.PromptTuningConfig(task_type=task, **PEFT_SIZES),
+    "p_tuning": lambda task: peft.PromptEncoderConfig(task_type=task, **PEFT_SIZES, encoder_hidden_size=16),
+    "prefix_tuning": lambda task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3, token_dim=32,
+                                                          prefix_projection=True, encoder_hidden_size=16),
+    "p_tuning_v2": lambda task: peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3, token_dim=32)}
+# PEFT's get_peft_model itself fails: its modules_to_save matches names by suffix, so "classifier" takes
+# DistilBERT's pre_classifier, which all-linear also targets
+PEFT_FAILS = {("distilbert", "lora"), ("distilbert", "dora")}
+PEFT_XFAIL = {(f, m): "PEFT's RoBERTa LoRA targets 'dense' by name, which also matches the head's classifier.dense: "
+                      "load_adapter expects LoRA tensors there that PEFT's file keeps elsewhere"
+              for f in ["roberta"] for m in ["lora", "dora"]}
+PEFT_CELLS = [pytest.param(f, m, marks=pytest.mark.xfail(raises=ValueError, strict=True, reason=PEFT_XFAIL[f, m]))
+              if (f, m) in PEFT_XFAIL else (f, m) for f in FAMILIES for m in PEFT_CONFIGS
+              if outcome(f, m) == "ok" and (f, m) not in PEFT_REFUSES | PEFT_FAILS]
+
+
+@pytest.mark.parametrize("family, method", PEFT_CELLS)
+def test_peft_adapter_loads_with_peft_logits(family, method, tmp_path):
+    """A PEFT adapter (its trainable tensors moved from their init) loaded by ``pk.load_adapter`` into a fresh model
+    gives PEFT's logits."""
+    model = _model(family)
+    batch = tiny_batch(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(model, PEFT_CONFIGS[method](PEFT_TASKS.get(family, "CAUSAL_LM")))
+    _randomize_(theirs)
+    theirs.eval().save_pretrained(str(tmp_path))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = batch["input_ids"]
+    ours = pk.load_adapter(_model(family), tmp_path).eval()
+    with torch.no_grad():
+        ref, logits = theirs(**inputs).logits, ours(**inputs).logits
+    if ref.dim() == 3:  # a causal LM's begin with the virtual tokens'
+        ref, logits = ref[:, -inputs["input_ids"].shape[1]:], logits[:, -inputs["input_ids"].shape[1]:]
+    torch.testing.assert_close(logits, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_readme_table_is_the_matrix():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert support_table() in readme, "README's 'Supported architectures' table: paste python -m tests.test_families"
