@@ -81,13 +81,15 @@ def _lora_targets(model: nn.Module, target_modules, heads: list[str], quantized:
     def linear(m):
         return (isinstance(m, nn.Linear) or is_conv1d(m)) and (quantized or not _is_bnb_4bit(m))
 
+    def in_head(n):  # the heads train whole; PEFT puts no LoRA inside its modules_to_save either
+        return any(n == h or n.startswith(h + ".") for h in heads)
+
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if target_modules == "all-linear":
-        names = [n for n, m in model.named_modules() if linear(m) and m is not out_emb
-                 and not any(n == h or n.startswith(h + ".") for h in heads)]
+        names = [n for n, m in model.named_modules() if linear(m) and m is not out_emb and not in_head(n)]
     else:
         match = target_matcher(target_modules)
-        names = [n for n, m in model.named_modules() if n and match(n, m)]
+        names = [n for n, m in model.named_modules() if n and match(n, m) and not in_head(n)]
         bad = [n for n in names if not linear(model.get_submodule(n))]
         if bad:
             kind = "torch.nn.Linear / transformers Conv1D" + (" or bitsandbytes Linear4bit" if quantized else

@@ -242,11 +242,7 @@ PEFT_CONFIGS = {
 # PEFT's get_peft_model itself fails: its modules_to_save matches names by suffix, so "classifier" takes
 # DistilBERT's pre_classifier, which all-linear also targets
 PEFT_FAILS = {("distilbert", "lora"), ("distilbert", "dora")}
-PEFT_XFAIL = {(f, m): "PEFT's RoBERTa LoRA targets 'dense' by name, which also matches the head's classifier.dense: "
-                      "load_adapter expects LoRA tensors there that PEFT's file keeps elsewhere"
-              for f in ["roberta"] for m in ["lora", "dora"]}
-PEFT_CELLS = [pytest.param(f, m, marks=pytest.mark.xfail(raises=ValueError, strict=True, reason=PEFT_XFAIL[f, m]))
-              if (f, m) in PEFT_XFAIL else (f, m) for f in FAMILIES for m in PEFT_CONFIGS
+PEFT_CELLS = [(f, m) for f in FAMILIES for m in PEFT_CONFIGS
               if outcome(f, m) == "ok" and (f, m) not in PEFT_REFUSES | PEFT_FAILS]
 
 
