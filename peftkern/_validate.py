@@ -94,36 +94,35 @@ class _Unkeyed(Exception):
 
 
 def _signature(a):
-    """What a check may read of an argument other than a tensor (whose dtype, device, shape and requires_grad
-    :func:`checked` keeps, never its values): a number, string, dtype or torch.Size itself, with its type (``True`` is
-    not ``1``); of an object with shape / dtype / device (an NF4Tensor) those."""
-    if type(a) in _VALUES:
-        return type(a), a
+    """What a check may read of an argument that is neither a tensor nor a value of ``_VALUES`` (see
+    :func:`checked`): of an object with shape / dtype / device (an NF4Tensor) those."""
     try:
         return type(a), tuple(a.shape), a.dtype, a.device
     except (AttributeError, TypeError):
         raise _Unkeyed from None
 
 
-def _mode() -> tuple:
-    """The global state checks read: grad mode, and the autocast dtype of each device where autocast is on."""
-    if not torch._C._is_any_autocast_enabled():
-        return torch.is_grad_enabled(), None
-    return torch.is_grad_enabled(), tuple(torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None
-                                          for d in ("cpu", "cuda"))
+def _autocast_mode() -> tuple:
+    """The autocast dtype of each device type, None where autocast is off there."""
+    return tuple(torch.get_autocast_dtype(d) if torch.is_autocast_enabled(d) else None for d in ("cpu", "cuda"))
 
 
 def checked(check: Callable, *args):
     """``check(*args)``, or its result from an earlier call with arguments of the same signature.
 
     Why: the full checks cost 6-10 us of Python per call, as much as a decode-sized layer's arithmetic. They read only
-    metadata: of a tensor its dtype, device, shape and requires_grad, of other arguments what :func:`_signature`
-    keeps, and the state :func:`_mode` keeps; so a signature that passed once passes again. A check that raised is
-    not remembered; arguments of another kind (lists) are checked on every call.
+    metadata: of a tensor its dtype, device, shape and requires_grad, never its values; a number, string, dtype or
+    torch.Size itself (with its type: ``True`` is not ``1``); of an NF4Tensor what :func:`_signature` keeps; grad mode
+    and the autocast dtypes. So a signature that passed once passes again. A check that raised is not remembered;
+    arguments of another kind (lists) are checked on every call. Under ``torch.compile`` the checks run as they are
+    (Dynamo folds them at tracing; it would guard on the remembered signatures and recompile when they grow).
     """
+    if torch.compiler.is_compiling():
+        return check(*args)
     try:
-        key = (check, _mode(), *[(a.dtype, a.device, a.shape, a.requires_grad) if isinstance(a, torch.Tensor)
-                                 else _signature(a) for a in args])
+        key = (check, torch.is_grad_enabled(), torch._C._is_any_autocast_enabled() and _autocast_mode(),
+               *[(a.dtype, a.device, a.shape, a.requires_grad) if isinstance(a, torch.Tensor)
+                 else (type(a), a) if type(a) in _VALUES else _signature(a) for a in args])
         result = _accepted.get(key, _MISSING)
     except _Unkeyed:
         return check(*args)

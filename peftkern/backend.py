@@ -156,7 +156,7 @@ def resolve(op: str, device: torch.device, requested: str | None = None) -> tupl
             raise RuntimeError(f"backend {requested!r} cannot run {op!r}: {err}")
         return requested, impls[requested]
     for name in _AUTO_ORDER.get(device.type, ("torch",)):
-        if name in impls and _device_error(name, device) is None:
+        if name in impls and (name == "torch" or _device_error(name, device) is None):
             return name, impls[name]
     raise RuntimeError(f"no backend can run {op!r} on {device}")
 

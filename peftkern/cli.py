@@ -1,7 +1,7 @@
 """The ``peftkern`` command (``python -m peftkern.cli``): info, bench, demo, kernels, gpu-check.
 
     peftkern info [--json]            versions, backends (with the reason one is unavailable), CUDA library status
-    peftkern bench [lora|nf4|prefix|sparse|adapter|methods|all] [--quick] [--json F] [--plot F.png]  (benchmarks/)
+    peftkern bench [lora|nf4|prefix|sparse|adapter|methods|overhead|all] [--quick] [--json F] [--plot F.png]
     peftkern demo [--quick]           a real QLoRA fine-tune of all-MiniLM-L6-v2 on the CPU (peftkern/demo.py)
     peftkern kernels [--arch 80 90] [--json FILE]     compile the launchers' kernel launches as the JIT would (_aot.py)
     peftkern gpu-check [--json FILE] [--budget S]     on a CUDA machine: GPU tests, kernels, benches (_gpu_check.py)
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 BENCHMARKS = {"lora": "bench_lora", "nf4": "bench_nf4", "prefix": "bench_prefix", "sparse": "bench_sparse",
-              "adapter": "bench_adapter", "methods": "bench_methods"}
+              "adapter": "bench_adapter", "methods": "bench_methods", "overhead": "bench_overhead"}
 _REPO = Path(__file__).resolve().parent.parent
 
 

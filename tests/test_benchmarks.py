@@ -32,3 +32,19 @@ def test_adapter_benchmark_runs_and_reports_what_it_measures(tmp_path, monkeypat
     assert res["adapter_drop"][0]["dropped"] == 3 and res["adapter_drop"][0]["ratio"] > 0
     payload = json.loads((tmp_path / "a.json").read_text())
     assert {"rows", "adapter_drop", "machine"} <= set(payload)
+
+
+def test_overhead_benchmark_runs_every_family(tmp_path):
+    """bench_overhead end to end at the smallest sizes: a row per target of issue 15 for each family (LoRA's decode
+    call also against nn.Linear, its model step and decoding against PEFT), each with its ratio and per-call times."""
+    from benchmarks import bench_overhead
+
+    res = bench_overhead.run(quick=True, reps=2, seconds=5e-4, json_path=str(tmp_path / "o.json"), log=lambda s: None)
+    rows = {(r["family"], r["what"], r["peer"]): r for r in res["rows"]}
+    assert {r["family"] for r in res["rows"]} == set(bench_overhead.FAMILIES)
+    assert rows["lora", "decode", "nn.Linear"]["target"] == 2.0
+    assert {("lora", "model step", "PEFT"), ("lora", "generate 16 tokens", "PEFT"), ("qlora", "model step", "PEFT"),
+            ("prefix", "model step", "PEFT prefix tuning")} <= set(rows)
+    for r in res["rows"]:
+        assert r["ratio"] > 0 and r["ours_us"] > 0 and r["peer_us"] > 0 and r["met"] in ("yes", "no")
+    assert len(json.loads((tmp_path / "o.json").read_text())["rows"]) == len(res["rows"])

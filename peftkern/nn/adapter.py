@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import _validate as V
 from ..ops.adapter import activation_name, bottleneck_adapter
+from .lora import _member
 
 
 class BottleneckAdapter(nn.Module):
@@ -40,14 +41,15 @@ class BottleneckAdapter(nn.Module):
         self.gate = nn.Linear(hidden_size, 1, **kw) if gated else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        x = h.to(self.down.weight.dtype)
+        down, up = _member(self, "down"), _member(self, "up")
+        w_down, b_down, w_up, b_up = (_member(down, "weight"), _member(down, "bias"), _member(up, "weight"),
+                                      _member(up, "bias"))
+        x = h if h.dtype == w_down.dtype else h.to(w_down.dtype)
         if self.layer_norm is None and self.gate is None:
-            y = bottleneck_adapter(x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-                                   self.non_linearity, self.residual, self.scale)
-            return y.to(h.dtype)
+            y = bottleneck_adapter(x, w_down, b_down, w_up, b_up, self.non_linearity, self.residual, self.scale)
+            return y if y.dtype == h.dtype else y.to(h.dtype)
         inner = x if self.layer_norm is None else self.layer_norm(x)
-        y = bottleneck_adapter(inner, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-                               self.non_linearity, False, self.scale)
+        y = bottleneck_adapter(inner, w_down, b_down, w_up, b_up, self.non_linearity, False, self.scale)
         if self.gate is not None:
             y = torch.sigmoid(self.gate(x)) * y
         return (x + y if self.residual else y).to(h.dtype)

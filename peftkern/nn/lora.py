@@ -44,10 +44,11 @@ def out_in(module: nn.Module, tensor: Optional[torch.Tensor] = None) -> torch.Te
 
 
 def _member(module: nn.Module, name: str):
-    """``getattr(module, name, None)``, a parameter read from the module's dict: through ``nn.Module.__getattr__`` a
-    parameter read costs ~0.5 us, and a decode-sized layer's forward makes five (as long as its LoRA matmuls)."""
-    params = module._parameters
-    return params[name] if name in params else getattr(module, name, None)
+    """``getattr(module, name, None)``, a parameter or submodule read from the module's dicts: through
+    ``nn.Module.__getattr__`` a read costs ~0.5 us, and a decode-sized layer's forward makes five (as long as its LoRA
+    matmuls)."""
+    params, modules = module._parameters, module._modules
+    return params[name] if name in params else modules[name] if name in modules else getattr(module, name, None)
 
 
 def _check_linear(linear: nn.Module) -> None:

@@ -8,12 +8,14 @@ the :class:`Op` it returns runs eager calls through the same function, the same 
 ``autograd.Function`` made of them) and the same autocast casts, without the dispatcher: the same arithmetic by the
 same code.
 
-A call is eager when nothing traces it: not under ``torch.compile`` / ``torch.export``, no ``TorchDispatchMode``
-(fake tensors, ``make_fx``, a FLOP counter...) and a plain tensor first (not a tensor subclass such as a FakeTensor,
-FunctionalTensor or DTensor); anything else gets the registered op.
+A call is eager when nothing traces or transforms it: not under ``torch.compile`` / ``torch.export``, no
+``TorchDispatchMode`` (fake tensors, ``make_fx``, a FLOP counter...), no functorch transform (``vmap``, ``grad``) and a
+plain tensor first (not a tensor subclass such as a FakeTensor, FunctionalTensor or DTensor); anything else gets the
+registered op.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Optional
 
 import torch
@@ -36,7 +38,19 @@ def eager(first) -> bool:
 
     ``is_compiling`` is read first: under ``torch.compile`` Dynamo reads it as a constant and traces nothing else.
     """
-    return not torch.compiler.is_compiling() and type(first) in _PLAIN and not torch._C._len_torch_dispatch_stack()
+    return (not torch.compiler.is_compiling() and type(first) in _PLAIN and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._are_functorch_transforms_active())
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` [..., k] as [N, k] (the ops take any leading dims and flatten them inside: as an eager call's own
+    reshape and view, each would be an autograd node forward and backward, ~5 us a layer at decode sizes)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def unrows(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``y`` [N, k] with the leading dims of ``like`` [..., j]: [..., k]."""
+    return y if like.dim() == 2 else y.view(*like.shape[:-1], y.shape[-1])
 
 
 class Op:
@@ -46,7 +60,7 @@ class Op:
         self.name = name
         self.fn = fn
         self.op = torch.library.custom_op(name, mutates_args=())(fn)
-        self._function: Optional[type] = None
+        self._apply: Optional[Callable] = None
         self._cast: tuple[int, ...] = ()
 
     def register_fake(self, fn: Callable) -> Callable:
@@ -55,7 +69,10 @@ class Op:
     def register_autograd(self, backward: Callable, setup_context: Callable) -> None:
         """The op's autograd formula, for the registered op and (as an ``autograd.Function``) for eager calls."""
         self.op.register_autograd(backward, setup_context=setup_context)
-        self._function = _function(self.fn, setup_context, backward, self.name)
+        function = _function(self.fn, setup_context, backward, self.name)
+        # autograd's own apply, without Function.apply's Python wrapper (~2.5 us a call): that one binds arguments
+        # for a setup_context (none here) and unwraps functorch tensors (never here: eager() ruled transforms out)
+        self._apply = super(torch.autograd.Function, function).apply
 
     def register_autocast(self, cast: tuple[str, ...]) -> None:
         """Under ``torch.autocast`` the arguments named in ``cast`` are cast (:mod:`peftkern.ops.autocast`)."""
@@ -65,16 +82,19 @@ class Op:
         if not eager(args[0]):
             return self.op(*args)
         if self._cast and torch._C._is_any_autocast_enabled():
-            args, excluded = autocast.eager_cast(args, self._cast)
-            if excluded is not None:
-                with torch._C._ExcludeDispatchKeyGuard(excluded):
-                    return self._run(*args)
-        return self._run(*args)
+            return self._autocast(args)
+        return self._call(args)
 
-    def _run(self, *args):
-        if self._function is not None and torch.is_grad_enabled():
-            return self._function.apply(*args)
+    def _call(self, args: tuple):
+        if self._apply is not None and torch.is_grad_enabled():
+            return self._apply(*args)
         return self.fn(*args)
+
+    def _autocast(self, args: tuple):
+        """An eager call under autocast: the arguments cast by the op's rule, the op run with autocast off."""
+        args, excluded = autocast.eager_cast(args, self._cast)
+        with torch._C._ExcludeDispatchKeyGuard(excluded) if excluded is not None else nullcontext():
+            return self._call(args)
 
 
 def _function(fn: Callable, setup: Callable, backward: Callable, name: str) -> type:
@@ -87,6 +107,11 @@ def _function(fn: Callable, setup: Callable, backward: Callable, name: str) -> t
         def forward(ctx, *args):
             output = fn(*args)
             setup(ctx, args, output)
+            if isinstance(output, tuple):
+                # the outputs after the first are what the op saves for its backward (h, z, lse), which callers
+                # drop: no gradient flows into them, so none is made of zeros for the backward (which ignores it)
+                ctx.mark_non_differentiable(*output[1:])
+                ctx.set_materialize_grads(False)
             return output
 
         @staticmethod

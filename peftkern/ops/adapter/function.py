@@ -1,6 +1,7 @@
 """The bottleneck adapter op registered with torch.library (autograd + fake tensors), and the functional API."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -8,7 +9,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, run
-from ..custom_op import custom_op
+from ..custom_op import custom_op, rows, unrows
 from .reference import ACTIVATIONS
 
 ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -17,19 +18,23 @@ ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_
 @custom_op("peftkern::adapter_forward")
 def adapter_forward(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
                     activation: str, residual: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    return run("adapter_forward", backend, h.device, h, w_down, b_down, w_up, b_up, activation, residual, scale)
+    """h [..., D] -> (y [..., D], z [N, M]) for the N rows of h."""
+    y, z = run("adapter_forward", backend, h.device, rows(h), w_down, b_down, w_up, b_up, activation, residual, scale)
+    return unrows(y, h), z
 
 
 @adapter_forward.register_fake
 def _(h, w_down, b_down, w_up, b_up, activation, residual, scale, backend):
-    return torch.empty_like(h, memory_format=torch.contiguous_format), h.new_empty(h.shape[0], w_down.shape[0])
+    return (torch.empty_like(h, memory_format=torch.contiguous_format),
+            h.new_empty(math.prod(h.shape[:-1]), w_down.shape[0]))
 
 
 @custom_op("peftkern::adapter_backward")
 def adapter_backward(grad_y: Tensor, h: Tensor, z: Tensor, w_down: Tensor, w_up: Tensor, activation: str,
                      residual: bool, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return run("adapter_backward", backend, h.device, grad_y.contiguous(), h, z, w_down, w_up, activation, residual,
-               scale)
+    dh, *grads = run("adapter_backward", backend, h.device, rows(grad_y).contiguous(), rows(h), z, w_down, w_up,
+                     activation, residual, scale)
+    return unrows(dh, h), *grads
 
 
 @adapter_backward.register_fake
@@ -72,10 +77,7 @@ def bottleneck_adapter(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
     """``[h +] scale * (act(h W_d^T + b_d) W_u^T + b_u)``: W_d [M, D], W_u [D, M], h [..., D]; one fused op whose
     autograd keeps only z = h W_d^T + b_d [..., M] beside h (README.md)."""
     name = V.checked(_check, h, w_down, b_down, w_up, b_up, activation, residual, scale)
-    flat = h.dim() == 2
-    y, _ = adapter_forward(h if flat else h.reshape(-1, h.shape[-1]), w_down, b_down, w_up, b_up, name, residual,
-                           float(scale), get_backend())
-    return y if flat else y.view(h.shape)
+    return adapter_forward(h, w_down, b_down, w_up, b_up, name, residual, float(scale), get_backend())[0]
 
 
 def _check(h, w_down, b_down, w_up, b_up, activation, residual, scale) -> str:

@@ -1,6 +1,8 @@
 """LoRA ops registered with torch.library (autograd + fake tensors), and the functional API."""
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -8,7 +10,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, run
-from ..custom_op import custom_op
+from ..custom_op import custom_op, rows, unrows
 from . import torch_impl
 
 
@@ -16,25 +18,27 @@ from . import torch_impl
 def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                  rank_scale: Optional[Tensor], scaling: float, dropout_p: float,
                  seed: Optional[Tensor], promote_output: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return run("lora_forward", backend, x.device, x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p,
-               seed_int(seed), promote_output)
+    """x [..., in] -> (y [..., out], h [N, r]) for the N rows of x."""
+    y, h = run("lora_forward", backend, x.device, rows(x), weight, bias, lora_A, lora_B, rank_scale, scaling,
+               dropout_p, seed_int(seed), promote_output)
+    return unrows(y, x), h
 
 
 @lora_forward.register_fake
 def _(x, weight, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed, promote_output, backend):
     ldt = torch_impl.lora_dtype(x, lora_A)
-    return (x.new_empty(x.shape[0], weight.shape[0], dtype=ldt if promote_output else x.dtype),
-            x.new_empty(x.shape[0], lora_A.shape[0], dtype=ldt))
+    return (x.new_empty(*x.shape[:-1], weight.shape[0], dtype=ldt if promote_output else x.dtype),
+            x.new_empty(math.prod(x.shape[:-1]), lora_A.shape[0], dtype=ldt))
 
 
 @custom_op("peftkern::lora_backward")
 def lora_backward(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                   rank_scale: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float,
                   seed: Optional[Tensor], compute_dx: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dA, dB, de = run("lora_backward", backend, x.device, grad_y.contiguous(), x, weight, lora_A, lora_B,
-                         rank_scale, h, scaling, dropout_p, seed_int(seed), compute_dx)
+    dx, dA, dB, de = run("lora_backward", backend, x.device, rows(grad_y).contiguous(), rows(x), weight, lora_A,
+                         lora_B, rank_scale, h, scaling, dropout_p, seed_int(seed), compute_dx)
     # custom ops return tensors only: empty ones stand for "not computed"
-    return (dx if dx is not None else x.new_empty(0), dA, dB,
+    return (unrows(dx, x) if dx is not None else x.new_empty(0), dA, dB,
             de if de is not None else lora_A.new_empty(0))
 
 
@@ -54,7 +58,7 @@ def _backward(ctx, grad_y, _grad_h):
     x, weight, lora_A, lora_B, rank_scale, h, seed = ctx.saved_tensors
     dx, dA, dB, de = lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, ctx.scaling,
                                    ctx.dropout_p, seed, ctx.needs_input_grad[0], ctx.backend)
-    db = grad_y.sum(0) if ctx.needs_input_grad[2] else None
+    db = rows(grad_y).sum(0) if ctx.needs_input_grad[2] else None
     return (dx if ctx.needs_input_grad[0] else None, None, db, dA, dB,
             de if ctx.needs_input_grad[5] else None, None, None, None, None, None)
 
@@ -125,17 +129,23 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, rank_scale, promote_output):
     p = float(dropout_p) if training else 0.0
     seed = new_seed() if p > 0.0 else None
-    flat = x.dim() == 2
-    y, _ = lora_forward(x if flat else x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, rank_scale,
-                        float(scaling), p, seed, promote_output, get_backend())
-    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
+    return lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, float(scaling), p, seed, promote_output,
+                        get_backend())[0]
+
+
+def _check_dora_args(x, weight, lora_A, lora_B, scaling, magnitude, dropout_p) -> None:
+    _check_lora_args(x, weight, None, lora_A, lora_B, scaling, dropout_p, None)
+    V.tensor("magnitude", magnitude, ndim=1)
+    V.shape("magnitude", magnitude, (weight.shape[0],), "[out]")
 
 
 def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                      weight_sq_norm: Optional[Tensor] = None) -> Tensor:
     """||W + s B A|| per output row, without materializing B A ([out], detached as in PEFT), in fp32 or fp64 (autocast
     off: the norm of a bf16-rounded B A would move every output's scale)."""
-    with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
+    # entered only where autocast is on: torch.autocast costs ~2 us a call
+    off = torch.autocast(weight.device.type, enabled=False) if torch._C._is_any_autocast_enabled() else nullcontext()
+    with torch.no_grad(), off:
         return torch_impl.dora_weight_norm(weight, lora_A, lora_B, float(scaling), weight_sq_norm)
 
 
@@ -146,9 +156,7 @@ def dora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 
     y is in x's dtype, or under ``torch.autocast`` in its dtype (as ``F.linear``'s); the norm is fp32.
     """
-    _check_lora_args(x, weight, None, lora_A, lora_B, scaling, dropout_p, None)
-    V.tensor("magnitude", magnitude, ndim=1)
-    V.shape("magnitude", magnitude, (weight.shape[0],), "[out]")
+    V.checked(_check_dora_args, x, weight, lora_A, lora_B, scaling, magnitude, dropout_p)
     norm = dora_weight_norm(weight, lora_A, lora_B, scaling, weight_sq_norm)
     # the rescale happens in the LoRA dtype (fp32 adapters over a half base): its gradient reaches A, B unrounded
     y = _lora_linear(x, weight, None, lora_A, lora_B, scaling, dropout_p, training, None, True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, resolve, run
-from ..custom_op import custom_op
+from ..custom_op import custom_op, rows, unrows
 from ..lora.function import check_adapter_args, new_seed, seed_int
 from . import torch_impl
 from .torch_impl import NESTED_BLOCKSIZE, dynamic_code, nf4_code
@@ -214,14 +215,15 @@ def dequantize(q: NF4Tensor) -> torch.Tensor:
 @custom_op("peftkern::nf4_matmul")
 def nf4_matmul(a: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, blocksize: int, shape: list[int],
                weight_dtype: torch.dtype, transpose_w: bool, bias: Optional[Tensor], backend: str) -> Tensor:
-    """``a deq(W)^T + bias`` (``transpose_w``) or ``a deq(W)``."""
-    return run("nf4_matmul", backend, a.device, a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w,
-               bias)
+    """``a deq(W)^T + bias`` (``transpose_w``) or ``a deq(W)``, a [..., in] (or [..., out])."""
+    y = run("nf4_matmul", backend, a.device, rows(a), packed, absmax, code, blocksize, shape, weight_dtype,
+            transpose_w, bias)
+    return unrows(y, a)
 
 
 @nf4_matmul.register_fake
 def _(a, packed, absmax, code, blocksize, shape, weight_dtype, transpose_w, bias, backend):
-    return a.new_empty(a.shape[0], shape[0] if transpose_w else shape[1])
+    return a.new_empty(*a.shape[:-1], shape[0] if transpose_w else shape[1])
 
 
 def _nf4_matmul_setup(ctx, inputs, output):
@@ -237,7 +239,7 @@ def _nf4_matmul_backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         da = nf4_matmul(grad.contiguous(), packed, absmax, code, blocksize, shape, weight_dtype, not transpose_w, None,
                         backend)
-    db = grad.sum(0) if ctx.needs_input_grad[8] else None
+    db = rows(grad).sum(0) if ctx.needs_input_grad[8] else None
     return da, None, None, None, None, None, None, None, db, None
 
 
@@ -269,9 +271,7 @@ def nf4_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor] = None) -> T
     """``y = x dequant(weight)^T + bias`` with ``weight`` an NF4Tensor [out, in]; x has any leading shape. Gradients
     reach x (``dx = dy dequant(weight)``) and a trainable bias; the 4-bit weight is frozen."""
     V.checked(_check_nf4_linear, x, weight, bias)
-    flat = x.dim() == 2
-    y = nf4_matmul(x if flat else x.reshape(-1, x.shape[-1]), *_state(weight), True, bias, get_backend())
-    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
+    return nf4_matmul(x, *_state(weight), True, bias, get_backend())
 
 
 def _check_nf4_linear(x, weight, bias) -> None:
@@ -288,15 +288,17 @@ def qlora_forward(x: Tensor, packed: Tensor, absmax: Tensor, code: Tensor, block
                   weight_dtype: torch.dtype, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                   rank_scale: Optional[Tensor], scaling: float, dropout_p: float,
                   seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    return run("qlora_forward", backend, x.device, x, packed, absmax, code, blocksize, shape, weight_dtype, bias,
-               lora_A, lora_B, rank_scale, scaling, dropout_p, seed_int(seed))
+    """x [..., in] -> (y [..., out], h [N, r]) for the N rows of x."""
+    y, h = run("qlora_forward", backend, x.device, rows(x), packed, absmax, code, blocksize, shape, weight_dtype,
+               bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed_int(seed))
+    return unrows(y, x), h
 
 
 @qlora_forward.register_fake
 def _(x, packed, absmax, code, blocksize, shape, weight_dtype, bias, lora_A, lora_B, rank_scale, scaling, dropout_p,
       seed, backend):
-    return (x.new_empty(x.shape[0], shape[0]),
-            x.new_empty(x.shape[0], lora_A.shape[0], dtype=torch.promote_types(x.dtype, lora_A.dtype)))
+    return (x.new_empty(*x.shape[:-1], shape[0]),
+            x.new_empty(math.prod(x.shape[:-1]), lora_A.shape[0], dtype=torch.promote_types(x.dtype, lora_A.dtype)))
 
 
 @custom_op("peftkern::qlora_backward")
@@ -304,11 +306,12 @@ def qlora_backward(grad_y: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, co
                    shape: list[int], weight_dtype: torch.dtype, lora_A: Tensor, lora_B: Tensor,
                    rank_scale: Optional[Tensor], h: Tensor, scaling: float, dropout_p: float, seed: Optional[Tensor],
                    compute_dx: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dA, dB, de = run("qlora_backward", backend, x.device, grad_y.contiguous(), x, packed, absmax, code, blocksize,
-                         shape, weight_dtype, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed_int(seed),
-                         compute_dx)
+    dx, dA, dB, de = run("qlora_backward", backend, x.device, rows(grad_y).contiguous(), rows(x), packed, absmax,
+                         code, blocksize, shape, weight_dtype, lora_A, lora_B, rank_scale, h, scaling, dropout_p,
+                         seed_int(seed), compute_dx)
     # custom ops return tensors only: empty ones stand for "not computed"
-    return (dx if dx is not None else x.new_empty(0), dA, dB, de if de is not None else lora_A.new_empty(0))
+    return (unrows(dx, x) if dx is not None else x.new_empty(0), dA, dB,
+            de if de is not None else lora_A.new_empty(0))
 
 
 @qlora_backward.register_fake
@@ -332,7 +335,7 @@ def _qlora_backward(ctx, grad_y, _grad_h):
     need = ctx.needs_input_grad
     dx, dA, dB, de = qlora_backward(grad_y, x, packed, absmax, code, blocksize, shape, weight_dtype, lora_A, lora_B,
                                     rank_scale, h, scaling, dropout_p, seed, need[0], backend)
-    db = grad_y.sum(0) if need[7] else None
+    db = rows(grad_y).sum(0) if need[7] else None
     return (dx if need[0] else None, None, None, None, None, None, None, db, dA, dB,
             de if need[10] else None, None, None, None, None)
 
@@ -351,10 +354,8 @@ def qlora_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor], lora_A: T
     """
     V.checked(_check_qlora, x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
     p = float(dropout_p) if training else 0.0
-    flat = x.dim() == 2
-    y, _ = qlora_forward(x if flat else x.reshape(-1, x.shape[-1]), *_state(weight), bias, lora_A, lora_B,
-                         rank_scale, float(scaling), p, new_seed() if p > 0.0 else None, get_backend())
-    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
+    return qlora_forward(x, *_state(weight), bias, lora_A, lora_B, rank_scale, float(scaling), p,
+                         new_seed() if p > 0.0 else None, get_backend())[0]
 
 
 def _check_qlora(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale) -> None:

@@ -9,24 +9,25 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, resolve, run
-from ..custom_op import custom_op
+from ..custom_op import custom_op, rows, unrows
 
 
 @custom_op("peftkern::sparse_diff_forward")
 def sparse_diff_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor,
                         backend: str) -> Tensor:
+    """x [..., in] -> y [..., out]."""
     check_index_values(indices, weight.numel())  # data-dependent: on the real tensor, before any kernel
-    return run("sparse_diff_forward", backend, x.device, x, weight, bias, indices, values)
+    return unrows(run("sparse_diff_forward", backend, x.device, rows(x), weight, bias, indices, values), x)
 
 
 @sparse_diff_forward.register_fake
 def _(x, weight, bias, indices, values, backend):
-    return x.new_empty(x.shape[0], weight.shape[0])
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 @custom_op("peftkern::sparse_masked_grad")
 def sparse_masked_grad(grad_out: Tensor, x: Tensor, indices: Tensor, in_features: int, backend: str) -> Tensor:
-    return run("sparse_masked_grad", backend, x.device, grad_out.contiguous(), x, indices, in_features)
+    return run("sparse_masked_grad", backend, x.device, rows(grad_out).contiguous(), rows(x), indices, in_features)
 
 
 @sparse_masked_grad.register_fake
@@ -36,12 +37,14 @@ def _(grad_out, x, indices, in_features, backend):
 
 @custom_op("peftkern::sparse_diff_dgrad")
 def sparse_diff_dgrad(grad_out: Tensor, weight: Tensor, indices: Tensor, values: Tensor, backend: str) -> Tensor:
-    return run("sparse_diff_dgrad", backend, grad_out.device, grad_out.contiguous(), weight, indices, values)
+    """grad_out [..., out] -> dx [..., in]."""
+    dx = run("sparse_diff_dgrad", backend, grad_out.device, rows(grad_out).contiguous(), weight, indices, values)
+    return unrows(dx, grad_out)
 
 
 @sparse_diff_dgrad.register_fake
 def _(grad_out, weight, indices, values, backend):
-    return grad_out.new_empty(grad_out.shape[0], weight.shape[1])
+    return grad_out.new_empty(*grad_out.shape[:-1], weight.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
@@ -53,7 +56,7 @@ def _backward(ctx, grad_y):
     x, weight, indices, values = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx = sparse_diff_dgrad(grad_y, weight, indices, values, ctx.backend) if need[0] else None
-    db = grad_y.sum(0) if need[2] else None
+    db = rows(grad_y).sum(0) if need[2] else None
     dv = sparse_masked_grad(grad_y, x, indices, weight.shape[1], ctx.backend).to(values.dtype) if need[4] else None
     return dx, None, db, None, dv, None
 
@@ -122,9 +125,7 @@ def sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indice
     """``y = x (W + scatter(values at indices))^T + b`` with W frozen; gradients reach x, values (only at the indices:
     an SDDMM, never a dense dW) and a trainable bias. ``indices`` are sorted unique flat int64/int32 positions."""
     V.checked(_check, x, weight, bias, indices, values)
-    flat = x.dim() == 2
-    y = sparse_diff_forward(x if flat else x.reshape(-1, x.shape[-1]), weight, bias, indices, values, get_backend())
-    return y if flat else y.view(*x.shape[:-1], weight.shape[0])
+    return sparse_diff_forward(x, weight, bias, indices, values, get_backend())
 
 
 def masked_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:
