@@ -4,11 +4,14 @@
 
 At decode and small-layer sizes a call is mostly Python and dispatch, not arithmetic: what a layer costs before its
 matmuls decides a decoding model's tokens per second (7 adapted projections x 32 layers a token). Each row is the
-time of ours over the peer's, the two interleaved (one sample = as many calls as fill ~20 ms, 5 with --quick), the
-median of the per-round ratios (< 1: ours faster), with the target of issue 15:
+time of ours over the peer's, the two interleaved (one sample = as many calls as fill ~20 ms, 5 with --quick, 4x
+that for the model rows), the median of the per-round ratios (< 1: ours faster), with the target of issue 15. One
+torch thread by default (``--threads``): these calls are too small to split, and a second thread waiting for a core
+another process holds stalls them by milliseconds.
 
-* ``decode``: one call in ``torch.inference_mode`` on x [1, 256] -> 256 (r = 8, bottleneck 16); LoRA also against
-  a plain ``nn.Linear`` (target: within 2x), each family against its peer (target: at or below);
+* ``decode``: one call in ``torch.inference_mode`` on x [1, 256] -> 256 (r = 8, bottleneck 16; prefix attention a
+  forward at its layer shape); LoRA also against a plain ``nn.Linear`` (target: within 2x), each family against its
+  peer (target: at or below);
 * ``layer``: forward + backward at 16 x 64 -> 64 (r = 8, bottleneck 8; prefix attention B 1, S 16, P 8, 4 query
   heads over 2 key/value heads, D 16; sparse diffs at 1% density) (target: at or below the peer);
 * ``model``: a training step (forward, loss, backward) of a tiny Llama (2 layers, hidden 32; 64 for QLoRA, whose
@@ -332,8 +335,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
 
 def add_arguments(ap) -> None:
     add_standard_arguments(ap)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1: these calls are too small to "
-                    "split, and a second thread waiting on a busy core stalls them)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1, see the module docstring)")
 
 
 def run_from_args(args) -> dict:

@@ -26,7 +26,8 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def custom_op(name: str) -> Callable[[Callable], "Op"]:
-    """Decorator: ``torch.library.custom_op(name, mutates_args=())`` (schema from the annotations), as an :class:`Op`."""
+    """Decorator: ``torch.library.custom_op(name, mutates_args=())`` (its schema from the annotations) as an
+    :class:`Op`."""
     def wrap(fn: Callable) -> Op:
         return Op(name, fn)
 
