@@ -12,6 +12,15 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
 
+def randomize_trainable_(model) -> None:
+    """Move every trainable tensor away from its (often zero) init, so a round trip that loses one shows."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
 def on_device(args: dict) -> dict:
     """``args`` with its CPU tensors moved to DEVICE (arguments a test builds on the CPU, e.g. at collection)."""
     return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v for k, v in args.items()}

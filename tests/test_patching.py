@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import peftkern as pk
 from peftkern.nn import NF4Linear
-from tests._helpers import tiny_bert, tiny_llama
+from tests._helpers import randomize_trainable_, tiny_bert, tiny_llama
 
 LORA_LIKE = ["lora", "dora", "qlora"]
 PROMPT_LIKE = ["prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"]
@@ -59,13 +59,7 @@ def _seq(logits):
     return logits[:, -_batch()["input_ids"].shape[1]:] if logits.dim() == 3 else logits
 
 
-def _randomize_(model):
-    """Move every trainable tensor away from its (often zero) init, so a round trip that loses one shows."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+_randomize_ = randomize_trainable_
 
 
 def _peft(model, config):

@@ -21,7 +21,8 @@ from peftkern.methods.unipelt import GatedLoRALinear
 from peftkern.nn import LoRALinear, QLoRALinear, RowDiffLinear, SparseDiffLinear
 from peftkern.methods.selective import DiffPruningLinear
 from peftkern.ops.lora.reference import dora_linear_reference, lora_linear_reference
-from tests._helpers import DEVICE, TINY_FAMILIES, assert_close, backends, tiny_batch, tiny_model
+from tests._helpers import (DEVICE, TINY_FAMILIES, assert_close, backends, randomize_trainable_, tiny_batch,
+                            tiny_model)
 
 ENCODER_DECODER = {"t5", "bart"}
 ENCODER_ONLY = {"bert", "roberta", "distilbert"}
@@ -250,10 +251,7 @@ METHODS = {"lora": dict(r=4), "dora": dict(r=4), "qlora": dict(r=4), "adapter_pf
            "adapter_houlsby": dict(reduction_factor=4), "unipelt": dict(r=4, num_virtual_tokens=3, reduction_factor=4),
            "bitfit": {}, "far": dict(fraction=0.25)}
 NO_BIAS = {"t5", "phi3"}  # BitFit refuses these (their linears and norms have no bias)
-# UniPELT's prefix refuses encoder-decoders (prefix_tuning.PrefixTuning)
-PREFIX_ENCODER_DECODER = pytest.mark.xfail(raises=ValueError, strict=True, reason="prefix methods: no encoder-decoder")
-CASES = [pytest.param(f, m, marks=PREFIX_ENCODER_DECODER) if m == "unipelt" and f == "t5" else (f, m)
-         for f in FAMILIES for m in sorted(METHODS)]
+CASES = [(f, m) for f in FAMILIES for m in sorted(METHODS)]
 
 
 @pytest.mark.parametrize("family, method", CASES)
@@ -264,6 +262,10 @@ def test_method_patches_and_trains_only_its_parameters(family, method):
     if method == "bitfit" and family in NO_BIAS:
         with pytest.raises(ValueError, match="no bias terms"):
             pk.patch(model, method)
+        return
+    if method == "unipelt" and family == "t5":  # its prefix refuses encoder-decoders (a known gap, issue 13)
+        with pytest.raises(ValueError, match="encoder-decoder"):
+            pk.patch(model, method, **METHODS[method])
         return
     # the base's parameter objects, kept alive (a freed one's id could be reused), and their values
     before = {id(p): (n, p, p.detach().clone()) for n, p in model.named_parameters()}
@@ -442,14 +444,6 @@ def _gpt2(seed=0):
     return tiny_model("gpt2", seed).double()
 
 
-def _randomize_(model):
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
 def _peft_load(model, directory):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -464,7 +458,7 @@ def test_gpt2_peft_adapter_loads_into_peftkern_fp64(use_dora, tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
                              use_dora=use_dora, task_type="CAUSAL_LM")
     pm = peft.get_peft_model(copy.deepcopy(base), config)
-    _randomize_(pm)
+    randomize_trainable_(pm)
     pm.save_pretrained(str(tmp_path))
     pm = _peft_load(copy.deepcopy(base), tmp_path)
     ours = pk.load_adapter(copy.deepcopy(base), tmp_path).eval()
@@ -478,7 +472,7 @@ def test_gpt2_peft_adapter_loads_into_peftkern_fp64(use_dora, tmp_path):
 def test_gpt2_peftkern_adapter_loads_into_peft_fp64(use_dora, tmp_path):
     base = _gpt2()
     ours = pk.patch(copy.deepcopy(base), "dora" if use_dora else "lora", r=4, lora_alpha=8)
-    _randomize_(ours)
+    randomize_trainable_(ours)
     ours.eval()
     pk.save_adapter(ours, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -495,7 +489,7 @@ def test_gpt2_merge_keeps_conv1d_and_the_outputs_fp64(method):
     batch = tiny_batch(model)
     calibration = [batch] if pk.patching.METHODS[method].calibrated is True else None
     pk.patch(model, method, calibration_data=calibration, **({"density": 0.05} if method == "fish_mask" else {}))
-    _randomize_(model)
+    randomize_trainable_(model)
     model.eval()
     del batch["labels"]
     ref = model(**batch).logits
