@@ -159,6 +159,7 @@ def _detach(model: nn.Module, changes: Changes) -> None:
             p.requires_grad_(changes.requires_grad[name])
     for module in model.modules():
         module.__dict__.pop("peftkern_prefix", None)
+        module.__dict__.pop("peftkern_prefix_gate", None)
     for attr in _ATTRIBUTES:
         model.__dict__.pop(attr, None)
 

@@ -73,10 +73,7 @@ PEFT_METHODS = {"lora", "dora", "prompt_tuning", "p_tuning", "prefix_tuning", "p
 PEFT_REFUSES = {("distilbert", "prefix_tuning"), ("distilbert", "p_tuning_v2")}  # its forward takes no past_key_values
 DECODERS = [f for f in FAMILIES if f not in ENCODERS | ENCODER_DECODERS]
 # (family, method) -> the bug
-XFAIL: dict[tuple[str, str], str] = {
-    **{(f, "unipelt"): "UniPELT's prefix gate reads the mean of the attention input over the whole sequence: on a "
-                       "causal decoder each token sees the later ones', and with a KV cache the gate of the new "
-                       "tokens only (cached logits != the whole forward's)" for f in DECODERS}}
+XFAIL: dict[tuple[str, str], str] = {}
 
 
 def outcome(family: str, method: str) -> str:

@@ -54,19 +54,25 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         raise ValueError(f"the padding mask covers {padding.shape[-1]} keys but the layer has {key.shape[-2]}")
     prefix_k, prefix_v = prefix[0].to(query.dtype), prefix[1].to(query.dtype)
     causal = bool(getattr(module, "is_causal", False))
-    if query.shape[-2] == key.shape[-2]:
+    gate = getattr(module, "peftkern_prefix_gate", None)
+    if query.shape[-2] == key.shape[-2] and gate is None:
         out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=padding,
                                softmax_scale=scaling)
     else:
-        out = _after_cache(query, key, value, prefix_k, prefix_v, causal, padding, scaling)
+        out = _sdpa(query, key, value, prefix_k, prefix_v, causal, padding, scaling, gate)
     return out.transpose(1, 2), None
 
 
-def _after_cache(q, k, v, prefix_k, prefix_v, causal: bool, padding: Optional[torch.Tensor], scale):
-    """Queries that follow cached keys (decoding): SDPA over ``[prefix; keys]``, query i seeing every prefix key and
-    the keys up to its own position ``Sk - Sq + i``. A decoding step has a query or a few, where the fused op (made
-    for Sq = Sk training) would save nothing."""
-    B, Sq, Sk, P = q.shape[0], q.shape[-2], k.shape[-2], prefix_k.shape[-2]
+def _sdpa(q, k, v, prefix_k, prefix_v, causal: bool, padding: Optional[torch.Tensor], scale,
+          gate: Optional[torch.Tensor] = None):
+    """SDPA over ``[prefix; keys]``, query i seeing every prefix key and the keys up to its own position
+    ``Sk - Sq + i``. Decoding steps (a query or a few after cached keys) take this path, where the fused op (made for
+    Sq = Sk training) would save nothing; so do gated prefixes.
+
+    ``gate`` [B, Sq] (UniPELT) scales query i's prefix keys and values by ``gate[:, i]``: one SDPA over heads of
+    2D, queries ``[q, g q]``, keys ``[k, 0]`` / ``[0, prefix_k]``, values ``[0, v]`` / ``[prefix_v, 0]``, so a row's
+    scores are ``q . k`` and ``g q . prefix_k`` and its output ``g o[:D] + o[D:]``."""
+    B, Sq, Sk, P, D = q.shape[0], q.shape[-2], k.shape[-2], prefix_k.shape[-2], q.shape[-1]
     prefix_k = prefix_k.expand(B, *prefix_k.shape[-3:])
     prefix_v = prefix_v.expand(B, *prefix_v.shape[-3:])
     visible = torch.ones(B, 1, Sq, P + Sk, dtype=torch.bool, device=q.device)
@@ -75,8 +81,17 @@ def _after_cache(q, k, v, prefix_k, prefix_v, causal: bool, padding: Optional[to
         visible[..., P:] &= torch.arange(Sk, device=q.device) <= position
     if padding is not None:
         visible[..., P:] &= ~padding[:, None, None, :]
-    return nn.functional.scaled_dot_product_attention(q, torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2),
-                                                      attn_mask=visible, scale=scale, enable_gqa=True)
+    if gate is None:
+        return nn.functional.scaled_dot_product_attention(q, torch.cat([prefix_k, k], 2), torch.cat([prefix_v, v], 2),
+                                                          attn_mask=visible, scale=scale, enable_gqa=True)
+    g = gate.to(q.dtype)[:, None, :, None]  # [B, 1, Sq, 1]
+    keys = torch.cat([torch.cat([torch.zeros_like(prefix_k), prefix_k], -1), torch.cat([k, torch.zeros_like(k)], -1)],
+                     2)
+    values = torch.cat([torch.cat([prefix_v, torch.zeros_like(prefix_v)], -1),
+                        torch.cat([torch.zeros_like(v), v], -1)], 2)
+    out = nn.functional.scaled_dot_product_attention(torch.cat([q, g * q], -1), keys, values, attn_mask=visible,
+                                                     scale=D ** -0.5 if scale is None else scale, enable_gqa=True)
+    return g * out[..., :D] + out[..., D:]
 
 
 def register_attention() -> None:

@@ -3,8 +3,9 @@
 Per layer: the query and value projections get a gated LoRA term ``W x + b + sigmoid(x w_L + c_L) * s B A x``
 (:class:`GatedLoRALinear`; the gate is per token, so the LoRA term is computed apart from the base GEMM; where q,
 k and v are one fused projection, a rank-r LoRA on its q slice and one on its v slice, under one gate); the
-attention gets a prefix whose keys and values are scaled per example by ``sigmoid(mean_s(h) w_P + c_P)``, h the
-attention's input (prefix attention with a per-row prefix); the FFN output gets a Pfeiffer adapter
+attention gets a prefix whose keys and values are scaled, for query i, by ``sigmoid(h_i w_P + c_P)``, h the
+attention's input (per token like the other gates, so causal: with a KV cache a new token's gate is the one it had in
+the whole forward; one SDPA over doubled heads, ``prefix_tuning._sdpa``); the FFN output gets a Pfeiffer adapter
 ``h + sigmoid(h w_A + c_A) * f(h)`` on the fused adapter kernel. Everything else is frozen.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from ..nn.lora import LoRALinear
 from .adapters import add_adapters
 from .sites import Layer
-from .prefix_tuning import PrefixTuning, add_prefix
+from .prefix_tuning import add_prefix
 
 
 class GatedLoRALinear(LoRALinear):
@@ -76,12 +77,10 @@ def qv_targets(layers: Sequence[Layer]) -> dict[str, Optional[list[torch.Tensor]
     return {name: None if rows == [None] else rows for name, rows in parts.items()}
 
 
-def _gated_prefix_hook(prefix: PrefixTuning, gate: nn.Linear, i: int, module: nn.Module, args, kwargs):
-    """Before attention module ``i`` runs: its prefix, scaled per example by the gate of its input."""
+def _gated_prefix_hook(gate: nn.Linear, module: nn.Module, args, kwargs):
+    """Before the attention module runs: the gate of each of its queries, from that token's input alone."""
     h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    kv = prefix.layer_prefixes()
-    g = torch.sigmoid(gate(h.to(gate.weight.dtype).mean(1)))[:, :, None, None]  # [B, 1, 1, 1]
-    module.peftkern_prefix = (kv[2 * i][None] * g, kv[2 * i + 1][None] * g)
+    module.peftkern_prefix_gate = torch.sigmoid(gate(h.to(gate.weight.dtype)))[..., 0]  # [B, S]
 
 
 def unipelt(model: nn.Module, *, lora_targets: LoRATargets, r: int = 8, lora_alpha: float = 16,
@@ -102,6 +101,6 @@ def unipelt(model: nn.Module, *, lora_targets: LoRATargets, r: int = 8, lora_alp
     d = model.config.hidden_size
     ref = prefix.embedding.weight
     prefix.gates = nn.ModuleList(nn.Linear(d, 1, device=ref.device, dtype=ref.dtype) for _ in prefix.layers)
-    for i, (layer, gate) in enumerate(zip(prefix.layers, prefix.gates)):
-        layer.register_forward_pre_hook(functools.partial(_gated_prefix_hook, prefix, gate, i), with_kwargs=True)
+    for layer, gate in zip(prefix.layers, prefix.gates):
+        layer.register_forward_pre_hook(functools.partial(_gated_prefix_hook, gate), with_kwargs=True)
     return model
