@@ -25,7 +25,7 @@ demo: venv
 	$(PY) -m peftkern.cli demo
 
 bench: venv
-	$(PY) benchmarks/bench_lora.py
+	$(PY) -m peftkern.cli bench lora
 
 # every Triton kernel compiled ahead of time for sm_80 and sm_90; fails on a compile error or a register spill
 kernels: venv

@@ -12,7 +12,7 @@ each step in its own process and within its share of a time budget (default 450 
 3. ``peftkern bench <family> --quick`` for every family, one process each (a failing family leaves the others' rows);
 
 and writes the device, versions, commit, the test summary, the kernels table and the benchmark results to one JSON
-file. It needs the source tree (tests/ and benchmarks/ are not installed). Without CUDA it says so and exits 2:
+file. It needs the source tree (tests/ are not installed). Without CUDA it says so and exits 2:
 nothing it runs would tell anything about a GPU there.
 """
 from __future__ import annotations
@@ -30,7 +30,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional
 
-from .cli import _REPO, BENCHMARKS
+from .cli import BENCHMARKS
+
+_REPO = Path(__file__).resolve().parent.parent  # the source checkout: tests/ are not installed
 
 GPU_TESTS = ("tests/ops", "tests/nn", "tests/test_native.py", "tests/test_backend.py",
              "tests/integrations/test_autocast_models.py", "tests/integrations/test_peft_fuse_4bit.py")
@@ -50,7 +52,7 @@ def no_cuda_reason() -> Optional[str]:
         return (f"no CUDA device here (torch {torch.__version__}, {built}, sees none); gpu-check runs the GPU "
                 f"tests, `peftkern kernels` and `peftkern bench all --quick` on a CUDA machine, and has nothing to "
                 f"check on this one")
-    missing = [p for p in (*GPU_TESTS, "benchmarks") if not (_REPO / p).exists()]
+    missing = [p for p in GPU_TESTS if not (_REPO / p).exists()]
     if missing:
         return f"needs the source tree (git checkout, pip install -e .): {', '.join(missing)} not found in {_REPO}"
     return None
@@ -113,9 +115,7 @@ def _read_json(path: Path):
 
 
 def _git_commit() -> Optional[str]:
-    if str(_REPO) not in sys.path:
-        sys.path.insert(0, str(_REPO))
-    from benchmarks.common import git_commit
+    from .benchmarks.common import git_commit
 
     return git_commit()
 

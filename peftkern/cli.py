@@ -22,7 +22,6 @@ from typing import Optional
 
 BENCHMARKS = {"lora": "bench_lora", "nf4": "bench_nf4", "prefix": "bench_prefix", "sparse": "bench_sparse",
               "adapter": "bench_adapter", "methods": "bench_methods", "overhead": "bench_overhead"}
-_REPO = Path(__file__).resolve().parent.parent
 
 
 def _version(dist: str) -> Optional[str]:
@@ -123,14 +122,9 @@ def cmd_info(args) -> int:
 
 
 def _load_benchmark(name: str):
-    """The benchmark module from the source tree's benchmarks/ folder (benchmarks are not installed)."""
-    path = _REPO / "benchmarks" / f"{BENCHMARKS[name]}.py"
-    if not path.exists():
-        raise SystemExit(f"peftkern bench: {path} not found; the benchmarks live in the source tree "
-                         f"(git checkout, pip install -e .)")
-    if str(_REPO) not in sys.path:
-        sys.path.insert(0, str(_REPO))
-    return importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
+    """The benchmark module of a family: :mod:`peftkern.benchmarks` ships with the package, so an installed wheel
+    runs them as a checkout does."""
+    return importlib.import_module(f"peftkern.benchmarks.{BENCHMARKS[name]}")
 
 
 def _per_family(path: Optional[str], family: str) -> Optional[str]:
@@ -149,7 +143,13 @@ def cmd_bench(args) -> int:
         run_args = argparse.Namespace(**vars(args))
         if len(families) > 1:  # one JSON / plot per family beside the names given
             run_args.json, run_args.plot = (_per_family(path, family) for path in (args.json, args.plot))
-        _load_benchmark(family).run_from_args(run_args)
+        try:
+            _load_benchmark(family).run_from_args(run_args)
+        except ModuleNotFoundError as e:  # a peer that is not installed: say which, not a traceback
+            if e.name is None or e.name.split(".")[0] == "peftkern":
+                raise
+            dist = e.name.split(".")[0].replace("_", "-")
+            raise SystemExit(f"peftkern bench {family}: needs {dist}, which is not installed (pip install {dist})")
     return 0
 
 
@@ -180,11 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("bench", help="benchmarks against the peers (benchmarks/)")
+    p = sub.add_parser("bench", help="benchmarks against the peers (peftkern/benchmarks/)")
     p.add_argument("which", nargs="?", default="lora", choices=sorted(BENCHMARKS) + ["all"])
     p.add_argument("--quick", action="store_true", help="small shapes, few repetitions")
-    p.add_argument("--json", metavar="FILE", default=None, help="JSON output (default: benchmarks/results/), "
-                                                               "a CSV beside it")
+    p.add_argument("--json", metavar="FILE", default=None, help="JSON output, a CSV beside it (default: "
+                   "benchmarks/results/ of the source checkout, else of the current directory)")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="a bar chart of the ratios (matplotlib)")
     p.add_argument("--reps", type=int, default=None, help="interleaved repetitions per config (minimum)")
     p.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16+fp32A", "bf16"])

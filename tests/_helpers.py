@@ -118,23 +118,6 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
 
 
-@contextlib.contextmanager
-def saved_bytes(exclude=(), counter=None):
-    """Count unique storages autograd saves for backward, excluding the tensors in ``exclude`` (parameters)."""
-    counter = {} if counter is None else counter
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def pack(t):
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
-        if ptr not in skip and ptr != 0:
-            counter[ptr] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield counter
-
-
 def shape_id(**dims) -> str:
     return "-".join(f"{k}{v}" for k, v in dims.items())
 

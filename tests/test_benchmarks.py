@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import json
 
-from benchmarks import common
+from peftkern.benchmarks import common
 
 
 def test_roofline_and_results_files(tmp_path):
@@ -22,7 +22,7 @@ def test_roofline_and_results_files(tmp_path):
 def test_adapter_benchmark_runs_and_reports_what_it_measures(tmp_path, monkeypatch):
     """bench_adapter end to end on small shapes: a ratio per row, fewer saved bytes than the eager adapter, and
     AdapterDrop's step time; the JSON holds both tables."""
-    from benchmarks import bench_adapter
+    from peftkern.benchmarks import bench_adapter
 
     monkeypatch.setattr(bench_adapter, "QUICK", [(256, 64, 8)])
     res = bench_adapter.run(quick=True, reps=2, json_path=str(tmp_path / "a.json"), log=lambda s: None)
@@ -37,7 +37,7 @@ def test_adapter_benchmark_runs_and_reports_what_it_measures(tmp_path, monkeypat
 def test_overhead_benchmark_runs_every_family(tmp_path):
     """bench_overhead end to end at the smallest sizes: a row per target of issue 15 for each family (LoRA's decode
     call also against nn.Linear, its model step and decoding against PEFT), each with its ratio and per-call times."""
-    from benchmarks import bench_overhead
+    from peftkern.benchmarks import bench_overhead
 
     res = bench_overhead.run(quick=True, reps=2, seconds=5e-4, json_path=str(tmp_path / "o.json"), log=lambda s: None)
     rows = {(r["family"], r["what"], r["peer"]): r for r in res["rows"]}

@@ -5,6 +5,7 @@ fp32 copy of x when fp32 adapters sit over a bf16 base. Every bound compares two
 hard-coded, so a regression (a saved mask, a dropped copy, an upcast x) fails.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -12,7 +13,9 @@ import torch.nn as nn
 import peft
 
 import peftkern as pk
-from tests._helpers import backends, saved_bytes
+from peftkern import peers
+from peftkern.measure import SavedBytes, saved_bytes_of_forward
+from tests._helpers import backends
 
 DTYPES = {"fp32": (torch.float32, True), "bf16+fp32A": (torch.bfloat16, True), "bf16": (torch.bfloat16, False)}
 NAMES = ("query", "key", "value")
@@ -70,11 +73,11 @@ def _x(n_tok, in_f, dtype, leading=()):
 def _measure(module, x, *, include_x=True):
     """Unique bytes saved by one forward of ``module`` on ``x``; parameters excluded, and x too unless include_x."""
     exclude = list(module.parameters()) + ([] if include_x else [x])
-    with saved_bytes(exclude=exclude) as c:
+    with SavedBytes(exclude=exclude) as c:
         out = module(x)
     # the forward really builds a graph that reaches x (else nothing would be saved and every bound is vacuous)
     assert all(o.requires_grad for o in out)
-    return sum(c.values())
+    return c.total
 
 
 def _backward_ok(module, x):
@@ -124,17 +127,12 @@ def test_not_above_peft_without_dropout(backend, dtype, n_proj):
     assert added_ours <= _measure(pm, x, include_x=False)
 
 
-def _saved_tensors(module, x):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+def _input_sized(module, x):
+    """(storage pointer, shape, dtype) of each storage saved by a forward of ``module`` that holds a tensor with
+    at least x's number of elements; parameters excluded."""
+    with SavedBytes(exclude=module.parameters()) as saved:
         module(x)
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    return [t for t in saved if t.untyped_storage().data_ptr() not in params]
+    return [(ptr, shape, dtype) for ptr, (_, shape, dtype) in saved.storages.items() if math.prod(shape) >= x.numel()]
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -146,15 +144,12 @@ def test_no_input_sized_tensor_saved_besides_x(backend, dtype, p):
     x = _x(32, 64, dtype, leading=(3,))
     x_ptr = x.untyped_storage().data_ptr()
     with pk.use_backend(backend):
-        saved = _saved_tensors(ours, x)
-    big = [t for t in saved if t.numel() >= x.numel()]
+        big = _input_sized(ours, x)
     assert big, "x itself must be saved (dA needs it)"
-    assert all(t.untyped_storage().data_ptr() == x_ptr for t in big), \
-        [(tuple(t.shape), t.dtype) for t in big if t.untyped_storage().data_ptr() != x_ptr]
+    assert all(ptr == x_ptr for ptr, _, _ in big), [(shape, dtype) for ptr, shape, dtype in big if ptr != x_ptr]
     # the same check catches PEFT's copies whenever it makes one (the check can fail)
-    peft_big = [t for t in _saved_tensors(pm, x) if t.numel() >= x.numel()]
     if p > 0 or DTYPES[dtype][0] != torch.float32 and DTYPES[dtype][1]:
-        assert any(t.untyped_storage().data_ptr() != x_ptr for t in peft_big)
+        assert any(ptr != x_ptr for ptr, _, _ in _input_sized(pm, x))
 
 
 # ------------------------------------------------------------------------------------------- the real model
@@ -165,15 +160,6 @@ def minilm_batch():
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _model_saved(model, batch):
-    model.train()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        with saved_bytes(exclude=list(model.parameters())) as c:
-            model(**batch)
-    return sum(c.values())
-
-
 @pytest.mark.parametrize("p", [0.1, 0.0])
 def test_minilm_whole_model_vs_peft(minilm_batch, p):
     """all-MiniLM-L6-v2, LoRA on its 36 projections (x shared by query/key/value), one training forward.
@@ -182,14 +168,12 @@ def test_minilm_whole_model_vs_peft(minilm_batch, p):
     removes; the floor measures them (training the 36 projection weights instead keeps each one's input and
     nothing else). What the LoRA layers add on top of that floor: ours at most half of PEFT's with dropout.
     """
-    from peftkern import demo
-
-    ours = demo.load_classifier(seed=0)
-    names = demo.apply_lora(ours, r=8, lora_alpha=16, lora_dropout=p)
+    ours = peers.load_classifier(seed=0)
+    names = peers.apply_lora(ours, r=8, lora_alpha=16, lora_dropout=p)
     assert len(names) == 36
-    peft_model = demo.apply_peft(demo.load_classifier(seed=0), r=8, lora_alpha=16, lora_dropout=p)
-    floor_model = demo.projections_trainable(demo.load_classifier(seed=0))
-    b_ours, b_peft, b_floor = (_model_saved(m, minilm_batch) for m in (ours, peft_model, floor_model))
+    peft_model = peers.apply_peft(peers.load_classifier(seed=0), r=8, lora_alpha=16, lora_dropout=p)
+    floor_model = peers.projections_trainable(peers.load_classifier(seed=0))
+    b_ours, b_peft, b_floor = (saved_bytes_of_forward(m, minilm_batch).total for m in (ours, peft_model, floor_model))
     assert b_floor <= b_ours  # LoRA keeps at least what training the weights keeps (x of each projection)
     assert b_ours <= b_peft, (b_ours, b_peft)
     if p > 0:

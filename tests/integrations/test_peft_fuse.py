@@ -9,7 +9,7 @@ import peft
 import transformers
 
 import peftkern as pk
-from peftkern.demo import bnb_linear4bit, peft_on_layer
+from peftkern.peers import bnb_linear4bit, peft_on_layer
 
 
 def _llama():

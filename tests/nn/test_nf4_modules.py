@@ -8,7 +8,7 @@ from torch import nn
 import bitsandbytes as bnb
 
 import peftkern as pk
-from peftkern.demo import bnb_linear4bit, peft_on_layer
+from peftkern.peers import bnb_linear4bit, peft_on_layer
 from peftkern.ops.lora.reference import lora_linear_reference
 from tests._helpers import DEVICE, max_err
 

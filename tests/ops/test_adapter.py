@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import peftkern as pk
+from peftkern.measure import SavedBytes
 from peftkern.ops.adapter import torch_impl
 from peftkern.ops.adapter.reference import ACTIVATIONS, bottleneck_adapter_reference
-from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, poison_, saved_bytes, shape_id
+from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, poison_, shape_id
 
 ACTS = sorted(ACTIVATIONS)
 SHAPES = [(1, 8, 1), (37, 24, 5), (64, 48, 20), (29, 40, 33)]  # N, D, M
@@ -114,12 +115,12 @@ def test_keeps_only_z_beside_h(act):
     N, D, M = 256, 64, 16
     h, wd, bd, wu, bu = _params(N, D, M, torch.float32)
     weights = [wd, bd, wu, bu]
-    with saved_bytes(exclude=[h, *weights]) as ours:
+    with SavedBytes(exclude=[h, *weights]) as ours:
         pk.bottleneck_adapter(h, wd, bd, wu, bu, act)
-    with saved_bytes(exclude=[h, *weights]) as eager:
+    with SavedBytes(exclude=[h, *weights]) as eager:
         bottleneck_adapter_reference(h, wd, bd, wu, bu, act)
-    assert sum(ours.values()) == N * M * 4
-    assert sum(eager.values()) >= 2 * N * M * 4
+    assert ours.total == N * M * 4
+    assert eager.total >= 2 * N * M * 4
 
 
 def test_torch_compile_fullgraph():

@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftkern as pk
 from peftkern import _validate as V
+from peftkern.measure import SavedBytes
 from peftkern.ops import custom_op
 from peftkern.ops.adapter import function as adapter_fn
 from peftkern.ops.lora import function as lora_fn
@@ -14,7 +15,7 @@ from peftkern.ops.nf4 import function as nf4_fn
 from peftkern.ops.prefix_attention import function as prefix_fn
 from peftkern.ops.sparse import function as sparse_fn
 
-from .._helpers import DEVICE, saved_bytes
+from .._helpers import DEVICE
 from .test_backward_backend import CASES
 
 DEVICE_TYPE = torch.device(DEVICE).type
@@ -28,10 +29,10 @@ def _run(case: str, autocast: bool):
     torch.manual_seed(0)
     leaves, forward = CASES[case]()
     torch.manual_seed(1)
-    with torch.autocast(DEVICE_TYPE, dtype=torch.bfloat16, enabled=autocast), saved_bytes(leaves) as saved:
+    with torch.autocast(DEVICE_TYPE, dtype=torch.bfloat16, enabled=autocast), SavedBytes(leaves) as saved:
         y = forward()
     grads = torch.autograd.grad(y.float().square().sum(), leaves)
-    return y, grads, sum(saved.values())
+    return y, grads, saved.total
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])

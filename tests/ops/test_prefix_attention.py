@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 import peftkern as pk
 from peftkern.backend import registered
+from peftkern.measure import SavedBytes
 from peftkern.ops.prefix_attention import torch_impl
 from peftkern.ops.prefix_attention.reference import prefix_attention_reference
-from tests._helpers import (DEVICE, assert_close, assert_within_eager, backends, saved_bytes, shape_id,
-                            torch_variant_or_backend)
+from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, shape_id, torch_variant_or_backend
 
 # the torch backend runs PyTorch's CPU flash kernel on a CPU; "torch-chunked" switches it off
 BACKENDS = [b for b in backends() if getattr(b, "values", (b,))[0] in registered("prefix_attention_forward")]
@@ -128,10 +128,10 @@ def test_saved_for_backward_is_linear_in_s(backend, use):
     B, H, S, P, D = 1, 2, 1024, 64, 32
     c = _case(B, H, H, S, P, D)
     leaves = [c[n].requires_grad_() for n in ("q", "k", "v", "pk", "pv")]
-    with saved_bytes(exclude=leaves) as saved:
+    with SavedBytes(exclude=leaves) as saved:
         o = pk.prefix_attention(*leaves)
-    assert max(saved.values()) < B * H * S * (P + S) * 4 // 8
-    assert sum(saved.values()) <= 2 * B * H * S * D * 4  # o and lse
+    assert max(saved.sizes) < B * H * S * (P + S) * 4 // 8
+    assert saved.total <= 2 * B * H * S * D * 4  # o and lse
     o.sum().backward()
 
 

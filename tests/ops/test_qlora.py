@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import peftkern as pk
+from peftkern.measure import SavedBytes
 from peftkern.ops.lora.reference import lora_linear_reference
-from tests._helpers import DEVICE, assert_close, backends, saved_bytes, shape_id
+from tests._helpers import DEVICE, assert_close, backends, shape_id
 
 SCALING = 0.75
 SHAPES = [(1, 37, 29, 1), (37, 130, 29, 4), (2 * 9, 64, 96, 16)]  # (N, in, out, r)
@@ -120,13 +121,13 @@ def test_qlora_keeps_no_dequantized_weight_for_backward():
     c = _case(N, I, O, R, torch.bfloat16)
     x = c["x"].requires_grad_()
     params = [c["A"].requires_grad_(), c["B"].requires_grad_()]
-    with saved_bytes(exclude=params) as saved:
+    with SavedBytes(exclude=params) as saved:
         y = pk.qlora_linear(x, c["q"], None, *params, SCALING, dropout_p=0.1, training=True)
     dense = O * I * 2
-    assert max(saved.values()) < dense, "a dequantized weight was saved for backward"
+    assert max(saved.sizes) < dense, "a dequantized weight was saved for backward"
     # x, h [N, r] fp32, the seed, and the 4-bit state (packed codes, decoded absmax, code table)
     packed = c["q"].packed.numel()
-    assert sum(saved.values()) <= N * I * 2 + N * R * 4 + 8 + packed + c["q"].block_absmax().numel() * 4 + 64
+    assert saved.total <= N * I * 2 + N * R * 4 + 8 + packed + c["q"].block_absmax().numel() * 4 + 64
     y.float().sum().backward()
 
 

@@ -7,9 +7,9 @@ import torch
 
 import peftkern as pk
 from peftkern.backend import registered, run
+from peftkern.measure import SavedBytes
 from peftkern.ops.sparse.reference import masked_weight_grad_reference, sparse_diff_linear_reference
-from tests._helpers import (DEVICE, assert_close, backends, no_host_syncs, on_device, poison_, saved_bytes,
-                            shape_id)
+from tests._helpers import DEVICE, assert_close, backends, no_host_syncs, on_device, poison_, shape_id
 
 BACKENDS = [b for b in backends() if getattr(b, "values", (b,))[0] in registered("sparse_diff_forward")]
 SHAPES = [(1, 37, 29), (37, 130, 29), (2 * 33, 64, 96)]  # (N, in, out)
@@ -103,9 +103,9 @@ def test_keeps_nothing_weight_sized_for_backward(backend):
     O, I, N = 512, 384, 16
     c = _case(N, I, O, 0.001)
     x, v = c["x"].requires_grad_(), c["values"].requires_grad_()
-    with pk.use_backend(backend), saved_bytes(exclude=[c["weight"], v]) as saved:
+    with pk.use_backend(backend), SavedBytes(exclude=[c["weight"], v]) as saved:
         y = pk.sparse_diff_linear(x, c["weight"], None, c["indices"], v)
-    assert max(saved.values()) < O * I * 4 // 4  # x and the indices only
+    assert max(saved.sizes) < O * I * 4 // 4  # x and the indices only
     y.sum().backward()
 
 

@@ -1,6 +1,6 @@
 """Sparse diff updates vs the dense masked-gradient approach, side by side in one process: ratios first.
 
-    python benchmarks/bench_sparse.py [--quick] [--json FILE]        (or: peftkern bench sparse [--quick])
+    python -m peftkern.benchmarks.bench_sparse [--quick] [--json FILE]        (or: peftkern bench sparse [--quick])
 
 The peer is what public Diff Pruning / FISH Mask code does: the whole weight trains, its gradient (a dense
 [out, in] dW) is multiplied by a 0/1 mask in a hook. Ours: ``SparseDiffLinear`` (values at the indices, an SDDMM
@@ -9,19 +9,14 @@ trainable state (parameters + AdamW moments) each keeps.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import peftkern as pk  # noqa: E402
-from benchmarks.common import (add_roofline, fmt_bytes, format_table, interleaved_times,  # noqa: E402
-                               paired_ratio, run_context, standard_cli, summarize, write_results)
+import peftkern as pk
+from peftkern.benchmarks.common import add_roofline, format_table, run_context, standard_cli, write_results
+from peftkern.measure import fmt_bytes, interleaved_times, paired_ratio, summarize
 
 DENSITIES = (0.001, 0.01, 0.1)
 

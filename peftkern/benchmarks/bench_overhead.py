@@ -1,6 +1,6 @@
 """Per-call overhead: every family at its smallest shapes against its peer, side by side in one process: ratios.
 
-    python benchmarks/bench_overhead.py [--quick] [--json FILE]        (or: peftkern bench overhead [--quick])
+    python -m peftkern.benchmarks.bench_overhead [--quick] [--json FILE]        (or: peftkern bench overhead [--quick])
 
 At decode and small-layer sizes a call is mostly Python and dispatch, not arithmetic: what a layer costs before its
 matmuls decides a decoding model's tokens per second (7 adapted projections x 32 layers a token). Each row is the
@@ -27,25 +27,20 @@ plain ``nn.Linear``).
 from __future__ import annotations
 
 import copy
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import Callable, Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import peftkern as pk  # noqa: E402
-from benchmarks.bench_adapter import Unfused  # noqa: E402
-from benchmarks.bench_prefix import sdpa_concat  # noqa: E402
-from benchmarks.common import (add_standard_arguments, format_table, interleaved_times,  # noqa: E402
-                               paired_ratio, run_context, summarize, write_results)
-from peftkern.demo import bnb_linear4bit, peft_on_layer  # noqa: E402
+import peftkern as pk
+from peftkern.benchmarks.bench_adapter import Unfused
+from peftkern.benchmarks.bench_prefix import sdpa_concat
+from peftkern.benchmarks.common import add_standard_arguments, format_table, run_context, write_results
+from peftkern.measure import interleaved_times, paired_ratio, summarize
+from peftkern.peers import bnb_linear4bit, peft_on_layer
 
 FAMILIES = ("lora", "qlora", "dora", "adapter", "prefix", "sparse")
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -1,7 +1,7 @@
 """The fused bottleneck adapter vs an unfused eager adapter (nn.Linear -> activation -> nn.Linear + residual), and
 AdapterDrop's speed-up on a whole model, side by side in one process: ratios first.
 
-    python benchmarks/bench_adapter.py [--quick] [--json FILE]        (or: peftkern bench adapter [--quick])
+    python -m peftkern.benchmarks.bench_adapter [--quick] [--json FILE]        (or: peftkern bench adapter [--quick])
 
 A layer step is forward + backward (dh and every adapter gradient). Saved bytes: unique storages autograd keeps
 for backward, h and the weights excluded. AdapterDrop: a training step (forward, loss, backward) of a BERT-style
@@ -10,20 +10,14 @@ the same batch.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import peftkern as pk  # noqa: E402
-from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes, format_table,  # noqa: E402
-                               interleaved_times, paired_ratio, run_context, standard_cli, summarize,
-                               write_results)
+import peftkern as pk
+from peftkern.benchmarks.common import add_roofline, format_table, run_context, standard_cli, write_results
+from peftkern.measure import SavedBytes, fmt_bytes, interleaved_times, paired_ratio, summarize
 
 FULL = [(4096, 768, 48), (4096, 1024, 64), (16384, 768, 48)]  # (tokens, hidden, bottleneck)
 QUICK = [(2048, 768, 48), (4096, 1024, 64)]

@@ -1,6 +1,6 @@
 """Prefix attention vs SDPA on concatenated keys (what users do today), side by side in one process: ratios first.
 
-    python benchmarks/bench_prefix.py [--quick] [--json FILE]        (or: peftkern bench prefix [--quick])
+    python -m peftkern.benchmarks.bench_prefix [--quick] [--json FILE]        (or: peftkern bench prefix [--quick])
 
 A step is forward + backward (dq, dk, dv and the prefix gradients) of causal attention with a shared prefix, GQA
 (8 query heads over 2 key/value heads) and a padded batch row. The peer concatenates the prefix before the keys
@@ -10,20 +10,14 @@ keeps for backward, the inputs excluded.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import peftkern as pk  # noqa: E402
-from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes, format_table,  # noqa: E402
-                               interleaved_times, paired_ratio, run_context, standard_cli, summarize,
-                               write_results)
+import peftkern as pk
+from peftkern.benchmarks.common import add_roofline, format_table, run_context, standard_cli, write_results
+from peftkern.measure import SavedBytes, fmt_bytes, interleaved_times, paired_ratio, summarize
 
 FULL = [(4, 512, 32, 64), (2, 1024, 64, 64), (1, 2048, 128, 128)]  # (B, S, P, D)
 QUICK = [(2, 256, 32, 64), (1, 1024, 64, 64)]

@@ -1,6 +1,6 @@
 """NF4 and QLoRA vs bitsandbytes and PEFT + bitsandbytes, side by side in one process: ratios first.
 
-    python benchmarks/bench_nf4.py [--quick] [--json FILE]        (or: peftkern bench nf4 [--quick])
+    python -m peftkern.benchmarks.bench_nf4 [--quick] [--json FILE]        (or: peftkern bench nf4 [--quick])
 
 * quantize (double quant, blocksize 64) and dequantize of a bf16 weight: ``pk.nf4`` vs bitsandbytes' functional
   API on the same device (on a CPU: bitsandbytes' CPU kernels; shapes whose rows are whole blocks, where its CPU
@@ -13,21 +13,15 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
-from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import peftkern as pk  # noqa: E402
-from peftkern.demo import bnb_linear4bit, peft_on_layer  # noqa: E402
-from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes, format_table,  # noqa: E402
-                               interleaved_times, paired_ratio, run_context, standard_cli, summarize,
-                               write_results)
+import peftkern as pk
+from peftkern.benchmarks.common import add_roofline, format_table, run_context, standard_cli, write_results
+from peftkern.measure import SavedBytes, fmt_bytes, interleaved_times, paired_ratio, summarize
+from peftkern.peers import bnb_linear4bit, peft_on_layer
 
 FULL_SHAPES = [(1024, 1024), (4096, 4096)]
 QUICK_SHAPES = [(1024, 1024), (2048, 2048)]

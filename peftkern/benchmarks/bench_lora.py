@@ -1,6 +1,6 @@
 """LoRALinear vs PEFT's LoRA layer, side by side in one process: fwd+bwd time and bytes saved for backward.
 
-    python benchmarks/bench_lora.py [--quick] [--json FILE]        (or: peftkern bench lora [--quick])
+    python -m peftkern.benchmarks.bench_lora [--quick] [--json FILE]        (or: peftkern bench lora [--quick])
 
 Both layers wrap the same frozen ``nn.Linear`` and hold the same adapter (PEFT via ``peft.get_peft_model`` on a
 module holding the linear; ours ``LoRALinear.from_linear``). A step is forward + backward of one layer with
@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from benchmarks.common import (SavedBytes, add_roofline, fmt_bytes, format_table, interleaved_times,  # noqa: E402
-                               machine_info, paired_ratio, steady_malloc, storages_desc, summarize, write_results)
+from peftkern import peers
+from peftkern.benchmarks.common import add_roofline, format_table, machine_info, steady_malloc, write_results
+from peftkern.measure import (SavedBytes, compare_step_time, describe_storages, fmt_bytes, interleaved_times,
+                              paired_ratio, summarize)
 
 DTYPES = {  # name: (base dtype, adapters in fp32?)
     "fp32": (torch.float32, True),
@@ -134,7 +131,7 @@ def layer_memory(pm, ours, pp, op, x) -> dict:
         with SavedBytes(exclude=frozen + list(ps) + [x]) as added:
             y_add = m(x)
         del y_all, y_add
-        out[name] = {"all": all_.total, "added": added.total, "saved": storages_desc(all_.storages.values())}
+        out[name] = {"all": all_.total, "added": added.total, "saved": describe_storages(all_.storages.values())}
     return out
 
 
@@ -177,47 +174,27 @@ def qkv_memory(n_tok: int, d: int, r: int, dropout: float, dtype: str, device: s
 
 def model_memory(batch: int, seq: int, r: int, dropout: float, seed: int = 0) -> dict:
     """all-MiniLM-L6-v2, one training forward: LoRALinear vs PEFT on the same 36 projections vs full fine-tune."""
-    from peftkern import demo
-
     torch.manual_seed(seed)
     ids = torch.randint(1000, 20000, (batch, seq))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    ours = demo.load_classifier(seed=seed)
-    demo.apply_lora(ours, r=r, lora_alpha=2 * r, lora_dropout=dropout)
-    peft_model = demo.apply_peft(demo.load_classifier(seed=seed), r=r, lora_alpha=2 * r, lora_dropout=dropout)
-    floor = demo.projections_trainable(demo.load_classifier(seed=seed))
-    res = {"batch": batch, "seq": seq, "r": r, "dropout": dropout}
-    for name, m in (("ours", ours), ("peft", peft_model), ("floor", floor)):
-        sb = demo.saved_bytes_of_forward(m, inputs, seed)
-        res[name] = sb.total
-    res["ratio"] = res["ours"] / res["peft"]
-    res["lora_ours"] = res["ours"] - res["floor"]
-    res["lora_peft"] = res["peft"] - res["floor"]
-    return res
+    mem = peers.compare_saved_bytes({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, r=r,
+                                    lora_alpha=2 * r, lora_dropout=dropout, seed=seed)
+    return {"batch": batch, "seq": seq, "r": r, "dropout": dropout, "ours": mem["ours_bytes"],
+            "peft": mem["peft_bytes"], "floor": mem["floor_bytes"], "ratio": mem["ratio"],
+            "lora_ours": mem["lora_ours_bytes"], "lora_peft": mem["lora_peft_bytes"]}
 
 
 def model_step_time(batch: int, seq: int, r: int, dropout: float, reps: int, seed: int = 0) -> dict:
     """fwd+bwd of the whole MiniLM classifier, LoRALinear vs PEFT, interleaved."""
-    from peftkern import demo
-
     torch.manual_seed(seed)
     ids = torch.randint(1000, 20000, (batch, seq))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 2, (batch,))}
-    ours = demo.load_classifier(seed=seed)
-    demo.apply_lora(ours, r=r, lora_alpha=2 * r, lora_dropout=dropout)
-    pm = demo.apply_peft(demo.load_classifier(seed=seed), r=r, lora_alpha=2 * r, lora_dropout=dropout)
-    demo.copy_lora_to_peft(ours, pm)
-
-    def step(m):
-        m.train()
-        m.zero_grad(set_to_none=True)
-        m(**inputs).loss.backward()
-
-    t = interleaved_times({"ours": lambda: step(ours), "peft": lambda: step(pm)}, reps=reps)
-    so, sp = summarize(t["ours"]), summarize(t["peft"])
-    return {"batch": batch, "seq": seq, "r": r, "dropout": dropout, "ratio": so["median_ms"] / sp["median_ms"],
-            "ratio_paired": paired_ratio(t["ours"], t["peft"]), "ours_ms": so["median_ms"],
-            "peft_ms": sp["median_ms"]}
+    ours = peers.load_classifier(seed=seed)
+    peers.apply_lora(ours, r=r, lora_alpha=2 * r, lora_dropout=dropout)
+    pm = peers.apply_peft(peers.load_classifier(seed=seed), r=r, lora_alpha=2 * r, lora_dropout=dropout)
+    peers.copy_lora_to_peft(ours, pm)
+    st = compare_step_time(ours, pm, inputs, reps)
+    return {"batch": batch, "seq": seq, "r": r, "dropout": dropout, "ratio": st["ratio"],
+            "ratio_paired": st["ratio_paired"], "ours_ms": st["ours_ms"], "peft_ms": st["peft_ms"]}
 
 
 COLUMNS = [("shape", "tokens x in x out"), ("dtype", "dtype"), ("dropout", "p"), ("ratio", "ours/PEFT"),

@@ -1,9 +1,8 @@
-"""Shared benchmark utilities: interleaved timing, saved-for-backward bytes, run metadata, tables and JSON.
+"""Shared benchmark utilities: the run's allocator, metadata, results (JSON, CSV, plot) and command-line options.
 
-Timing rules (DESIGN.md section 6): the implementations being compared run side by side in one process, their
-repetitions interleaved (A B B A A B ...) so that a change of machine load hits both alike; we report the
-median wall clock of each and their ratio. On a CUDA device ``triton.testing.do_bench`` times each repetition
-(median of its own inner runs, CUDA events, L2 flushed) and the repetitions are interleaved the same way.
+What is measured and how (interleaved timing, bytes saved for backward) is :mod:`peftkern.measure`, shared with the
+demo and the tests. Results go to ``benchmarks/results/`` of the source checkout when the package runs from one,
+else of the current directory.
 """
 from __future__ import annotations
 
@@ -12,88 +11,21 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import subprocess
-import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 
 from peftkern._console import format_table  # noqa: F401  (the tables of the peftkern command)
-from peftkern.demo import SavedBytes, fmt_bytes  # noqa: F401  (one implementation of the saved-bytes counter)
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-
-
-# --------------------------------------------------------------------------------------------------- timing
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+_ROOT = Path(__file__).resolve().parent.parent.parent
+CHECKOUT: Optional[Path] = _ROOT if (_ROOT / "pyproject.toml").is_file() and (_ROOT / "peftkern").is_dir() else None
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2,
-                      device: str = "cpu", min_time_s: float = 0.0,
-                      cpu_times: Optional[dict[str, list[float]]] = None) -> dict[str, list[float]]:
-    """Seconds per call of each fn, ``reps`` samples each, the calls interleaved (the order alternates each round).
-
-    CPU: wall clock (``time.perf_counter``) around one call; if ``cpu_times`` is given it also receives the
-    process CPU time of each call (``time.process_time``: all threads, time spent preempted by other processes
-    not counted; OpenMP spin-waits are). CUDA: ``triton.testing.do_bench`` (median of its own repetitions, ms)
-    per sample when triton is importable, else CUDA events. ``min_time_s`` adds rounds until every fn has been
-    timed for at least that long in total (more samples for fast configs).
-    """
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    _sync(device)
-    bench = _do_bench() if device == "cuda" else None
-    out: dict[str, list[float]] = {n: [] for n in names}
-    if cpu_times is not None:
-        cpu_times.update({n: [] for n in names})
-    r = 0
-    while r < reps or (min_time_s and min(sum(v) for v in out.values()) < min_time_s and r < 50 * reps):
-        order = names if r % 2 == 0 else names[::-1]
-        for n in order:
-            if bench is not None:
-                out[n].append(bench(fns[n]) * 1e-3)
-            elif device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fns[n]()
-                end.record()
-                torch.cuda.synchronize()
-                out[n].append(start.elapsed_time(end) * 1e-3)
-            else:
-                c0, t0 = time.process_time(), time.perf_counter()
-                fns[n]()
-                out[n].append(time.perf_counter() - t0)
-                if cpu_times is not None:
-                    cpu_times[n].append(time.process_time() - c0)
-        r += 1
-    return out
-
-
-def _do_bench():
-    try:
-        from triton.testing import do_bench
-    except Exception:  # pragma: no cover - triton missing or broken
-        return None
-    return lambda fn: do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-
-def summarize(samples: Sequence[float]) -> dict:
-    """median / min / p25 / p75 in milliseconds."""
-    ms = sorted(s * 1e3 for s in samples)
-    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
-    return {"median_ms": statistics.median(ms), "min_ms": ms[0], "p25_ms": q[0], "p75_ms": q[2], "n": len(ms)}
-
-
-def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
-    """Median of per-round ratios a_i / b_i (rounds interleave a and b, so each pair saw similar load)."""
-    return statistics.median(x / y for x, y in zip(a, b))
+def results_dir() -> Path:
+    """benchmarks/results/ of the source checkout the package runs from, else of the current directory."""
+    return (CHECKOUT or Path.cwd()) / "benchmarks" / "results"
 
 
 def steady_malloc() -> str:
@@ -121,10 +53,13 @@ def steady_malloc() -> str:
 
 # --------------------------------------------------------------------------------------------------- metadata
 def git_commit() -> Optional[str]:
+    """The checkout's commit (``-dirty`` with uncommitted changes); None for an installed package."""
+    if CHECKOUT is None:
+        return None
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=CHECKOUT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -181,12 +116,11 @@ def machine_info() -> dict:
 
 # --------------------------------------------------------------------------------------------------- output
 def write_json(payload: dict, path: Optional[str | os.PathLike] = None, stem: str = "bench") -> Path:
-    """Write ``payload`` to ``path`` or to benchmarks/results/<stem>-<date>-<commit>.json (gitignored)."""
+    """Write ``payload`` to ``path`` or to :func:`results_dir`/<stem>-<date>-<commit>.json (gitignored)."""
     if path is None:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         commit = (payload.get("machine", {}).get("git_commit") or "nogit")[:12]
-        path = RESULTS_DIR / f"{stem}-{stamp}-{commit}.json"
+        path = results_dir() / f"{stem}-{stamp}-{commit}.json"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str))
@@ -252,10 +186,6 @@ def plot_ratios(rows: list[dict], path, title: str, label: Callable[[dict], str]
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def storages_desc(storages: Iterable[tuple[int, tuple[int, ...], torch.dtype]]) -> list[str]:
-    return [f"{list(shape)} {str(dt).replace('torch.', '')} {fmt_bytes(n)}" for n, shape, dt in storages]
 
 
 # --------------------------------------------------------------------------------------------------- command line

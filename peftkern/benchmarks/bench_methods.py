@@ -1,7 +1,7 @@
 """Every method of ``pk.patch`` trains a tiny BERT classifier and a tiny Llama on a synthetic task, and a few train the
 real all-MiniLM-L6-v2 on the demo's sentiment task: trainable fraction, loss before / after, what changed.
 
-    python benchmarks/bench_methods.py [--quick] [--json FILE]        (or: peftkern bench methods [--quick])
+    python -m peftkern.benchmarks.bench_methods [--quick] [--json FILE]        (or: peftkern bench methods [--quick])
 
 Tasks: BERT (4 layers, hidden 32) classifies whether token 7 occurs in a sequence of 12 random tokens; Llama (4
 layers, hidden 32, GQA 4/2, with biases) learns sequences that count up by 3 (mod 100). A fixed set of batches is
@@ -11,20 +11,16 @@ adapters first (stage 1, on the task and on its negation / on counting by 5) and
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-import peftkern as pk  # noqa: E402
-from benchmarks.common import format_table, machine_info, standard_cli, write_results  # noqa: E402
-from peftkern.demo import param_counts  # noqa: E402
+import peftkern as pk
+from peftkern.benchmarks.common import format_table, machine_info, standard_cli, write_results
+from peftkern.measure import param_counts
 
 METHODS = sorted(pk.patching.METHODS)
 OPTIONS = {"mam": dict(num_virtual_tokens=8), "unipelt": dict(num_virtual_tokens=8, reduction_factor=4),
@@ -121,19 +117,19 @@ def run_one(method: str, arch: str, steps: int, workdir: Path) -> dict:
 
 def run_minilm(methods: list[str], n_train: int, log=print) -> list[dict]:
     """A few methods on the real all-MiniLM-L6-v2: the demo's sentiment task, one pass, eval accuracy."""
-    from peftkern import demo
+    from peftkern import demo, peers
 
-    tok = demo.load_tokenizer()
+    tok = peers.load_tokenizer()
     train_set, evals = demo.make_dataset(n_train, 128, seed=0)
     eval_batches = [demo.tokenize(tok, evals[i:i + 64]) for i in range(0, len(evals), 64)]
     data = [demo.tokenize(tok, train_set[i:i + 16]) for i in range(0, len(train_set), 16)]
     rows = []
     for method in methods:
         t0 = time.perf_counter()
-        options = {"target_modules": demo.TARGET_REGEX} if method in ("lora", "qlora") else {}
+        options = {"target_modules": peers.TARGET_REGEX} if method in ("lora", "qlora") else {}
         if method in ("lora", "qlora"):
             options.update(r=8, lora_alpha=16)
-        model = pk.patch(demo.load_classifier(seed=0), method, **options)
+        model = pk.patch(peers.load_classifier(seed=0), method, **options)
         trainable, total = param_counts(model)
         before = demo.accuracy(model, eval_batches)
         losses = train(model, data, 2 * len(data), lr=MINILM_LR.get(method, 3e-3))
