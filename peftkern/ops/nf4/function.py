@@ -152,7 +152,11 @@ class NF4Tensor:
 
 
 def _check_state(packed, shape, blocksize, absmax, qabsmax, absmax2, offset, code8, nested_blocksize) -> None:
-    """An NF4Tensor's tensors fit its shape and blocksizes (an NF4Linear builds one every call: checked once)."""
+    """An NF4Tensor's tensors fit its shape and blocksizes (an NF4Linear builds one every call: checked once).
+    Blocksizes are powers of two, as bitsandbytes' (the CUDA kernels find an element's block by a shift)."""
+    for name, size in (("blocksize", blocksize), ("nested_blocksize", nested_blocksize)):
+        if size < 2 or size & (size - 1):
+            raise ValueError(f"{name} must be a power of two >= 2, got {size}")
     n = shape.numel()
     blocks = -(-n // blocksize)
     V.shape("packed", packed, ((n + 1) // 2, 1), "[ceil(n/2), 1] uint8")
