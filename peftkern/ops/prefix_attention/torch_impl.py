@@ -1,7 +1,12 @@
 """Eager PyTorch implementation of prefix attention (README.md): the CPU path, and any device without Triton.
 
-On a CPU: PyTorch's fused flash-attention kernel for CPUs (``aten::_scaled_dot_product_flash_attention_for_cpu``
-and its backward) over keys concatenated on the fly, a transient copy rebuilt by the backward, never saved.
+On a CPU: the sequence keys through PyTorch's fused flash-attention kernel for CPUs
+(``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward; causal without a mask, so it skips the key
+blocks above the diagonal; GQA without copies; padding as a broadcast [B, 1, 1, S] mask), the P prefix keys by
+matmuls in the compute dtype, the two merged through their log-sum-exps. Nothing is concatenated and no
+[S, P + S] mask is built. The backward needs no merge of its own: given the merged o and lse, the flash backward's
+probabilities exp(s - lse) and row terms dO . o are those of the whole softmax, so its dq, dk, dv are the sequence
+keys' exact share; the prefix's share is the same formula on the [S, P] scores.
 Elsewhere (or with ``USE_CPU_FLASH`` off): queries in chunks of CHUNK rows, the prefix and the sequence keys scored
 separately (no concatenation) and combined in one softmax, GQA broadcast without copies. Either way autograd keeps
 q, k, v, the prefix, o and lse: O(B H S D).
@@ -22,27 +27,76 @@ def _cpu_flash(q: torch.Tensor) -> bool:
     return USE_CPU_FLASH and q.device.type == "cpu"
 
 
-def _concatenated(q, k, v, prefix_k, prefix_v, key_padding_mask, causal):
-    """(keys, values [B, Hq, P + S, D], additive mask [B or 1, 1, S, P + S] in q's dtype or None, rows that see no
-    key [B or 1, 1, S] or None) for the CPU flash kernel."""
+def _padding_mask(key_padding_mask, dtype):
+    """Additive [B, 1, 1, S] mask in ``dtype`` (-inf at padding keys) for the CPU flash kernel, or None."""
+    if key_padding_mask is None:
+        return None
+    mask = torch.zeros(key_padding_mask.shape[0], 1, 1, key_padding_mask.shape[1], dtype=dtype,
+                       device=key_padding_mask.device)
+    return mask.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
+
+
+def _no_sequence_key(key_padding_mask, causal):
+    """[B, 1, S] True where a query sees no sequence key (only with padding: the flash kernel outputs 0 there with
+    an lse of 0, which would count as a key), or None when every query sees one."""
+    if key_padding_mask is None:
+        return None
+    seen = (~key_padding_mask).cumsum(1) > 0 if causal else (~key_padding_mask).any(1, keepdim=True)
+    empty = ~seen.expand(key_padding_mask.shape)[:, None, :]
+    return empty if empty.any() else None
+
+
+def _prefix_scores(q, prefix_k, scale):
+    """(q [B, Hkv, G S, D], scores [B, Hkv, G S, P]) in the compute dtype: GQA as a view of q's query heads."""
     B, Hq, S, D = q.shape
-    g = Hq // k.shape[1]
-    P = prefix_k.shape[-2]
-    pk = prefix_k.expand(B, *prefix_k.shape) if prefix_k.dim() == 3 else prefix_k
-    pv = prefix_v.expand(B, *prefix_v.shape) if prefix_v.dim() == 3 else prefix_v
-    keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
-    if g > 1:
-        keys, values = keys.repeat_interleave(g, 1), values.repeat_interleave(g, 1)
-    if not causal and key_padding_mask is None:
-        return keys, values, None, None
-    visible = torch.ones(1, 1, S, P + S, dtype=torch.bool, device=q.device)
-    if causal:
-        visible[..., P:] = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-    if key_padding_mask is not None:
-        visible = visible & torch.cat([key_padding_mask.new_ones(B, P), ~key_padding_mask], 1)[:, None, None, :]
-    empty = ~visible.any(-1) if P == 0 else None
-    mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-    return keys, values, mask, (empty if empty is not None and empty.any() else None)
+    f = compute_dtype(q)
+    qg = q.reshape(B, prefix_k.shape[-3], (Hq // prefix_k.shape[-3]) * S, D).to(f)
+    return qg, torch.matmul(qg, prefix_k.to(f).transpose(-1, -2)).mul_(scale)
+
+
+def _split_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+    """The CPU forward (module docstring): flash over the sequence, matmuls over the prefix, merged by lse."""
+    B, Hq, S, D = q.shape
+    o_s, lse_s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=_padding_mask(key_padding_mask, q.dtype), scale=scale)
+    lse_s = lse_s.to(compute_dtype(q)).contiguous()  # the kernel's is [B, S, H] in memory
+    empty = _no_sequence_key(key_padding_mask, causal)
+    if prefix_k.shape[-2] == 0:
+        if empty is not None:
+            o_s, lse_s = o_s.masked_fill(empty[..., None], 0.0), lse_s.masked_fill(empty, float("inf"))
+        return o_s, lse_s
+    if empty is not None:
+        lse_s = lse_s.masked_fill(empty, float("-inf"))
+    _, s_p = _prefix_scores(q, prefix_k, scale)
+    lse = torch.logaddexp(lse_s, s_p.logsumexp(-1).view(B, Hq, S))
+    p = s_p.sub_(lse.view(*s_p.shape[:-1], 1)).exp_()
+    o = torch.matmul(p, prefix_v.to(p.dtype)).view(B, Hq, S, D)
+    o.addcmul_(o_s, (lse_s - lse).exp_().unsqueeze(-1))
+    return o.to(q.dtype), lse
+
+
+def _split_backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, causal, scale):
+    """The CPU backward (module docstring): (dq, dk, dv, d prefix_k, d prefix_v)."""
+    B, Hq, S, D = q.shape
+    empty = torch.isinf(lse)  # only with P = 0: those rows have no gradient; a finite lse keeps their p at 0
+    if prefix_k.shape[-2] == 0 and empty.any():
+        grad_o, lse = grad_o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, 0.0)
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_o, q, k, v, o, lse, 0.0, causal, attn_mask=_padding_mask(key_padding_mask, q.dtype), scale=scale)
+    if prefix_k.shape[-2] == 0:
+        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    qg, s_p = _prefix_scores(q, prefix_k, scale)
+    f, shape = qg.dtype, qg.shape
+    do, og = grad_o.reshape(shape).to(f), o.reshape(shape).to(f)
+    pv = prefix_v.to(f)
+    p = s_p.sub_(lse.view(*shape[:-1], 1)).exp_()
+    ds = torch.matmul(do, pv.transpose(-1, -2)).sub_((do * og).sum(-1, keepdim=True)).mul_(p)
+    dq = torch.matmul(ds, prefix_k.to(f)).mul_(scale).view(B, Hq, S, D).add_(dq)
+    dpk = torch.matmul(ds.transpose(-1, -2), qg).mul_(scale)
+    dpv = torch.matmul(p.transpose(-1, -2), do)
+    if prefix_k.dim() == 3:  # shared by the batch
+        dpk, dpv = dpk.sum(0), dpv.sum(0)
+    return dq.to(q.dtype), dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
 
 
 def _grouped(q: torch.Tensor, hkv: int) -> torch.Tensor:
@@ -96,12 +150,7 @@ def _key_sum(t: torch.Tensor, over_batch: bool) -> torch.Tensor:
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float):
     """(o [B, Hq, S, D] in q's dtype, lse [B, Hq, S] in the compute dtype; +inf for a query with no visible key)."""
     if _cpu_flash(q):
-        keys, values, mask, empty = _concatenated(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, keys, values, 0.0, False,
-                                                                           attn_mask=mask, scale=scale)
-        if empty is not None:
-            o, lse = o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, float("inf"))
-        return o, lse.to(compute_dtype(q))
+        return _split_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
     B, Hq, S, D = q.shape
     qg, kk, vv, pk, pv = _prep(q, k, v, prefix_k, prefix_v)
     o = torch.empty_like(qg)
@@ -126,19 +175,7 @@ def backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, caus
     B, Hq, S, D = q.shape
     hkv = k.shape[1]
     if _cpu_flash(q):
-        keys, values, mask, empty = _concatenated(q, k, v, prefix_k, prefix_v, key_padding_mask, causal)
-        if empty is not None:  # those rows have no gradient; a finite lse keeps their probabilities at 0
-            grad_o, lse = grad_o.masked_fill(empty[..., None], 0.0), lse.masked_fill(empty, 0.0)
-        dq, dkeys, dvalues = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_o, q, keys, values, o, lse.float(), 0.0, False, attn_mask=mask, scale=scale)
-        P = prefix_k.shape[-2]
-        dkeys, dvalues = (t.view(B, hkv, Hq // hkv, P + S, D).sum(2) for t in (dkeys, dvalues))
-        dpk, dpv = dkeys[:, :, :P], dvalues[:, :, :P]
-        if prefix_k.dim() == 3:  # shared by the batch
-            dpk, dpv = dpk.sum(0), dpv.sum(0)
-        # copies: a custom op's outputs may not alias one another
-        own = lambda t, like: t.to(like.dtype, copy=True, memory_format=torch.contiguous_format)  # noqa: E731
-        return (dq, own(dkeys[:, :, P:], k), own(dvalues[:, :, P:], v), own(dpk, prefix_k), own(dpv, prefix_v))
+        return _split_backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, causal, scale)
     qg, kk, vv, pk, pv = _prep(q, k, v, prefix_k, prefix_v)
     do = _grouped(grad_o, hkv).to(qg.dtype)
     lse_g = lse.view(qg.shape[:-1]).unsqueeze(-1).to(qg.dtype)
