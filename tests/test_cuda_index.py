@@ -63,10 +63,10 @@ def _exactly(values: np.ndarray, lo: int, hi: int, step: int = 1, what: str = "e
         f"{got[:4]} vs {expected[:4]}, last {got[-4:]} vs {expected[-4:]}")
 
 
-def _per_cta(kernel: str, problem: tuple, log2_bs: int) -> tuple[int, int]:
+def _per_cta(kernel: str, problem: tuple) -> tuple[int, int]:
     """(units per CTA, units in all): elements, or warps for the GEMV."""
     if kernel in ("quantize_scan", "quantize_pairs"):
-        return 1 << log2_bs, problem[0]
+        return problem[1], problem[0]
     if kernel == "dequantize":
         return 2 * THREADS, problem[0]
     if kernel == "gemv":
@@ -76,19 +76,19 @@ def _per_cta(kernel: str, problem: tuple, log2_bs: int) -> tuple[int, int]:
 
 def check(kernel: str, problem: tuple, first: int, last: int) -> None:
     """The accesses of CTAs [first, last) are exactly their share of the problem, each where the layout says."""
-    grid, s, s2 = launch(kernel, *problem)
-    per, total = _per_cta(kernel, problem, s)
+    grid = launch(kernel, *problem)[0]
+    per, total = _per_cta(kernel, problem)
     assert (grid - 1) * per < total <= grid * per, f"{kernel} {problem}: grid {grid} for {total} units of {per}"
     r = trace(kernel, problem, first, last)
     lo, hi = first * per, min(last * per, total)
     el, block, thread = r["element"], r["block"], r["thread"]
     if kernel == "quantize_scan":
         _exactly(el, lo, hi)
-        assert np.array_equal(r["scale"], el >> s) and np.array_equal(block, el >> s)  # CTA j scans block j
+        assert np.array_equal(r["scale"], el // per) and np.array_equal(block, el // per)  # CTA j scans block j
     elif kernel == "quantize_pairs":
         _exactly(el, lo, hi + (hi & 1), 2, "pairs")  # an odd n's last element pairs with a pad
         assert np.array_equal(r["byte"], el // 2) and (r["shift"] == 4).all()
-        assert np.array_equal(block, el >> s) and np.array_equal(r["scale"], block)
+        assert np.array_equal(block, el // per) and np.array_equal(r["scale"], block)
     elif kernel == "quantize_absmax":
         _exactly(el, lo, hi)
         assert np.array_equal(r["a"], el // NESTED) and np.array_equal(r["a"], block)  # CTA j: nested block j
@@ -96,10 +96,10 @@ def check(kernel: str, problem: tuple, first: int, last: int) -> None:
         _exactly(el, lo, hi)
         assert np.array_equal(r["byte"], el // 2) and np.array_equal(r["byte"], block * THREADS + thread)
         assert np.array_equal(r["shift"], np.where(el % 2 == 0, 4, 0))
-        assert np.array_equal(r["scale"], el // (1 << s))
-        assert np.array_equal(r["a"], r["scale"] // NESTED if problem[2] else np.full_like(el, -1))
+        assert np.array_equal(r["scale"], el // problem[1])
+        assert np.array_equal(r["a"], r["scale"] // problem[2] if problem[2] else np.full_like(el, -1))
     elif kernel == "gemv":
-        M, C, K, _, stride = problem
+        _, C, K, blocksize, stride = problem
         warp = block * (THREADS // WARP) + thread // WARP
         _exactly(np.unique(warp), lo, hi, what="warps")
         m, c = r["b"] // C, r["b"] % C  # the output out[m, c] its warp reduces into
@@ -107,7 +107,7 @@ def check(kernel: str, problem: tuple, first: int, last: int) -> None:
         k = r["a"] - m * stride
         assert ((k >= 0) & (k < K)).all() and np.array_equal(k % WARP, thread % WARP)
         assert np.array_equal(el, c * K + k) and np.array_equal(r["byte"], el // 2)
-        assert np.array_equal(r["shift"], np.where(el % 2 == 0, 4, 0)) and np.array_equal(r["scale"], el >> s)
+        assert np.array_equal(r["shift"], np.where(el % 2 == 0, 4, 0)) and np.array_equal(r["scale"], el // blocksize)
         _exactly(warp * K + k, lo * K, hi * K, what="(warp, k) pairs")
     else:
         _exactly(el, lo, hi)
@@ -164,8 +164,8 @@ BIG = [
 def test_grids_past_2_31_elements(kernel, problem):
     """Windows of CTAs at the start, where elements (and for the GEMV weight / x / out offsets), global thread ids
     and CTA offsets cross 2^31 and 2^32, and at the end of the grid."""
-    grid, s, _ = launch(kernel, *problem)
-    per, _ = _per_cta(kernel, problem, s)
+    grid = launch(kernel, *problem)[0]
+    per = _per_cta(kernel, problem)[0]
     ctas = {0, grid - 1}
     for boundary in (2**31, 2**32):
         ctas |= {boundary // THREADS, boundary // per}  # the global thread id; the element (GEMV: output) index
