@@ -226,3 +226,59 @@ def test_forward_and_backward_never_sync_the_host(backend, density):
     for name, o, r in zip(("y", "dx", "dvalues"), out, (ref[0], ref[1], ref[3])):
         assert_close(o, r, name=name)
 
+
+
+# ------------------------------------------------------------------------------------------ cached structure
+
+
+def test_structure_groups_entries_both_ways():
+    """Rows, columns, the column order and both groupings' bounds, as dense math derives them."""
+    from peftkern.ops.sparse.torch_impl import structure
+
+    O, I = 29, 37
+    idx = _case(1, I, O, 0.2)["indices"]
+    s = structure(idx, (O, I))
+    rows, cols = idx // I, idx % I
+    assert torch.equal(s.rows, rows) and torch.equal(s.cols, cols)
+    assert torch.equal(s.row_bounds, torch.cat([rows.new_zeros(1), torch.bincount(rows, minlength=O).cumsum(0)]))
+    assert torch.equal(s.col_bounds, torch.cat([cols.new_zeros(1), torch.bincount(cols, minlength=I).cumsum(0)]))
+    assert torch.equal(cols[s.by_col], cols.sort(stable=True).values) and torch.equal(s.col_rows, rows[s.by_col])
+    assert all(torch.equal(s.col_rows[s.col_bounds[c]:s.col_bounds[c + 1]], rows[cols == c]) for c in range(I))
+
+
+def test_structure_built_once_per_indices_and_rebuilt_when_they_change():
+    from peftkern.ops.sparse.torch_impl import structure
+
+    idx = torch.tensor([1, 5, 9, 20], device=DEVICE)
+    first = structure(idx, (4, 6))
+    assert structure(idx, (4, 6)) is first
+    assert structure(idx, (6, 4)) is not first  # another weight shape: other rows and columns
+    idx[1] = 6  # in place: a new version
+    assert torch.equal(structure(idx, (6, 4)).cols, torch.tensor([1, 2, 1, 0], device=DEVICE))
+    assert structure(idx.clone(), (6, 4)) is not structure(idx, (6, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("density", [0.005, 0.1], ids=["nnz-le-out", "nnz-gt-out"])
+def test_training_steps_never_rebuild_the_structure(backend, density):
+    """After the first step no sort, search or index division runs (the structure is the layer's, cached); an
+    in-place change of the indices is followed, with the right numbers."""
+    from torch.profiler import profile
+
+    c = _case(9, 40, 29, density)
+    layer = pk.nn.SparseDiffLinear(torch.nn.Parameter(c["weight"], requires_grad=False), None, c["indices"],
+                                   c["values"])
+    x = c["x"].requires_grad_()
+    with pk.use_backend(backend):
+        layer(x).backward(c["g"])
+        with profile() as prof:
+            layer(x).backward(c["g"])
+        ran = {e.name for e in prof.events()}
+        assert not ran & {"aten::sort", "aten::argsort", "aten::searchsorted", "aten::floor_divide",
+                          "aten::remainder", "aten::div"}, ran
+        with torch.no_grad():
+            layer.indices.copy_(torch.randperm(40 * 29)[:layer.indices.numel()].sort().values.to(DEVICE))
+        out = _run(pk.sparse_diff_linear, {**c, "indices": layer.indices})
+    ref = _run(sparse_diff_linear_reference, {**c, "indices": layer.indices}, to=torch.float64)
+    for name, o, r in zip(NAMES, out, ref):
+        assert_close(o, r, name=name)

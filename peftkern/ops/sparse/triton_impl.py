@@ -9,7 +9,7 @@ import triton
 
 from ...backend import interpret_mode, register
 from ..triton_launch import launch_opts, staged, torch_fallback, unstage
-from .torch_impl import rows_cols, segment_bounds
+from .torch_impl import structure
 from .triton_kernels import sparse_correction_kernel, sparse_scatter_add_kernel, sparse_sddmm_kernel
 
 _GPU = {"sddmm": dict(BLOCK_E=128, BLOCK_N=32, num_warps=4, num_stages=2),
@@ -23,16 +23,14 @@ def _cfg(name: str) -> dict:
     return (_INTERPRET if interpret_mode() else _GPU)[name]
 
 
-def add_correction_(out, src, group, src_pos, values) -> torch.Tensor:
-    """out[:, group_e] += src[:, src_pos_e] v_e in place, entries grouped by ``group`` (sorted within the call)."""
-    order = torch.argsort(group, stable=True)
-    group, src_pos, values = group[order], src_pos[order].to(torch.int32), values[order].contiguous()
-    seg = segment_bounds(group, out.shape[1]).to(torch.int32)
+def add_correction_(out, src, bounds, src_pos, values) -> torch.Tensor:
+    """out[:, j] += sum over entries e of group j of src[:, src_pos_e] v_e, in place; group j's entries are
+    [bounds[j], bounds[j + 1]) of ``src_pos`` and ``values`` (the cached :func:`structure`'s order: no sort here)."""
     cfg = _cfg("correction")
     buf = staged(out)
     sparse_correction_kernel[(out.shape[1], triton.cdiv(out.shape[0], cfg["BLOCK_N"]))](
-        buf, src, seg, src_pos, values, out.shape[0], buf.stride(0), src.stride(0), BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_E=cfg["BLOCK_E"], **launch_opts(cfg))
+        buf, src, bounds.to(torch.int32), src_pos.to(torch.int32), values.contiguous(), out.shape[0], buf.stride(0),
+        src.stride(0), BLOCK_N=cfg["BLOCK_N"], BLOCK_E=cfg["BLOCK_E"], **launch_opts(cfg))
     return unstage(out, buf)
 
 
@@ -41,10 +39,10 @@ def forward(x, weight, bias, indices, values):
     impl = torch_fallback("sparse_diff_forward", x, values)
     if impl is not None:
         return impl(x, weight, bias, indices, values)
-    rows, cols = rows_cols(indices, weight.shape[1])
+    s = structure(indices, tuple(weight.shape))
     y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
     if y.numel() and values.numel():
-        add_correction_(y, x.contiguous(), rows, cols, values)
+        add_correction_(y, x.contiguous(), s.row_bounds, s.cols, values)
     return y
 
 
@@ -53,7 +51,7 @@ def masked_grad(grad_out, x, indices, in_features: int, *, out=None):
     impl = torch_fallback("sparse_masked_grad", grad_out, x)
     if impl is not None:
         return impl(grad_out, x, indices, in_features)
-    rows, cols = rows_cols(indices, in_features)
+    s = structure(indices, (grad_out.shape[1], in_features))
     nnz = indices.numel()
     res = torch.empty(nnz, dtype=torch.float32, device=x.device) if out is None else out
     if nnz == 0:
@@ -61,7 +59,7 @@ def masked_grad(grad_out, x, indices, in_features: int, *, out=None):
     x = x.contiguous()
     cfg = _cfg("sddmm")
     sparse_sddmm_kernel[(triton.cdiv(nnz, cfg["BLOCK_E"]),)](
-        grad_out, x, rows.to(torch.int32), cols.to(torch.int32), res, x.shape[0], nnz, grad_out.stride(0),
+        grad_out, x, s.rows.to(torch.int32), s.cols.to(torch.int32), res, x.shape[0], nnz, grad_out.stride(0),
         x.stride(0), BLOCK_E=cfg["BLOCK_E"], BLOCK_N=cfg["BLOCK_N"], **launch_opts(cfg))
     return res
 
@@ -71,10 +69,10 @@ def dgrad(grad_out, weight, indices, values):
     impl = torch_fallback("sparse_diff_dgrad", grad_out, values)
     if impl is not None:
         return impl(grad_out, weight, indices, values)
-    rows, cols = rows_cols(indices, weight.shape[1])
+    s = structure(indices, tuple(weight.shape))
     dx = grad_out @ weight
     if dx.numel() and values.numel():
-        add_correction_(dx, grad_out, cols, rows, values)
+        add_correction_(dx, grad_out, s.col_bounds, s.col_rows, values[s.by_col])
     return dx
 
 
@@ -110,11 +108,11 @@ def _aot_step() -> None:
     N, K = 1024, 4096
     nnz = K * K // 64
     indices = torch.arange(nnz) * 64 + torch.arange(nnz) % 61  # sorted, unique, scattered over rows and columns
-    rows, cols = rows_cols(indices, K)
+    s = structure(indices, (K, K))
     values = torch.empty(nnz)
     x, g = (torch.empty(N, K, dtype=torch.bfloat16) for _ in range(2))
-    add_correction_(torch.empty(N, K, dtype=torch.bfloat16), x, rows, cols, values)
-    add_correction_(torch.empty(N, K, dtype=torch.bfloat16), g, cols, rows, values)
+    add_correction_(torch.empty(N, K, dtype=torch.bfloat16), x, s.row_bounds, s.cols, values)
+    add_correction_(torch.empty(N, K, dtype=torch.bfloat16), g, s.col_bounds, s.col_rows, values[s.by_col])
     masked_grad(g, x, indices, K)
     scatter_add_(torch.empty(K * K, dtype=torch.bfloat16), indices, values, 1.0)
 
