@@ -25,9 +25,34 @@ def tile_offsets(rows, cols, stride_r, stride_c):
 
 
 @triton.jit
-def lora_keep_mask(seed, rows, cols, n_cols, p):
-    """Bernoulli(1-p) keep mask [len(rows), len(cols)] of x's elements, regenerated from the seed."""
-    return tl.rand(seed, tile_offsets(rows, cols, n_cols, 1)) >= p
+def lora_keep_mask(seed, rows, col0, n_cols, threshold, BLOCK_COLS: tl.constexpr, GROUPED: tl.constexpr):
+    """Dropout keep mask [len(rows), BLOCK_COLS] of x [*, n_cols] at columns ``col0 + arange(BLOCK_COLS)``: element
+    ``e = row * n_cols + col`` is kept where its 16-bit draw ``u_e >= threshold`` (P(keep) = 1 - threshold / 2**16).
+
+    ``u_e`` is the low (``e % 8 < 4``) or high half of 32-bit word ``e % 4`` of the 10-round Philox of counter
+    ``e // 8``: one Philox call (its four words, both halves of each) serves 8 elements, where ``tl.rand`` per
+    element spends a call on each. The draws are a function of (seed, e) only, so every kernel that regenerates the
+    mask, at any tile, gets the same bits. GROUPED (``n_cols % 8 == 0`` and ``col0 % 8 == 0``, the launchers' case
+    on real models): one call per 8 elements of the tile, joined into place; otherwise a call per element, keeping
+    its 16 bits (odd widths).
+    """
+    thr = threshold.to(tl.uint32)
+    if GROUPED:
+        tl.static_assert(BLOCK_COLS % 8 == 0)
+        groups = offsets(rows, n_cols // 8)[:, None] + (col0 // 8 + tl.arange(0, BLOCK_COLS // 8))[None, :]
+        w0, w1, w2, w3 = tl.randint4x(seed, groups)  # [len(rows), BLOCK_COLS // 8] each
+        # joined on a new last axis (fastest), three times: element 4 * half + word of each group of 8
+        keep = tl.join(tl.join(tl.join((w0 & 0xFFFF) >= thr, (w0 >> 16) >= thr),
+                               tl.join((w2 & 0xFFFF) >= thr, (w2 >> 16) >= thr)),
+                       tl.join(tl.join((w1 & 0xFFFF) >= thr, (w1 >> 16) >= thr),
+                               tl.join((w3 & 0xFFFF) >= thr, (w3 >> 16) >= thr)))
+        return tl.reshape(keep, (rows.shape[0], BLOCK_COLS))
+    else:
+        e = tile_offsets(rows, col0 + tl.arange(0, BLOCK_COLS), n_cols, 1)
+        w0, w1, w2, w3 = tl.randint4x(seed, e >> 3)
+        word = e & 3
+        w = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+        return tl.where((e & 4) == 0, w & 0xFFFF, w >> 16) >= thr
 
 
 @triton.jit

@@ -15,6 +15,7 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 # The rank chunk of ``lora_rank_expand`` (triton_blocks.py) per LoRA dtype on a GPU, spill-free on sm_80 / sm_90
 # (peftkern._aot): fp32 LoRA dots run on FMA units and need the 16-wide chunk. The interpreter takes 16 for all.
 LORA_MAX_BLOCK_R = {torch.float32: 16, torch.float16: 64, torch.bfloat16: 64}
+LORA_RANK_TILE_MAX = 256  # the largest rank one program of the shrink, dA and dB kernels holds (lora_rank_tile)
 FLOAT64 = "float64 tensors (the Triton kernels accumulate in fp32)"
 
 
@@ -83,13 +84,38 @@ def lora_rank_chunk(r: int, lora_dtype: torch.dtype) -> int:
     return rank_chunk(r, 16 if interpret_mode() else LORA_MAX_BLOCK_R[lora_dtype])
 
 
-def dropout_args(p: float, seed) -> tuple[int, float, float, bool]:
-    """(seed, p, keep scale, DROPOUT) kernel arguments of LoRA dropout with probability ``p``."""
+def lora_rank_tile(r: int, lora_dtype: torch.dtype, tile: int, step: int) -> tuple[int, int, int]:
+    """(BLOCK_R, tile, step) of the kernels that hold all of the rank in one accumulator, [tile, BLOCK_R] or
+    [BLOCK_R, tile], reducing ``step`` rows or columns at a time (the shrink, dA and dB).
+
+    BLOCK_R is the rank rounded up to a power of two >= 16, at most ``LORA_RANK_TILE_MAX`` (256; 32 under the
+    interpreter, to exercise the grid's rank columns); the tile shrinks from ``tile`` to keep ``tile * BLOCK_R <=
+    4096`` fp32 accumulators (32 a thread at 4 warps), and fp32 dots (FMA units, their operands in registers) also
+    keep ``tile * BLOCK_R * step <= 65536``: spill-free on sm_80 / sm_90 up to rank 256 (peftkern._aot). One program
+    then reads each x element once and draws its dropout mask once, where a grid over rank chunks draws it once per
+    chunk."""
+    block_r = rank_chunk(r, 32 if interpret_mode() else LORA_RANK_TILE_MAX)
+    tile = max(16, min(tile, 4096 // block_r))
+    if lora_dtype == torch.float32 and not interpret_mode():
+        step = max(16, min(step, 65536 // (tile * block_r)))
+    return block_r, tile, step
+
+
+def dropout_args(p: float, seed) -> tuple[int, int, float, bool]:
+    """(seed, threshold, keep scale, DROPOUT) kernel arguments of LoRA dropout with probability ``p``: an element is
+    kept where its 16-bit draw is >= threshold = round(p * 2**16) (``triton_blocks.lora_keep_mask``), so
+    P(keep) = 1 - threshold / 2**16, within 2**-17 of 1 - p (the torch path's rule)."""
     if p <= 0.0:
-        return 0, 0.0, 1.0, False
+        return 0, 0, 1.0, False
     if seed is None:
         raise ValueError("dropout_p > 0 needs a seed")
-    return int(seed), float(p), 1.0 / (1.0 - float(p)), True
+    return int(seed), round(float(p) * (1 << 16)), 1.0 / (1.0 - float(p)), True
+
+
+def keep_mask_grouped(n_cols: int) -> bool:
+    """The GROUPED argument of ``lora_keep_mask`` for x with ``n_cols`` columns: one Philox call per 8 elements of a
+    tile (rows of 8-aligned width), else one per element."""
+    return n_cols % 8 == 0
 
 
 def torch_fallback(op: str, *tensors, empty: bool = False):

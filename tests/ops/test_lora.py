@@ -292,11 +292,42 @@ def test_dropout_keep_rate(backend, p):
 
 @pytest.mark.parametrize("backend", backends())
 def test_dropout_mask_depends_on_the_flat_index_only(backend):
-    """keep[i, j] is draw number i * in + j of the seed: the mask of [N, in] is the one of [1, N * in], reshaped."""
+    """keep[i, j] is draw number i * in + j of the seed: the mask of [N, in] is the one of [1, N * in], reshaped.
+    On Triton, widths that are multiples of 8 take one Philox call per 8 elements (64 and 4160 here), the others
+    one per element (65, 130): the same draws."""
     p, seed = 0.3, 99
     keep = _keep_mask(backend, seed, (37, 130), p)
     flat = _keep_mask(backend, seed, (1, 37 * 130), p)
     assert torch.equal(keep.reshape(1, -1), flat)
+    grouped = _keep_mask(backend, seed, (65, 64), p).reshape(1, -1)
+    assert torch.equal(grouped, _keep_mask(backend, seed, (64, 65), p).reshape(1, -1))
+    assert torch.equal(grouped, _keep_mask(backend, seed, (1, 65 * 64), p))
+
+
+def _lag_correlation(bits: torch.Tensor, lag: int) -> float:
+    """Pearson correlation of a 0/1 sequence with itself ``lag`` places on."""
+    a, b = bits[:-lag], bits[lag:]
+    return ((a - a.mean()) * (b - b.mean())).mean().item() / (a.std(unbiased=False) * b.std(unbiased=False)).item()
+
+
+@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("p", [0.1, 0.5])
+@pytest.mark.parametrize("shape", [(64, 256), (37, 130), (1, 8192)], ids=lambda s: shape_id(N=s[0], I=s[1]))
+def test_dropout_mask_rate_and_independence(backend, p, shape):
+    """The keep rate is 1 - p within 5 sigma, and draws are uncorrelated with their neighbours: 1 to 8 apart in the
+    flat order (the Triton mask takes 8 elements from one Philox call: 4 words, both 16-bit halves of each, so lags
+    1-7 pair draws of one call and lag 4 the two halves of one word), a row apart, and between two seeds."""
+    keep = _keep_mask(backend, 2024, shape, p).double().reshape(-1).cpu()
+    n = keep.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
+    bound = 5 / n ** 0.5  # the standard deviation of a sample correlation of n independent pairs is about n^-1/2
+    lags = [*range(1, 9), *([shape[1]] if shape[0] > 1 else [])]
+    correlations = {lag: _lag_correlation(keep, lag) for lag in lags}
+    assert all(abs(c) < bound for c in correlations.values()), (correlations, bound)
+    other = _keep_mask(backend, 2025, shape, p).double().reshape(-1).cpu()
+    seeds = ((keep - keep.mean()) * (other - other.mean())).mean().item() / (keep.std() * other.std()).item()
+    assert abs(seeds) < bound
 
 
 @pytest.mark.parametrize("backend", backends())

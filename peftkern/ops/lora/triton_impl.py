@@ -13,8 +13,8 @@ import torch
 import triton
 
 from ...backend import interpret_mode, register
-from ..triton_launch import (dot_dtype, dropout_args, launch_opts, lora_rank_chunk, out_buffer, precision,
-                             programs_wanted, staged, torch_fallback, unstage)
+from ..triton_launch import (dot_dtype, dropout_args, keep_mask_grouped, launch_opts, lora_rank_chunk, lora_rank_tile,
+                             out_buffer, precision, programs_wanted, staged, torch_fallback, unstage)
 from . import torch_impl
 from .triton_kernels import (lora_bwd_dA_kernel, lora_bwd_dB_dh_kernel, lora_bwd_dx_kernel,
                              lora_dropout_mask_kernel, lora_fwd_kernel, lora_shrink_kernel)
@@ -22,7 +22,8 @@ from .triton_kernels import (lora_bwd_dA_kernel, lora_bwd_dB_dh_kernel, lora_bwd
 # GPU defaults, chosen spill-free on sm_80 and sm_90 (peftkern._aot). Base GEMMs: 128x128x32 tiles, 8 warps,
 # 3 stages (Triton's matmul tutorial config) with the LoRA epilogue; with dropout the dgrad epilogue also holds
 # the Philox mask tile and a second accumulator, so its tile is 128x64. Rank-sized kernels: 64-row tiles, 4 warps;
-# dA reduces over rows with a 32-row step. BLOCK_R (the rank chunk in registers): triton_launch.lora_rank_chunk.
+# dA reduces over rows with a 32-row step. BLOCK_R (the rank chunk in registers): triton_launch.lora_rank_chunk;
+# the shrink and dA hold the whole rank (triton_launch.lora_rank_tile shrinks BLOCK_M / BLOCK_K for it).
 _GPU = {
     "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
     "bwd_dx": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
@@ -56,14 +57,15 @@ def shrink(x, lora_A, dropout_p: float, seed, *, out=None) -> torch.Tensor:
     N, K = x.shape
     R = lora_A.shape[0]
     h = out_buffer(out, (N, R), torch_impl.lora_dtype(x, lora_A), x.device)
-    cfg, block_r = _cfg("shrink"), lora_rank_chunk(R, h.dtype)
-    seed_, p, keep_scale, dropout = dropout_args(dropout_p, seed)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
+    cfg = _cfg("shrink")
+    block_r, block_m, block_k = lora_rank_tile(R, h.dtype, cfg["BLOCK_M"], cfg["BLOCK_K"])
+    seed_, threshold, keep_scale, dropout = dropout_args(dropout_p, seed)
+    grid = (triton.cdiv(N, block_m), triton.cdiv(R, block_r))
     h_buf = staged(h)
     lora_shrink_kernel[grid](
-        x, lora_A, h_buf, N, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), seed_, p, keep_scale,
-        DROPOUT=dropout, LORA_DOT_DTYPE=dot_dtype(h.dtype), PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, **launch_opts(cfg))
+        x, lora_A, h_buf, N, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), seed_, threshold,
+        keep_scale, DROPOUT=dropout, MASK_GROUPED=keep_mask_grouped(K), LORA_DOT_DTYPE=dot_dtype(h.dtype),
+        PRECISION=precision(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, **launch_opts(cfg))
     return unstage(h, h_buf)
 
 
@@ -117,19 +119,20 @@ def bwd_dA(dh, x, lora_dtype: torch.dtype, dropout_p: float, seed, *, splits: in
     N, K = x.shape
     R = dh.shape[1]
     dA = torch.zeros((R, K), dtype=torch.float32, device=x.device)
-    cfg, block_r = _cfg("bwd_dA"), lora_rank_chunk(R, lora_dtype)
-    tiles = triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(R, block_r)
-    row_blocks = triton.cdiv(N, cfg["BLOCK_M"])
+    cfg = _cfg("bwd_dA")
+    block_r, block_k, block_m = lora_rank_tile(R, lora_dtype, cfg["BLOCK_K"], cfg["BLOCK_M"])
+    tiles = triton.cdiv(K, block_k) * triton.cdiv(R, block_r)
+    row_blocks = triton.cdiv(N, block_m)
     if splits is None:
         splits = triton.cdiv(programs_wanted(x.device), tiles)
     splits = max(1, min(splits, row_blocks))
-    rows_per_split = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
-    seed_, p, keep_scale, dropout = dropout_args(dropout_p, seed)
-    grid = (triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(R, block_r), triton.cdiv(N, rows_per_split))
+    rows_per_split = triton.cdiv(row_blocks, splits) * block_m
+    seed_, threshold, keep_scale, dropout = dropout_args(dropout_p, seed)
+    grid = (triton.cdiv(K, block_k), triton.cdiv(R, block_r), triton.cdiv(N, rows_per_split))
     lora_bwd_dA_kernel[grid](
-        dh, x, dA, N, K, R, dh.stride(0), x.stride(0), x.stride(1), rows_per_split, seed_, p, keep_scale,
-        DROPOUT=dropout, LORA_DOT_DTYPE=dot_dtype(lora_dtype), PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=block_r, **launch_opts(cfg))
+        dh, x, dA, N, K, R, dh.stride(0), x.stride(0), x.stride(1), rows_per_split, seed_, threshold, keep_scale,
+        DROPOUT=dropout, MASK_GROUPED=keep_mask_grouped(K), LORA_DOT_DTYPE=dot_dtype(lora_dtype),
+        PRECISION=precision(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, **launch_opts(cfg))
     return dA
 
 
@@ -139,14 +142,14 @@ def bwd_dx(grad_y, weight, dh, lora_A, lora_dtype: torch.dtype, dropout_p: float
     K = weight.shape[1]
     R = lora_A.shape[0]
     dx = out_buffer(out, (N, K), weight.dtype, grad_y.device)
-    seed_, p, keep_scale, dropout = dropout_args(dropout_p, seed)
+    seed_, threshold, keep_scale, dropout = dropout_args(dropout_p, seed)
     cfg = _cfg("bwd_dx_dropout" if dropout else "bwd_dx")
     grid = (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
     dx_buf = staged(dx)
     lora_bwd_dx_kernel[grid](
         grad_y, weight, dh, lora_A, dx_buf, N, K, O, R, grad_y.stride(0), grad_y.stride(1), weight.stride(0),
-        weight.stride(1), dh.stride(0), lora_A.stride(0), lora_A.stride(1), seed_, p, keep_scale,
-        DROPOUT=dropout, DOT_DTYPE=dot_dtype(weight.dtype), LORA_DOT_DTYPE=dot_dtype(lora_dtype),
+        weight.stride(1), dh.stride(0), lora_A.stride(0), lora_A.stride(1), seed_, threshold, keep_scale,
+        DROPOUT=dropout, MASK_GROUPED=keep_mask_grouped(K), DOT_DTYPE=dot_dtype(weight.dtype), LORA_DOT_DTYPE=dot_dtype(lora_dtype),
         PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=lora_rank_chunk(R, lora_dtype), GROUP_M=cfg["GROUP_M"], **launch_opts(cfg))
     return unstage(dx, dx_buf)
@@ -157,15 +160,16 @@ def bwd_dx(grad_y, weight, dh, lora_A, lora_dtype: torch.dtype, dropout_p: float
 
 @register("lora_dropout_mask", "triton")
 def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device) -> torch.Tensor:
-    """keep[i, j] = tl.rand(seed, i * shape[1] + j) >= p: the mask the Triton LoRA kernels draw."""
+    """keep[i, j]: the mask the Triton LoRA kernels draw for x of ``shape`` (``triton_blocks.lora_keep_mask``)."""
     N, K = shape
     keep = torch.empty((N, K), dtype=torch.bool, device=device)
     if keep.numel() == 0:
         return keep
     cfg = _cfg("mask")
     grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(K, cfg["BLOCK_K"]))
-    lora_dropout_mask_kernel[grid](keep, N, K, int(seed), float(p), BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"],
-                                   **launch_opts(cfg))
+    seed_, threshold = dropout_args(p, seed)[:2]
+    lora_dropout_mask_kernel[grid](keep, N, K, seed_, threshold, MASK_GROUPED=keep_mask_grouped(K),
+                                   BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], **launch_opts(cfg))
     return keep
 
 

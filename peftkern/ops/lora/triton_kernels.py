@@ -7,9 +7,10 @@ minimum tl.dot size; ranks past R are masked to 0). Accumulation is fp32. Dot op
 DOT_DTYPE (the base GEMM: x's dtype) or LORA_DOT_DTYPE (the LoRA path: promote(x, A)); the launcher passes
 fp32 there for bf16 under the interpreter, where bf16 tl.dot is wrong. PRECISION is tl.dot's input_precision
 for fp32 operands ("ieee", or "tf32" when torch allows TF32).
-Dropout: keep = tl.rand(seed, row * K + col) >= p on the logical 2-D x, offsets in int64 so no two elements
-share a draw; the 1/(1-p) scale is applied by the caller of lora_keep_mask. The kernels taking a seed leave it
-unspecialized (``do_not_specialize``): it changes every call. Element offsets are int64 (``ops/triton_blocks.py``).
+Dropout: keep = 16-bit draw of element row * K + col of the logical 2-D x >= threshold (``lora_keep_mask``: one
+Philox call per 8 elements, MASK_GROUPED where K % 8 == 0), offsets in int64 so no two elements share a draw; the
+1/(1-p) scale is applied by the caller of lora_keep_mask. The kernels taking a seed leave it unspecialized
+(``do_not_specialize``): it changes every call. Element offsets are int64 (``ops/triton_blocks.py``).
 """
 import triton
 import triton.language as tl
@@ -19,10 +20,13 @@ from ..triton_blocks import lora_grouped_tile, lora_keep_mask, lora_rank_expand,
 
 @triton.jit(do_not_specialize=["seed"])
 def lora_shrink_kernel(x_ptr, a_ptr, h_ptr, N, K, R, stride_xm, stride_xk, stride_ar, stride_ak,
-                       seed, p, keep_scale,
-                       DROPOUT: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """h[N, R] = drop(x) @ A^T, one [BLOCK_M, BLOCK_R] tile of h per program; grid (cdiv(N, BM), cdiv(R, BR))."""
+                       seed, threshold, keep_scale,
+                       DROPOUT: tl.constexpr, MASK_GROUPED: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """h[N, R] = drop(x) @ A^T, one [BLOCK_M, BLOCK_R] tile of h per program; grid (cdiv(N, BM), cdiv(R, BR)).
+
+    BLOCK_R covers the rank (up to 256: ``triton_launch.lora_rank_tile``), so each x element is loaded and its mask
+    drawn once; a grid over rank chunks would draw it once per chunk."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -31,7 +35,7 @@ def lora_shrink_kernel(x_ptr, a_ptr, h_ptr, N, K, R, stride_xm, stride_xk, strid
         x = tl.load(x_ptr + tile_offsets(rows, cols, stride_xm, stride_xk),
                     mask=(rows[:, None] < N) & (cols[None, :] < K), other=0.0)  # [BM, BK]
         if DROPOUT:
-            x = tl.where(lora_keep_mask(seed, rows, cols, K, p), x, 0.0)
+            x = tl.where(lora_keep_mask(seed, rows, k0, K, threshold, BLOCK_K, MASK_GROUPED), x, 0.0)
         a_t = tl.load(a_ptr + tile_offsets(cols, ranks, stride_ak, stride_ar),
                       mask=(ranks[None, :] < R) & (cols[:, None] < K), other=0.0)  # [BK, BR] = A^T tile
         acc = tl.dot(x.to(LORA_DOT_DTYPE), a_t.to(LORA_DOT_DTYPE), acc, input_precision=PRECISION)
@@ -110,15 +114,17 @@ def lora_bwd_dB_dh_kernel(g_ptr, b_ptr, h_ptr, e_ptr, dh_ptr, db_ptr, de_ptr, N,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def lora_bwd_dA_kernel(dh_ptr, x_ptr, da_ptr, N, K, R, stride_dh, stride_xm, stride_xk, rows_per_split, seed, p,
-                       keep_scale,
-                       DROPOUT: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def lora_bwd_dA_kernel(dh_ptr, x_ptr, da_ptr, N, K, R, stride_dh, stride_xm, stride_xk, rows_per_split, seed,
+                       threshold, keep_scale,
+                       DROPOUT: tl.constexpr, MASK_GROUPED: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """dA[R, K] += dh^T @ drop(x) over one split of the rows; grid (cdiv(K, BK), cdiv(R, BR), splits).
 
-    da_ptr is zeroed fp32; rows_per_split is a multiple of BLOCK_M. The mask is regenerated from the seed.
+    da_ptr is zeroed fp32; rows_per_split is a multiple of BLOCK_M. The mask is regenerated from the seed, once
+    per x element: BLOCK_R covers the rank (up to 256) as in the shrink.
     """
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+    col0 = tl.program_id(0) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)  # [BK]
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
     row_start = tl.program_id(2) * rows_per_split
     row_end = min(row_start + rows_per_split, N)
@@ -130,7 +136,7 @@ def lora_bwd_dA_kernel(dh_ptr, x_ptr, da_ptr, N, K, R, stride_dh, stride_xm, str
         x = tl.load(x_ptr + tile_offsets(rows, cols, stride_xm, stride_xk),
                     mask=(rows[:, None] < row_end) & (cols[None, :] < K), other=0.0)  # [BM, BK]
         if DROPOUT:
-            x = tl.where(lora_keep_mask(seed, rows, cols, K, p), x, 0.0)
+            x = tl.where(lora_keep_mask(seed, rows, col0, K, threshold, BLOCK_K, MASK_GROUPED), x, 0.0)
         acc = tl.dot(dh_t.to(LORA_DOT_DTYPE), x.to(LORA_DOT_DTYPE), acc, input_precision=PRECISION)
     if DROPOUT:
         acc = acc * keep_scale
@@ -141,8 +147,8 @@ def lora_bwd_dA_kernel(dh_ptr, x_ptr, da_ptr, N, K, R, stride_dh, stride_xm, str
 
 @triton.jit(do_not_specialize=["seed"])
 def lora_bwd_dx_kernel(g_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr, N, K, O, R,
-                       stride_gm, stride_go, stride_wo, stride_wk, stride_dh, stride_ar, stride_ak, seed, p, keep_scale,
-                       DROPOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr,
+                       stride_gm, stride_go, stride_wo, stride_wk, stride_dh, stride_ar, stride_ak, seed, threshold,
+                       keep_scale, DROPOUT: tl.constexpr, MASK_GROUPED: tl.constexpr, DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """dx[N, K] = g @ W + (dh @ A) * mask / (1-p): the dgrad GEMM (reduction over O), LoRA term in its epilogue."""
@@ -158,11 +164,12 @@ def lora_bwd_dx_kernel(g_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr, N, K, O, R,
                     mask=(outs[:, None] < O) & (cols[None, :] < K), other=0.0)  # [BK, BN]
         acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=PRECISION)
     if DROPOUT:
-        # the mask is elementwise on dh @ A, so that product needs its own accumulator
+        # the mask is elementwise on dh @ A, so that product needs its own accumulator; 1/(1-p) rides on dh
+        keep = lora_keep_mask(seed, rows, pid_n * BLOCK_N, K, threshold, BLOCK_N, MASK_GROUPED)
         lora = lora_rank_expand(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), dh_ptr, dh_ptr, a_ptr, rows, cols,
-                                N, K, R, stride_dh, stride_ar, stride_ak, 1.0, False, LORA_DOT_DTYPE, PRECISION,
-                                BLOCK_R)
-        acc += tl.where(lora_keep_mask(seed, rows, cols, K, p), lora * keep_scale, 0.0)
+                                N, K, R, stride_dh, stride_ar, stride_ak, keep_scale, False, LORA_DOT_DTYPE,
+                                PRECISION, BLOCK_R)
+        acc += tl.where(keep, lora, 0.0)
     else:
         acc = lora_rank_expand(acc, dh_ptr, dh_ptr, a_ptr, rows, cols, N, K, R, stride_dh, stride_ar, stride_ak, 1.0,
                                False, LORA_DOT_DTYPE, PRECISION, BLOCK_R)
@@ -171,9 +178,12 @@ def lora_bwd_dx_kernel(g_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr, N, K, O, R,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def lora_dropout_mask_kernel(keep_ptr, N, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def lora_dropout_mask_kernel(keep_ptr, N, K, seed, threshold, MASK_GROUPED: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
     """keep[N, K] (bool) = the mask the LoRA kernels draw for x [N, K]; grid (cdiv(N, BM), cdiv(K, BK))."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
-    tl.store(keep_ptr + tile_offsets(rows, cols, K, 1), lora_keep_mask(seed, rows, cols, K, p),
+    col0 = tl.program_id(1) * BLOCK_K
+    cols = col0 + tl.arange(0, BLOCK_K)  # [BK]
+    tl.store(keep_ptr + tile_offsets(rows, cols, K, 1),
+             lora_keep_mask(seed, rows, col0, K, threshold, BLOCK_K, MASK_GROUPED),
              mask=(rows[:, None] < N) & (cols[None, :] < K))

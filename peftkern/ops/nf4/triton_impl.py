@@ -12,8 +12,8 @@ import triton
 
 from ...backend import interpret_mode, register
 from ..lora import triton_impl as lora_triton
-from ..triton_launch import (TL_DTYPES, dot_dtype, dropout_args, launch_opts, lora_rank_chunk, out_buffer, precision,
-                             staged, torch_fallback, unstage)
+from ..triton_launch import (TL_DTYPES, dot_dtype, dropout_args, keep_mask_grouped, launch_opts, lora_rank_chunk,
+                             out_buffer, precision, staged, torch_fallback, unstage)
 from .torch_impl import NESTED_BLOCKSIZE, dynamic_code, nf4_code
 from .triton_kernels import (nf4_dequantize_kernel, nf4_gemv_kernel, nf4_matmul_kernel, nf4_quantize_absmax_kernel,
                              nf4_quantize_kernel)
@@ -132,19 +132,19 @@ def matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype, transpo
     stride_wr, stride_wc = (1, in_f) if transpose_w else (in_f, 1)
     if lora is None:
         lora_args, rl, lora_dt = (buf, buf, buf, 0, 0, 0, 0, 0.0), 16, a.dtype
-        seed, p, keep_scale, dropout = 0, 0.0, 1.0, False
+        seed, threshold, keep_scale, dropout = 0, 0, 1.0, False
     else:
         rl, lora_dt = lora.lhs.shape[1], lora.dtype
         lora_args = (lora.lhs, lora.scale if lora.scale is not None else lora.lhs, lora.rhs, rl, lora.lhs.stride(0),
                      lora.stride_r, lora.stride_c, float(lora.alpha))
-        seed, p, keep_scale, dropout = dropout_args(lora.dropout_p, lora.seed)
+        seed, threshold, keep_scale, dropout = dropout_args(lora.dropout_p, lora.seed)
     cfg = _cfg("matmul_dropout" if dropout else "matmul")
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(C, cfg["BLOCK_C"]),)
     nf4_matmul_kernel[grid](
         a, packed, absmax, code, bias_arg, buf, M, C, R, a.stride(0), a.stride(1), stride_wr, stride_wc, *lora_args,
-        seed, p, keep_scale, HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, DOT_DTYPE=dot_dtype(a.dtype),
+        seed, threshold, keep_scale, HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, DOT_DTYPE=dot_dtype(a.dtype),
         PRECISION=precision(), HAS_LORA=lora is not None, HAS_LORA_SCALE=lora is not None and lora.scale is not None,
-        LORA_DROPOUT=dropout, LORA_DOT_DTYPE=dot_dtype(lora_dt), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
+        LORA_DROPOUT=dropout, MASK_GROUPED=keep_mask_grouped(C), LORA_DOT_DTYPE=dot_dtype(lora_dt), BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"],
         BLOCK_R=cfg["BLOCK_R"], BLOCK_RL=lora_rank_chunk(rl, lora_dt), GROUP_M=cfg["GROUP_M"], **dtypes,
         **launch_opts(cfg))
     return unstage(y, buf)

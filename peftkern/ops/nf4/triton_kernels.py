@@ -111,11 +111,11 @@ def nf4_quantize_absmax_kernel(absmax_ptr, offset_ptr, code8_ptr, q_ptr, absmax2
 @triton.jit(do_not_specialize=["seed"])
 def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, M, C, R, stride_am, stride_ar,
                       stride_wr, stride_wc, lora_lhs_ptr, lora_scale_ptr, lora_rhs_ptr, RL, stride_ll, stride_lrr,
-                      stride_lrc, lora_alpha, seed, p, keep_scale,
+                      stride_lrc, lora_alpha, seed, threshold, keep_scale,
                       HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, W_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr,
                       DOT_DTYPE: tl.constexpr, HAND_BF16: tl.constexpr, PRECISION: tl.constexpr,
                       HAS_LORA: tl.constexpr, HAS_LORA_SCALE: tl.constexpr, LORA_DROPOUT: tl.constexpr,
-                      LORA_DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                      MASK_GROUPED: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_R: tl.constexpr, BLOCK_RL: tl.constexpr, GROUP_M: tl.constexpr):
     """out[M, C] = a[M, R] @ Wop (+ bias) (+ the LoRA term), Wop[r, c] = W's flat element r * stride_wr + c * stride_wc
     dequantized in registers, tile by tile, to bitsandbytes' values (W_DTYPE, then the compute dtype X_DTYPE), never
@@ -142,7 +142,8 @@ def nf4_matmul_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr
             lora = lora_rank_expand(tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), lora_lhs_ptr, lora_scale_ptr,
                                     lora_rhs_ptr, rows, cols, M, C, RL, stride_ll, stride_lrr, stride_lrc, lora_alpha,
                                     HAS_LORA_SCALE, LORA_DOT_DTYPE, PRECISION, BLOCK_RL)
-            acc += tl.where(lora_keep_mask(seed, rows, cols, C, p), lora * keep_scale, 0.0)
+            keep = lora_keep_mask(seed, rows, pid_c * BLOCK_C, C, threshold, BLOCK_C, MASK_GROUPED)
+            acc += tl.where(keep, lora * keep_scale, 0.0)
         else:
             acc = lora_rank_expand(acc, lora_lhs_ptr, lora_scale_ptr, lora_rhs_ptr, rows, cols, M, C, RL, stride_ll,
                                    stride_lrr, stride_lrc, lora_alpha, HAS_LORA_SCALE, LORA_DOT_DTYPE, PRECISION,
