@@ -1,7 +1,7 @@
 """Triton launchers of the LoRA ops: allocate outputs, choose blocks, launch (kernels: triton_kernels.py).
 
 The registered ops have the signatures and return conventions of torch_impl.py. The per-kernel launchers
-(:func:`shrink`, :func:`fwd`, :func:`bwd_dB_dh`, :func:`bwd_dA`, :func:`bwd_dx`) take optional
+(:func:`shrink`, :func:`fwd`, :func:`bwd_dh`, :func:`bwd_dB`, :func:`bwd_dA`, :func:`bwd_dx`) take optional
 ``out=`` buffers so tests can hand them NaN-poisoned ones. float64 inputs are served by torch_impl (the kernels
 accumulate in fp32). ``AOT_SCENARIOS`` are the launches ``peftkern kernels`` compiles (``peftkern._aot``).
 """
@@ -16,28 +16,29 @@ from ...backend import interpret_mode, register
 from ..triton_launch import (dot_dtype, dropout_args, keep_mask_grouped, launch_opts, lora_rank_chunk, lora_rank_tile,
                              out_buffer, precision, programs_wanted, staged, torch_fallback, unstage)
 from . import torch_impl
-from .triton_kernels import (lora_bwd_dA_kernel, lora_bwd_dB_dh_kernel, lora_bwd_dx_kernel,
-                             lora_dropout_mask_kernel, lora_fwd_kernel, lora_shrink_kernel)
+from .triton_kernels import (lora_bwd_dh_kernel, lora_bwd_dx_kernel, lora_bwd_wgrad_kernel, lora_dropout_mask_kernel,
+                             lora_fwd_kernel, lora_shrink_kernel)
 
 # GPU defaults, chosen spill-free on sm_80 and sm_90 (peftkern._aot). Base GEMMs: 128x128x32 tiles, 8 warps,
 # 3 stages (Triton's matmul tutorial config) with the LoRA epilogue; with dropout the dgrad epilogue also holds
 # the Philox mask tile and a second accumulator, so its tile is 128x64. Rank-sized kernels: 64-row tiles, 4 warps;
-# dA reduces over rows with a 32-row step. BLOCK_R (the rank chunk in registers): triton_launch.lora_rank_chunk;
-# the shrink and dA hold the whole rank (triton_launch.lora_rank_tile shrinks BLOCK_M / BLOCK_K for it).
+# dA and dB (wgrad) reduce over rows with a 32-row step. BLOCK_R (the rank chunk of the GEMM epilogues):
+# triton_launch.lora_rank_chunk; the shrink, dh, dA and dB hold the whole rank (triton_launch.lora_rank_tile shrinks
+# their other tile sides for it).
 _GPU = {
     "fwd": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
     "bwd_dx": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
     "bwd_dx_dropout": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
     "shrink": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    "bwd_dB_dh": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    "bwd_dA": dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=3),
+    "bwd_dh": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "wgrad": dict(BLOCK_M=32, BLOCK_C=64, num_warps=4, num_stages=2),
     "mask": dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=1),
 }
 # The interpreter runs each program as numpy ops: small tiles still exercise every mask and loop.
 _SMALL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 _INTERPRET = {
-    "fwd": _SMALL, "bwd_dx": _SMALL, "bwd_dx_dropout": _SMALL, "shrink": _SMALL, "bwd_dB_dh": _SMALL,
-    "bwd_dA": _SMALL, "mask": dict(BLOCK_M=32, BLOCK_K=32),
+    "fwd": _SMALL, "bwd_dx": _SMALL, "bwd_dx_dropout": _SMALL, "shrink": _SMALL, "bwd_dh": _SMALL,
+    "wgrad": dict(BLOCK_M=32, BLOCK_C=32), "mask": dict(BLOCK_M=32, BLOCK_K=32),
 }
 
 
@@ -89,11 +90,12 @@ def fwd(x, weight, bias, h, rank_scale, lora_B, scaling: float, *, out=None,
     return unstage(y, y_buf)
 
 
-def bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling: float, *, out_dh=None):
-    """One pass over g: (dh [N, r] fp32, dB [out, r] fp32, d_rank_scale [r] fp32 or None).
+def bwd_dh(grad_y, lora_B, h, rank_scale, scaling: float, *, out_dh=None):
+    """One pass over g: (dh [N, r] fp32, d_rank_scale [r] fp32 or None).
 
     dh is a column slice of an [N, r rounded up to 16] buffer: aligned rows load vectorized in the later kernels
-    (an odd row stride such as r = 8 costs registers and spills bwd_dx on sm_80).
+    (an odd row stride such as r = 8 costs registers and spills bwd_dx on sm_80). d_rank_scale: one row of partial
+    sums per row block, then one sum.
     """
     N, O = grad_y.shape
     R = h.shape[1]
@@ -102,38 +104,57 @@ def bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling: float, *, out_dh=None):
     if tuple(out_dh.shape) != (N, R) or out_dh.dtype != torch.float32 or out_dh.stride(1) != 1:
         raise ValueError(f"out_dh must be an fp32 [{N}, {R}] tensor with unit column stride")
     dh = out_dh
-    dB = torch.zeros((O, R), dtype=torch.float32, device=h.device)
-    de = torch.zeros(R, dtype=torch.float32, device=h.device) if rank_scale is not None else None
-    cfg, block_r = _cfg("bwd_dB_dh"), lora_rank_chunk(R, h.dtype)
-    grid = (triton.cdiv(N, cfg["BLOCK_M"]), triton.cdiv(R, block_r))
-    lora_bwd_dB_dh_kernel[grid](
-        grad_y, lora_B, h, rank_scale if rank_scale is not None else h, dh, dB, de if de is not None else dB,
+    cfg = _cfg("bwd_dh")
+    block_r, block_m, block_n = lora_rank_tile(R, h.dtype, cfg["BLOCK_M"], cfg["BLOCK_N"])
+    grid = (triton.cdiv(N, block_m), triton.cdiv(R, block_r))
+    de = torch.empty((grid[0], R), dtype=torch.float32, device=h.device) if rank_scale is not None else None
+    lora_bwd_dh_kernel[grid](
+        grad_y, lora_B, h, rank_scale if rank_scale is not None else h, dh, de if de is not None else dh,
         N, O, R, grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), dh.stride(0), float(scaling),
         HAS_RANK_SCALE=rank_scale is not None, LORA_DOT_DTYPE=dot_dtype(h.dtype), PRECISION=precision(),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, **launch_opts(cfg))
-    return dh, dB, de
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, **launch_opts(cfg))
+    return dh, de.sum(0) if de is not None else None
+
+
+def _wgrad(lhs, rank_scale, rhs, alpha: float, lora_dtype: torch.dtype, transposed: bool, splits: int | None,
+           dropout=(0, 0, False)) -> torch.Tensor:
+    """alpha (lhs e)^T drop(rhs) in fp32, [r, C] (or [C, r] when ``transposed``) for lhs [N, r], rhs [N, C].
+
+    The rows are split to fill the device (``splits``: how many, default from the device); each split's sum goes
+    to its slice of a [splits, ...] workspace (at most a few programs per SM times a [BLOCK_R, BLOCK_C] tile), then
+    one sum over the splits. ``dropout``: (seed, threshold, DROPOUT) of a mask on rhs.
+    """
+    N, C = rhs.shape
+    R = lhs.shape[1]
+    cfg = _cfg("wgrad")
+    block_r, block_c, block_m = lora_rank_tile(R, lora_dtype, cfg["BLOCK_C"], cfg["BLOCK_M"])
+    row_blocks = triton.cdiv(N, block_m)
+    if splits is None:
+        splits = triton.cdiv(programs_wanted(rhs.device), triton.cdiv(C, block_c) * triton.cdiv(R, block_r))
+    rows_per_split = triton.cdiv(row_blocks, max(1, min(splits, row_blocks))) * block_m
+    splits = triton.cdiv(N, rows_per_split)
+    ws = torch.empty((splits, C, R) if transposed else (splits, R, C), dtype=torch.float32, device=rhs.device)
+    stride_or, stride_oc = (ws.stride(2), ws.stride(1)) if transposed else (ws.stride(1), ws.stride(2))
+    seed, threshold, drop = dropout
+    grid = (triton.cdiv(C, block_c), triton.cdiv(R, block_r), splits)
+    lora_bwd_wgrad_kernel[grid](
+        lhs, rank_scale if rank_scale is not None else lhs, rhs, ws, N, C, R, lhs.stride(0), rhs.stride(0),
+        rhs.stride(1), ws.stride(0), stride_or, stride_oc, rows_per_split, float(alpha), seed, threshold,
+        HAS_RANK_SCALE=rank_scale is not None, DROPOUT=drop, MASK_GROUPED=keep_mask_grouped(C),
+        LORA_DOT_DTYPE=dot_dtype(lora_dtype), PRECISION=precision(), BLOCK_M=block_m, BLOCK_C=block_c,
+        BLOCK_R=block_r, **launch_opts(cfg))
+    return ws[0] if splits == 1 else ws.sum(0)
+
+
+def bwd_dB(grad_y, h, rank_scale, scaling: float, *, splits: int | None = None) -> torch.Tensor:
+    """dB [out, r] fp32 = s g^T (h e): rows split to fill the device, each split's sum stored, then one sum."""
+    return _wgrad(h, rank_scale, grad_y, scaling, h.dtype, True, splits)
 
 
 def bwd_dA(dh, x, lora_dtype: torch.dtype, dropout_p: float, seed, *, splits: int | None = None) -> torch.Tensor:
-    """dA [r, in] fp32 = dh^T drop(x), the mask regenerated from the seed; rows split to fill the device."""
-    N, K = x.shape
-    R = dh.shape[1]
-    dA = torch.zeros((R, K), dtype=torch.float32, device=x.device)
-    cfg = _cfg("bwd_dA")
-    block_r, block_k, block_m = lora_rank_tile(R, lora_dtype, cfg["BLOCK_K"], cfg["BLOCK_M"])
-    tiles = triton.cdiv(K, block_k) * triton.cdiv(R, block_r)
-    row_blocks = triton.cdiv(N, block_m)
-    if splits is None:
-        splits = triton.cdiv(programs_wanted(x.device), tiles)
-    splits = max(1, min(splits, row_blocks))
-    rows_per_split = triton.cdiv(row_blocks, splits) * block_m
+    """dA [r, in] fp32 = dh^T drop(x), the mask regenerated from the seed; rows split as in :func:`bwd_dB`."""
     seed_, threshold, keep_scale, dropout = dropout_args(dropout_p, seed)
-    grid = (triton.cdiv(K, block_k), triton.cdiv(R, block_r), triton.cdiv(N, rows_per_split))
-    lora_bwd_dA_kernel[grid](
-        dh, x, dA, N, K, R, dh.stride(0), x.stride(0), x.stride(1), rows_per_split, seed_, threshold, keep_scale,
-        DROPOUT=dropout, MASK_GROUPED=keep_mask_grouped(K), LORA_DOT_DTYPE=dot_dtype(lora_dtype),
-        PRECISION=precision(), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, **launch_opts(cfg))
-    return dA
+    return _wgrad(dh, None, x, keep_scale, lora_dtype, False, splits, (seed_, threshold, dropout))
 
 
 def bwd_dx(grad_y, weight, dh, lora_A, lora_dtype: torch.dtype, dropout_p: float, seed, *, out=None) -> torch.Tensor:
@@ -195,7 +216,8 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling: flo
     impl = torch_fallback("lora_backward", x, lora_A, empty=x.shape[0] == 0)
     if impl is not None:
         return impl(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling, dropout_p, seed, compute_dx)
-    dh, dB, de = bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling)
+    dB = bwd_dB(grad_y, h, rank_scale, scaling)
+    dh, de = bwd_dh(grad_y, lora_B, h, rank_scale, scaling)
     dA = bwd_dA(dh, x, h.dtype, dropout_p, seed)
     dx = bwd_dx(grad_y, weight, dh, lora_A, h.dtype, dropout_p, seed) if compute_dx else None
     return (dx, dA.to(lora_A.dtype), dB.to(lora_B.dtype),

@@ -75,74 +75,74 @@ def lora_fwd_kernel(x_ptr, w_ptr, bias_ptr, h_ptr, e_ptr, b_ptr, y_ptr, N, K, O,
 
 
 @triton.jit
-def lora_bwd_dB_dh_kernel(g_ptr, b_ptr, h_ptr, e_ptr, dh_ptr, db_ptr, de_ptr, N, O, R,
-                          stride_gm, stride_go, stride_bo, stride_br, stride_dh, scaling,
-                          HAS_RANK_SCALE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One pass over g: dB += s g^T (h*e), dhe = s g B, de += colsum(dhe*h), dh = dhe*e.
+def lora_bwd_dh_kernel(g_ptr, b_ptr, h_ptr, e_ptr, dh_ptr, de_ptr, N, O, R,
+                       stride_gm, stride_go, stride_bo, stride_br, stride_dh, scaling,
+                       HAS_RANK_SCALE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """dhe = s g B, dh = dhe*e and the row block's share of de = colsum(dhe*h); grid (cdiv(N, BM), cdiv(R, BR)).
 
-    Grid (cdiv(N, BM), cdiv(R, BR)); db_ptr [O, R] and de_ptr [R] are zeroed fp32; dh_ptr [N, R] fp32 with row
-    stride stride_dh (the launcher pads it to a multiple of 16 so the dh tiles load vectorized).
+    BLOCK_R covers the rank (up to 256), so g is read once. dh_ptr [N, R] fp32 with row stride stride_dh (the
+    launcher pads it to a multiple of 16 so the dh tiles load vectorized); de_ptr [cdiv(N, BM), R] fp32 takes one
+    row per row block (summed by the launcher: no atomics).
     """
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
     row_ok = rows < N
     rank_ok = ranks < R
-    h = tl.load(h_ptr + tile_offsets(rows, ranks, R, 1), mask=row_ok[:, None] & rank_ok[None, :],
-                other=0.0).to(tl.float32)  # [BM, BR]
-    e = tl.load(e_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32) if HAS_RANK_SCALE else 1.0  # [BR]
-    he = (h * e).to(LORA_DOT_DTYPE)
     dhe = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     # the g and B tiles at o0 = 0, moved by a scalar each step: 64-bit tile offsets rebuilt every step spill
     g_tile = g_ptr + tile_offsets(rows, tl.arange(0, BLOCK_N), stride_gm, stride_go)  # [BM, BN]
     b_tile = b_ptr + tile_offsets(tl.arange(0, BLOCK_N), ranks, stride_bo, stride_br)  # [BN, BR]
     for o0 in range(0, O, BLOCK_N):
         outs = o0 + tl.arange(0, BLOCK_N)  # [BN]
-        g = tl.load(g_tile + offsets(o0, stride_go), mask=row_ok[:, None] & (outs[None, :] < O),
-                    other=0.0).to(LORA_DOT_DTYPE)  # [BM, BN]
-        b = tl.load(b_tile + offsets(o0, stride_bo), mask=(outs[:, None] < O) & rank_ok[None, :],
-                    other=0.0)  # [BN, BR]
-        dhe = tl.dot(g, b.to(LORA_DOT_DTYPE), dhe, input_precision=PRECISION)
-        db = tl.dot(tl.trans(g), he, input_precision=PRECISION)  # [BN, BR] partial over this row block
-        # fp32 atomics: no [row blocks, O, R] split workspace; the summation order (last bits) may vary by run
-        tl.atomic_add(db_ptr + tile_offsets(outs, ranks, R, 1), db * scaling,
-                      mask=(outs[:, None] < O) & rank_ok[None, :], sem="relaxed")
+        g = tl.load(g_tile + offsets(o0, stride_go), mask=row_ok[:, None] & (outs[None, :] < O), other=0.0)
+        b = tl.load(b_tile + offsets(o0, stride_bo), mask=(outs[:, None] < O) & rank_ok[None, :], other=0.0)
+        dhe = tl.dot(g.to(LORA_DOT_DTYPE), b.to(LORA_DOT_DTYPE), dhe, input_precision=PRECISION)
     dhe = dhe * scaling
     if HAS_RANK_SCALE:
-        tl.atomic_add(de_ptr + ranks, tl.sum(dhe * h, axis=0), mask=rank_ok, sem="relaxed")
-    tl.store(dh_ptr + tile_offsets(rows, ranks, stride_dh, 1), dhe * e, mask=row_ok[:, None] & rank_ok[None, :])
+        h = tl.load(h_ptr + tile_offsets(rows, ranks, R, 1), mask=row_ok[:, None] & rank_ok[None, :],
+                    other=0.0).to(tl.float32)  # [BM, BR]
+        tl.store(de_ptr + offsets(tl.program_id(0), R) + ranks, tl.sum(dhe * h, axis=0), mask=rank_ok)
+        dhe = dhe * tl.load(e_ptr + ranks, mask=rank_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(dh_ptr + tile_offsets(rows, ranks, stride_dh, 1), dhe, mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["seed"])
-def lora_bwd_dA_kernel(dh_ptr, x_ptr, da_ptr, N, K, R, stride_dh, stride_xm, stride_xk, rows_per_split, seed,
-                       threshold, keep_scale,
-                       DROPOUT: tl.constexpr, MASK_GROUPED: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """dA[R, K] += dh^T @ drop(x) over one split of the rows; grid (cdiv(K, BK), cdiv(R, BR), splits).
+def lora_bwd_wgrad_kernel(lhs_ptr, e_ptr, rhs_ptr, out_ptr, N, C, R, stride_lhs, stride_rm, stride_rc, stride_os,
+                          stride_or, stride_oc, rows_per_split, alpha, seed, threshold,
+                          HAS_RANK_SCALE: tl.constexpr, DROPOUT: tl.constexpr, MASK_GROUPED: tl.constexpr,
+                          LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """The adapters' weight gradients: out[split, R, C] = alpha * (lhs * e)^T @ drop(rhs) summed over the rows of
+    one split; grid (cdiv(C, BC), cdiv(R, BR), splits).
 
-    da_ptr is zeroed fp32; rows_per_split is a multiple of BLOCK_M. The mask is regenerated from the seed, once
-    per x element: BLOCK_R covers the rank (up to 256) as in the shrink.
+    dA = dh^T drop(x) (lhs = dh, rhs = x, alpha = 1/(1-p), the mask regenerated from the seed) and dB^T =
+    s (h e)^T g (lhs = h, e the rank scale, rhs = g). lhs [N, R] has row stride stride_lhs and unit column stride;
+    rhs [N, C] and out [splits, R, C] are strided; rows_per_split is a multiple of BLOCK_M. Each program stores its
+    split's sum and the launcher adds the splits: a bounded workspace and one reduction in place of atomics onto
+    one buffer (deterministic). BLOCK_R covers the rank (up to 256): rhs and its mask are read and drawn once.
     """
-    col0 = tl.program_id(0) * BLOCK_K
-    cols = col0 + tl.arange(0, BLOCK_K)  # [BK]
+    col0 = tl.program_id(0) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)  # [BC]
     ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
     row_start = tl.program_id(2) * rows_per_split
     row_end = min(row_start + rows_per_split, N)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    if HAS_RANK_SCALE:
+        e = tl.load(e_ptr + ranks, mask=ranks < R, other=0.0).to(tl.float32)[:, None]  # [BR, 1]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for m0 in range(row_start, row_end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)  # [BM]
-        dh_t = tl.load(dh_ptr + tile_offsets(ranks, rows, 1, stride_dh),
-                       mask=(rows[None, :] < row_end) & (ranks[:, None] < R), other=0.0)  # [BR, BM] = dh^T tile
-        x = tl.load(x_ptr + tile_offsets(rows, cols, stride_xm, stride_xk),
-                    mask=(rows[:, None] < row_end) & (cols[None, :] < K), other=0.0)  # [BM, BK]
+        lhs_t = tl.load(lhs_ptr + tile_offsets(ranks, rows, 1, stride_lhs),
+                        mask=(rows[None, :] < row_end) & (ranks[:, None] < R), other=0.0)  # [BR, BM] = lhs^T tile
+        if HAS_RANK_SCALE:
+            lhs_t = lhs_t.to(tl.float32) * e
+        rhs = tl.load(rhs_ptr + tile_offsets(rows, cols, stride_rm, stride_rc),
+                      mask=(rows[:, None] < row_end) & (cols[None, :] < C), other=0.0)  # [BM, BC]
         if DROPOUT:
-            x = tl.where(lora_keep_mask(seed, rows, col0, K, threshold, BLOCK_K, MASK_GROUPED), x, 0.0)
-        acc = tl.dot(dh_t.to(LORA_DOT_DTYPE), x.to(LORA_DOT_DTYPE), acc, input_precision=PRECISION)
-    if DROPOUT:
-        acc = acc * keep_scale
-    # fp32 atomics over the row splits: splits fill the GPU when K / BLOCK_K alone gives too few programs
-    tl.atomic_add(da_ptr + tile_offsets(ranks, cols, K, 1), acc,
-                  mask=(ranks[:, None] < R) & (cols[None, :] < K), sem="relaxed")
+            rhs = tl.where(lora_keep_mask(seed, rows, col0, C, threshold, BLOCK_C, MASK_GROUPED), rhs, 0.0)
+        acc = tl.dot(lhs_t.to(LORA_DOT_DTYPE), rhs.to(LORA_DOT_DTYPE), acc, input_precision=PRECISION)
+    tl.store(out_ptr + offsets(tl.program_id(2), stride_os) + tile_offsets(ranks, cols, stride_or, stride_oc),
+             acc * alpha, mask=(ranks[:, None] < R) & (cols[None, :] < C))
 
 
 @triton.jit(do_not_specialize=["seed"])

@@ -174,12 +174,13 @@ def qlora_forward(x, packed, absmax, code, blocksize: int, shape, weight_dtype, 
 @register("qlora_backward", "triton")
 def qlora_backward(grad_y, x, packed, absmax, code, blocksize: int, shape, weight_dtype, lora_A, lora_B, rank_scale,
                    h, scaling: float, dropout_p: float, seed, compute_dx: bool):
-    """The LoRA family's dB/dh and dA kernels, then the NF4 dgrad with drop'(dh A) in its epilogue."""
+    """The LoRA family's dB, dh and dA kernels, then the NF4 dgrad with drop'(dh A) in its epilogue."""
     impl = torch_fallback("qlora_backward", x, lora_A)
     if impl is not None:
         return impl(grad_y, x, packed, absmax, code, blocksize, shape, weight_dtype, lora_A, lora_B, rank_scale, h,
                     scaling, dropout_p, seed, compute_dx)
-    dh, dB, de = lora_triton.bwd_dB_dh(grad_y, lora_B, h, rank_scale, scaling)
+    dB = lora_triton.bwd_dB(grad_y, h, rank_scale, scaling)
+    dh, de = lora_triton.bwd_dh(grad_y, lora_B, h, rank_scale, scaling)
     dA = lora_triton.bwd_dA(dh, x, h.dtype, dropout_p, seed)
     dx = None
     if compute_dx:
