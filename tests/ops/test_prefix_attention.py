@@ -14,16 +14,21 @@ from peftkern.ops.prefix_attention import torch_impl
 from peftkern.ops.prefix_attention.reference import prefix_attention_reference
 from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, shape_id, torch_variant_or_backend
 
-# the torch backend runs PyTorch's CPU flash kernel on a CPU; "torch-chunked" switches it off
+# the torch backend runs PyTorch's CPU flash kernel on a CPU; "torch-chunked" switches it off; "torch-blocked" splits
+# causal queries into blocks (torch_impl.query_blocks) at test sizes: blocks of 2 rows or more, at most 3
 BACKENDS = [b for b in backends() if getattr(b, "values", (b,))[0] in registered("prefix_attention_forward")]
-BACKENDS.append("torch-chunked")
+BACKENDS += ["torch-chunked", "torch-blocked"]
 
 
 @pytest.fixture
 def use(request, monkeypatch):
     """Enter the backend (or torch path) named by the test's ``backend`` parameter."""
-    with torch_variant_or_backend(request.node.callspec.params["backend"], "torch-chunked", monkeypatch, torch_impl,
-                                  "USE_CPU_FLASH") as name:
+    name = request.node.callspec.params["backend"]
+    if name == "torch-blocked":
+        monkeypatch.setattr(torch_impl, "BLOCK_ROWS", 2)
+        monkeypatch.setattr(torch_impl, "MAX_BLOCKS", 3)
+        name = "torch"
+    with torch_variant_or_backend(name, "torch-chunked", monkeypatch, torch_impl, "USE_CPU_FLASH") as name:
         yield name
 # (B, Hq, Hkv, S, P, D)
 SHAPES = [(2, 4, 2, 7, 3, 16), (1, 2, 2, 1, 5, 8), (2, 2, 1, 5, 9, 32), (2, 3, 3, 6, 0, 16), (1, 2, 1, 37, 4, 64)]
@@ -100,7 +105,8 @@ def test_matches_sdpa_on_concatenated_keys():
         assert_within_eager(o, r, p, name=name)
 
 
-def test_non_contiguous_inputs():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend, use):
     """q/k/v as transformers lays them out ([B, S, H, D] transposed) and a sliced prefix."""
     B, H, S, P, D = 2, 2, 6, 3, 16
     c = _case(B, H, H, S, P, D, shared=True)
@@ -110,6 +116,20 @@ def test_non_contiguous_inputs():
     c2 = {**c, **base, "pk": wide[..., ::2], "pv": wide[..., 1::2]}
     out = _run(pk.prefix_attention, c2)
     ref = _run(prefix_attention_reference, {**c2}, to=torch.float64)
+    for name, o, r in zip(NAMES, out, ref):
+        assert_close(o, r, name=name)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_cpu_path_at_its_own_block_sizes(causal):
+    """S = 150 with the torch path's own query blocks (2 of 75 rows), left padding past the first block on one row
+    and GQA: values and every gradient against fp64."""
+    c = _case(2, 4, 2, 150, 5, 16, shared=False, padding=False)
+    c["kpm"] = torch.zeros(2, 150, dtype=torch.bool, device=DEVICE)
+    c["kpm"][1, :90] = True
+    with pk.use_backend("torch"):
+        out = _run(pk.prefix_attention, c, causal=causal)
+    ref = _run(prefix_attention_reference, c, to=torch.float64, causal=causal)
     for name, o, r in zip(NAMES, out, ref):
         assert_close(o, r, name=name)
 
