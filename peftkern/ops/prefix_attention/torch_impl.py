@@ -12,7 +12,8 @@ exact share; the prefix's share is the same formula on the [S, P] scores.
 Elsewhere (or with ``USE_CPU_FLASH`` off): queries in chunks of CHUNK rows, the prefix and the sequence keys scored
 separately (no concatenation) and combined in one softmax, GQA broadcast without copies. Either way autograd keeps
 q, k, v, the prefix, o and lse: O(B H S D).
-"""from __future__ import annotations
+"""
+from __future__ import annotations
 
 from typing import Optional
 
