@@ -1,8 +1,10 @@
 """The ``peftkern`` command: ``info --json`` and an end-to-end ``demo --quick`` (real model, real training)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,51 @@ def test_bench_subcommand_parses():
     assert cli._per_family("r.png", "nf4") == "r-nf4.png" and cli._per_family(None, "nf4") is None
     for family in cli.BENCHMARKS:
         assert callable(cli._load_benchmark(family).run_from_args), family
+
+
+def test_bench_names_a_missing_peer(monkeypatch):
+    """A peer that is not installed stops ``peftkern bench`` with its name and how to get it, not a traceback."""
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ModuleNotFoundError
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "lora", "--quick", "--no-model", "--shapes", "8x16x16", "--dtypes", "fp32", "--reps", "1"])
+    assert str(e.value) == "peftkern bench lora: needs peft, which is not installed (pip install peft)"
+
+
+def test_bench_runs_from_an_installed_wheel(tmp_path):
+    """``peftkern bench`` from the wheel of this tree, unpacked as site-packages, the checkout off sys.path: the
+    benchmarks come from the wheel and the results go to the current directory's benchmarks/results/."""
+    src, site, work = tmp_path / "src", tmp_path / "site", tmp_path / "work"
+    shutil.copytree(REPO / "peftkern", src / "peftkern", ignore=shutil.ignore_patterns("__pycache__", "_lib"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    env = {**os.environ, "PEFTKERN_SKIP_CPU_BUILD": "1", "PEFTKERN_SKIP_CUDA_BUILD": "1", "HF_HUB_OFFLINE": "1"}
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                            str(tmp_path / "dist"), str(src)], env=env, capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("peftkern-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        z.extractall(site)
+    assert {f"peftkern/benchmarks/{mod}.py" for mod in cli.BENCHMARKS.values()} <= names
+    assert not any(n.startswith("benchmarks/") for n in names)
+
+    work.mkdir()
+    argv = ["bench", "lora", "--quick", "--no-model", "--shapes", "16x32x32", "--dtypes", "fp32", "--reps", "1"]
+    script = ("import json, sys\n"
+              "from peftkern import cli\n"
+              f"rc = cli.main({argv!r})\n"
+              "mod = sys.modules['peftkern.benchmarks.bench_lora'].__file__\n"
+              "print(json.dumps({'rc': rc, 'module': mod, 'path': sys.path}))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=work, env={**env, "PYTHONPATH": str(site)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    assert out["rc"] == 0 and Path(out["module"]).is_relative_to(site)
+    assert REPO not in {(work / p).resolve() for p in out["path"]}
+    (result,) = (work / "benchmarks" / "results").glob("bench_lora-*.json")
+    payload = json.loads(result.read_text())
+    assert result.name.endswith("-nogit.json") and payload["machine"]["git_commit"] is None
+    assert payload["layers"] and all(r["ratio"] > 0 for r in payload["layers"])
 
 
 @pytest.mark.slow

@@ -1,11 +1,11 @@
-"""Every method of pk.patch on a tiny BERT classifier and a tiny Llama (benchmarks/bench_methods.py): the loss falls
-and only the method's parameters (and the head) move; a few on the real all-MiniLM-L6-v2 learn the demo's task."""
+"""Every method of pk.patch on a tiny BERT classifier and a tiny Llama (peftkern/benchmarks/bench_methods.py): the loss
+falls and only the method's parameters (and the head) move; a few on the real all-MiniLM-L6-v2 learn the demo's task."""
 from __future__ import annotations
 
 import pytest
 
 import peftkern as pk
-from benchmarks import bench_methods
+from peftkern.benchmarks import bench_methods
 
 
 def test_every_method_trains_both_architectures():
