@@ -255,7 +255,17 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask: Optional[torch.Tensor
 
 @register("prefix_attention_backward", "torch")
 def backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, causal: bool, scale: float):
-    """(dq, dk, dv, d prefix_k, d prefix_v) in their inputs' dtypes; a shared prefix's sums over the batch."""
+    """(dq, dk, dv, d prefix_k, d prefix_v) in their inputs' dtypes; a shared prefix's sums over the batch.
+
+    Its matmuls run in the compute dtype also where autograd runs it under ``torch.autocast`` (the forward's inputs
+    were cast already; autocast would round the fp32 products to bf16 again)."""
+    if torch.is_autocast_enabled(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
+            return _backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, causal, scale)
+    return _backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, causal, scale)
+
+
+def _backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, causal: bool, scale: float):
     B, Hq, S, D = q.shape
     hkv = k.shape[1]
     if _cpu_flash(q):
