@@ -63,6 +63,25 @@ def test_without_residual_or_biases(backend, residual, bias):
         assert_close(o, r)
 
 
+@pytest.mark.parametrize("residual,bias", [(True, True), (False, True), (True, False)],
+                         ids=["residual", "no-residual", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_path_with_b_up_folded_into_the_gemms(monkeypatch, residual, bias, dtype):
+    """From FOLD_MIN elements of h on, the torch path adds h, b_u and the product in one addmm and takes db_u with
+    dW_u from one GEMM: forward and every gradient against fp64 (bf16: within 2x eager's error)."""
+    monkeypatch.setattr(torch_impl, "FOLD_MIN", 0)
+    params = _params(37, 24, 5, dtype, bias=bias)
+    grad = torch.randn(37, 24, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    with pk.use_backend("torch"):
+        out = _run(pk.bottleneck_adapter, params, "gelu", residual, 0.5, grad)
+    p64 = [p if p is None else p.detach().double().requires_grad_() for p in params]
+    ref = _run(bottleneck_adapter_reference, p64, "gelu", residual, 0.5, grad.double())
+    eager = _run(bottleneck_adapter_reference, params, "gelu", residual, 0.5, grad)
+    for o, r, e in zip(out, ref, eager):
+        assert o.dtype == dtype
+        assert_close(o, r, eager=e)
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_3d_and_non_contiguous(backend):
     h, wd, bd, wu, bu = _params(2 * 7 * 2, 24, 6, torch.float32)
