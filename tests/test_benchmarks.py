@@ -19,6 +19,14 @@ def test_roofline_and_results_files(tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_peer_faster_names_the_rows_the_peer_wins_and_why():
+    rows = [{"shape": s, "ratio_paired": r} for s, r in (("a", 0.8), ("b", 1.25), ("c", 1.0))]
+    line = common.peer_faster(rows, lambda r: r["shape"], "SDPA", "the reason")
+    assert line == "# SDPA faster at: b (1.25x); c (1.00x). Why: the reason"
+    assert common.peer_faster(rows[:1], lambda r: r["shape"], "SDPA", "the reason") == \
+        "# ours faster than SDPA at every row"
+
+
 def test_adapter_benchmark_runs_and_reports_what_it_measures(tmp_path, monkeypatch):
     """bench_adapter end to end on small shapes: a ratio per row, fewer saved bytes than the eager adapter, and
     AdapterDrop's step time; the JSON holds both tables."""

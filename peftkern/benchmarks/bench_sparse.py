@@ -15,10 +15,14 @@ import torch
 from torch import nn
 
 import peftkern as pk
-from peftkern.benchmarks.common import add_roofline, format_table, run_context, standard_cli, write_results
+from peftkern.benchmarks.common import (add_roofline, format_table, peer_faster, run_context, standard_cli,
+                                       write_results)
 from peftkern.measure import fmt_bytes, interleaved_times, paired_ratio, summarize
 
 DENSITIES = (0.001, 0.01, 0.1)
+WHY = ("ours replaces the dense dW GEMM by two sparse x dense products and an SDDMM over nnz entries, in fp32 (MKL's "
+       "sparse kernels take no bf16): past ~1% density they cost more than the GEMM they save, and on a CPU with "
+       "fast bf16 GEMMs (AVX-512 bf16) the peer's bf16 GEMMs are cheap next to our fp32 sparse work and conversions")
 
 
 def bench(tokens: int, in_f: int, out_f: int, density: float, dtype, reps: int, device: str) -> dict:
@@ -58,8 +62,8 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
         plot: Optional[str] = None, log=print) -> dict:
     device, malloc, info, where = run_context(malloc)
     reps = reps or (5 if quick else 9)
-    log(f"# SparseDiffLinear vs dense masked gradient, fwd+bwd (dx), {device}: {where}; torch {torch.__version__}; "
-        f"median of {reps} interleaved repetitions; ratio < 1: ours faster")
+    log(f"# SparseDiffLinear vs dense masked gradient, fwd+bwd (dx), {device}: {where}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s); median of {reps} interleaved repetitions; ratio < 1: ours faster")
     shapes = [(256, 1024, 1024)] if quick else [(256, 4096, 4096), (256, 1024, 1024)]
     rows = [bench(*shape, d, dtype, reps, device) for shape in shapes for dtype in (torch.float32, torch.bfloat16)
             for d in DENSITIES]
@@ -67,6 +71,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
                             ("ratio", "ours/dense"), ("ratio_paired", "paired"), ("ours_ms", "ours ms"),
                             ("dense_ms", "dense ms"), ("TFLOPs", "ours TFLOP/s"),
                             ("state", "trainable state ours / dense")]))
+    log(peer_faster(rows, lambda r: f"{r['shape']} {r['dtype']} {100 * r['density']:g}%", "dense", WHY))
     path = write_results({"machine": info, "malloc": malloc, "reps": reps, "rows": rows}, rows, json_path,
                          "bench_sparse", plot, f"SparseDiffLinear vs dense masked gradient, {device}",
                          lambda r: f"{r['shape']} {r['dtype']} {100 * r['density']:g}%")

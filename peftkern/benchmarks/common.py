@@ -168,6 +168,14 @@ def write_results(payload: dict, rows: list[dict], json_path, stem: str, plot_pa
     return path
 
 
+def peer_faster(rows: list[dict], label: Callable[[dict], str], peer: str, why: str) -> str:
+    """A line naming the rows where ``peer`` is faster (paired ratio >= 1) and ``why``, or saying there are none."""
+    slower = [f"{label(r)} ({r['ratio_paired']:.2f}x)" for r in rows if r["ratio_paired"] >= 1.0]
+    if not slower:
+        return f"# ours faster than {peer} at every row"
+    return f"# {peer} faster at: {'; '.join(slower)}. Why: {why}"
+
+
 def plot_ratios(rows: list[dict], path, title: str, label: Callable[[dict], str]) -> None:
     """Horizontal bars of ours/peer time per config (matplotlib, no display needed); < 1 is faster."""
     import matplotlib

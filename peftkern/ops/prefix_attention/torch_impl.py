@@ -23,7 +23,7 @@ from ...backend import register
 
 CHUNK = 256  # query rows per step: bounds the transient [B, H, CHUNK, P + S] scores
 USE_CPU_FLASH = True  # tests switch it off to check the chunked path on the CPU
-BLOCK_ROWS, MAX_BLOCKS = 64, 16  # the causal CPU path's query blocks (query_blocks)
+BLOCK_ROWS, MAX_BLOCKS = 64, 8  # the causal CPU path's query blocks (query_blocks)
 
 
 def _cpu_flash(q: torch.Tensor) -> bool:
@@ -44,8 +44,9 @@ def query_blocks(S: int, causal: bool) -> list[tuple[int, int]]:
     """Query row blocks of the causal split: block [r0, r1) reads keys [0, r0) in full and [r0, r1) causally.
 
     The CPU kernel skips no key block of its own below 512 keys, so one causal call costs a full square; n blocks
-    cost (n + 1) / 2n of it. Blocks of BLOCK_ROWS (at most MAX_BLOCKS of them) measured best here (fp32 and bf16,
-    S 256 to 1024, against 2 or 4 blocks: fwd + bwd 0.87x -> 0.80x at S 256, 0.78x -> 0.68x at S 512)."""
+    cost (n + 1) / 2n of it. Blocks of BLOCK_ROWS measured best here (one thread, fwd + bwd against SDPA, 2 blocks ->
+    64 rows: 0.96x -> 0.87x at S 256, 0.76x -> 0.70x at S 512); past MAX_BLOCKS little is left to gain (S 1024:
+    0.64x at 8 blocks, 0.62x at 16), while each kernel call more waits for a core another process holds."""
     n = min(MAX_BLOCKS, S // BLOCK_ROWS) if causal else 1
     if n < 2:
         return [(0, S)]

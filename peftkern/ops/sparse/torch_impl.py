@@ -88,7 +88,8 @@ def _gathered(nnz: int, shape: tuple[int, int]) -> bool:
 
 
 def _transposed(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-    """``t^T`` contiguous in ``dt``: the dense operand of a CSR product (a strided one takes MKL's slow path: 3x here)."""
+    """``t^T`` contiguous in ``dt``: the dense operand of a CSR product (a strided one takes MKL's slow path, 3x
+    here)."""
     return t.to(dt).t().contiguous()
 
 
@@ -96,7 +97,7 @@ def _add_transposed(dense: torch.Tensor, corr_t: torch.Tensor) -> torch.Tensor:
     """``dense + corr_t^T`` in ``dense``'s dtype (in place where it is the math dtype), summed in corr's dtype."""
     if dense.dtype == corr_t.dtype:
         return dense.add_(corr_t.t())
-    return (dense.to(corr_t.dtype) + corr_t.t()).to(dense.dtype)
+    return dense.to(corr_t.dtype).add_(corr_t.t()).to(dense.dtype)
 
 
 @register("sparse_diff_forward", "torch")
