@@ -164,6 +164,8 @@ def _lora_peft_config(model: nn.Module, record: dict) -> dict:
 def _prompt_apply(model, o: dict, add: Callable, **add_options):
     heads = _heads(model, o.pop("modules_to_save"))
     freeze_except(model, heads)
+    if add is add_prefix:  # on encoder-decoders, the attentions PEFT's prefix reaches, so that PEFT loads the file
+        add_options["attentions"] = "peft"
     add(model, **o, **add_options)
     return model, {"heads": heads}
 
@@ -178,11 +180,12 @@ def _prompt_peft_config(model: nn.Module, record: dict) -> dict:
     if isinstance(module, PrefixTuning):
         return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": module.num_virtual_tokens,
                 "token_dim": module.num_kv_heads * module.head_dim, "num_attention_heads": module.num_kv_heads,
-                "num_layers": module.num_layers, "num_transformer_submodules": 1, "prefix_projection": False}
+                "num_layers": module.num_layers, "num_transformer_submodules": module.num_transformer_submodules,
+                "prefix_projection": False}
     return {"peft_type": "P_TUNING" if module.encoder else "PROMPT_TUNING",
             "num_virtual_tokens": module.num_virtual_tokens, "token_dim": module.embedding.weight.shape[1],
             "num_attention_heads": cfg.num_attention_heads, "num_layers": cfg.num_hidden_layers,
-            "num_transformer_submodules": 1}
+            "num_transformer_submodules": module.num_transformer_submodules}
 
 
 # --------------------------------------------------------------------------------------------------- adapters

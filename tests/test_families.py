@@ -1,5 +1,5 @@
 """Every method of ``pk.patch`` on every family of ``tests._helpers.TINY_FAMILIES`` (issue 13): patched in place,
-each of a few training steps on a fixed batch lowers the loss and leaves the frozen base bit-identical; greedy
+each of 20 training steps on a fixed batch lowers the loss and leaves the frozen base bit-identical; greedy
 ``generate`` on decoders and encoder-decoders gives the same tokens with the KV cache, without it and as the argmax
 of the patched model's own forward, and a forward continued over a cache gives the logits of the whole one;
 ``save_adapter`` -> ``load_adapter`` on a fresh model gives the same logits, and so does PEFT's
@@ -25,9 +25,6 @@ from tests.test_patching import _randomize_
 FAMILIES = list(TINY_FAMILIES)
 METHODS = list(pk.patching.METHODS)
 ENCODERS = {"bert", "roberta", "distilbert"}
-ENCODER_DECODERS = {"t5", "bart"}
-PROMPT_METHODS = {"prompt_tuning", "p_tuning"}
-PREFIX_METHODS = {"prefix_tuning", "p_tuning_v2", "mam", "unipelt"}
 NO_BIAS = {"llama", "mistral", "gemma", "phi3", "t5"}  # no bias in any linear or norm: BitFit has nothing to train
 
 OPTIONS = {"lora": dict(r=4), "dora": dict(r=4), "qlora": dict(r=4, blocksize=32),
@@ -39,10 +36,10 @@ OPTIONS = {"lora": dict(r=4), "dora": dict(r=4), "qlora": dict(r=4, blocksize=32
            "adalora": dict(init_r=4, target_r=2), "bitfit": {}, "diff_pruning": {}, "fish_mask": dict(density=0.02),
            "far": dict(fraction=0.25), "unipelt": dict(r=4, num_virtual_tokens=3, reduction_factor=4),
            "mam": dict(num_virtual_tokens=3, reduction_factor=4)}
-# a fixed batch at a high learning rate: every step lowers every cell's loss (by >= 1.7e-5 relative, AdaLoRA's first
-# steps the least: its singular values start at zero); at 1e-2 a classifier's loss (RoBERTa + AdapterFusion) goes up
-# once in 5 steps, at 3e-2 many
-STEPS, LR = 5, 5e-3
+# a fixed batch at a high learning rate: each of the 20 steps lowers every cell's loss (by >= 1.7e-5 relative,
+# AdaLoRA's first steps the least: its singular values start at zero); at 1e-2 a classifier's loss (RoBERTa +
+# AdapterFusion) goes up once in 5 steps, at 3e-2 many
+STEPS, LR = 20, 5e-3
 NEW = 3  # tokens generated
 INIT = dict(initializer_range=0.2)  # weights large enough that context and positions move the argmax
 
@@ -61,17 +58,12 @@ def _refusal(family: str, method: str):
     """The ValueError message (a regex) ``pk.patch`` raises for this cell, or None."""
     if method == "bitfit" and family in NO_BIAS:
         return "no bias terms"
-    if family in ENCODER_DECODERS and method in PROMPT_METHODS:
-        return "prompt methods take encoder or decoder models"
-    if family in ENCODER_DECODERS and method in PREFIX_METHODS:
-        return "prefix methods take encoder or decoder models"
     return None
 
 
 # the methods whose files PEFT loads (QLoRA's too, but onto a bitsandbytes 4-bit base: tests/methods/test_sites.py)
 PEFT_METHODS = {"lora", "dora", "prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2"}
 PEFT_REFUSES = {("distilbert", "prefix_tuning"), ("distilbert", "p_tuning_v2")}  # its forward takes no past_key_values
-DECODERS = [f for f in FAMILIES if f not in ENCODERS | ENCODER_DECODERS]
 # (family, method) -> the bug
 XFAIL: dict[tuple[str, str], str] = {}
 

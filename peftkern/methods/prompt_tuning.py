@@ -14,6 +14,13 @@ ignored positions (-100), ``token_type_ids`` P zeros, given ``position_ids`` ``[
 tokens are in the cache's frame, as with PEFT: they enter once, on the call that fills an empty cache; later calls
 (``generate``'s decoding steps) get only the P mask ones and the position offset, and the cache holds P + the
 sequence's tokens.
+
+Encoder-decoders (T5, BART) get the virtual tokens as PEFT's ``SEQ_2_SEQ_LM`` models do (``num_transformer_submodules
+= 2``): the table has 2P rows (a P-Tuning encoder reads all of them), the first P go before the encoder's input (its
+attention mask gets P ones in front) and the other P are trained nowhere, kept for PEFT's layout; the decoder's
+inputs, labels and mask are unchanged. The hooks sit on the encoder and the decoder rather than on the model's call,
+because ``generate`` runs the encoder once by itself: the encoder's call puts the prompt in, the decoder's call gives
+its cross-attention mask the P ones where the encoder states it receives are P longer than the mask.
 """
 from __future__ import annotations
 
@@ -79,22 +86,28 @@ def shift_positions(position_ids: torch.Tensor, num_virtual_tokens: int, prepend
 
 
 class PromptTuning(nn.Module):
-    """The virtual tokens of a prompt-tuned model: the table ``embedding`` [P, hidden] and, for P-Tuning, the
-    encoder that turns it into what the model sees (:meth:`prompts`). ``words``: the model's input embeddings
-    (width, device, and the rows ``init="vocab"`` / ``"text"`` start from)."""
+    """The virtual tokens of a prompt-tuned model: the table ``embedding`` [P * num_transformer_submodules, hidden]
+    (2P rows on encoder-decoders, PEFT's layout) and, for P-Tuning, the encoder that turns it into what the model sees
+    (:meth:`prompts`). ``words``: the model's input embeddings (width, device, and the rows ``init="vocab"`` /
+    ``"text"`` start from)."""
 
     def __init__(self, words: nn.Embedding, num_virtual_tokens: int, *, init: str = "random",
                  init_text: Optional[str] = None, tokenizer=None, encoder: Optional[str] = None,
-                 encoder_hidden_size: Optional[int] = None, encoder_num_layers: int = 2, encoder_dropout: float = 0.0):
+                 encoder_hidden_size: Optional[int] = None, encoder_num_layers: int = 2, encoder_dropout: float = 0.0,
+                 num_transformer_submodules: int = 1):
         super().__init__()
         V.integer("num_virtual_tokens", num_virtual_tokens)
+        if num_transformer_submodules not in (1, 2):
+            raise ValueError(f"num_transformer_submodules must be 1 or 2 (encoder-decoders), "
+                             f"got {num_transformer_submodules!r}")
         if init not in ("random", "vocab", "text"):
             raise ValueError(f"init must be 'random', 'vocab' or 'text', got {init!r}")
         if encoder not in (None, "lstm", "mlp"):
             raise ValueError(f"encoder must be None (prompt tuning), 'lstm' or 'mlp' (P-Tuning), got {encoder!r}")
         dim, device = words.weight.shape[1], words.weight.device
         self.num_virtual_tokens = num_virtual_tokens
-        self.embedding = nn.Embedding(num_virtual_tokens, dim, device=device)
+        self.num_transformer_submodules = num_transformer_submodules
+        self.embedding = nn.Embedding(num_virtual_tokens * num_transformer_submodules, dim, device=device)
         self._initialise(words, init, init_text, tokenizer)
         self.encoder = encoder
         hidden = encoder_hidden_size or dim
@@ -114,20 +127,21 @@ class PromptTuning(nn.Module):
     def _initialise(self, words: nn.Embedding, init: str, init_text, tokenizer) -> None:
         if init == "random":
             return
+        rows = self.embedding.weight.shape[0]
         if init == "vocab":
-            ids = torch.randint(0, words.weight.shape[0], (self.num_virtual_tokens,), device=words.weight.device)
+            ids = torch.randint(0, words.weight.shape[0], (rows,), device=words.weight.device)
         else:
             if not init_text or tokenizer is None:
                 raise ValueError("init='text' needs init_text and the model's tokenizer")
             tokens = tokenizer(init_text, add_special_tokens=False)["input_ids"]
             if not tokens:
                 raise ValueError(f"init_text {init_text!r} tokenizes to nothing")
-            reps = -(-self.num_virtual_tokens // len(tokens))
-            ids = torch.tensor((tokens * reps)[: self.num_virtual_tokens], device=words.weight.device)
+            reps = -(-rows // len(tokens))
+            ids = torch.tensor((tokens * reps)[:rows], device=words.weight.device)
         self.embedding.weight.copy_(words(ids).float().to(self.embedding.weight.dtype))
 
     def prompts(self) -> torch.Tensor:
-        """[P, hidden]: the virtual token embeddings the model sees."""
+        """[P * num_transformer_submodules, hidden]: the virtual token embeddings (the model sees the first P)."""
         x = self.embedding.weight
         if self.encoder == "lstm":
             return self.mlp_head(self.lstm_head(x[None])[0])[0]
@@ -136,33 +150,45 @@ class PromptTuning(nn.Module):
         return x
 
     def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
-        """Load a PEFT prompt-tuning / P-tuning adapter's ``prompt_embeddings`` [P, hidden] (what the model sees):
-        the table becomes them and a prompt encoder is dropped, as PEFT does for inference."""
-        load_table_(self.embedding, prompt_embeddings, "[P, hidden]")
+        """Load a PEFT prompt-tuning / P-tuning adapter's ``prompt_embeddings`` [P * num_transformer_submodules,
+        hidden] (what the model sees): the table becomes them and a prompt encoder is dropped, as PEFT does for
+        inference."""
+        load_table_(self.embedding, prompt_embeddings, "[P * num_transformer_submodules, hidden]")
         self.encoder, self.lstm_head, self.mlp_head = None, None, None
 
     def extra_repr(self) -> str:
-        return f"num_virtual_tokens={self.num_virtual_tokens}, encoder={self.encoder}"
+        return (f"num_virtual_tokens={self.num_virtual_tokens}, encoder={self.encoder}, "
+                f"num_transformer_submodules={self.num_transformer_submodules}")
+
+
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers encoder-decoder (T5, BART: ``config.is_encoder_decoder``)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def add_prompt(model: nn.Module, num_virtual_tokens: int, **options) -> PromptTuning:
-    """Put P trainable virtual tokens before every input of ``model`` (a transformers model), in place: a
-    :class:`PromptTuning` (``options``: its keyword arguments) as ``model.peftkern_prompt`` and the call hook of the
-    module docstring. Freezes nothing (``pk.patch`` freezes the base first). Returns the module."""
+    """Put P trainable virtual tokens before every input of ``model`` (a transformers model; of an encoder-decoder,
+    before its encoder's), in place: a :class:`PromptTuning` (``options``: its keyword arguments) as
+    ``model.peftkern_prompt`` and the call hooks of the module docstring. Freezes nothing (``pk.patch`` freezes the
+    base first). Returns the module."""
     if virtual_tokens(model) is not None:
         raise ValueError(f"model already has virtual tokens ({ATTRIBUTE})")
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise ValueError(f"model: prompt methods take encoder or decoder models; {type(model).__name__} is an "
-                         f"encoder-decoder (PEFT puts virtual tokens before its encoder's and its decoder's inputs)")
-    module = PromptTuning(model.get_input_embeddings(), num_virtual_tokens, **options)
+    encoder_decoder = is_encoder_decoder(model)
+    module = PromptTuning(model.get_input_embeddings(), num_virtual_tokens,
+                          num_transformer_submodules=2 if encoder_decoder else 1, **options)
     model.add_module(ATTRIBUTE, module)
-    register_call_hook(model, _prepend)
+    if encoder_decoder:
+        register_call_hook(model.get_encoder(), functools.partial(_prepend, module))
+        register_call_hook(model.get_decoder(), functools.partial(_extend_encoder_mask, num_virtual_tokens))
+    else:
+        register_call_hook(model, functools.partial(_prepend, module))
     return module
 
 
-def _prepend(model: nn.Module, call: dict) -> dict:
-    """The call hook of :func:`add_prompt` (module docstring)."""
-    P = virtual_tokens(model).num_virtual_tokens
+def _prepend(prompt: PromptTuning, model: nn.Module, call: dict) -> dict:
+    """The call hook of :func:`add_prompt` on ``model`` (the model, or an encoder-decoder's encoder): the module
+    docstring."""
+    P = prompt.num_virtual_tokens
     ids, embeds, mask = call.get("input_ids"), call.get("inputs_embeds"), call.get("attention_mask")
     ref = embeds if embeds is not None else ids
     if ref is None:
@@ -180,7 +206,7 @@ def _prepend(model: nn.Module, call: dict) -> dict:
         return call
     if embeds is None:
         embeds = model.get_input_embeddings()(ids)
-    prompts = virtual_tokens(model).prompts().to(embeds.dtype)
+    prompts = prompt.prompts()[:P].to(embeds.dtype)
     call["inputs_embeds"] = torch.cat([prompts.expand(B, -1, -1), embeds], 1)
     call["input_ids"] = None
     labels, types = call.get("labels"), call.get("token_type_ids")
@@ -188,4 +214,19 @@ def _prepend(model: nn.Module, call: dict) -> dict:
         call["labels"] = torch.cat([labels.new_full((B, P), -100), labels], 1)
     if types is not None:
         call["token_type_ids"] = torch.cat([types.new_zeros(B, P), types], 1)
+    return call
+
+
+def _extend_encoder_mask(num_virtual_tokens: int, decoder: nn.Module, call: dict) -> dict:
+    """The call hook of :func:`add_prompt` on an encoder-decoder's decoder: its cross-attention mask gets P ones in
+    front where the encoder states are P tokens longer than it (they hold the prompt; a mask already that long is
+    left as it is)."""
+    mask, states = call.get("encoder_attention_mask"), call.get("encoder_hidden_states")
+    if mask is None or states is None:
+        return call
+    if mask.dim() != 2:
+        raise ValueError(f"attention_mask must be the 2-D [batch, sequence] padding mask with prompt tuning (the "
+                         f"virtual tokens are put in front of it), got shape {tuple(mask.shape)}")
+    if states.shape[1] == mask.shape[1] + num_virtual_tokens:
+        call["encoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], num_virtual_tokens), mask], 1)
     return call

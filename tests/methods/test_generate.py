@@ -2,7 +2,7 @@
 gives the tokens it gives without one and the argmax of the patched model's own forward on the growing sequence; a
 left-padded row the tokens it gives alone; a cache continued by several tokens the logits of the whole sequence;
 PEFT's prompt-tuning, P-Tuning and prefix-tuning adapters loaded with ``pk.load_adapter`` the tokens PEFT's
-``generate`` gives."""
+``generate`` gives, on decoders and on T5 / BART (with PEFT's scores, the encoder run once)."""
 from __future__ import annotations
 
 import copy
@@ -136,6 +136,41 @@ def test_other_decoders_generate_what_peft_generates_with_and_without_cache(fami
         assert torch.equal(ours.generate(ids, attention_mask=torch.ones_like(ids), use_cache=use_cache, **GREEDY),
                            theirs)
     assert torch.equal(_argmax_loop(ours, ids), theirs)
+
+
+SEQ2SEQ = dict(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3)
+SEQ2SEQ_CONFIGS = {
+    "prompt_tuning": lambda: peft.PromptTuningConfig(**SEQ2SEQ),
+    "p_tuning": lambda: peft.PromptEncoderConfig(**SEQ2SEQ, encoder_hidden_size=16),
+    "prefix_tuning": lambda: peft.PrefixTuningConfig(**SEQ2SEQ, prefix_projection=True, encoder_hidden_size=16)}
+
+
+@pytest.mark.parametrize("kind", list(SEQ2SEQ_CONFIGS))
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_generates_what_peft_generates(family, kind, tmp_path):
+    """T5 (relative position bias, which PEFT's prefix in the cache extends to the prefix keys) and BART (learned
+    positions, which it moves by P): a PEFT adapter loaded with pk.load_adapter generates PEFT's tokens with PEFT's
+    scores, with the cache and without, and runs the encoder once per generate."""
+    base = tiny_model(family, **INIT)
+    base.generation_config.eos_token_id = base.generation_config.forced_eos_token_id = None
+    ids = _ids(seed=6)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    scored = dict(attention_mask=mask, output_scores=True, return_dict_in_generate=True, **GREEDY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), SEQ2SEQ_CONFIGS[kind]())
+        _randomize_(pm)
+        pm.save_pretrained(str(tmp_path))
+        theirs = pm.eval().generate(input_ids=ids, **scored)
+    ours = pk.load_adapter(copy.deepcopy(base), tmp_path).eval()
+    encoder_calls = []
+    ours.get_encoder().register_forward_hook(lambda *_: encoder_calls.append(1))
+    for use_cache in (True, False):
+        out = ours.generate(ids, use_cache=use_cache, **scored)
+        assert torch.equal(out.sequences, theirs.sequences)
+        torch.testing.assert_close(torch.stack(out.scores), torch.stack(theirs.scores), rtol=1e-5, atol=1e-5)
+    assert len(encoder_calls) == 2
 
 
 def test_bad_calls_name_the_problem():

@@ -1,6 +1,6 @@
 """Prompt Tuning and P-Tuning (LSTM / MLP prompt encoders) through ``pk.patch``: the model patched in place (its class,
-its call by position or name, its transformers API), PEFT's logits and prompt gradients on the same weights,
-initialisations, position ids, labels, bad input."""
+its call by position or name, its transformers API), PEFT's logits and prompt gradients on the same weights (encoders,
+decoders, and T5 / BART with PEFT's seq2seq layout), initialisations, position ids, labels, bad input."""
 from __future__ import annotations
 
 import copy
@@ -60,6 +60,37 @@ def test_matches_peft(arch, encoder):
     out_o.logits.square().sum().backward()
     torch.testing.assert_close(ours.peftkern_prompt.embedding.weight.grad,
                                pm.prompt_encoder["default"].embedding.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("encoder", [None, "mlp", "lstm"], ids=["prompt-tuning", "p-tuning-mlp", "p-tuning-lstm"])
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_matches_peft(family, encoder):
+    """PEFT's SEQ_2_SEQ_LM layout: a table of 2P rows (an LSTM encoder reads all of them), the first P before the
+    encoder's input, the decoder's inputs, labels and padded mask untouched: PEFT's loss, logits and gradients."""
+    model = tiny_model(family, initializer_range=0.2)
+    ours = _patch(copy.deepcopy(model), encoder)
+    if encoder is None:
+        config = peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P)
+    else:
+        config = peft.PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P, encoder_hidden_size=24,
+                                          encoder_reparameterization_type=encoder.upper())
+    pm = peft.get_peft_model(model, config)
+    torch.nn.init.normal_(pm.prompt_encoder["default"].embedding.weight)
+    ours.peftkern_prompt.load_state_dict(pm.prompt_encoder["default"].state_dict())
+    assert ours.peftkern_prompt.embedding.weight.shape == (2 * P, 32)
+    ids, mask = _batch()
+    labels = ids[:, :4].flip(0)
+    decoder_mask = torch.ones_like(labels)
+    decoder_mask[0, 3] = 0
+    out_p = pm(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_mask)
+    out_o = ours(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_mask)
+    torch.testing.assert_close(out_o.logits, out_p.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_o.loss, out_p.loss)
+    out_p.loss.backward()
+    out_o.loss.backward()
+    grad = ours.peftkern_prompt.embedding.weight.grad
+    torch.testing.assert_close(grad, pm.prompt_encoder["default"].embedding.weight.grad, rtol=1e-4, atol=1e-6)
+    assert grad[:P].abs().sum() > 0 and (encoder == "lstm") == bool(grad[P:].abs().sum() > 0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "roberta"])
@@ -147,6 +178,5 @@ def test_bad_input():
     ids, mask = _batch()
     with pytest.raises(ValueError, match="attention_mask must be the 2-D"):
         ours(input_ids=ids, attention_mask=mask[:, None, None, :])
-    with pytest.raises(ValueError, match="model: prompt methods take encoder or decoder models; "
-                                         "BartForConditionalGeneration is an encoder-decoder"):
-        pk.patch(tiny_model("bart"), "p_tuning")
+    with pytest.raises(ValueError, match="num_transformer_submodules must be 1 or 2"):
+        PromptTuning(tiny_llama().get_input_embeddings(), P, num_transformer_submodules=3)

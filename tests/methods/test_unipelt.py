@@ -11,14 +11,16 @@ from peftkern.methods.prefix_tuning import _sdpa
 from tests._helpers import tiny_batch, tiny_model
 
 
-def _literal(q, k, v, pk_, pv, gate, causal, padding, scale):
-    """softmax over [g_i prefix_k; k] per query i, values [g_i prefix_v; v]; GQA by repeating KV heads."""
+def _literal(q, k, v, pk_, pv, gate, causal, padding, scale, bias=None):
+    """softmax over [g_i prefix_k; k] per query i (+ ``bias`` [.., Sq, P + Sk] after the scale), values
+    [g_i prefix_v; v]; GQA by repeating KV heads."""
     B, Hq, Sq, _ = q.shape
     Sk, rep = k.shape[-2], Hq // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     pk_, pv = pk_.repeat_interleave(rep, 0), pv.repeat_interleave(rep, 0)
     g = gate[:, None, :, None]
     scores = torch.cat([g * (q @ pk_.transpose(-1, -2)), q @ k.transpose(-1, -2)], -1) * scale
+    scores = scores if bias is None else scores + bias
     P = pk_.shape[-2]
     visible = torch.ones(B, 1, Sq, P + Sk, dtype=torch.bool)
     if causal:
