@@ -7,6 +7,12 @@ from .ops.nf4 import nf4_linear, qlora_linear
 from .ops.prefix_attention import prefix_attention
 from .ops.sparse import sparse_diff_linear
 from .patching import load_adapter, patch, save_adapter
+from .methods.adalora import AdaLoraConfig
+from .methods.adapters import AdapterDropConfig, AdapterFusionConfig, HoulsbyConfig, PfeifferConfig
+from .methods.lora import DoraConfig, LoraConfig, QLoraConfig
+from .methods.selective import BitFitConfig, DiffPruningConfig, FarConfig, FishMaskConfig
+from .patching import (MamConfig, PrefixTuningConfig, PromptLearningConfig, PromptTuningConfig, PTuningConfig,
+                       PTuningV2Config, UniPeltConfig)
 from .lifecycle import delete_adapter, disable, merge, set_adapter, unpatch
 from . import integrations, methods, nf4, nn, optim, sparse  # noqa: E402
 
@@ -17,4 +23,8 @@ __all__ = ["available_backends", "get_backend", "set_backend", "use_backend", "l
            "sparse_diff_linear",
            "patch", "save_adapter", "load_adapter", "merge", "unpatch", "disable", "set_adapter",
            "delete_adapter",
+           "LoraConfig", "DoraConfig", "QLoraConfig", "PromptLearningConfig", "PromptTuningConfig", "PTuningConfig",
+           "PrefixTuningConfig", "PTuningV2Config", "HoulsbyConfig", "PfeifferConfig", "AdapterDropConfig",
+           "AdapterFusionConfig", "AdaLoraConfig", "BitFitConfig", "DiffPruningConfig", "FishMaskConfig", "FarConfig",
+           "UniPeltConfig", "MamConfig",
            "integrations", "methods", "nf4", "nn", "optim", "sparse"]

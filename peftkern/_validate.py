@@ -82,6 +82,18 @@ def integer(name: str, v, *, low: int = 1) -> int:
     return v
 
 
+def flag(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return v
+
+
+def one_of(name: str, v, choices: tuple):
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {v!r}")
+    return v
+
+
 # ------------------------------------------------------------------------------------------- checks run once
 _accepted: dict = {}
 _ACCEPTED_MAX = 4096

@@ -327,7 +327,7 @@ def load_named(model: nn.Module, directory, name: str) -> nn.Module:
     if not isinstance(name, str) or not name or "." in name or name in adapters(model) + ["__base__"]:
         raise ValueError(f"adapter_name must be a new name without '.', not one of {adapters(model) + ['__base__']},"
                          f" got {name!r}")
-    tensors, config, saved = patching._read_adapter(directory)
+    tensors, config, saved = patching.read_adapter(directory)
     method, opts = (saved["method"], saved["options"]) if saved else patching._from_peft_config(config, model)
     if method not in _NAMED or (method == "dora" and record["method"] == "qlora"):
         raise ValueError(f"{str(directory)!r} holds a {method!r} adapter; a {record['method']!r} model takes LoRA"

@@ -30,6 +30,7 @@ scores, same masks when the scores are distinct), with these deliberate differen
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Optional
 
@@ -38,9 +39,10 @@ from torch import nn
 
 from .. import _validate as V
 from ..nn.lora import LoRALinear, is_conv1d
-from .targets import TargetSpec, name_matches, target_matcher
+from .base import Method, MethodConfig, optional_integer, target_spec
+from .targets import TargetSpec, freeze_except, linear_targets, name_matches, target_matcher
 
-__all__ = ["AdaLoRAAllocator", "prepare_adalora", "adalora_scaling", "RANKNUM_EPS"]
+__all__ = ["AdaLoRAAllocator", "prepare_adalora", "adalora_scaling", "RANKNUM_EPS", "AdaLoraConfig", "AdaLoraMethod"]
 
 #: PEFT divides the scaling by ``ranknum + 1e-5``; kept so outputs match PEFT's SVDLinear to rounding.
 RANKNUM_EPS = 1e-5
@@ -384,3 +386,54 @@ class AdaLoRAAllocator:
         return (f"AdaLoRAAllocator(layers={len(self.layers)}, budget {self.init_budget}->{self.target_budget}, "
                 f"tinit={self.tinit}, tfinal={self.tfinal}, deltaT={self.deltaT}, total_step={self.total_step}, "
                 f"current total rank={self.total_rank})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pk.patch
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(kw_only=True)
+class AdaLoraConfig(MethodConfig):
+    """AdaLoRA's options (PEFT's names): layers of rank ``init_r`` on ``target_modules`` (as :class:`LoraConfig`'s)
+    with ``lora_alpha`` / ``lora_dropout``; with ``total_step`` the allocator that brings the average rank down to
+    ``target_r`` on the schedule ``tinit`` / ``tfinal`` / ``deltaT`` (see :class:`AdaLoRAAllocator`)."""
+
+    init_r: int = 12
+    target_r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: TargetSpec = "all-linear"
+    total_step: Optional[int] = None
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        V.integer("init_r", self.init_r)
+        V.integer("target_r", self.target_r)
+        V.number("lora_alpha", self.lora_alpha, low=0.0, low_open=True)
+        V.number("lora_dropout", self.lora_dropout, low=0.0, high=1.0)
+        self.target_modules = target_spec(self.target_modules)
+        self.total_step = optional_integer("total_step", self.total_step)
+        V.integer("tinit", self.tinit, low=0)
+        V.integer("tfinal", self.tfinal, low=0)
+        V.integer("deltaT", self.deltaT)
+
+
+class AdaLoraMethod(Method):
+    """AdaLoRA's SVD-form layers; with ``total_step`` the rank allocator rides along as ``model.peftkern_allocator``
+    (call its ``update_and_allocate(step)`` after each optimizer step)."""
+
+    config_class = AdaLoraConfig
+
+    def apply(self, model, config: AdaLoraConfig, heads, calibration_data=None) -> dict:
+        names = linear_targets(model, config.target_modules, heads)
+        freeze_except(model, heads)
+        prepare_adalora(model, names, init_r=config.init_r, lora_alpha=config.lora_alpha,
+                        lora_dropout=config.lora_dropout, trainable=heads)
+        if config.total_step is not None:
+            model.peftkern_allocator = AdaLoRAAllocator(model, target_r=config.target_r, total_step=config.total_step,
+                                                        tinit=config.tinit, tfinal=config.tfinal,
+                                                        deltaT=config.deltaT)
+        return {}

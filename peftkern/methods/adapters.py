@@ -12,15 +12,20 @@ its parameter names and bits.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
+from .. import _validate as V
 from ..nn.adapter import BottleneckAdapter
 from ..nn.lora import linear_features
+from ..ops.adapter.function import activation_name
+from .base import Method, MethodConfig, optional_integer, paths, sites_spec
 from .sites import find_layers
+from .targets import freeze_except
 
 
 def transformer_sites(model: nn.Module, sites: Optional[Mapping[str, str]] = None) -> list[dict[str, nn.Module]]:
@@ -132,3 +137,167 @@ class AdapterFusion(nn.Module):
         scores = (self.key(u) @ self.query(x).unsqueeze(-1)).squeeze(-1)  # [.., n]
         mixed = (scores.softmax(-1).unsqueeze(-1) * self.value(u)).sum(-2)
         return (x + mixed).to(h.dtype)
+
+
+def check_non_linearity(value) -> None:
+    """``non_linearity`` names an activation the adapter kernels have (``TypeError`` / ``ValueError`` naming it)."""
+    try:
+        activation_name(value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"non_linearity: {e}") from None
+
+
+@dataclasses.dataclass(kw_only=True)
+class PfeifferConfig(MethodConfig):
+    """The options of a bottleneck adapter after every layer's FFN (Pfeiffer et al., 2021). ``reduction_factor``:
+    hidden size / bottleneck size; ``non_linearity``: the bottleneck's activation (relu, gelu, swish, ...);
+    ``layer_norm``: a LayerNorm on the adapter's input; ``sites``: regexes naming the layers' modules where the
+    model's own are not found (:func:`peftkern.methods.sites.find_layers`)."""
+
+    reduction_factor: float = 16
+    non_linearity: str = "relu"
+    layer_norm: bool = False
+    sites: Optional[dict[str, str]] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        V.number("reduction_factor", self.reduction_factor, low=0.0, low_open=True)
+        check_non_linearity(self.non_linearity)
+        V.flag("layer_norm", self.layer_norm)
+        self.sites = sites_spec(self.sites)
+
+
+@dataclasses.dataclass(kw_only=True)
+class HoulsbyConfig(PfeifferConfig):
+    """Pfeiffer's options for adapters after attention and after the FFN (Houlsby et al., 2019), swish by default
+    as there."""
+
+    non_linearity: str = "swish"
+
+
+@dataclasses.dataclass(kw_only=True)
+class AdapterDropConfig(PfeifferConfig):
+    """AdapterDrop (Rücklé et al., 2021): adapters at ``placement`` ("pfeiffer", "houlsby" or "parallel") from layer
+    ``skip_layers`` on (None: the upper half of the layers), each skipped per training forward with probability
+    ``drop_prob``."""
+
+    placement: str = "pfeiffer"
+    skip_layers: Optional[int] = None
+    drop_prob: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        V.one_of("placement", self.placement, ("pfeiffer", "houlsby", "parallel"))
+        self.skip_layers = optional_integer("skip_layers", self.skip_layers, low=0)
+        V.number("drop_prob", self.drop_prob, low=0.0, high=1.0)
+
+
+_ADAPTER_KEYS = ("reduction_factor", "non_linearity", "layer_norm")
+
+
+@dataclasses.dataclass(kw_only=True)
+class AdapterFusionConfig(MethodConfig):
+    """AdapterFusion (stage 2): ``adapters``, the directories of earlier ``pk.save_adapter`` runs of
+    adapter_pfeiffer / adapter_houlsby models, loaded frozen under a trainable fusion at every FFN output; or
+    ``num_adapters`` (>= 2) fresh ones of ``adapter_options`` (their ``reduction_factor`` / ``non_linearity`` /
+    ``layer_norm``), which a saved fusion then fills. ``sites``: as :class:`PfeifferConfig`'s."""
+
+    adapters: Optional[list[str]] = None
+    num_adapters: Optional[int] = None
+    adapter_options: Optional[dict] = None
+    sites: Optional[dict[str, str]] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.adapters = paths("adapters", self.adapters)
+        self.num_adapters = optional_integer("num_adapters", self.num_adapters, low=2)
+        if self.adapter_options is not None:
+            if not isinstance(self.adapter_options, Mapping):
+                raise TypeError(f"adapter_options must be None or a dict, got {self.adapter_options!r}")
+            unknown = sorted(set(self.adapter_options) - set(_ADAPTER_KEYS))
+            if unknown:
+                raise ValueError(f"adapter_options has unknown key(s) {unknown}; valid keys: {list(_ADAPTER_KEYS)}")
+            self.adapter_options = dict(self.adapter_options)
+        self.sites = sites_spec(self.sites)
+
+
+class PfeifferMethod(Method):
+    """Serial adapters after every FFN."""
+
+    config_class = PfeifferConfig
+    placement = "pfeiffer"
+
+    def apply(self, model, config: PfeifferConfig, heads, calibration_data=None) -> dict:
+        freeze_except(model, heads)
+        add_adapters(model, self.placement, reduction_factor=config.reduction_factor,
+                     non_linearity=config.non_linearity, layer_norm=config.layer_norm, sites=config.sites)
+        return {}
+
+
+class HoulsbyMethod(PfeifferMethod):
+    """Serial adapters after every attention and every FFN."""
+
+    config_class = HoulsbyConfig
+    placement = "houlsby"
+
+
+class AdapterDropMethod(Method):
+    config_class = AdapterDropConfig
+
+    def apply(self, model, config: AdapterDropConfig, heads, calibration_data=None) -> dict:
+        if config.skip_layers is None:  # resolved here so the saved options rebuild the same layers
+            config.skip_layers = len(transformer_sites(model, config.sites)) // 2
+        freeze_except(model, heads)
+        add_adapters(model, config.placement, reduction_factor=config.reduction_factor,
+                     non_linearity=config.non_linearity, layer_norm=config.layer_norm, skip_layers=config.skip_layers,
+                     drop_prob=config.drop_prob, sites=config.sites)
+        return {}
+
+
+class AdapterFusionMethod(Method):
+    """The adapters of earlier runs (or fresh ones), frozen, under a trainable AdapterFusion at every FFN output."""
+
+    config_class = AdapterFusionConfig
+
+    def apply(self, model, config: AdapterFusionConfig, heads, calibration_data=None) -> dict:
+        from ..patching import read_adapter  # patching imports this module
+
+        freeze_except(model, heads)
+        dirs, n, adapter_options = config.adapters, config.num_adapters, dict(config.adapter_options or {})
+        if dirs:
+            metas = [read_adapter(d)[2] or {} for d in dirs]
+            bad = [m.get("method") for m in metas if m.get("method") not in ("adapter_pfeiffer", "adapter_houlsby")]
+            if bad:
+                raise ValueError(f"adapters must be saved from adapter_pfeiffer / adapter_houlsby models, got {bad}")
+            adapter_options = {k: v for k, v in metas[0]["options"].items() if k in _ADAPTER_KEYS}
+            config.adapter_options, config.num_adapters, n = adapter_options, len(dirs), len(dirs)
+        if n is None or n < 2:
+            raise ValueError(f"adapter_fusion needs adapters=[2+ directories] or num_adapters >= 2, got {dirs!r} / "
+                             f"{n!r}")
+        sites = transformer_sites(model, config.sites)
+        d = linear_features(sites[0]["ffn_out"])[1]
+        per_site = [_fusion_site(site, d, n, adapter_options) for site in sites]
+        for i, directory in enumerate(dirs or []):
+            tensors = read_adapter(directory)[0]
+            for name, adapters in zip([_site_name(model, s) for s in sites], per_site):
+                prefix = f"base_model.model.{name}.adapter."
+                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if not state:
+                    raise ValueError(f"{directory}: no adapter at {name} (was it saved from this architecture?)")
+                adapters[i].load_state_dict(state)
+        config.adapters = None  # what was loaded is saved with the fusion; the directories are not needed again
+        return {}
+
+
+def _fusion_site(site: dict, hidden: int, n: int, options: dict) -> list[BottleneckAdapter]:
+    ref = site["ffn_out"].weight
+    dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    adapters = [BottleneckAdapter(hidden, options.get("reduction_factor", 16), options.get("non_linearity", "relu"),
+                                  layer_norm=options.get("layer_norm", False), device=ref.device, dtype=dtype)
+                for _ in range(n)]
+    add_serial(site["ffn_out"], AdapterFusion(adapters, hidden))
+    return adapters
+
+
+def _site_name(model: nn.Module, site: dict) -> str:
+    return next(n for n, m in model.named_modules() if m is site["ffn_out"])

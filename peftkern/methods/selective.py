@@ -6,9 +6,10 @@ as one small dense block (:class:`~peftkern.nn.RowDiffLinear`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Optional
 
 import torch
@@ -17,7 +18,9 @@ from torch import nn
 from .. import _validate as V
 from ..nn.lora import _check_linear, is_conv1d, out_in
 from ..nn.sparse import RowDiffLinear, SparseDiffLinear
-from .targets import freeze_except, replace_module
+from .base import Method, MethodConfig, target_spec
+from .sites import find_layers
+from .targets import TargetSpec, freeze_except, linear_targets, replace_module
 
 
 def _linears(model: nn.Module, target: Optional[str]) -> dict[str, nn.Module]:
@@ -201,3 +204,209 @@ def far_select(model: nn.Module, primed_weights: dict[str, torch.Tensor], fracti
     for n, m in out.items():
         replace_module(model, n, m)
     return out
+
+
+def _density(name: str, value) -> None:
+    V.number(name, value, low=0.0, high=1.0, low_open=True, high_open=False)
+
+
+@dataclasses.dataclass(kw_only=True)
+class BitFitConfig(MethodConfig):
+    """BitFit's options: only the task head's (``modules_to_save``); every bias term trains."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class DiffPruningConfig(MethodConfig):
+    """Diff Pruning's options: gated dense diffs on ``target_modules`` (as :class:`LoraConfig`'s); with
+    calibration data, ``steps`` passes over it (AdamW at ``lr``, L0 penalty weight ``l0_weight``), then the top
+    ``density`` fraction of each diff trains as a sparse diff."""
+
+    target_modules: TargetSpec = "all-linear"
+    density: float = 0.005
+    l0_weight: float = 1e-4
+    lr: float = 1e-2
+    steps: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.target_modules = target_spec(self.target_modules)
+        _density("density", self.density)
+        V.number("l0_weight", self.l0_weight, low=0.0)
+        V.number("lr", self.lr, low=0.0, low_open=True)
+        V.integer("steps", self.steps)
+
+
+@dataclasses.dataclass(kw_only=True)
+class FishMaskConfig(MethodConfig):
+    """FISH Mask's options: the top ``density`` fraction of ``target_modules``' weights by empirical Fisher
+    information (from the calibration data) trains as sparse diffs."""
+
+    density: float = 0.005
+    target_modules: TargetSpec = "all-linear"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _density("density", self.density)
+        self.target_modules = target_spec(self.target_modules)
+
+
+@dataclasses.dataclass(kw_only=True)
+class FarConfig(MethodConfig):
+    """FAR's options: priming steps at ``priming_lr`` on the calibration data train the FFN linears
+    (``target_modules``; None: every layer's FFN input and output linears), then the ``fraction`` of each one's rows
+    that moved most trains."""
+
+    fraction: float = 0.1
+    target_modules: Optional[TargetSpec] = None
+    priming_lr: float = 1e-4
+
+    def __post_init__(self):
+        super().__post_init__()
+        _density("fraction", self.fraction)
+        self.target_modules = target_spec(self.target_modules, none_ok=True)
+        V.number("priming_lr", self.priming_lr, low=0.0, low_open=True)
+
+
+class BitFitMethod(Method):
+    """BitFit: the model's own bias terms train (a model without any raises)."""
+
+    config_class = BitFitConfig
+
+    def apply(self, model, config: BitFitConfig, heads, calibration_data=None) -> dict:
+        trainable = bitfit(model, heads)
+        biases = [n for n in trainable if not any(n.startswith(h + ".") for h in heads)]
+        if not biases:
+            raise ValueError("the model has no bias terms: BitFit has nothing to train (a Llama needs attention_bias / "
+                             "mlp_bias in its config)")
+        return {"biases": biases}
+
+    def tensors(self, model, record) -> dict[str, torch.Tensor]:
+        params = dict(model.named_parameters())
+        return {f"base_model.model.{n}": params[n] for n in record["biases"]}
+
+
+class _Selection(Method):
+    """A method that trains entries it selected: its file holds each selected layer's positions (``buffer`` of its
+    ``layer_type``) beside the trained values, and those rebuild the layers without calibration."""
+
+    layer_type: type = SparseDiffLinear
+    buffer = "indices"
+
+    def selected_layer(self, linear: nn.Module, positions: torch.Tensor) -> nn.Module:
+        return SparseDiffLinear.from_linear(linear, positions)
+
+    def tensors(self, model, record) -> dict[str, torch.Tensor]:
+        out = super().tensors(model, record)
+        for name, m in model.named_modules():
+            if isinstance(m, self.layer_type):
+                out[f"base_model.model.{name}.{self.buffer}"] = getattr(m, self.buffer)
+        return out
+
+    def rebuild(self, model, config, heads, tensors) -> dict:
+        prefix, suffix = "base_model.model.", "." + self.buffer
+        chosen = {k[len(prefix):-len(suffix)]: v for k, v in tensors.items() if k.endswith(suffix)}
+        freeze_except(model, heads)
+        for name, positions in chosen.items():
+            replace_module(model, name, self.selected_layer(model.get_submodule(name), positions))
+        return {}
+
+
+def _pattern(names: list[str]) -> str:
+    return "|".join(re.escape(n) for n in names)
+
+
+class DiffPruningMethod(_Selection):
+    """Diff Pruning (Guo et al., 2021). Without ``calibration_data``: gated dense diffs to train with
+    ``pk.methods.diff_pruning_l0(model)`` times a weight added to the loss. With it: that stage runs on the batches,
+    the diffs are projected to their top ``density`` entries, and the model trains those as sparse diffs
+    (``sparse_diff_linear``) from there."""
+
+    config_class = DiffPruningConfig
+    calibrated = "optional"
+
+    def apply(self, model, config: DiffPruningConfig, heads, calibration_data=None) -> dict:
+        names = linear_targets(model, config.target_modules, heads)
+        diff_pruning(model, target=_pattern(names), trainable_head=heads)
+        if calibration_data is None:
+            return {}
+        head_params = {id(p) for h in heads for p in model.get_submodule(h).parameters()}
+        gated = [p for p in model.parameters() if p.requires_grad and id(p) not in head_params]
+        opt = torch.optim.AdamW(gated, lr=config.lr, weight_decay=0.0)
+        for _ in range(config.steps):
+            for batch in calibration_data:
+                (model(**batch).loss + config.l0_weight * diff_pruning_l0(model)).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.grad = None
+        diff_pruning_to_sparse(model, config.density)
+        freeze_except(model, heads)
+        for m in model.modules():
+            if isinstance(m, SparseDiffLinear):
+                m.values.requires_grad_(True)
+        return {}
+
+    def rebuild(self, model, config, heads, tensors) -> dict:
+        """A saved projected (sparse) Diff Pruning rebuilds at its indices; a saved gated one is just applied."""
+        if any(k.endswith(".indices") for k in tensors):
+            return super().rebuild(model, config, heads, tensors)
+        return self.apply(model, config, heads)
+
+
+def _samples(calibration_data: Iterable) -> Iterator[dict]:
+    """Single-row batches out of ``calibration_data`` (dicts of [B, ...] tensors, or such dicts one row each)."""
+    for batch in calibration_data:
+        if not isinstance(batch, dict):
+            raise TypeError(f"calibration_data must yield dicts of model inputs, got {type(batch).__name__}")
+        n = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+        for i in range(n):
+            yield {k: v[i:i + 1] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class FishMaskMethod(_Selection):
+    """FISH Mask (Sung et al., 2021) from the calibration data's per-sample gradients."""
+
+    config_class = FishMaskConfig
+    calibrated = True
+
+    def apply(self, model, config: FishMaskConfig, heads, calibration_data=None) -> dict:
+        names = linear_targets(model, config.target_modules, heads)
+        fish_mask(model, _samples(calibration_data), lambda m, sample: m(**sample).loss, config.density,
+                  target=_pattern(names), trainable_head=heads)
+        return {}
+
+
+class FarMethod(_Selection):
+    """FAR: priming steps on the calibration data train the FFN linears, the rows that moved most are kept as small
+    dense blocks, and the primed weights are restored."""
+
+    config_class = FarConfig
+    calibrated = True
+    layer_type = RowDiffLinear
+    buffer = "rows"
+
+    def selected_layer(self, linear: nn.Module, positions: torch.Tensor) -> nn.Module:
+        return RowDiffLinear(linear, positions)
+
+    def apply(self, model, config: FarConfig, heads, calibration_data=None) -> dict:
+        if config.target_modules is None:
+            names = [n for layer in find_layers(model) for n in (*layer.ffn_in, layer.ffn_out)]
+        else:
+            names = linear_targets(model, config.target_modules, heads)
+        weights = [model.get_submodule(n).weight for n in names]
+        primed = {n: w.detach().clone() for n, w in zip(names, weights)}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        opt = torch.optim.AdamW(weights, lr=config.priming_lr, weight_decay=0.0)
+        steps = 0
+        for batch in calibration_data:
+            model(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            steps += 1
+        if steps == 0:
+            raise ValueError("calibration_data yielded no batch")
+        far_select(model, primed, config.fraction, trainable_head=heads)
+        return {}

@@ -245,22 +245,28 @@ def _attention(model: nn.Module, block_name: str, block: nn.Module, found: dict[
                      Projection(f"{block_name}.{out}"))
 
 
+def check_sites(sites: Optional[Mapping[str, str]]) -> None:
+    """``ValueError`` unless ``sites`` is None or a dict of site keys (:data:`SITE_KEYS`) -> valid regexes."""
+    if sites is None:
+        return
+    if not isinstance(sites, Mapping) or not all(isinstance(v, str) for v in sites.values()):
+        raise ValueError(f"sites must be a dict of site key -> regex str, got {sites!r}")
+    unknown = sorted(set(sites) - set(SITE_KEYS))
+    if unknown:
+        raise ValueError(f"sites has unknown key(s) {unknown}; valid keys: {list(SITE_KEYS)}")
+    for key, pattern in sites.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"sites[{key!r}] is not a valid regular expression: {e}") from None
+
+
 def find_layers(model: nn.Module, sites: Optional[Mapping[str, str]] = None) -> list[Layer]:
     """Every transformer layer's sites, in model order (an encoder's layers before its decoder's).
 
     ``sites``: regexes that override the family's (keys in :data:`SITE_KEYS`). Raises ``ValueError`` saying what
     it looked for, and how to name it, when a layer's sites cannot be found."""
-    if sites is not None:
-        if not isinstance(sites, Mapping) or not all(isinstance(v, str) for v in sites.values()):
-            raise ValueError(f"sites must be a dict of site key -> regex str, got {sites!r}")
-        unknown = sorted(set(sites) - set(SITE_KEYS))
-        if unknown:
-            raise ValueError(f"sites has unknown key(s) {unknown}; valid keys: {list(SITE_KEYS)}")
-        for key, pattern in sites.items():
-            try:
-                re.compile(pattern)
-            except re.error as e:
-                raise ValueError(f"sites[{key!r}] is not a valid regular expression: {e}") from None
+    check_sites(sites)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     family = FAMILIES.get(model_type)
     stacks = _blocks(model)

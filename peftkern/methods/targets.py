@@ -1,4 +1,5 @@
-"""Which modules a method adapts, and swapping them in place: shared by every method and ``pk.patch``."""
+"""Which modules a method adapts (its targets, the task head), and swapping them in place: shared by every method
+and ``pk.patch``."""
 from __future__ import annotations
 
 import re
@@ -6,7 +7,10 @@ from typing import Callable, Iterable, Union
 
 from torch import nn
 
+from ..nn.lora import is_conv1d
+
 TargetSpec = Union[str, Iterable[str], Callable[[str, nn.Module], bool]]
+HEAD_NAMES = ("classifier", "score")  # PEFT's modules_to_save for sequence classification
 
 
 def name_matches(name: str, key: str) -> bool:
@@ -44,3 +48,48 @@ def freeze_except(model: nn.Module, trainable_head: Iterable[str]) -> None:
     heads = tuple(trainable_head)
     for n, p in model.named_parameters():
         p.requires_grad_(any(n == h or n.startswith(h + ".") for h in heads))
+
+
+def head_modules(model: nn.Module, modules_to_save) -> list[str]:
+    """The task head's modules: by default the model's children whose names end with a HEAD_NAMES entry, as PEFT's
+    modules_to_save matches names by suffix (DistilBERT's ``pre_classifier`` with ``classifier``)."""
+    if modules_to_save is None:
+        return [n for n, m in model.named_children() if n.endswith(HEAD_NAMES)]
+    names = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
+    for h in names:
+        try:
+            model.get_submodule(h)
+        except AttributeError:
+            raise ValueError(f"modules_to_save names {h!r}, which is not a submodule of the model") from None
+    return names
+
+
+def is_bnb_4bit(module: nn.Module) -> bool:
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
+
+
+def linear_targets(model: nn.Module, target_modules: TargetSpec, heads: list[str],
+                   quantized: bool = False) -> list[str]:
+    """Names of the modules to adapt: every ``nn.Linear`` and transformers ``Conv1D`` (and bitsandbytes 4-bit linear
+    where ``quantized``) for ``"all-linear"`` except the heads and the output embeddings, else those
+    ``target_modules`` matches."""
+    def linear(m):
+        return (isinstance(m, nn.Linear) or is_conv1d(m)) and (quantized or not is_bnb_4bit(m))
+
+    def in_head(n):  # the heads train whole; PEFT puts no LoRA inside its modules_to_save either
+        return any(n == h or n.startswith(h + ".") for h in heads)
+
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if target_modules == "all-linear":
+        names = [n for n, m in model.named_modules() if linear(m) and m is not out_emb and not in_head(n)]
+    else:
+        match = target_matcher(target_modules)
+        names = [n for n, m in model.named_modules() if n and match(n, m) and not in_head(n)]
+        bad = [n for n in names if not linear(model.get_submodule(n))]
+        if bad:
+            kind = "torch.nn.Linear / transformers Conv1D" + (" or bitsandbytes Linear4bit" if quantized else
+                                                               " (use method='qlora' for a 4-bit base)")
+            raise ValueError(f"target_modules matched {bad[:3]}, which are not {kind}")
+    if not names:
+        raise ValueError(f"target_modules {target_modules!r} matched no linear layer of the model")
+    return names
