@@ -79,38 +79,23 @@ def _part(q, k, v, mask, seen, r0, r1, k0, k1, causal, scale):
     return o, lse
 
 
-def _merge(parts):
-    """(o, lse) over the union of disjoint key sets from each set's (o, lse); lse -inf and o 0 where none has a
-    key."""
-    if len(parts) == 1:
-        return parts[0]
-    lse = torch.logsumexp(torch.stack([lse for _, lse in parts]), 0)
-    ref = lse.masked_fill(torch.isinf(lse), 0.0)
-    o = None
-    for o_i, lse_i in parts:
-        term = o_i * (lse_i - ref).exp_().unsqueeze(-1)
-        o = term if o is None else o.add_(term)
-    return o, lse
-
-
-def _sequence_forward(q, k, v, key_padding_mask, causal, scale):
-    """(o, lse) in the compute dtype of q over the sequence keys alone, by query_blocks; lse -inf for a row that sees
-    no sequence key."""
+def _sequence_parts(q, k, v, key_padding_mask, causal, scale):
+    """Attention of q over the sequence keys as parts (o, lse, r0), each over query rows [r0, S) in q's dtype, lse
+    -inf for a row that sees no key of the part: one part, or with query_blocks the blocks' own keys (causal, rows
+    [0, S)) and the keys before each block (rows from the second block on); concatenated per part, so that the merge
+    runs once over whole tensors."""
     mask = _padding_mask(key_padding_mask, q.dtype)
     seen = None
     if key_padding_mask is not None:
         seen = torch.nn.functional.pad((~key_padding_mask).cumsum(1), (1, 0))
-    blocks = query_blocks(q.shape[2], causal)
+    S = q.shape[2]
+    blocks = query_blocks(S, causal)
     if len(blocks) == 1:
-        return _part(q, k, v, mask, seen, 0, q.shape[2], 0, q.shape[2], causal, scale)
-    o = torch.empty_like(q)
-    lse = q.new_empty(q.shape[:-1])
-    for r0, r1 in blocks:
-        parts = [_part(q, k, v, mask, seen, r0, r1, r0, r1, True, scale)]
-        if r0:
-            parts.append(_part(q, k, v, mask, seen, r0, r1, 0, r0, False, scale))
-        o[:, :, r0:r1], lse[:, :, r0:r1] = _merge(parts)
-    return o, lse
+        return [(*_part(q, k, v, mask, seen, 0, S, 0, S, causal, scale), 0)]
+    own = [_part(q, k, v, mask, seen, r0, r1, r0, r1, True, scale) for r0, r1 in blocks]
+    before = [_part(q, k, v, mask, seen, r0, r1, 0, r0, False, scale) for r0, r1 in blocks[1:]]
+    return [(torch.cat([o for o, _ in part], 2), torch.cat([lse for _, lse in part], 2), r0)
+            for part, r0 in ((own, 0), (before, blocks[1][0]))]
 
 
 def _sequence_backward(grad_o, q, k, v, o, lse, key_padding_mask, causal, scale):
@@ -119,22 +104,18 @@ def _sequence_backward(grad_o, q, k, v, o, lse, key_padding_mask, causal, scale)
     blocks = query_blocks(q.shape[2], causal)
     if len(blocks) == 1:
         return _flash_backward(grad_o, q, k, v, o, lse, causal, mask, scale)
-    dq = torch.empty_like(q)
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-    for r0, r1 in blocks:
-        rows = (grad_o[:, :, r0:r1], q[:, :, r0:r1])
-        out = (o[:, :, r0:r1], lse[:, :, r0:r1])
-        dq_b, dk_b, dv_b = _flash_backward(*rows, k[:, :, r0:r1], v[:, :, r0:r1], *out, True,
-                                           _keys(mask, r0, r1), scale)
-        dk[:, :, r0:r1] += dk_b
-        dv[:, :, r0:r1] += dv_b
-        if r0:
-            dq_r, dk_r, dv_r = _flash_backward(*rows, k[:, :, :r0], v[:, :, :r0], *out, False, _keys(mask, 0, r0),
-                                               scale)
-            dq_b += dq_r
-            dk[:, :, :r0] += dk_r
-            dv[:, :, :r0] += dv_r
-        dq[:, :, r0:r1] = dq_b
+    rows = [(grad_o[:, :, r0:r1], q[:, :, r0:r1], o[:, :, r0:r1], lse[:, :, r0:r1]) for r0, r1 in blocks]
+    own = [_flash_backward(g, q_b, k[:, :, r0:r1], v[:, :, r0:r1], o_b, lse_b, True, _keys(mask, r0, r1), scale)
+           for (g, q_b, o_b, lse_b), (r0, r1) in zip(rows, blocks)]
+    dq, dk, dv = (torch.cat(parts, 2) for parts in zip(*own))
+    dq_before = []
+    for (g, q_b, o_b, lse_b), (r0, _) in zip(rows[1:], blocks[1:]):
+        dq_b, dk_b, dv_b = _flash_backward(g, q_b, k[:, :, :r0], v[:, :, :r0], o_b, lse_b, False,
+                                           _keys(mask, 0, r0), scale)
+        dq_before.append(dq_b)
+        dk[:, :, :r0] += dk_b
+        dv[:, :, :r0] += dv_b
+    dq[:, :, blocks[1][0]:] += torch.cat(dq_before, 2)
     return dq, dk, dv
 
 
@@ -149,14 +130,22 @@ def _split_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
     """The CPU forward (module docstring): flash over the sequence, matmuls over the prefix, merged by lse."""
     B, Hq, S, D = q.shape
     f = compute_dtype(q)
-    o_s, lse_s = _sequence_forward(q.to(f), k.to(f), v.to(f), key_padding_mask, causal, scale)
-    if prefix_k.shape[-2] == 0:
-        return o_s.to(q.dtype), lse_s.masked_fill(torch.isneginf(lse_s), float("inf"))
-    _, s_p = _prefix_scores(q.to(f), prefix_k, scale)
-    lse = torch.logaddexp(lse_s, s_p.logsumexp(-1).view(B, Hq, S))
-    p = s_p.sub_(lse.view(*s_p.shape[:-1], 1)).exp_()
-    o = torch.matmul(p, prefix_v.to(f)).view(B, Hq, S, D)
-    o.addcmul_(o_s, (lse_s - lse).exp_().unsqueeze(-1))
+    qf = q.to(f)
+    parts = _sequence_parts(qf, k.to(f), v.to(f), key_padding_mask, causal, scale)
+    lse = parts[0][1].clone()
+    for _, lse_i, r0 in parts[1:]:
+        lse[:, :, r0:] = torch.logaddexp(lse[:, :, r0:], lse_i)
+    if prefix_k.shape[-2]:
+        _, s_p = _prefix_scores(qf, prefix_k, scale)
+        lse = torch.logaddexp(lse, s_p.logsumexp(-1).view(B, Hq, S))
+        o = torch.matmul(s_p.sub_(lse.view(*s_p.shape[:-1], 1)).exp_(), prefix_v.to(f)).view(B, Hq, S, D)
+        ref = lse
+    else:  # a row may see no key at all: lse -inf, its o 0
+        o = torch.zeros_like(qf)
+        ref = lse.masked_fill(torch.isinf(lse), 0.0)
+        lse = lse.masked_fill(torch.isneginf(lse), float("inf"))
+    for o_i, lse_i, r0 in parts:
+        o[:, :, r0:].addcmul_(o_i, (lse_i - ref[:, :, r0:]).exp_().unsqueeze(-1))
     return o.to(q.dtype), lse
 
 
