@@ -220,3 +220,55 @@ def test_triton_launchers_write_every_output(double_quant):
         triton_impl.matmul(x, *args, True, None, term, out=yl)
         expected = x.float() @ ref.dequantize().float().t() + 0.5 * (h * e) @ B.t()
         assert (yl.float() - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape, blocksize", [((48, 128), 32), ((48, 128), 64), ((48, 96), 32), ((37, 130), 32)],
+                         ids=["aligned-b32", "aligned-b64", "aligned-partial-tile", "blocks-span-rows"])
+@pytest.mark.parametrize("weight_dtype, dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                                 (torch.float16, torch.float16)],
+                         ids=["bf16-fp32", "fp32-bf16", "fp16"])
+def test_triton_matmul_decodes_bitsandbytes_values(shape, blocksize, weight_dtype, dtype):
+    """The matmuls' in-register decode is the dequantized weight bit for bit: one-hot rows of ``a`` pick W's
+    columns (forward) and rows (dgrad) exactly, on the GEMV (3 rows) and the tiled matmul (37 rows), for rows of
+    whole blocks (each byte loaded once, one absmax per block or per tile row, a tile past the last column) and for
+    blocks spanning rows (per-element decode); W rounded to its dtype, then to the compute dtype."""
+    from peftkern.ops.nf4 import triton_impl
+
+    out_f, in_f = shape
+    q = pk.nf4.quantize(_weight(shape, weight_dtype, seed=5), blocksize, double_quant=False)
+    with pk.use_backend("torch"):
+        w = q.dequantize().to(dtype)
+    args = (q.packed, q.absmax, q.code, blocksize, list(shape), weight_dtype)
+    gen = torch.Generator().manual_seed(0)
+    for rows in (3, 37):
+        picks = torch.randperm(in_f, generator=gen)[:rows].to(DEVICE)
+        y = triton_impl.matmul(torch.eye(in_f, dtype=dtype, device=DEVICE)[picks], *args, True)
+        assert torch.equal(y, w.t()[picks]), f"forward, {rows} rows"
+        picks = torch.randperm(out_f, generator=gen)[:rows].to(DEVICE)
+        dx = triton_impl.matmul(torch.eye(out_f, dtype=dtype, device=DEVICE)[picks], *args, False)
+        assert torch.equal(dx, w[picks]), f"dgrad, {rows} rows"
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("transpose_w", [True, False], ids=["forward", "dgrad"])
+def test_triton_nf4_matmul_dequantizes_first_above_128_rows(transpose_w, monkeypatch):
+    """Past DEQUANTIZE_ROWS rows the Triton op dequantizes W (its kernel, bit-exact) and runs the dense GEMM the
+    torch path runs, never the in-register matmul: the same bits as the torch backend."""
+    from peftkern.ops.nf4 import triton_impl
+
+    def in_register(*args, **kwargs):
+        raise AssertionError("the in-register matmul ran past DEQUANTIZE_ROWS rows")
+
+    monkeypatch.setattr(triton_impl, "matmul", in_register)
+    rows = triton_impl.DEQUANTIZE_ROWS + 5
+    q = pk.nf4.quantize(_weight((48, 96), torch.bfloat16, seed=6), 64)
+    a = torch.randn(rows, 48 if not transpose_w else 96, dtype=torch.bfloat16, device=DEVICE)
+    bias = torch.randn(48, dtype=torch.bfloat16, device=DEVICE) if transpose_w else None
+    results = []
+    for backend in ("triton", "torch"):
+        with pk.use_backend(backend):
+            _, impl = pk.backend.resolve("nf4_matmul", a.device)
+            results.append(impl(a, q.packed, q.block_absmax(), q.code, 64, [48, 96], torch.bfloat16, transpose_w,
+                                bias))
+    assert torch.equal(*results)

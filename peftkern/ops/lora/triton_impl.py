@@ -170,9 +170,9 @@ def bwd_dx(grad_y, weight, dh, lora_A, lora_dtype: torch.dtype, dropout_p: float
     lora_bwd_dx_kernel[grid](
         grad_y, weight, dh, lora_A, dx_buf, N, K, O, R, grad_y.stride(0), grad_y.stride(1), weight.stride(0),
         weight.stride(1), dh.stride(0), lora_A.stride(0), lora_A.stride(1), seed_, threshold, keep_scale,
-        DROPOUT=dropout, MASK_GROUPED=keep_mask_grouped(K), DOT_DTYPE=dot_dtype(weight.dtype), LORA_DOT_DTYPE=dot_dtype(lora_dtype),
-        PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=lora_rank_chunk(R, lora_dtype), GROUP_M=cfg["GROUP_M"], **launch_opts(cfg))
+        DROPOUT=dropout, MASK_GROUPED=keep_mask_grouped(K), DOT_DTYPE=dot_dtype(weight.dtype),
+        LORA_DOT_DTYPE=dot_dtype(lora_dtype), PRECISION=precision(), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], BLOCK_R=lora_rank_chunk(R, lora_dtype), GROUP_M=cfg["GROUP_M"], **launch_opts(cfg))
     return unstage(dx, dx_buf)
 
 

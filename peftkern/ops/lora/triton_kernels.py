@@ -148,9 +148,9 @@ def lora_bwd_wgrad_kernel(lhs_ptr, e_ptr, rhs_ptr, out_ptr, N, C, R, stride_lhs,
 @triton.jit(do_not_specialize=["seed"])
 def lora_bwd_dx_kernel(g_ptr, w_ptr, dh_ptr, a_ptr, dx_ptr, N, K, O, R,
                        stride_gm, stride_go, stride_wo, stride_wk, stride_dh, stride_ar, stride_ak, seed, threshold,
-                       keep_scale, DROPOUT: tl.constexpr, MASK_GROUPED: tl.constexpr, DOT_DTYPE: tl.constexpr, LORA_DOT_DTYPE: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+                       keep_scale, DROPOUT: tl.constexpr, MASK_GROUPED: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                       LORA_DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     """dx[N, K] = g @ W + (dh @ A) * mask / (1-p): the dgrad GEMM (reduction over O), LoRA term in its epilogue."""
     pid_m, pid_n = lora_grouped_tile(tl.program_id(0), N, K, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
