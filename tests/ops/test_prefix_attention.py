@@ -14,8 +14,9 @@ from peftkern.ops.prefix_attention import torch_impl
 from peftkern.ops.prefix_attention.reference import prefix_attention_reference
 from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, shape_id, torch_variant_or_backend
 
-# the torch backend runs PyTorch's CPU flash kernel on a CPU; "torch-chunked" switches it off; "torch-blocked" splits
-# causal queries into blocks (torch_impl.query_blocks) at test sizes: blocks of 2 rows or more, at most 3
+# the torch backend runs PyTorch's CPU flash kernel on a CPU (at test sizes over the prefix concatenated before the
+# keys); "torch-chunked" switches it off; "torch-blocked" takes the prefix apart and splits causal queries into
+# blocks (torch_impl.query_blocks) at test sizes: blocks of 2 rows or more, at most 3
 BACKENDS = [b for b in backends() if getattr(b, "values", (b,))[0] in registered("prefix_attention_forward")]
 BACKENDS += ["torch-chunked", "torch-blocked"]
 
@@ -25,6 +26,7 @@ def use(request, monkeypatch):
     """Enter the backend (or torch path) named by the test's ``backend`` parameter."""
     name = request.node.callspec.params["backend"]
     if name == "torch-blocked":
+        monkeypatch.setattr(torch_impl, "CONCAT_MAX_WORK", 0)
         monkeypatch.setattr(torch_impl, "BLOCK_ROWS", 2)
         monkeypatch.setattr(torch_impl, "MAX_BLOCKS", 3)
         name = "torch"
@@ -121,9 +123,10 @@ def test_non_contiguous_inputs(backend, use):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_cpu_path_at_its_own_block_sizes(causal):
+def test_cpu_path_at_its_own_block_sizes(causal, monkeypatch):
     """S = 150 with the torch path's own query blocks (2 of 75 rows), left padding past the first block on one row
     and GQA: values and every gradient against fp64."""
+    monkeypatch.setattr(torch_impl, "CONCAT_MAX_WORK", 0)
     c = _case(2, 4, 2, 150, 5, 16, shared=False, padding=False)
     c["kpm"] = torch.zeros(2, 150, dtype=torch.bool, device=DEVICE)
     c["kpm"][1, :90] = True
