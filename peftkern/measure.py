@@ -148,6 +148,48 @@ def interleaved_times(fns: dict[str, Callable[[], object]], reps: int, warmup: i
     return out
 
 
+_BF16_PROBE: dict[str, dict] = {}
+
+
+def bf16_matmul_speed(device: str = "cpu") -> dict:
+    """Whether bf16 matmuls are fast on ``device``, from a timed probe: ``fast``, ``bf16_over_fp32`` (time ratio of
+    one 256^3 product), ``bf16_ms``, ``fp32_ms``, ``cpu_capability`` and ``why`` (a phrase for a benchmark's output).
+
+    Why a probe and not the CPU flags: torch sends a bf16 matmul to oneDNN's AVX-512-bf16 / AMX kernels where it
+    finds them (measured here, AVX-512 bf16: about half fp32's time) and emulates it elsewhere (an AVX2-only Zen 3:
+    about 10x fp32's time; this machine under ``ONEDNN_MAX_CPU_ISA=AVX2``: 60x at 1024^3, 160x at 256^3), and the
+    environment can cap what the hardware has. "Fast" is at most 2x fp32's time. One thread (a second one waiting
+    for a core another process holds stalls a call by milliseconds); the fastest of 3 calls each, once per process
+    (~0.3 s where emulated). A CUDA device is fast without a probe.
+    """
+    if device != "cpu":
+        return {"fast": True, "bf16_over_fp32": None, "bf16_ms": None, "fp32_ms": None, "cpu_capability": None,
+                "why": f"bf16 matmuls on {device}"}
+    if "cpu" not in _BF16_PROBE:
+        best, threads = {}, torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                for dtype in (torch.float32, torch.bfloat16):
+                    a, b = torch.randn(2, 256, 256).to(dtype)
+                    samples = []
+                    for _ in range(4):
+                        t0 = time.perf_counter()
+                        torch.mm(a, b)
+                        samples.append(time.perf_counter() - t0)
+                    best[dtype] = min(samples[1:])
+        finally:
+            torch.set_num_threads(threads)
+        ratio = best[torch.bfloat16] / best[torch.float32]
+        fast = ratio <= 2.0
+        capability = torch.backends.cpu.get_cpu_capability()
+        why = (f"a bf16 matmul takes {ratio:.3g}x fp32's time on this CPU (256^3 probe, ATen {capability}): "
+               + ("bf16 is fast here" if fast else "bf16 is emulated here (no AVX-512 bf16 / AMX kernels)"))
+        _BF16_PROBE["cpu"] = {"fast": fast, "bf16_over_fp32": ratio, "bf16_ms": 1e3 * best[torch.bfloat16],
+                              "fp32_ms": 1e3 * best[torch.float32], "cpu_capability": capability, "why": why}
+    return dict(_BF16_PROBE["cpu"])
+
+
 def _do_bench():
     try:
         from triton.testing import do_bench

@@ -8,7 +8,8 @@ module holding the linear; ours ``LoRALinear.from_linear``). A step is forward +
 ours/PEFT of the median wall clock (< 1: ours faster) first, then the absolute medians.
 
 dtypes: ``fp32``; ``bf16+fp32A`` = bf16 base with fp32 adapters (PEFT's default, ``autocast_adapter_dtype=True``);
-``bf16`` = pure bf16 (PEFT with ``autocast_adapter_dtype=False``).
+``bf16`` = pure bf16 (PEFT with ``autocast_adapter_dtype=False``). On a CPU that emulates bf16 matmuls (no AVX-512 bf16
+or AMX: ``measure.bf16_matmul_speed`` times one) the bf16 rows run at smaller shapes, and the output says so.
 
 Memory (saved-tensor hooks, unique storages, parameters excluded):
 * ``all``   - every storage a layer's forward keeps for backward, its input x included;
@@ -29,8 +30,8 @@ from torch import nn
 
 from peftkern import peers
 from peftkern.benchmarks.common import add_roofline, format_table, machine_info, steady_malloc, write_results
-from peftkern.measure import (SavedBytes, compare_step_time, describe_storages, fmt_bytes, interleaved_times,
-                              paired_ratio, summarize)
+from peftkern.measure import (SavedBytes, bf16_matmul_speed, compare_step_time, describe_storages, fmt_bytes,
+                              interleaved_times, paired_ratio, summarize)
 
 DTYPES = {  # name: (base dtype, adapters in fp32?)
     "fp32": (torch.float32, True),
@@ -39,6 +40,10 @@ DTYPES = {  # name: (base dtype, adapters in fp32?)
 }
 FULL_SHAPES = [(512, 1024, 1024), (2048, 1024, 1024), (512, 4096, 4096), (2048, 4096, 4096)]
 QUICK_SHAPES = [(512, 1024, 1024), (2048, 1024, 1024)]
+# the bf16 rows where the CPU emulates bf16 matmuls (measure.bf16_matmul_speed): at the quick shapes each bf16 row
+# took 1.4-5.7 s a step on an AVX2-only EPYC, about 10 minutes for --quick; these take ~0.15 s
+SLOW_BF16_FULL_SHAPES = [(128, 512, 512), (512, 1024, 1024)]
+SLOW_BF16_QUICK_SHAPES = [(128, 512, 512)]
 DROPOUTS = (0.0, 0.1)
 
 
@@ -208,8 +213,12 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
         malloc: str = "steady", plot: Optional[str] = None, log=print) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     malloc = steady_malloc() if malloc == "steady" else "default"
-    shapes = shapes or (QUICK_SHAPES if quick else FULL_SHAPES)
     dtypes = dtypes or list(DTYPES)
+    bf16 = bf16_matmul_speed(device)
+    slow_bf16 = not bf16["fast"] and shapes is None
+    usual = shapes or (QUICK_SHAPES if quick else FULL_SHAPES)
+    small = SLOW_BF16_QUICK_SHAPES if quick else SLOW_BF16_FULL_SHAPES
+    shapes_of = {dt: small if slow_bf16 and DTYPES[dt][0] == torch.bfloat16 else usual for dt in dtypes}
     reps = reps or (7 if quick else 15)
     min_time_s = 0.3 if quick else 1.5
     info = machine_info()
@@ -220,9 +229,12 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
     log(f"# {'wall-clock' if device == 'cpu' else 'triton do_bench'} median of >= {reps} interleaved repetitions; "
         f"ratio < 1: ours faster. 'paired' = median of per-round ratios; 'min/min' = ratio of fastest runs; "
         f"'cpu-time' = ratio of median process CPU times (ignores time preempted by other processes).")
+    if any(DTYPES[dt][0] == torch.bfloat16 for dt in dtypes):
+        log(f"# bf16 rows at {', '.join('x'.join(map(str, s)) for s in (small if slow_bf16 else usual))}: "
+            f"{bf16['why']}" + ("; --shapes runs them at any shape" if slow_bf16 else ""))
     rows = []
-    for n_tok, in_f, out_f in shapes:
-        for dtype in dtypes:
+    for n_tok, in_f, out_f in dict.fromkeys(shape for dt in dtypes for shape in shapes_of[dt]):
+        for dtype in (dt for dt in dtypes if (n_tok, in_f, out_f) in shapes_of[dt]):
             for p in DROPOUTS:
                 row = bench_layer(n_tok, in_f, out_f, r, p, dtype, reps, device, min_time_s)
                 row["shape"] = f"{n_tok}x{in_f}x{out_f}"
@@ -246,8 +258,9 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
 
     qkv = []
     for dtype in ("fp32", "bf16+fp32A"):
+        n_tok, d = SLOW_BF16_QUICK_SHAPES[0][:2] if slow_bf16 and dtype != "fp32" else (512 if quick else 2048, 1024)
         for p in DROPOUTS:
-            qkv.append(qkv_memory(2048 if not quick else 512, 1024, r, p, dtype, device))
+            qkv.append(qkv_memory(n_tok, d, r, p, dtype, device))
     log("\n# three adapted projections on one x (query/key/value), all unique saved storages incl. x:")
     log(format_table([{**q, "ours_b": fmt_bytes(q["ours"]), "peft_b": fmt_bytes(q["peft"])} for q in qkv],
                      [("tokens", "tokens"), ("d", "d"), ("dtype", "dtype"), ("dropout", "p"), ("ratio", "ours/PEFT"),
@@ -277,7 +290,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
                                            ("ours_ms", "ours ms"), ("peft_ms", "PEFT ms")]))
 
     payload = {"benchmark": "lora_linear_vs_peft", "quick": quick, "device": device, "r": r, "malloc": malloc,
-               "machine": info,
+               "machine": info, "bf16_matmul": bf16,
                "layers": rows, "qkv_memory": qkv, "model_memory": models, "model_step_time": model_times}
     path = write_results(payload, rows, json_path, "bench_lora" + ("-quick" if quick else ""), plot,
                          f"LoRALinear vs PEFT, fwd+bwd, r={r}, {device}",
