@@ -239,6 +239,7 @@ def test_structure_groups_entries_both_ways():
     idx = _case(1, I, O, 0.2)["indices"]
     s = structure(idx, (O, I))
     rows, cols = idx // I, idx % I
+    assert all(t.dtype == torch.int32 for t in s)
     assert torch.equal(s.rows, rows) and torch.equal(s.cols, cols)
     assert torch.equal(s.row_bounds, torch.cat([rows.new_zeros(1), torch.bincount(rows, minlength=O).cumsum(0)]))
     assert torch.equal(s.col_bounds, torch.cat([cols.new_zeros(1), torch.bincount(cols, minlength=I).cumsum(0)]))

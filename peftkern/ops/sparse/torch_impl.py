@@ -23,21 +23,23 @@ from ...backend import register
 
 
 def rows_cols(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of each flat index into an [out, in] weight, int32 (a layer holds fewer than 2^31 entries)."""
     idx = indices.long()
-    return idx // in_features, idx % in_features
+    return (idx // in_features).int(), (idx % in_features).int()
 
 
 def segment_bounds(sorted_keys: torch.Tensor, groups: int) -> torch.Tensor:
-    """[groups + 1] int64: the entries of key j are [b[j], b[j + 1]) of ``sorted_keys`` (keys in [0, groups)).
+    """[groups + 1] int32: the entries of key j are [b[j], b[j + 1]) of ``sorted_keys`` (keys in [0, groups)).
 
     A binary search per group, not ``torch.bincount``: CUDA's bincount reads its input's min and max back to the
     host, a stream sync every call (and no CUDA-graph capture)."""
-    return torch.searchsorted(sorted_keys, torch.arange(groups + 1, device=sorted_keys.device))
+    keys = torch.arange(groups + 1, dtype=sorted_keys.dtype, device=sorted_keys.device)
+    return torch.searchsorted(sorted_keys, keys, out_int32=True)
 
 
 class Structure(NamedTuple):
     """The entries of a sparse diff over an [out, in] weight, grouped by row (the indices' sorted order) and by
-    column; all int64 on the indices' device."""
+    column; all int32 (what the CSR kernels and the Triton launchers take) on the indices' device."""
     rows: torch.Tensor  # [nnz] row of each entry, nondecreasing
     cols: torch.Tensor  # [nnz] column of each entry
     row_bounds: torch.Tensor  # [out + 1]: row r's entries are [row_bounds[r], row_bounds[r + 1])
@@ -63,7 +65,7 @@ def structure(indices: torch.Tensor, shape: tuple[int, int]) -> Structure:
     if cached and seen is not None and seen[0]() is indices and seen[1] == stamp:
         return seen[2]
     rows, cols = rows_cols(indices, in_f)
-    by_col = torch.argsort(cols, stable=True)
+    by_col = torch.argsort(cols, stable=True).int()
     found = Structure(rows, cols, segment_bounds(rows, out_f), by_col, rows[by_col],
                       segment_bounds(cols[by_col], in_f))
     if cached:
@@ -108,7 +110,7 @@ def forward(x, weight, bias, indices, values):
     y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
     dt = _math_dtype(values)
     if _gathered(indices.numel(), (O, I)):
-        return y.to(dt).index_add_(1, s.rows, x[:, s.cols].to(dt) * values.to(dt)).to(y.dtype)
+        return y.to(dt).index_add_(1, s.rows, x.index_select(1, s.cols).to(dt).mul_(values)).to(y.dtype)
     return _add_transposed(y, _csr(s.row_bounds, s.cols, values.to(dt), (O, I)) @ _transposed(x, dt))  # [out, N]
 
 
@@ -119,7 +121,7 @@ def masked_grad(grad_out, x, indices, in_features: int):
     s = structure(indices, (O, in_features))
     dt = torch.promote_types(grad_out.dtype, torch.float32)
     if _gathered(indices.numel(), (O, in_features)):
-        return (grad_out[:, s.rows].to(dt) * x[:, s.cols].to(dt)).sum(0)
+        return grad_out.index_select(1, s.rows).to(dt).mul_(x.index_select(1, s.cols)).sum(0)
     pattern = _csr(s.row_bounds, s.cols, torch.zeros(indices.numel(), dtype=dt, device=x.device), (O, in_features))
     return torch.sparse.sampled_addmm(pattern, _transposed(grad_out, dt), x.to(dt), beta=0.0).values()
 
@@ -132,8 +134,8 @@ def dgrad(grad_out, weight, indices, values):
     dt = _math_dtype(values)
     dx = grad_out @ weight
     if _gathered(indices.numel(), (O, I)):
-        return dx.to(dt).index_add_(1, s.cols, grad_out[:, s.rows].to(dt) * values.to(dt)).to(dx.dtype)
-    delta_t = _csr(s.col_bounds, s.col_rows, values[s.by_col].to(dt), (I, O))
+        return dx.to(dt).index_add_(1, s.cols, grad_out.index_select(1, s.rows).to(dt).mul_(values)).to(dx.dtype)
+    delta_t = _csr(s.col_bounds, s.col_rows, values.index_select(0, s.by_col).to(dt), (I, O))
     return _add_transposed(dx, delta_t @ _transposed(grad_out, dt))  # [in, N]
 
 

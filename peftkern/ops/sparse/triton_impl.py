@@ -29,7 +29,7 @@ def add_correction_(out, src, bounds, src_pos, values) -> torch.Tensor:
     cfg = _cfg("correction")
     buf = staged(out)
     sparse_correction_kernel[(out.shape[1], triton.cdiv(out.shape[0], cfg["BLOCK_N"]))](
-        buf, src, bounds.to(torch.int32), src_pos.to(torch.int32), values.contiguous(), out.shape[0], buf.stride(0),
+        buf, src, bounds, src_pos, values.contiguous(), out.shape[0], buf.stride(0),
         src.stride(0), BLOCK_N=cfg["BLOCK_N"], BLOCK_E=cfg["BLOCK_E"], **launch_opts(cfg))
     return unstage(out, buf)
 
@@ -59,7 +59,7 @@ def masked_grad(grad_out, x, indices, in_features: int, *, out=None):
     x = x.contiguous()
     cfg = _cfg("sddmm")
     sparse_sddmm_kernel[(triton.cdiv(nnz, cfg["BLOCK_E"]),)](
-        grad_out, x, s.rows.to(torch.int32), s.cols.to(torch.int32), res, x.shape[0], nnz, grad_out.stride(0),
+        grad_out, x, s.rows, s.cols, res, x.shape[0], nnz, grad_out.stride(0),
         x.stride(0), BLOCK_E=cfg["BLOCK_E"], BLOCK_N=cfg["BLOCK_N"], **launch_opts(cfg))
     return res
 
