@@ -8,11 +8,12 @@ from .ops.prefix_attention import prefix_attention
 from .ops.sparse import sparse_diff_linear
 from .patching import load_adapter, patch, save_adapter
 from .methods.adalora import AdaLoraConfig
-from .methods.adapters import AdapterDropConfig, AdapterFusionConfig, HoulsbyConfig, PfeifferConfig
+from .methods.adapters import AdapterDropConfig, AdapterFusionConfig, HoulsbyConfig, MamConfig, PfeifferConfig
 from .methods.lora import DoraConfig, LoraConfig, QLoraConfig
+from .methods.prefix_tuning import PrefixTuningConfig, PTuningV2Config
+from .methods.prompt_tuning import PromptLearningConfig, PromptTuningConfig, PTuningConfig
 from .methods.selective import BitFitConfig, DiffPruningConfig, FarConfig, FishMaskConfig
-from .patching import (MamConfig, PrefixTuningConfig, PromptLearningConfig, PromptTuningConfig, PTuningConfig,
-                       PTuningV2Config, UniPeltConfig)
+from .methods.unipelt import UniPeltConfig
 from .lifecycle import delete_adapter, disable, merge, set_adapter, unpatch
 from . import integrations, methods, nf4, nn, optim, sparse  # noqa: E402
 

@@ -29,20 +29,16 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from . import _validate as V
 from . import lifecycle
 from .methods.adalora import AdaLoraMethod
-from .methods.adapters import (AdapterDropMethod, AdapterFusionMethod, HoulsbyMethod, PfeifferMethod, add_adapters,
-                               check_non_linearity)
-from .methods.base import Method, MethodConfig, jsonable, optional_integer, sites_spec, target_spec
+from .methods.adapters import AdapterDropMethod, AdapterFusionMethod, HoulsbyMethod, MamMethod, PfeifferMethod
+from .methods.base import Method, MethodConfig, jsonable
 from .methods.lora import DoraMethod, LoraMethod, QLoraMethod
-from .methods.prefix_tuning import PrefixTuning, add_prefix
-from .methods.prompt_tuning import add_prompt, virtual_tokens
+from .methods.prefix_tuning import PrefixTuningMethod, PTuningV2Method
+from .methods.prompt_tuning import PromptTuningMethod, PTuningMethod, virtual_tokens
 from .methods.selective import BitFitMethod, DiffPruningMethod, FarMethod, FishMaskMethod
-from .methods.sites import find_layers
-from .methods.targets import TargetSpec, freeze_except, head_modules
-from .methods.targets import head_modules as _heads, linear_targets as _lora_targets
-from .methods.unipelt import qv_targets, unipelt
+from .methods.targets import head_modules
+from .methods.unipelt import UniPeltMethod
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -58,211 +54,15 @@ def _task_type(model: nn.Module) -> Optional[str]:
     return next((task for suffix, task in _TASKS.items() if name.endswith(suffix)), None)
 
 
-# --------------------------------------------------------------------------------------------------- prompt family
-def _prompt_apply(model, o: dict, add: Callable, **add_options):
-    heads = _heads(model, o.pop("modules_to_save"))
-    freeze_except(model, heads)
-    if add is add_prefix:  # on encoder-decoders, the attentions PEFT's prefix reaches, so that PEFT loads the file
-        add_options["attentions"] = "peft"
-    add(model, **o, **add_options)
-    return model, {"heads": heads}
-
-
-def _prompt_tensors(model: nn.Module, record: dict) -> dict[str, torch.Tensor]:
-    module = virtual_tokens(model)
-    return {"prompt_embeddings": module.prefix() if isinstance(module, PrefixTuning) else module.prompts()}
-
-
-def _prompt_peft_config(model: nn.Module, record: dict) -> dict:
-    cfg, module = model.config, virtual_tokens(model)
-    if isinstance(module, PrefixTuning):
-        return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": module.num_virtual_tokens,
-                "token_dim": module.num_kv_heads * module.head_dim, "num_attention_heads": module.num_kv_heads,
-                "num_layers": module.num_layers, "num_transformer_submodules": module.num_transformer_submodules,
-                "prefix_projection": False}
-    return {"peft_type": "P_TUNING" if module.encoder else "PROMPT_TUNING",
-            "num_virtual_tokens": module.num_virtual_tokens, "token_dim": module.embedding.weight.shape[1],
-            "num_attention_heads": cfg.num_attention_heads, "num_layers": cfg.num_hidden_layers,
-            "num_transformer_submodules": module.num_transformer_submodules}
-
-
-# --------------------------------------------------------------------------------------------------- hybrids
-def _mam(model, o: dict):
-    """MAM adapter (He et al., 2022): a parallel adapter beside every FFN and prefix tuning on attention."""
-    heads = _heads(model, o.pop("modules_to_save"))
-    freeze_except(model, heads)
-    prefix = dict(num_virtual_tokens=o.pop("num_virtual_tokens"), prefix_projection=o.pop("prefix_projection"),
-                  sites=o["sites"])
-    add_adapters(model, "parallel", **o)
-    add_prefix(model, **prefix)
-    return model, {"heads": heads}
-
-
-def _unipelt(model, o: dict):
-    """UniPELT; its gated LoRA on ``target_modules`` (None: every self-attention's query and value projections, or
-    their slices of a fused qkv projection), its adapters and prefix at the model's sites (``sites``)."""
-    heads = _heads(model, o.pop("modules_to_save"))
-    target_modules = o.pop("target_modules")
-    if target_modules is None:
-        targets = qv_targets(find_layers(model, o["sites"]))
-    else:
-        targets = _lora_targets(model, target_modules, heads, False)
-    freeze_except(model, heads)
-    return unipelt(model, lora_targets=targets, **o), {"heads": heads}
-
-
-# --------------------------------------------------------------------------------------------------- configs
-@dataclasses.dataclass(kw_only=True)
-class PromptLearningConfig(MethodConfig):
-    """The options every prompt and prefix method has: ``num_virtual_tokens`` P (PEFT's name)."""
-
-    num_virtual_tokens: int = 20
-
-    def __post_init__(self):
-        super().__post_init__()
-        V.integer("num_virtual_tokens", self.num_virtual_tokens)
-
-
-@dataclasses.dataclass(kw_only=True)
-class PromptTuningConfig(PromptLearningConfig):
-    """Prompt Tuning (Lester et al., 2021): P trained token embeddings before the input. ``init``: "random",
-    "vocab" (rows of the model's embeddings) or "text" (``init_text`` tokenized by ``tokenizer``, repeated)."""
-
-    init: str = "random"
-    init_text: Optional[str] = None
-    tokenizer: object = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        V.one_of("init", self.init, ("random", "vocab", "text"))
-        if self.init_text is not None and not isinstance(self.init_text, str):
-            raise TypeError(f"init_text must be None or a str, got {type(self.init_text).__name__}")
-
-
-@dataclasses.dataclass(kw_only=True)
-class PTuningConfig(PromptLearningConfig):
-    """P-Tuning (Liu et al., 2021): the virtual tokens through a prompt ``encoder`` ("mlp" or "lstm") of
-    ``encoder_hidden_size`` units (None: the model's hidden size), ``encoder_num_layers`` (LSTM) and
-    ``encoder_dropout``."""
-
-    encoder: str = "mlp"
-    encoder_hidden_size: Optional[int] = None
-    encoder_num_layers: int = 2
-    encoder_dropout: float = 0.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        V.one_of("encoder", self.encoder, ("mlp", "lstm"))
-        self.encoder_hidden_size = optional_integer("encoder_hidden_size", self.encoder_hidden_size)
-        V.integer("encoder_num_layers", self.encoder_num_layers)
-        V.number("encoder_dropout", self.encoder_dropout, low=0.0, high=1.0)
-
-
-@dataclasses.dataclass(kw_only=True)
-class PTuningV2Config(PromptLearningConfig):
-    """P-Tuning v2 (Liu et al., 2022): P trained keys and values before every attention layer's; ``sites``: regexes
-    naming the attention modules where the model's own are not found (:func:`peftkern.methods.sites.find_layers`)."""
-
-    sites: Optional[dict[str, str]] = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.sites = sites_spec(self.sites)
-
-
-@dataclasses.dataclass(kw_only=True)
-class PrefixTuningConfig(PTuningV2Config):
-    """Prefix Tuning (Li & Liang, 2021): P-Tuning v2's prefix through an MLP of ``encoder_hidden_size`` units (None:
-    the model's hidden size) while training (``prefix_projection``)."""
-
-    prefix_projection: bool = True
-    encoder_hidden_size: Optional[int] = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        V.flag("prefix_projection", self.prefix_projection)
-        self.encoder_hidden_size = optional_integer("encoder_hidden_size", self.encoder_hidden_size)
-
-
-@dataclasses.dataclass(kw_only=True)
-class MamConfig(MethodConfig):
-    """MAM adapter (He et al., 2022): a parallel adapter beside every FFN (``reduction_factor``, ``non_linearity``,
-    its output times ``scale``) and a prefix of ``num_virtual_tokens`` on every attention (``prefix_projection`` as
-    Prefix Tuning's); ``sites`` as :class:`PfeifferConfig`'s."""
-
-    num_virtual_tokens: int = 30
-    prefix_projection: bool = False
-    reduction_factor: float = 4
-    non_linearity: str = "relu"
-    scale: float = 4.0
-    sites: Optional[dict[str, str]] = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        V.integer("num_virtual_tokens", self.num_virtual_tokens)
-        V.flag("prefix_projection", self.prefix_projection)
-        V.number("reduction_factor", self.reduction_factor, low=0.0, low_open=True)
-        check_non_linearity(self.non_linearity)
-        V.number("scale", self.scale)
-        self.sites = sites_spec(self.sites)
-
-
-@dataclasses.dataclass(kw_only=True)
-class UniPeltConfig(MethodConfig):
-    """UniPELT (Mao et al., 2022): gated LoRA (``r``, ``lora_alpha``) on ``target_modules`` (None: every
-    self-attention's query and value projections, or their slices of a fused qkv projection), a gated prefix of
-    ``num_virtual_tokens`` and a gated adapter (``reduction_factor``, ``non_linearity``) in every layer; ``sites`` as
-    :class:`PfeifferConfig`'s."""
-
-    r: int = 8
-    lora_alpha: float = 16
-    target_modules: Optional[TargetSpec] = None
-    sites: Optional[dict[str, str]] = None
-    num_virtual_tokens: int = 10
-    reduction_factor: float = 16
-    non_linearity: str = "relu"
-
-    def __post_init__(self):
-        super().__post_init__()
-        V.integer("r", self.r)
-        V.number("lora_alpha", self.lora_alpha)
-        self.target_modules = target_spec(self.target_modules, none_ok=True)
-        self.sites = sites_spec(self.sites)
-        V.integer("num_virtual_tokens", self.num_virtual_tokens)
-        V.number("reduction_factor", self.reduction_factor, low=0.0, low_open=True)
-        check_non_linearity(self.non_linearity)
-
-
 # --------------------------------------------------------------------------------------------------- registry
-class _OldForm(Method):
-    """A method whose glue above still takes its options as a dict and returns ``(model, record)``."""
-
-    def __init__(self, config_class: type[MethodConfig], apply: Callable, tensors: Optional[Callable] = None,
-                 peft_config: Optional[Callable] = None, head_prefix: str = "base_model.model."):
-        self.config_class, self.head_prefix = config_class, head_prefix
-        self._apply, self._tensors, self._peft_config = apply, tensors, peft_config
-
-    def apply(self, model, config, heads, calibration_data=None) -> dict:
-        return self._apply(model, config.to_dict())[1]
-
-    def tensors(self, model, record) -> dict[str, torch.Tensor]:
-        return self._tensors(model, record) if self._tensors else super().tensors(model, record)
-
-    def peft_config(self, model, record) -> Optional[dict]:
-        return self._peft_config(model, record) if self._peft_config else None
-
-
-_PROMPT = dict(tensors=_prompt_tensors, peft_config=_prompt_peft_config, head_prefix="base_model.")
-
 METHODS: dict[str, Method] = {
     "lora": LoraMethod(),
     "dora": DoraMethod(),
     "qlora": QLoraMethod(),
-    "prompt_tuning": _OldForm(PromptTuningConfig, lambda m, o: _prompt_apply(m, o, add_prompt), **_PROMPT),
-    "p_tuning": _OldForm(PTuningConfig, lambda m, o: _prompt_apply(m, o, add_prompt), **_PROMPT),
-    "prefix_tuning": _OldForm(PrefixTuningConfig, lambda m, o: _prompt_apply(m, o, add_prefix), **_PROMPT),
-    "p_tuning_v2": _OldForm(PTuningV2Config, lambda m, o: _prompt_apply(m, o, add_prefix, prefix_projection=False),
-                            **_PROMPT),
+    "prompt_tuning": PromptTuningMethod(),
+    "p_tuning": PTuningMethod(),
+    "prefix_tuning": PrefixTuningMethod(),
+    "p_tuning_v2": PTuningV2Method(),
     "adapter_houlsby": HoulsbyMethod(),
     "adapter_pfeiffer": PfeifferMethod(),
     "adapter_drop": AdapterDropMethod(),
@@ -272,8 +72,8 @@ METHODS: dict[str, Method] = {
     "diff_pruning": DiffPruningMethod(),
     "fish_mask": FishMaskMethod(),
     "far": FarMethod(),
-    "unipelt": _OldForm(UniPeltConfig, _unipelt),
-    "mam": _OldForm(MamConfig, _mam),
+    "unipelt": UniPeltMethod(),
+    "mam": MamMethod(),
 }
 
 

@@ -1,4 +1,7 @@
-"""Training-time algorithms built on the ops."""
+"""Training-time algorithms built on the ops, each method's config and ``pk.patch`` glue beside its mechanism
+(:mod:`.base`: the ``MethodConfig`` / ``Method`` every method follows; :mod:`.lora`, :mod:`.adapters` with MAM,
+:mod:`.adalora`, :mod:`.selective`, :mod:`.prompt_tuning`, :mod:`.prefix_tuning`, :mod:`.unipelt`), and where methods
+attach (:mod:`.sites`, :mod:`.targets`)."""
 from .adalora import AdaLoRAAllocator, adalora_scaling, prepare_adalora
 from .adapters import AdapterFusion, add_adapters, transformer_sites
 from .prefix_tuning import PrefixTuning, add_prefix

@@ -24,6 +24,7 @@ from ..nn.adapter import BottleneckAdapter
 from ..nn.lora import linear_features
 from ..ops.adapter.function import activation_name
 from .base import Method, MethodConfig, optional_integer, paths, sites_spec
+from .prefix_tuning import add_prefix
 from .sites import find_layers
 from .targets import freeze_except
 
@@ -139,10 +140,12 @@ class AdapterFusion(nn.Module):
         return (x + mixed).to(h.dtype)
 
 
-def check_non_linearity(value) -> None:
-    """``non_linearity`` names an activation the adapter kernels have (``TypeError`` / ``ValueError`` naming it)."""
+def check_bottleneck(reduction_factor, non_linearity) -> None:
+    """The options of every adapter config: ``reduction_factor`` > 0 and ``non_linearity`` an activation the adapter
+    kernels have (``TypeError`` / ``ValueError`` naming the option)."""
+    V.number("reduction_factor", reduction_factor, low=0.0, low_open=True)
     try:
-        activation_name(value)
+        activation_name(non_linearity)
     except (TypeError, ValueError) as e:
         raise type(e)(f"non_linearity: {e}") from None
 
@@ -161,8 +164,7 @@ class PfeifferConfig(MethodConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        V.number("reduction_factor", self.reduction_factor, low=0.0, low_open=True)
-        check_non_linearity(self.non_linearity)
+        check_bottleneck(self.reduction_factor, self.non_linearity)
         V.flag("layer_norm", self.layer_norm)
         self.sites = sites_spec(self.sites)
 
@@ -218,6 +220,28 @@ class AdapterFusionConfig(MethodConfig):
             if unknown:
                 raise ValueError(f"adapter_options has unknown key(s) {unknown}; valid keys: {list(_ADAPTER_KEYS)}")
             self.adapter_options = dict(self.adapter_options)
+        self.sites = sites_spec(self.sites)
+
+
+@dataclasses.dataclass(kw_only=True)
+class MamConfig(MethodConfig):
+    """MAM adapter (He et al., 2022): a parallel adapter beside every FFN (``reduction_factor``, ``non_linearity``,
+    its output times ``scale``) and a prefix of ``num_virtual_tokens`` on every attention (``prefix_projection`` as
+    Prefix Tuning's); ``sites`` as :class:`PfeifferConfig`'s."""
+
+    num_virtual_tokens: int = 30
+    prefix_projection: bool = False
+    reduction_factor: float = 4
+    non_linearity: str = "relu"
+    scale: float = 4.0
+    sites: Optional[dict[str, str]] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        V.integer("num_virtual_tokens", self.num_virtual_tokens)
+        V.flag("prefix_projection", self.prefix_projection)
+        check_bottleneck(self.reduction_factor, self.non_linearity)
+        V.number("scale", self.scale)
         self.sites = sites_spec(self.sites)
 
 
@@ -286,6 +310,20 @@ class AdapterFusionMethod(Method):
                     raise ValueError(f"{directory}: no adapter at {name} (was it saved from this architecture?)")
                 adapters[i].load_state_dict(state)
         config.adapters = None  # what was loaded is saved with the fusion; the directories are not needed again
+        return {}
+
+
+class MamMethod(Method):
+    """MAM: a parallel adapter beside every FFN and a prefix on every attention (on encoder-decoders every encoder
+    self-, decoder self- and cross-attention); saved as the parameters it added (the prefix's table among them)."""
+
+    config_class = MamConfig
+
+    def apply(self, model, config: MamConfig, heads, calibration_data=None) -> dict:
+        freeze_except(model, heads)
+        add_adapters(model, "parallel", reduction_factor=config.reduction_factor, non_linearity=config.non_linearity,
+                     scale=config.scale, sites=config.sites)
+        add_prefix(model, config.num_virtual_tokens, prefix_projection=config.prefix_projection, sites=config.sites)
         return {}
 
 

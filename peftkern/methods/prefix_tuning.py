@@ -32,6 +32,7 @@ Attention-probability dropout is not applied (the fused op has none), nor slidin
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Mapping, Optional
@@ -42,9 +43,11 @@ from torch import nn
 from .. import _validate as V
 
 from ..ops.prefix_attention import prefix_attention
-from .prompt_tuning import (ATTRIBUTE, cached_tokens, is_encoder_decoder, load_table_, register_call_hook,
-                            virtual_tokens)
+from .prompt_tuning import (ATTRIBUTE, PromptLearningConfig, cached_tokens, is_encoder_decoder, load_table_,
+                            register_call_hook, virtual_tokens)
+from .base import Method, optional_integer, sites_spec
 from .sites import attention_modules
+from .targets import freeze_except
 
 ATTENTION_NAME = "peftkern_prefix"
 ATTENTIONS = ("all", "peft")  # which attentions of an encoder-decoder get a prefix (PrefixTuning's docstring)
@@ -319,3 +322,65 @@ def _default_positions(model: nn.Module, input_ids, ref: torch.Tensor, start: in
     if input_ids is not None:
         return embeddings.create_position_ids_from_input_ids(input_ids, pad, start)
     return embeddings.create_position_ids_from_inputs_embeds(ref, pad) + start
+
+
+@dataclasses.dataclass(kw_only=True)
+class PTuningV2Config(PromptLearningConfig):
+    """P-Tuning v2's options: ``sites``, regexes naming the attention modules where the model's own are not found
+    (:func:`peftkern.methods.sites.find_layers`)."""
+
+    sites: Optional[dict[str, str]] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.sites = sites_spec(self.sites)
+
+
+@dataclasses.dataclass(kw_only=True)
+class PrefixTuningConfig(PTuningV2Config):
+    """Prefix Tuning's options: P-Tuning v2's, and the MLP reparameterization of the prefix while training
+    (``prefix_projection``) with ``encoder_hidden_size`` units (None: the model's hidden size)."""
+
+    prefix_projection: bool = True
+    encoder_hidden_size: Optional[int] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        V.flag("prefix_projection", self.prefix_projection)
+        self.encoder_hidden_size = optional_integer("encoder_hidden_size", self.encoder_hidden_size)
+
+
+class PTuningV2Method(Method):
+    """P-Tuning v2, saved as PEFT's prefix tuning: ``prompt_embeddings`` (the whole prefix table) and the head under
+    ``base_model.``. On encoder-decoders the prefix goes where PEFT's does (``attentions="peft"``), so PEFT loads
+    the file."""
+
+    config_class = PTuningV2Config
+    head_prefix = "base_model."
+
+    def apply(self, model, config: PTuningV2Config, heads, calibration_data=None) -> dict:
+        freeze_except(model, heads)
+        add_prefix(model, config.num_virtual_tokens, sites=config.sites, attentions="peft")
+        return {}
+
+    def tensors(self, model, record) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": virtual_tokens(model).prefix()}
+
+    def peft_config(self, model, record) -> dict:
+        module = virtual_tokens(model)
+        return {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": module.num_virtual_tokens,
+                "token_dim": module.num_kv_heads * module.head_dim, "num_attention_heads": module.num_kv_heads,
+                "num_layers": module.num_layers, "num_transformer_submodules": module.num_transformer_submodules,
+                "prefix_projection": False}
+
+
+class PrefixTuningMethod(PTuningV2Method):
+    """Prefix Tuning: P-Tuning v2 with the MLP reparameterization (folded into ``prompt_embeddings`` when saved)."""
+
+    config_class = PrefixTuningConfig
+
+    def apply(self, model, config: PrefixTuningConfig, heads, calibration_data=None) -> dict:
+        freeze_except(model, heads)
+        add_prefix(model, config.num_virtual_tokens, prefix_projection=config.prefix_projection,
+                   encoder_hidden_size=config.encoder_hidden_size, sites=config.sites, attentions="peft")
+        return {}

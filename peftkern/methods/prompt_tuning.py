@@ -24,6 +24,7 @@ its cross-attention mask the P ones where the encoder states it receives are P l
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Callable, Optional
@@ -32,6 +33,8 @@ import torch
 from torch import nn
 
 from .. import _validate as V
+from .base import Method, MethodConfig, optional_integer
+from .targets import freeze_except
 
 ATTRIBUTE = "peftkern_prompt"  # the model's submodule holding the virtual tokens (prompt or prefix)
 
@@ -230,3 +233,85 @@ def _extend_encoder_mask(num_virtual_tokens: int, decoder: nn.Module, call: dict
     if states.shape[1] == mask.shape[1] + num_virtual_tokens:
         call["encoder_attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], num_virtual_tokens), mask], 1)
     return call
+
+
+@dataclasses.dataclass(kw_only=True)
+class PromptLearningConfig(MethodConfig):
+    """The option every prompt and prefix method has: ``num_virtual_tokens`` P (PEFT's name)."""
+
+    num_virtual_tokens: int = 20
+
+    def __post_init__(self):
+        super().__post_init__()
+        V.integer("num_virtual_tokens", self.num_virtual_tokens)
+
+
+@dataclasses.dataclass(kw_only=True)
+class PromptTuningConfig(PromptLearningConfig):
+    """Prompt Tuning's options: ``init`` of the table, "random", "vocab" (rows of the model's embeddings) or "text"
+    (``init_text`` tokenized by ``tokenizer``, repeated)."""
+
+    init: str = "random"
+    init_text: Optional[str] = None
+    tokenizer: object = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        V.one_of("init", self.init, ("random", "vocab", "text"))
+        if self.init_text is not None and not isinstance(self.init_text, str):
+            raise TypeError(f"init_text must be None or a str, got {type(self.init_text).__name__}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class PTuningConfig(PromptLearningConfig):
+    """P-Tuning's options: the prompt ``encoder`` ("mlp" or "lstm") with ``encoder_hidden_size`` units (None: the
+    model's hidden size), ``encoder_num_layers`` (LSTM) and ``encoder_dropout``."""
+
+    encoder: str = "mlp"
+    encoder_hidden_size: Optional[int] = None
+    encoder_num_layers: int = 2
+    encoder_dropout: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        V.one_of("encoder", self.encoder, ("mlp", "lstm"))
+        self.encoder_hidden_size = optional_integer("encoder_hidden_size", self.encoder_hidden_size)
+        V.integer("encoder_num_layers", self.encoder_num_layers)
+        V.number("encoder_dropout", self.encoder_dropout, low=0.0, high=1.0)
+
+
+class PromptTuningMethod(Method):
+    """Prompt Tuning, saved as PEFT saves it: ``prompt_embeddings`` (what the model sees) and the head under
+    ``base_model.``."""
+
+    config_class = PromptTuningConfig
+    head_prefix = "base_model."
+
+    def apply(self, model, config: PromptTuningConfig, heads, calibration_data=None) -> dict:
+        freeze_except(model, heads)
+        add_prompt(model, config.num_virtual_tokens, init=config.init, init_text=config.init_text,
+                   tokenizer=config.tokenizer)
+        return {}
+
+    def tensors(self, model, record) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": virtual_tokens(model).prompts()}
+
+    def peft_config(self, model, record) -> dict:
+        cfg, module = model.config, virtual_tokens(model)
+        return {"peft_type": "P_TUNING" if module.encoder else "PROMPT_TUNING",
+                "num_virtual_tokens": module.num_virtual_tokens, "token_dim": module.embedding.weight.shape[1],
+                "num_attention_heads": cfg.num_attention_heads, "num_layers": cfg.num_hidden_layers,
+                "num_transformer_submodules": module.num_transformer_submodules}
+
+
+class PTuningMethod(PromptTuningMethod):
+    """P-Tuning: Prompt Tuning's table through a prompt encoder (folded into ``prompt_embeddings`` when saved)."""
+
+    config_class = PTuningConfig
+
+    def apply(self, model, config: PTuningConfig, heads, calibration_data=None) -> dict:
+        freeze_except(model, heads)
+        add_prompt(model, config.num_virtual_tokens, encoder=config.encoder,
+                   encoder_hidden_size=config.encoder_hidden_size, encoder_num_layers=config.encoder_num_layers,
+                   encoder_dropout=config.encoder_dropout)
+        return {}

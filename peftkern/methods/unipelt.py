@@ -10,6 +10,7 @@ the whole forward; one SDPA over doubled heads, ``prefix_tuning._sdpa``); the FF
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Mapping, Optional, Sequence, Union
@@ -17,10 +18,13 @@ from typing import Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .. import _validate as V
 from ..nn.lora import LoRALinear
-from .adapters import add_adapters
-from .sites import Layer
+from .adapters import add_adapters, check_bottleneck
+from .base import Method, MethodConfig, sites_spec, target_spec
+from .sites import Layer, find_layers
 from .prefix_tuning import add_prefix
+from .targets import TargetSpec, freeze_except, linear_targets
 
 
 class GatedLoRALinear(LoRALinear):
@@ -104,3 +108,45 @@ def unipelt(model: nn.Module, *, lora_targets: LoRATargets, r: int = 8, lora_alp
     for layer, gate in zip(prefix.layers, prefix.gates):
         layer.register_forward_pre_hook(functools.partial(_gated_prefix_hook, gate), with_kwargs=True)
     return model
+
+
+@dataclasses.dataclass(kw_only=True)
+class UniPeltConfig(MethodConfig):
+    """UniPELT's options: gated LoRA (``r``, ``lora_alpha``) on ``target_modules`` (None: every self-attention's query
+    and value projections, or their slices of a fused qkv projection), a gated prefix of ``num_virtual_tokens`` and a
+    gated adapter (``reduction_factor``, ``non_linearity``) in every layer; ``sites`` as
+    :class:`~peftkern.methods.adapters.PfeifferConfig`'s."""
+
+    r: int = 8
+    lora_alpha: float = 16
+    target_modules: Optional[TargetSpec] = None
+    sites: Optional[dict[str, str]] = None
+    num_virtual_tokens: int = 10
+    reduction_factor: float = 16
+    non_linearity: str = "relu"
+
+    def __post_init__(self):
+        super().__post_init__()
+        V.integer("r", self.r)
+        V.number("lora_alpha", self.lora_alpha)
+        self.target_modules = target_spec(self.target_modules, none_ok=True)
+        self.sites = sites_spec(self.sites)
+        V.integer("num_virtual_tokens", self.num_virtual_tokens)
+        check_bottleneck(self.reduction_factor, self.non_linearity)
+
+
+class UniPeltMethod(Method):
+    """UniPELT; saved as the parameters it added (the prefix's table and the gates among them)."""
+
+    config_class = UniPeltConfig
+
+    def apply(self, model, config: UniPeltConfig, heads, calibration_data=None) -> dict:
+        if config.target_modules is None:
+            targets = qv_targets(find_layers(model, config.sites))
+        else:
+            targets = linear_targets(model, config.target_modules, heads)
+        freeze_except(model, heads)
+        unipelt(model, lora_targets=targets, r=config.r, lora_alpha=config.lora_alpha,
+                num_virtual_tokens=config.num_virtual_tokens, reduction_factor=config.reduction_factor,
+                non_linearity=config.non_linearity, sites=config.sites)
+        return {}
