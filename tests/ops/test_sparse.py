@@ -259,6 +259,18 @@ def test_structure_built_once_per_indices_and_rebuilt_when_they_change():
     assert structure(idx.clone(), (6, 4)) is not structure(idx, (6, 4))
 
 
+def test_layer_built_in_inference_mode():
+    """Indices made under torch.inference_mode keep no version counter: checked and grouped every call, right."""
+    c = _case(9, 40, 29, 0.1)
+    with torch.inference_mode():
+        layer = pk.nn.SparseDiffLinear(torch.nn.Parameter(c["weight"], requires_grad=False), c["bias"],
+                                       c["indices"].clone(), c["values"])
+        y = layer(c["x"])
+    ref = sparse_diff_linear_reference(*(c[n].double() for n in ("x", "weight", "bias")), c["indices"],
+                                       c["values"].double())
+    assert_close(y, ref, name="y")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("density", [0.005, 0.1], ids=["nnz-le-out", "nnz-gt-out"])
 def test_training_steps_never_rebuild_the_structure(backend, density):

@@ -81,9 +81,13 @@ _checked: dict[int, tuple] = {}  # id(indices) -> (weak reference, version, nume
 
 def check_index_values(indices: Tensor, numel: int, name: str = "indices") -> None:
     """Strictly increasing (sorted, unique) and inside [0, numel): a host sync, so the ops run it on real tensors,
-    once per tensor and version (a layer's fixed indices are not re-checked every step)."""
+    once per tensor and version (a layer's fixed indices are not re-checked every step; inference tensors, which
+    keep no version, every call)."""
+    if indices.numel() == 0:
+        return
+    cached = not indices.is_inference()
     seen = _checked.get(id(indices))
-    if indices.numel() == 0 or (seen is not None and seen[0]() is indices and seen[1:] == (indices._version, numel)):
+    if cached and seen is not None and seen[0]() is indices and seen[1:] == (indices._version, numel):
         return
     lo, hi = int(indices[0]), int(indices[-1])
     if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
@@ -91,6 +95,8 @@ def check_index_values(indices: Tensor, numel: int, name: str = "indices") -> No
     if lo < 0 or hi >= numel:
         bad = lo if lo < 0 else hi
         raise ValueError(f"{name} must lie in [0, {numel}) (flat positions into the weight), got {bad}")
+    if not cached:
+        return
     key = id(indices)
     _checked[key] = (weakref.ref(indices, lambda _, key=key: _checked.pop(key, None)), indices._version, numel)
 
