@@ -23,9 +23,9 @@ from peftkern.measure import SavedBytes, fmt_bytes, interleaved_times, paired_ra
 FULL = [(4096, 768, 48), (4096, 1024, 64), (16384, 768, 48)]  # (tokens, hidden, bottleneck)
 QUICK = [(2048, 768, 48), (4096, 1024, 64)]
 DTYPES = (torch.float32, torch.bfloat16)
-WHY = ("both run the same four GEMMs, which are nearly all the time; ours saves a pass over [N, D] each way (the "
-       "residual and b_u ride in the GEMMs) and keeps half the bytes, a margin of a few percent that a busy core "
-       "can hide")
+WHY = ("both run the same four GEMMs, nearly all of the time; ours saves a pass over [N, D] each way (the "
+       "residual and b_u ride in the GEMMs), a few percent that noise or a busy core (more torch threads than free "
+       "cores) can hide")
 
 
 class Unfused(nn.Module):

@@ -23,9 +23,9 @@ from peftkern.measure import SavedBytes, fmt_bytes, interleaved_times, paired_ra
 FULL = [(4, 512, 32, 64), (2, 1024, 64, 64), (1, 2048, 128, 128)]  # (B, S, P, D)
 QUICK = [(2, 256, 32, 64), (1, 1024, 64, 64)]
 HQ, HKV = 8, 2
-WHY = ("on a CPU both run PyTorch's flash kernel; ours saves the causal half in blocks of 64 queries and the "
-       "concatenation, but pays the prefix's own matmuls and the merges, which short sequences (S <= 256) do not "
-       "repay, and each of its ~4x more kernel calls waits for a core another process holds")
+WHY = ("both run PyTorch's CPU flash kernel; ours makes several times more calls (query blocks, the prefix's "
+       "matmuls, the merges), and with more torch threads than free cores each call waits for a preempted thread "
+       "(with --threads 1 ours was faster at every shape here)")
 
 
 def sdpa_concat(q, k, v, prefix_k, prefix_v, key_padding_mask):

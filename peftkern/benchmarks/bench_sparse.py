@@ -20,9 +20,10 @@ from peftkern.benchmarks.common import (add_roofline, format_table, peer_faster,
 from peftkern.measure import fmt_bytes, interleaved_times, paired_ratio, summarize
 
 DENSITIES = (0.001, 0.01, 0.1)
-WHY = ("ours replaces the dense dW GEMM by two sparse x dense products and an SDDMM over nnz entries, in fp32 (MKL's "
-       "sparse kernels take no bf16): past ~1% density they cost more than the GEMM they save, and on a CPU with "
-       "fast bf16 GEMMs (AVX-512 bf16) the peer's bf16 GEMMs are cheap next to our fp32 sparse work and conversions")
+WHY = ("ours replaces the dense dW GEMM by two sparse x dense products and an SDDMM over the nnz entries, in fp32 "
+       "(MKL's sparse kernels take no bf16): past ~1% density they cost more than the GEMM they save; where bf16 "
+       "GEMMs are fast (AVX-512 bf16) the peer's three are cheap next to our fp32 sparse work and conversions; and "
+       "with more torch threads than free cores each of our more calls waits for a preempted thread")
 
 
 def bench(tokens: int, in_f: int, out_f: int, density: float, dtype, reps: int, device: str) -> dict:
