@@ -34,6 +34,15 @@ def precision() -> str:
     return "ieee"
 
 
+def block_config(gpu, interpreter):
+    """The launch configuration in force: ``gpu``, a family's tiles, warps and stages for a GPU (spill-free on
+    sm_80 / sm_90 per ``peftkern._aot``), or ``interpreter`` under TRITON_INTERPRET: small tiles (the interpreter
+    runs each program as numpy ops; at small test shapes they still cross several blocks, so every mask and loop
+    runs), no warps or stages. The one place a launcher's configuration depends on the interpreter: the
+    launchers pass both and carry no interpreter branch."""
+    return interpreter if interpret_mode() else gpu
+
+
 def launch_opts(cfg: dict) -> dict:
     """The ``num_warps`` / ``num_stages`` of a config (the interpreter's configs carry none)."""
     return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
@@ -60,6 +69,13 @@ def out_buffer(out, shape, dtype, device) -> torch.Tensor:
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}, "
                          f"got {out.dtype} {tuple(out.shape)} on {out.device}")
     return out
+
+
+def bf16_cast_truncates() -> bool:
+    """Whether the kernels' fp32 -> bf16 casts truncate: the interpreter's do (GPUs round to nearest even), so a
+    kernel whose bf16 results must round as torch's does rounds by hand there (NF4's HAND_BF16) or writes
+    through :func:`staged`."""
+    return interpret_mode()
 
 
 def staged(out: torch.Tensor) -> torch.Tensor:

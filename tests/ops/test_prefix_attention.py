@@ -137,6 +137,32 @@ def test_cpu_path_at_its_own_block_sizes(causal, monkeypatch):
         assert_close(o, r, name=name)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-row"])
+def test_triton_prefix_grad_split_equals_unsplit(shared, monkeypatch):
+    """The prefix's dk/dv reduction split over (batch row, query block) units into parts (3 here; for the shared
+    prefix one part spans two batch rows), each part's sum in a workspace and then one sum, against the unsplit
+    kernel's (one part): both against fp64, the split within 2x the unsplit's error. S spans 3 query blocks at the
+    kernel's own BLOCK_M."""
+    from peftkern.ops.prefix_attention import triton_impl
+
+    block_m = triton_impl._cfg(16, "dkdv")["BLOCK_M"]
+    B, Hkv, S = 2, 2, 2 * block_m + 5
+    groups = 1 if shared else B
+    c = _case(B, 4, Hkv, S, 5, 16, shared=shared, padding=True)
+    ref = _run(prefix_attention_reference, c, to=torch.float64)
+    parts, grads = [], []
+    for programs in (1, 10):
+        monkeypatch.setattr(triton_impl, "programs_wanted", lambda device, n=programs: n)
+        parts.append(triton_impl.prefix_splits(3 * B // groups, Hkv * groups, torch.device(DEVICE)))
+        with pk.use_backend("triton"):
+            grads.append(_run(pk.prefix_attention, c))
+    assert parts == [(1, 3 * B // groups), (3, 2) if shared else (3, 1)]
+    for name, o, e, r in zip(NAMES, grads[1], grads[0], ref):
+        assert_close(e, r, name=name)
+        assert_within_eager(o, r, e, name=name)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_query_without_visible_key_outputs_zero(backend, use):
     c = _case(1, 2, 2, 4, 0, 8, padding=True)  # P = 0, key 0 padding: query 0 sees nothing (causal)

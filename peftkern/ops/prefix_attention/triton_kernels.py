@@ -145,35 +145,59 @@ def prefix_attention_bwd_dq_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, kpm_ptr,
 
 
 @triton.jit
+def prefix_attention_bwd_delta_kernel(do_ptr, o_ptr, delta_ptr, R, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(do * o) in fp32 of BLOCK_M rows of contiguous [R, D] do and o (R = B * Hq * S): the
+    backward's ds = p (dp - delta) term, read once per row here instead of an fp32 product of both in memory.
+    Grid (cdiv(R, BLOCK_M),)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    dims = tl.arange(0, BLOCK_D)  # [BD]
+    tile = (rows[:, None] < R) & (dims[None, :] < D)
+    at = tile_offsets(rows, dims, D, 1)
+    do = tl.load(do_ptr + at, mask=tile, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + at, mask=tile, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + rows, tl.sum(do * o, axis=1), mask=rows < R)
+
+
+@triton.jit
 def prefix_attention_bwd_dkdv_kernel(q_ptr, key_ptr, val_ptr, kpm_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-                                     S, L, D, Hq, G, B_PER_PROGRAM, scale, stride_qb, stride_qh, stride_qs,
-                                     stride_keyb, stride_keyh, stride_keyl, stride_valb, stride_valh, stride_vall,
-                                     stride_mb, PREFIX: tl.constexpr, CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr,
-                                     DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                                     S, L, D, Hq, G, B_PER_GROUP, SPLITS, UNITS_PER_SPLIT, scale, stride_qb,
+                                     stride_qh, stride_qs, stride_keyb, stride_keyh, stride_keyl, stride_valb,
+                                     stride_valh, stride_vall, stride_mb, PREFIX: tl.constexpr, CAUSAL: tl.constexpr,
+                                     HAS_PAD: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """dk, dv of BLOCK_N keys of one key/value head: sequence keys (L = S) or prefix keys (PREFIX, L = P), summed
-    over the head's G query heads and B_PER_PROGRAM batch rows (all of them for a shared prefix: batch stride 0,
-    one program per head). dk/dv are contiguous [NB, Hkv, L, D]. Grid (cdiv(L, BLOCK_N), Hkv, NB)."""
-    pid_n, kvh, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    over the head's G query heads and one part of the query blocks that see them.
+
+    A group is B_PER_GROUP batch rows sharing the keys (all B for a shared prefix, read with batch stride 0; else
+    one row): B_PER_GROUP * cdiv(S, BLOCK_M) units (batch row, query block), in SPLITS parts of UNITS_PER_SPLIT
+    consecutive units, so a shared prefix's few key tiles still fill the device. dk/dv are contiguous
+    [groups * SPLITS, Hkv, L, D]: the part's sums (the launcher sums the parts where SPLITS > 1, in a fixed order:
+    no atomics). Grid (cdiv(L, BLOCK_N), Hkv, groups * SPLITS)."""
+    pid_n, kvh, pid_z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     Hkv = Hq // G
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     dims = tl.arange(0, BLOCK_D)  # [BD]
     key_tile = (cols[:, None] < L) & (dims[None, :] < D)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    # sequence keys: only queries at or after the block's first key see it (causal)
-    m_lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M if CAUSAL and not PREFIX else 0
-    for i in range(0, B_PER_PROGRAM):
-        b = pid_b.to(tl.int64) * B_PER_PROGRAM + i
+    n_m = tl.cdiv(S, BLOCK_M)
+    u_lo = (pid_z % SPLITS) * UNITS_PER_SPLIT
+    u_hi = tl.minimum(u_lo + UNITS_PER_SPLIT, B_PER_GROUP * n_m)
+    # sequence keys: only query blocks from the one holding the block's first key see it (causal)
+    m_first = pid_n * BLOCK_N // BLOCK_M if CAUSAL and not PREFIX else 0
+    for i in range(u_lo // n_m, tl.cdiv(u_hi, n_m)):  # the group's batch rows this part touches
+        b = (pid_z // SPLITS).to(tl.int64) * B_PER_GROUP + i
         k = tl.load(key_ptr + offsets(b, stride_keyb) + offsets(kvh, stride_keyh)
                     + tile_offsets(cols, dims, stride_keyl, 1), mask=key_tile, other=0.0)  # [BN, BD]
         v = tl.load(val_ptr + offsets(b, stride_valb) + offsets(kvh, stride_valh)
                     + tile_offsets(cols, dims, stride_vall, 1), mask=key_tile, other=0.0)
         kt = tl.trans(k)
+        m_lo = tl.maximum(u_lo - i * n_m, m_first)
+        m_hi = tl.minimum(u_hi - i * n_m, n_m)
         for h in range(kvh * G, kvh * G + G):  # the query heads of this key/value head
             bh = b * Hq + h
-            for m0 in range(m_lo, S, BLOCK_M):
-                rows = m0 + tl.arange(0, BLOCK_M)  # [BM]
+            for m in range(m_lo, m_hi):
+                rows = m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
                 tile = (rows[:, None] < S) & (dims[None, :] < D)
                 q = tl.load(q_ptr + offsets(b, stride_qb) + offsets(h, stride_qh)
                             + tile_offsets(rows, dims, stride_qs, 1), mask=tile, other=0.0)
@@ -188,6 +212,6 @@ def prefix_attention_bwd_dkdv_kernel(q_ptr, key_ptr, val_ptr, kpm_ptr, do_ptr, l
                 dp = tl.dot(do.to(DOT_DTYPE), tl.trans(v).to(DOT_DTYPE), input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
                 dk = tl.dot(tl.trans(ds).to(DOT_DTYPE), q.to(DOT_DTYPE), dk, input_precision=PRECISION)
-    out = (pid_b.to(tl.int64) * Hkv + kvh) * L + cols
+    out = (pid_z.to(tl.int64) * Hkv + kvh) * L + cols
     tl.store(dk_ptr + out[:, None] * D + dims[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_tile)
     tl.store(dv_ptr + out[:, None] * D + dims[None, :], dv.to(dv_ptr.dtype.element_ty), mask=key_tile)
