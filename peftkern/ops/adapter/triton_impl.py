@@ -7,8 +7,9 @@ import functools
 import torch
 import triton
 
-from ...backend import fallback, interpret_mode, register
-from ..triton_launch import dot_dtype, launch_opts, out_buffer, precision, staged, torch_fallback, unstage
+from ...backend import fallback, register
+from ..triton_launch import (block_config, dot_dtype, launch_opts, out_buffer, precision, staged, torch_fallback,
+                             unstage)
 from .triton_kernels import adapter_bwd_dz_dh_kernel, adapter_bwd_weight_kernel, adapter_fwd_kernel
 
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "tanh": 4}
@@ -30,7 +31,7 @@ def _gpu_cfg(m: int, weight_grad: bool) -> dict:
 
 
 def _cfg(m: int, weight_grad: bool = False) -> dict:
-    return dict(BLOCK_N=16, BLOCK_D=16, BLOCK_M=block_m(m)) if interpret_mode() else _gpu_cfg(m, weight_grad)
+    return block_config(_gpu_cfg(m, weight_grad), dict(BLOCK_N=16, BLOCK_D=16, BLOCK_M=block_m(m)))
 
 
 def _unsupported(op, h, w_down):

@@ -12,9 +12,9 @@ import functools
 import torch
 import triton
 
-from ...backend import interpret_mode, register
-from ..triton_launch import (dot_dtype, dropout_args, keep_mask_grouped, launch_opts, lora_rank_chunk, lora_rank_tile,
-                             out_buffer, precision, programs_wanted, staged, torch_fallback, unstage)
+from ...backend import register
+from ..triton_launch import (block_config, dot_dtype, dropout_args, keep_mask_grouped, launch_opts, lora_rank_chunk,
+                             lora_rank_tile, out_buffer, precision, programs_wanted, staged, torch_fallback, unstage)
 from . import torch_impl
 from .triton_kernels import (lora_bwd_dh_kernel, lora_bwd_dx_kernel, lora_bwd_wgrad_kernel, lora_dropout_mask_kernel,
                              lora_fwd_kernel, lora_shrink_kernel)
@@ -43,7 +43,7 @@ _INTERPRET = {
 
 
 def _configs() -> dict:
-    return _INTERPRET if interpret_mode() else _GPU
+    return block_config(_GPU, _INTERPRET)
 
 
 def _cfg(name: str) -> dict:

@@ -14,9 +14,9 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ...backend import interpret_mode, register
-from ..triton_launch import (dot_dtype, launch_opts, out_buffer, precision, programs_wanted, rank_chunk, staged,
-                             torch_fallback, unstage)
+from ...backend import register
+from ..triton_launch import (block_config, dot_dtype, launch_opts, out_buffer, precision, programs_wanted, rank_chunk,
+                             staged, torch_fallback, unstage)
 from . import torch_impl
 from .triton_kernels import (multi_lora_gemm_kernel, multi_lora_grad_shrink_kernel, multi_lora_segment_grad_kernel,
                              multi_lora_shrink_kernel)
@@ -50,7 +50,7 @@ _INTERPRET = {
 
 
 def _configs() -> dict:
-    return _INTERPRET if interpret_mode() else _GPU
+    return block_config(_GPU, _INTERPRET)
 
 
 def _gemm_config(dtype: torch.dtype) -> dict:

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from ...backend import interpret_mode, register
+from ...backend import register
 from ..lora import triton_impl as lora_triton
-from ..triton_launch import (TL_DTYPES, dot_dtype, dropout_args, keep_mask_grouped, launch_opts, lora_rank_chunk,
-                             out_buffer, precision, staged, torch_fallback, unstage)
+from ..triton_launch import (TL_DTYPES, bf16_cast_truncates, block_config, dot_dtype, dropout_args, keep_mask_grouped,
+                             launch_opts, lora_rank_chunk, out_buffer, precision, staged, torch_fallback, unstage)
 from .torch_impl import NESTED_BLOCKSIZE, dynamic_code, nf4_code
 from .triton_kernels import (nf4_dequantize_kernel, nf4_gemv_kernel, nf4_matmul_kernel, nf4_quantize_absmax_kernel,
                              nf4_quantize_kernel)
@@ -52,7 +52,7 @@ _INTERPRET = {
 
 
 def _cfg(name: str):
-    return (_INTERPRET if interpret_mode() else _GPU)[name]
+    return block_config(_GPU, _INTERPRET)[name]
 
 
 def quantize_absmax_blocks(w, blocksize: int, code, *, out=None, out_absmax=None):
@@ -150,7 +150,7 @@ def matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype, transpo
         return y
     buf = staged(y)
     decode = dict(BLOCKSIZE=blocksize, ALIGNED=in_f % blocksize == 0, W_DTYPE=TL_DTYPES[weight_dtype],
-                  X_DTYPE=TL_DTYPES[a.dtype], HAND_BF16=interpret_mode())
+                  X_DTYPE=TL_DTYPES[a.dtype], HAND_BF16=bf16_cast_truncates())
     bias_arg = bias if bias is not None else buf
     if transpose_w and lora is None and M <= _cfg("gemv_rows"):
         cfg = _cfg("gemv")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 import triton
 
-from ...backend import interpret_mode, register
-from ..triton_launch import launch_opts, staged, torch_fallback, unstage
+from ...backend import register
+from ..triton_launch import block_config, launch_opts, staged, torch_fallback, unstage
 from .torch_impl import structure
 from .triton_kernels import sparse_correction_kernel, sparse_scatter_add_kernel, sparse_sddmm_kernel
 
@@ -20,7 +20,7 @@ _INTERPRET = {"sddmm": dict(BLOCK_E=16, BLOCK_N=8), "correction": dict(BLOCK_N=8
 
 
 def _cfg(name: str) -> dict:
-    return (_INTERPRET if interpret_mode() else _GPU)[name]
+    return block_config(_GPU, _INTERPRET)[name]
 
 
 def add_correction_(out, src, bounds, src_pos, values) -> torch.Tensor:
