@@ -69,6 +69,15 @@ def test_registry_finds_every_family():
 
 
 @pytest.mark.parametrize("impl_module", FAMILIES)
+def test_launchers_leave_the_interpreter_to_block_config(impl_module):
+    """The launchers the gate compiles carry no interpreter branch: what the interpreter changes (tiles, bf16
+    rounding) is decided in triton_launch (block_config, bf16_cast_truncates), so the code read here is the code a
+    GPU runs."""
+    source = inspect.getsource(importlib.import_module(impl_module))
+    assert "interpret_mode" not in source and "TRITON_INTERPRET" not in source
+
+
+@pytest.mark.parametrize("impl_module", FAMILIES)
 def test_scenarios_launch_every_kernel(impl_module, compiled):
     family = impl_module.split(".")[2]
     for arch in ARCHS:
