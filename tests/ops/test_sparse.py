@@ -85,6 +85,31 @@ def test_triton_kernels_write_every_output():
     assert_close(out, masked_weight_grad_reference(c["g"].double(), c["x"].double(), c["indices"]), name="sddmm")
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tiled", [True, False], ids=["tiles", "gather"])
+def test_triton_sddmm_both_regimes_across_tile_edges(tiled, dtype, monkeypatch):
+    """The values' gradient by dense tiles (their entries gathered from the accumulator) and by the per-entry
+    gather, forced either way: a 3 x 3 grid of tiles with a partial last row and column, tokens not a multiple of
+    the token block, the rows and columns on each side of every tile edge, tiles with more entries than an
+    epilogue chunk, and an empty tile."""
+    from peftkern.ops.sparse import triton_impl
+    from peftkern.ops.sparse.torch_impl import TILE
+
+    N, O, I = 37, 2 * TILE + 9, 2 * TILE + 13
+    c = _case(N, I, O, 0.03, dtype=dtype, seed=3)
+    edges = torch.tensor([0, TILE - 1, TILE, 2 * TILE - 1, 2 * TILE])
+    edge_rows, edge_cols = torch.cat([edges, torch.tensor([O - 1])]), torch.cat([edges, torch.tensor([I - 1])])
+    idx = torch.cat([c["indices"].cpu(), (edge_rows[:, None] * I + edge_cols[None, :]).reshape(-1)]).unique()
+    r, col = idx // I, idx % I
+    idx = idx[~((r // TILE == 1) & (col // TILE == 1))].to(DEVICE)  # tile (1, 1) empty
+    monkeypatch.setattr(triton_impl, "TILED_SDDMM_ENTRIES", 0 if tiled else 10 ** 9)
+    out = poison_(c["x"].new_empty(idx.numel(), dtype=torch.float32))
+    triton_impl.masked_grad(c["g"], c["x"], idx, I, out=out)
+    ref = masked_weight_grad_reference(c["g"].double(), c["x"].double(), idx)
+    assert_close(out, ref, name="sddmm")  # fp32 sums of products exact in fp32 (bf16 operands too)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_merge_unmerge_exact(dtype, backend):

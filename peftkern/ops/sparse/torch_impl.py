@@ -7,9 +7,9 @@ are sparse x dense products (``delta @ x^T`` for y, ``delta^T @ g^T`` for dx) an
 SDDMM (``torch.sparse.sampled_addmm``). Work and memory scale with nnz, never a dense [out, in] matrix. Sparse math
 runs in the values' dtype promoted to fp32.
 
-What the indices imply (rows, columns, the column order, both groupings' bounds: :class:`Structure`) is built once
-per indices tensor and kept while it lives (:func:`structure`): a layer's indices are a fixed buffer, and rebuilding
-it every call (a sort and searches over nnz) cost as much as the sparse products themselves.
+What the indices imply (rows, columns, the column and tile orders, the groupings' bounds: :class:`Structure`) is
+built once per indices tensor and kept while it lives (:func:`structure`): a layer's indices are a fixed buffer, and
+rebuilding it every call (sorts and searches over nnz) cost as much as the sparse products themselves.
 """
 from __future__ import annotations
 
@@ -37,15 +37,27 @@ def segment_bounds(sorted_keys: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.searchsorted(sorted_keys, keys, out_int32=True)
 
 
+TILE = 64  # the weight tiles of the Triton SDDMM (triton_impl.py): one tensor-core product per nonempty tile
+
+
+def tiles(shape: tuple[int, int]) -> tuple[int, int]:
+    """(row blocks, column blocks) of TILE x TILE tiles over an [out, in] weight."""
+    return -(-shape[0] // TILE), -(-shape[1] // TILE)
+
+
 class Structure(NamedTuple):
-    """The entries of a sparse diff over an [out, in] weight, grouped by row (the indices' sorted order) and by
-    column; all int32 (what the CSR kernels and the Triton launchers take) on the indices' device."""
+    """The entries of a sparse diff over an [out, in] weight, grouped by row (the indices' sorted order), by column
+    and by TILE x TILE tile; all int32 (what the CSR kernels and the Triton launchers take) on the indices'
+    device."""
     rows: torch.Tensor  # [nnz] row of each entry, nondecreasing
     cols: torch.Tensor  # [nnz] column of each entry
     row_bounds: torch.Tensor  # [out + 1]: row r's entries are [row_bounds[r], row_bounds[r + 1])
     by_col: torch.Tensor  # [nnz] the entries in column order (stable)
     col_rows: torch.Tensor  # [nnz] rows[by_col]
     col_bounds: torch.Tensor  # [in + 1]: column c's entries are by_col[col_bounds[c]:col_bounds[c + 1]]
+    by_tile: torch.Tensor  # [nnz] the entries in TILE x TILE tile order (row-major tiles; stable)
+    tile_pos: torch.Tensor  # [nnz] r % TILE * TILE + c % TILE of by_tile's entries: their place inside the tile
+    tile_bounds: torch.Tensor  # [tiles + 1]: tile t's entries are by_tile[tile_bounds[t]:tile_bounds[t + 1]]
 
 
 _structures: dict[int, tuple] = {}  # id(indices) -> (weak reference, (version, address, shape), Structure)
@@ -66,8 +78,11 @@ def structure(indices: torch.Tensor, shape: tuple[int, int]) -> Structure:
         return seen[2]
     rows, cols = rows_cols(indices, in_f)
     by_col = torch.argsort(cols, stable=True).int()
+    tile = (rows // TILE) * tiles(shape)[1] + cols // TILE
+    by_tile = torch.argsort(tile, stable=True).int()
     found = Structure(rows, cols, segment_bounds(rows, out_f), by_col, rows[by_col],
-                      segment_bounds(cols[by_col], in_f))
+                      segment_bounds(cols[by_col], in_f), by_tile, ((rows % TILE) * TILE + cols % TILE)[by_tile],
+                      segment_bounds(tile[by_tile], tiles(shape)[0] * tiles(shape)[1]))
     if cached:
         _structures[key] = (weakref.ref(indices, lambda _, key=key: _structures.pop(key, None)), stamp, found)
     return found

@@ -4,18 +4,26 @@ the kernels of triton_kernels.py. The registered ops have torch_impl.py's signat
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 
 from ...backend import register
-from ..triton_launch import block_config, launch_opts, staged, torch_fallback, unstage
-from .torch_impl import structure
-from .triton_kernels import sparse_correction_kernel, sparse_scatter_add_kernel, sparse_sddmm_kernel
+from ..triton_launch import block_config, dot_dtype, launch_opts, precision, staged, torch_fallback, unstage
+from .torch_impl import TILE, structure, tiles
+from .triton_kernels import (sparse_correction_kernel, sparse_scatter_add_kernel, sparse_sddmm_kernel,
+                             sparse_sddmm_tile_kernel)
 
+# Mean entries per TILE x TILE tile from which the values' gradient takes dense tiles (README, Roofline): a nonempty
+# tile reads 2 TILE activations a token, coalesced, the gather a 32-byte sector per entry and operand a token
+TILED_SDDMM_ENTRIES = 2
 _GPU = {"sddmm": dict(BLOCK_E=128, BLOCK_N=32, num_warps=4, num_stages=2),
+        "sddmm_tile": dict(BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3),
         "correction": dict(BLOCK_N=128, BLOCK_E=32, num_warps=4, num_stages=2),
         "scatter": dict(BLOCK=1024, num_warps=4, num_stages=1)}
-_INTERPRET = {"sddmm": dict(BLOCK_E=16, BLOCK_N=8), "correction": dict(BLOCK_N=8, BLOCK_E=16),
+_INTERPRET = {"sddmm": dict(BLOCK_E=16, BLOCK_N=8), "sddmm_tile": dict(BLOCK_N=16, BLOCK_E=16),
+              "correction": dict(BLOCK_N=8, BLOCK_E=16),
               "scatter": dict(BLOCK=64)}
 
 
@@ -57,6 +65,15 @@ def masked_grad(grad_out, x, indices, in_features: int, *, out=None):
     if nnz == 0:
         return res
     x = x.contiguous()
+    tiles_r, tiles_c = tiles((grad_out.shape[1], in_features))
+    if nnz >= TILED_SDDMM_ENTRIES * tiles_r * tiles_c:
+        cfg = _cfg("sddmm_tile")
+        same = grad_out.dtype == x.dtype
+        sparse_sddmm_tile_kernel[(tiles_r * tiles_c,)](
+            grad_out, x, s.tile_bounds, s.by_tile, s.tile_pos, res, x.shape[0], grad_out.shape[1], in_features,
+            tiles_c, grad_out.stride(0), x.stride(0), DOT_DTYPE=dot_dtype(x.dtype if same else torch.float32),
+            PRECISION=precision(), TILE=TILE, BLOCK_N=cfg["BLOCK_N"], BLOCK_E=cfg["BLOCK_E"], **launch_opts(cfg))
+        return res
     cfg = _cfg("sddmm")
     sparse_sddmm_kernel[(triton.cdiv(nnz, cfg["BLOCK_E"]),)](
         grad_out, x, s.rows, s.cols, res, x.shape[0], nnz, grad_out.stride(0),
@@ -102,12 +119,13 @@ def scatter_add_(flat, indices, values, alpha: float) -> None:
 # ------------------------------------------------------------------------------------ ahead-of-time listing
 
 
-def _aot_step() -> None:
-    """A training step of a sparse diff on a bf16 4096 x 4096 weight (1/64 of it, fp32 values) at 1024 tokens: the
-    forward's and dgrad's corrections (their dense GEMMs are cuBLAS'), the values' gradient, the merge."""
+def _aot_step(spacing: int) -> None:
+    """A training step of a sparse diff on a bf16 4096 x 4096 weight (one entry in ``spacing``, fp32 values) at 1024
+    tokens: the forward's and dgrad's corrections (their dense GEMMs are cuBLAS'), the values' gradient (by tiles
+    at 1/64, by the per-entry gather at 1/16384), the merge."""
     N, K = 1024, 4096
-    nnz = K * K // 64
-    indices = torch.arange(nnz) * 64 + torch.arange(nnz) % 61  # sorted, unique, scattered over rows and columns
+    nnz = K * K // spacing
+    indices = torch.arange(nnz) * spacing + torch.arange(nnz) % 61  # sorted, unique, over rows and columns
     s = structure(indices, (K, K))
     values = torch.empty(nnz)
     x, g = (torch.empty(N, K, dtype=torch.bfloat16) for _ in range(2))
@@ -117,4 +135,5 @@ def _aot_step() -> None:
     scatter_add_(torch.empty(K * K, dtype=torch.bfloat16), indices, values, 1.0)
 
 
-AOT_SCENARIOS = {"bf16 activations and weight, fp32 values, density 1/64": _aot_step}  # peftkern._aot
+AOT_SCENARIOS = {f"bf16 activations and weight, fp32 values, density 1/{spacing}":
+                 functools.partial(_aot_step, spacing) for spacing in (64, 16384)}  # peftkern._aot

@@ -12,7 +12,8 @@ from ..triton_blocks import offsets, tile_offsets
 @triton.jit
 def sparse_sddmm_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, out_ptr, N, NNZ, stride_gn, stride_xn,
                         BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[e] = sum_n g[n, r_e] x[n, c_e] for BLOCK_E entries per program: only the sampled entries of g^T x."""
+    """out[e] = sum_n g[n, r_e] x[n, c_e] for BLOCK_E entries per program: only the sampled entries of g^T x, each
+    gathered per token (one sector a value). For diffs sparser than a few entries a tile (the launcher decides)."""
     ents = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
     ent_ok = ents < NNZ
     rows = tl.load(rows_ptr + ents, mask=ent_ok, other=0)
@@ -25,6 +26,40 @@ def sparse_sddmm_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, out_ptr, N, NNZ, strid
         x = tl.load(x_ptr + tile_offsets(toks, cols, stride_xn, 1), mask=m, other=0.0)
         acc += tl.sum(g.to(tl.float32) * x.to(tl.float32), axis=0)
     tl.store(out_ptr + ents, acc, mask=ent_ok)
+
+
+@triton.jit
+def sparse_sddmm_tile_kernel(g_ptr, x_ptr, bounds_ptr, by_tile_ptr, pos_ptr, out_ptr, N, OUT, IN, TILES_C,
+                             stride_gn, stride_xn, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                             TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """out[e] = sum_n g[n, r_e] x[n, c_e] by dense tiles: program t owns the TILE x TILE weight tile t (row block
+    t // TILES_C, column block t % TILES_C) and its entries [bounds[t], bounds[t + 1]) of the tile order
+    (``by_tile``: their entry numbers, ``pos``: r % TILE * TILE + c % TILE). A nonempty tile reads its g and x
+    columns as row-contiguous [BLOCK_N, TILE] tiles (coalesced, where the per-entry gather used ~1/16 of each
+    sector), forms the tile of g^T x on tensor cores and gathers its entries from the accumulator; an empty one
+    returns at once."""
+    t = tl.program_id(0)
+    start = tl.load(bounds_ptr + t)
+    end = tl.load(bounds_ptr + t + 1)
+    if start == end:
+        return
+    lanes = tl.arange(0, TILE)
+    rows = (t // TILES_C) * TILE + lanes
+    cols = (t % TILES_C) * TILE + lanes
+    acc = tl.zeros((TILE, TILE), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        toks = n0 + tl.arange(0, BLOCK_N)  # [BN]
+        tok_ok = toks[:, None] < N
+        g = tl.load(g_ptr + tile_offsets(toks, rows, stride_gn, 1), mask=tok_ok & (rows[None, :] < OUT), other=0.0)
+        x = tl.load(x_ptr + tile_offsets(toks, cols, stride_xn, 1), mask=tok_ok & (cols[None, :] < IN), other=0.0)
+        acc = tl.dot(tl.trans(g.to(DOT_DTYPE)), x.to(DOT_DTYPE), acc, input_precision=PRECISION)  # [TILE, TILE]
+    for e0 in range(start, end, BLOCK_E):
+        ents = e0 + tl.arange(0, BLOCK_E)  # [BE]
+        ok = ents < end
+        pos = tl.load(pos_ptr + ents, mask=ok, other=0)
+        picked = tl.gather(acc, tl.broadcast_to((pos // TILE)[:, None], (BLOCK_E, TILE)), 0)  # [BE, TILE]: rows
+        val = tl.sum(tl.where(lanes[None, :] == (pos % TILE)[:, None], picked, 0.0), axis=1)
+        tl.store(out_ptr + tl.load(by_tile_ptr + ents, mask=ok, other=0), val, mask=ok)
 
 
 @triton.jit
