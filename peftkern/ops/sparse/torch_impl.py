@@ -37,7 +37,7 @@ def segment_bounds(sorted_keys: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.searchsorted(sorted_keys, keys, out_int32=True)
 
 
-TILE = 64  # the weight tiles of the Triton SDDMM (triton_impl.py): one tensor-core product per nonempty tile
+TILE = 128  # the weight tiles of the Triton SDDMM (triton_impl.py): one tensor-core product per nonempty tile
 
 
 def tiles(shape: tuple[int, int]) -> tuple[int, int]:

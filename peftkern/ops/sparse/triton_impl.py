@@ -16,10 +16,11 @@ from .triton_kernels import (sparse_correction_kernel, sparse_scatter_add_kernel
                              sparse_sddmm_tile_kernel)
 
 # Mean entries per TILE x TILE tile from which the values' gradient takes dense tiles (README, Roofline): a nonempty
-# tile reads 2 TILE activations a token, coalesced, the gather a 32-byte sector per entry and operand a token
-TILED_SDDMM_ENTRIES = 2
+# tile reads 2 TILE activations a token, coalesced and pipelined; the gather a 32-byte sector per entry and operand
+# a token, each load waited on. Equal bytes at ~8 entries a tile; from 4 the coalesced side is estimated faster
+TILED_SDDMM_ENTRIES = 4
 _GPU = {"sddmm": dict(BLOCK_E=128, BLOCK_N=32, num_warps=4, num_stages=2),
-        "sddmm_tile": dict(BLOCK_N=64, BLOCK_E=32, num_warps=4, num_stages=3),
+        "sddmm_tile": dict(BLOCK_N=32, BLOCK_E=32, num_warps=8, num_stages=3),
         "correction": dict(BLOCK_N=128, BLOCK_E=32, num_warps=4, num_stages=2),
         "scatter": dict(BLOCK=1024, num_warps=4, num_stages=1)}
 _INTERPRET = {"sddmm": dict(BLOCK_E=16, BLOCK_N=8), "sddmm_tile": dict(BLOCK_N=16, BLOCK_E=16),
