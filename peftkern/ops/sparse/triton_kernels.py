@@ -10,10 +10,12 @@ from ..triton_blocks import offsets, tile_offsets
 
 
 @triton.jit
-def sparse_sddmm_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, out_ptr, N, NNZ, stride_gn, stride_xn,
+def sparse_sddmm_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, out_ptr, N, NNZ, stride_gn, stride_gf, stride_xn, stride_xf,
                         BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[e] = sum_n g[n, r_e] x[n, c_e] for BLOCK_E entries per program: only the sampled entries of g^T x, each
-    gathered per token (one sector a value). For diffs sparser than a few entries a tile (the launcher decides)."""
+    """out[e] = sum_n g[n, r_e] x[n, c_e] for BLOCK_E entries per program: only the sampled entries of g^T x, for
+    diffs sparser than a few entries a tile (the launcher decides). g and x come feature-major (``stride_gn`` =
+    ``stride_xn`` = 1: a feature's tokens contiguous), so each entry reads its two features' BLOCK_N tokens as
+    contiguous runs, where token-major rows gave a 32-byte sector per value."""
     ents = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
     ent_ok = ents < NNZ
     rows = tl.load(rows_ptr + ents, mask=ent_ok, other=0)
@@ -22,8 +24,8 @@ def sparse_sddmm_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, out_ptr, N, NNZ, strid
     for n0 in range(0, N, BLOCK_N):
         toks = n0 + tl.arange(0, BLOCK_N)  # [BN]
         m = (toks[:, None] < N) & ent_ok[None, :]
-        g = tl.load(g_ptr + tile_offsets(toks, rows, stride_gn, 1), mask=m, other=0.0)  # [BN, BE]
-        x = tl.load(x_ptr + tile_offsets(toks, cols, stride_xn, 1), mask=m, other=0.0)
+        g = tl.load(g_ptr + tile_offsets(toks, rows, stride_gn, stride_gf), mask=m, other=0.0)  # [BN, BE]
+        x = tl.load(x_ptr + tile_offsets(toks, cols, stride_xn, stride_xf), mask=m, other=0.0)
         acc += tl.sum(g.to(tl.float32) * x.to(tl.float32), axis=0)
     tl.store(out_ptr + ents, acc, mask=ent_ok)
 
@@ -63,11 +65,12 @@ def sparse_sddmm_tile_kernel(g_ptr, x_ptr, bounds_ptr, by_tile_ptr, pos_ptr, out
 
 
 @triton.jit
-def sparse_correction_kernel(out_ptr, src_ptr, seg_ptr, src_pos_ptr, val_ptr, N, stride_on, stride_sn,
+def sparse_correction_kernel(out_ptr, src_ptr, seg_ptr, src_pos_ptr, val_ptr, N, stride_on, stride_sn, stride_sf,
                              BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     """out[n, j] += sum over the entries of group j of src[n, src_pos_e] v_e: the sparse term of y (groups = output
     rows, src = x, src_pos = c) or of dx (groups = input columns, src = g, src_pos = r). Entries are grouped:
-    group j owns [seg[j], seg[j + 1]). Grid (groups, cdiv(N, BLOCK_N)); every (n, j) has one writer: no atomics."""
+    group j owns [seg[j], seg[j + 1]). Grid (groups, cdiv(N, BLOCK_N)); every (n, j) has one writer: no atomics.
+    src comes feature-major (``stride_sn`` = 1): each entry reads BLOCK_N contiguous tokens of its feature."""
     j = tl.program_id(0)
     toks = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     start = tl.load(seg_ptr + j)
@@ -81,7 +84,7 @@ def sparse_correction_kernel(out_ptr, src_ptr, seg_ptr, src_pos_ptr, val_ptr, N,
         ent_ok = ents < end
         pos = tl.load(src_pos_ptr + ents, mask=ent_ok, other=0)
         v = tl.load(val_ptr + ents, mask=ent_ok, other=0.0).to(tl.float32)
-        src = tl.load(src_ptr + tile_offsets(toks, pos, stride_sn, 1),
+        src = tl.load(src_ptr + tile_offsets(toks, pos, stride_sn, stride_sf),
                       mask=tok_ok[:, None] & ent_ok[None, :], other=0.0)  # [BN, BE]
         acc += tl.sum(src.to(tl.float32) * v[None, :], axis=1)
     ptrs = out_ptr + offsets(toks, stride_on) + j
