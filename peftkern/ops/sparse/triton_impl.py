@@ -21,10 +21,10 @@ from .triton_kernels import (sparse_correction_kernel, sparse_scatter_add_kernel
 TILED_SDDMM_ENTRIES = 48
 _GPU = {"sddmm": dict(BLOCK_E=64, BLOCK_N=64, num_warps=4, num_stages=2),
         "sddmm_tile": dict(BLOCK_N=32, BLOCK_E=32, num_warps=8, num_stages=3),
-        "correction": dict(BLOCK_N=128, BLOCK_E=32, num_warps=4, num_stages=2),
+        "correction": dict(BLOCK_N=128, BLOCK_E=32, BLOCK_G=32, num_warps=4, num_stages=2),
         "scatter": dict(BLOCK=1024, num_warps=4, num_stages=1)}
 _INTERPRET = {"sddmm": dict(BLOCK_E=16, BLOCK_N=8), "sddmm_tile": dict(BLOCK_N=16, BLOCK_E=16),
-              "correction": dict(BLOCK_N=8, BLOCK_E=16),
+              "correction": dict(BLOCK_N=8, BLOCK_E=16, BLOCK_G=4),
               "scatter": dict(BLOCK=64)}
 
 
@@ -46,9 +46,9 @@ def add_correction_(out, src, bounds, src_pos, values) -> torch.Tensor:
     cfg = _cfg("correction")
     buf = staged(out)
     src = feature_major(src)
-    sparse_correction_kernel[(out.shape[1], triton.cdiv(out.shape[0], cfg["BLOCK_N"]))](
-        buf, src, bounds, src_pos, values.contiguous(), out.shape[0], buf.stride(0),
-        src.stride(0), src.stride(1), BLOCK_N=cfg["BLOCK_N"], BLOCK_E=cfg["BLOCK_E"], **launch_opts(cfg))
+    sparse_correction_kernel[(triton.cdiv(out.shape[1], cfg["BLOCK_G"]), triton.cdiv(out.shape[0], cfg["BLOCK_N"]))](
+        buf, src, bounds, src_pos, values.contiguous(), out.shape[0], out.shape[1], buf.stride(0), src.stride(0),
+        src.stride(1), BLOCK_N=cfg["BLOCK_N"], BLOCK_E=cfg["BLOCK_E"], BLOCK_G=cfg["BLOCK_G"], **launch_opts(cfg))
     return unstage(out, buf)
 
 

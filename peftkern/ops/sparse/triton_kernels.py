@@ -6,7 +6,7 @@ row strides; feature stride 1. Accumulation is fp32. Element offsets are int64 (
 import triton
 import triton.language as tl
 
-from ..triton_blocks import offsets, tile_offsets
+from ..triton_blocks import tile_offsets
 
 
 @triton.jit
@@ -65,31 +65,39 @@ def sparse_sddmm_tile_kernel(g_ptr, x_ptr, bounds_ptr, by_tile_ptr, pos_ptr, out
 
 
 @triton.jit
-def sparse_correction_kernel(out_ptr, src_ptr, seg_ptr, src_pos_ptr, val_ptr, N, stride_on, stride_sn, stride_sf,
-                             BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+def sparse_correction_kernel(out_ptr, src_ptr, seg_ptr, src_pos_ptr, val_ptr, N, G, stride_on, stride_sn, stride_sf,
+                             BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr):
     """out[n, j] += sum over the entries of group j of src[n, src_pos_e] v_e: the sparse term of y (groups = output
     rows, src = x, src_pos = c) or of dx (groups = input columns, src = g, src_pos = r). Entries are grouped:
-    group j owns [seg[j], seg[j + 1]). Grid (groups, cdiv(N, BLOCK_N)); every (n, j) has one writer: no atomics.
-    src comes feature-major (``stride_sn`` = 1): each entry reads BLOCK_N contiguous tokens of its feature."""
-    j = tl.program_id(0)
-    toks = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    start = tl.load(seg_ptr + j)
-    end = tl.load(seg_ptr + j + 1)
-    if start == end:
+    group j owns [seg[j], seg[j + 1]). Grid (cdiv(G, BLOCK_G), cdiv(N, BLOCK_N)); a program sums BLOCK_G groups'
+    columns and adds them to out as one [BLOCK_N, BLOCK_G] tile (row runs, where a column a program wrote a sector a
+    token); every (n, j) has one writer: no atomics. src comes feature-major (``stride_sn`` = 1): each entry reads
+    BLOCK_N contiguous tokens of its feature."""
+    j0 = tl.program_id(0) * BLOCK_G
+    if tl.load(seg_ptr + j0) == tl.load(seg_ptr + tl.minimum(j0 + BLOCK_G, G)):
         return
+    toks = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    lanes = tl.arange(0, BLOCK_G)
     tok_ok = toks < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for e0 in range(start, end, BLOCK_E):
-        ents = e0 + tl.arange(0, BLOCK_E)  # [BE]
-        ent_ok = ents < end
-        pos = tl.load(src_pos_ptr + ents, mask=ent_ok, other=0)
-        v = tl.load(val_ptr + ents, mask=ent_ok, other=0.0).to(tl.float32)
-        src = tl.load(src_ptr + tile_offsets(toks, pos, stride_sn, stride_sf),
-                      mask=tok_ok[:, None] & ent_ok[None, :], other=0.0)  # [BN, BE]
-        acc += tl.sum(src.to(tl.float32) * v[None, :], axis=1)
-    ptrs = out_ptr + offsets(toks, stride_on) + j
-    base = tl.load(ptrs, mask=tok_ok, other=0.0).to(tl.float32)
-    tl.store(ptrs, (base + acc).to(out_ptr.dtype.element_ty), mask=tok_ok)
+    acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+    for jj in range(0, BLOCK_G):
+        j = tl.minimum(j0 + jj, G)  # past the last group: the empty range [seg[G], seg[G])
+        end = tl.load(seg_ptr + tl.minimum(j + 1, G))
+        col = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for e0 in range(tl.load(seg_ptr + j), end, BLOCK_E):
+            ents = e0 + tl.arange(0, BLOCK_E)  # [BE]
+            ent_ok = ents < end
+            pos = tl.load(src_pos_ptr + ents, mask=ent_ok, other=0)
+            v = tl.load(val_ptr + ents, mask=ent_ok, other=0.0).to(tl.float32)
+            src = tl.load(src_ptr + tile_offsets(toks, pos, stride_sn, stride_sf),
+                          mask=tok_ok[:, None] & ent_ok[None, :], other=0.0)  # [BN, BE]
+            col += tl.sum(src.to(tl.float32) * v[None, :], axis=1)
+        acc = tl.where(lanes[None, :] == jj, col[:, None], acc)
+    groups = j0 + lanes
+    ptrs = out_ptr + tile_offsets(toks, groups, stride_on, 1)
+    ok = tok_ok[:, None] & (groups[None, :] < G)
+    base = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(ptrs, (base + acc).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
