@@ -272,6 +272,23 @@ def test_structure_groups_entries_both_ways():
     assert all(torch.equal(s.col_rows[s.col_bounds[c]:s.col_bounds[c + 1]], rows[cols == c]) for c in range(I))
 
 
+def test_structure_tile_order():
+    """The TILE x TILE tile order of the tiled SDDMM: tiles row-major, entries in index order inside a tile, each
+    entry's place in its tile, and every tile's bounds (empty tiles included)."""
+    from peftkern.ops.sparse.torch_impl import TILE, structure
+
+    O, I = 2 * TILE + 3, TILE + 5
+    idx = _case(1, I, O, 0.01, seed=1)["indices"]
+    idx = idx[(idx // I) // TILE != 1]  # the middle row of tiles empty
+    s = structure(idx, (O, I))
+    rows, cols = idx // I, idx % I
+    tile = (rows // TILE) * 2 + cols // TILE
+    order = sorted(range(idx.numel()), key=lambda e: (int(tile[e]), int(idx[e])))
+    assert s.by_tile.tolist() == order
+    assert torch.equal(s.tile_pos, ((rows % TILE) * TILE + cols % TILE)[s.by_tile])
+    assert torch.equal(s.tile_bounds, torch.cat([tile.new_zeros(1), torch.bincount(tile, minlength=6).cumsum(0)]))
+
+
 def test_structure_built_once_per_indices_and_rebuilt_when_they_change():
     from peftkern.ops.sparse.torch_impl import structure
 
