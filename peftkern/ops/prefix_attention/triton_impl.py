@@ -35,15 +35,29 @@ _GPU = {"fwd": [(64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
                         (128, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1))],
         "delta": [(64, dict(BLOCK_M=64, num_warps=4, num_stages=1)),
                   (128, dict(BLOCK_M=32, num_warps=4, num_stages=1))]}
+# fp32 inputs (the dots on FMA units, ``precision()`` "ieee" by default, their operands in registers): the tiles
+# above spill 1-60 KB there, so smaller ones, one stage but for the D = 64 forward. Spill-free on sm_80/sm_90 at
+# 74-231 registers. The prefix's dk/dv at D = 128: 16 queries by 64 keys, 8 warps (32x32 spills 0.2-1.7 KB).
+_GPU_FP32 = {"fwd": [(64, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)),
+                     (128, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1))],
+             "dq": [(64, dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)),
+                    (128, dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1))],
+             "dkdv": [(64, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+                      (128, dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1))],
+             "dkdv_prefix": [(64, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)),
+                             (128, dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1))],
+             "delta": _GPU["delta"]}
 _INTERPRET = {"fwd": dict(BLOCK_M=16, BLOCK_N=16), "dq": dict(BLOCK_M=16, BLOCK_N=16),
               "dkdv": dict(BLOCK_M=16, BLOCK_N=16), "dkdv_prefix": dict(BLOCK_M=16, BLOCK_N=16),
               "delta": dict(BLOCK_M=16)}
 MAX_HEAD_DIM = 128  # wider heads spill the dk/dv kernel's two [BLOCK_N, D] accumulators: the torch path serves them
 
 
-def _cfg(D: int, kernel: str) -> dict:
-    """Tiles and launch options of ``kernel`` (a key of ``_GPU``) at head dim D."""
-    return block_config(next(cfg for limit, cfg in _GPU[kernel] if D <= limit), _INTERPRET[kernel])
+def _cfg(D: int, kernel: str, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Tiles and launch options of ``kernel`` (a key of ``_GPU``) at head dim D for inputs of ``dtype``
+    (``_GPU_FP32`` for fp32; the interpreter's tiles are the same for every dtype)."""
+    table = _GPU_FP32 if dtype == torch.float32 else _GPU
+    return block_config(next(cfg for limit, cfg in table[kernel] if D <= limit), _INTERPRET[kernel])
 
 
 def _block_d(D: int) -> int:
@@ -84,7 +98,7 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal: bool, scale: 
     lse = torch.empty((B, Hq, S), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    cfg = _cfg(D, "fwd")
+    cfg = _cfg(D, "fwd", q.dtype)
     o_buf = staged(o)
     prefix_attention_fwd_kernel[(triton.cdiv(S, cfg["BLOCK_M"]), B * Hq)](
         q, k, v, pk, pv, kpm, o_buf, lse, S, pk.shape[2], D, Hq, Hq // k.shape[1], float(scale), *strides,
@@ -131,7 +145,7 @@ def _delta(do: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """rowsum(do * o) [B, Hq, S] fp32 of contiguous do and o."""
     D = o.shape[-1]
     delta = torch.empty(o.shape[:-1], dtype=torch.float32, device=o.device)
-    cfg = _cfg(D, "delta")
+    cfg = _cfg(D, "delta", o.dtype)
     prefix_attention_bwd_delta_kernel[(triton.cdiv(delta.numel(), cfg["BLOCK_M"]),)](
         do, o, delta, delta.numel(), D, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=_block_d(D), **launch_opts(cfg))
     return delta
@@ -148,7 +162,7 @@ def backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, caus
     shared = prefix_k.dim() == 3
     q, k, v, pk, pv, kpm, strides = _common(q, k, v, prefix_k, prefix_v, key_padding_mask)
     do, o, lse = grad_o.contiguous(), o.contiguous(), lse.contiguous()
-    cfg = _cfg(D, "dq")
+    cfg = _cfg(D, "dq", q.dtype)
     flags = dict(CAUSAL=causal, HAS_PAD=key_padding_mask is not None, DOT_DTYPE=dot_dtype(q.dtype),
                  PRECISION=precision(), BLOCK_D=_block_d(D))
     dq = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
@@ -165,10 +179,10 @@ def backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, caus
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], **launch_opts(cfg))
         unstage(dq, dq_buf)
         _dkdv(q, k, v, (*k.stride()[:3], *v.stride()[:3]), kpm, do, lse, delta, dk, dv, B, 1, False, scale,
-              _cfg(D, "dkdv"), flags)
+              _cfg(D, "dkdv", q.dtype), flags)
         if dpk.numel():
             _dkdv(q, pk, pv, (strides[9], *pk.stride()[1:3], strides[12], *pv.stride()[1:3]), kpm, do, lse, delta,
-                  dpk, dpv, nb, B if shared else 1, True, scale, _cfg(D, "dkdv_prefix"), flags)
+                  dpk, dpv, nb, B if shared else 1, True, scale, _cfg(D, "dkdv_prefix", q.dtype), flags)
     else:
         for t in (dq, dk, dv, dpk, dpv):
             t.zero_()
@@ -178,19 +192,20 @@ def backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, caus
 # ------------------------------------------------------------------------------------ ahead-of-time listing
 
 
-def _aot_step(D: int) -> None:
-    """Forward and backward of one layer of a Llama-like model in bf16 (32 query / 8 key-value heads, head dim D,
-    2 x 1024 tokens with padding, causal), q/k/v in transformers' [B, H, S, D] views of [B, S, H, D], a shared
+def _aot_step(dtype: torch.dtype, D: int) -> None:
+    """Forward and backward of one layer of a Llama-like model in ``dtype`` (32 query / 8 key-value heads, head dim
+    D, 2 x 1024 tokens with padding, causal), q/k/v in transformers' [B, H, S, D] views of [B, S, H, D], a shared
     prefix of 32 keys."""
     B, Hq, Hkv, S, P = 2, 32, 8, 1024, 32
-    q = torch.empty(B, S, Hq, D, dtype=torch.bfloat16).transpose(1, 2)
-    k, v = (torch.empty(B, S, Hkv, D, dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
-    pk, pv = (torch.empty(Hkv, P, D, dtype=torch.bfloat16) for _ in range(2))
+    q = torch.empty(B, S, Hq, D, dtype=dtype).transpose(1, 2)
+    k, v = (torch.empty(B, S, Hkv, D, dtype=dtype).transpose(1, 2) for _ in range(2))
+    pk, pv = (torch.empty(Hkv, P, D, dtype=dtype) for _ in range(2))
     pad = torch.zeros(B, S, dtype=torch.bool)
     o, lse = forward(q, k, v, pk, pv, pad, True, D ** -0.5)
     backward(torch.empty_like(o), q, k, v, pk, pv, pad, o, lse, True, D ** -0.5)
 
 
 # representative launches for peftkern._aot: one per tile configuration
-AOT_SCENARIOS = {f"bf16 GQA 32/8 heads, D{D}, shared prefix, causal, padding": functools.partial(_aot_step, D)
-                 for D in (64, 128)}
+AOT_SCENARIOS = {f"{name} GQA 32/8 heads, D{D}, shared prefix, causal, padding":
+                 functools.partial(_aot_step, dtype, D)
+                 for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)) for D in (64, 128)}
