@@ -28,3 +28,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def aot_rows() -> list[dict]:
+    """Every Triton kernel compiled ahead of time for sm_80 and sm_90 (``peftkern._aot.report``, ~15-30 s), once a
+    session: the kernels gate (tests/test_kernels_aot.py) and ``peftkern kernels`` (tests/test_cli.py) read them."""
+    from peftkern import _aot
+
+    return _aot.report((80, 90), timeout=480)

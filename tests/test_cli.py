@@ -167,8 +167,12 @@ def test_demo_is_deterministic_and_adapter_is_not_a_noop(tmp_path):
 
 
 @pytest.mark.triton
-def test_kernels_subcommand_writes_json(tmp_path, capsys):
-    """``peftkern kernels --arch 80 --json FILE``: a table on stdout, the rows in FILE, exit 0 (nothing spills)."""
+def test_kernels_subcommand_writes_json(tmp_path, capsys, monkeypatch, aot_rows):
+    """``peftkern kernels --arch 80 --json FILE``: a table on stdout, the rows in FILE, exit 0 (nothing spills).
+    The compilation is the session's (``aot_rows``, the same ``_aot.report`` the kernels gate tests)."""
+    from peftkern import _aot
+
+    monkeypatch.setattr(_aot, "report", lambda archs, **kw: [r for r in aot_rows if r["arch"] in archs])
     out = tmp_path / "kernels.json"
     assert cli.main(["kernels", "--arch", "80", "--json", str(out)]) == 0
     assert "lora_fwd_kernel" in capsys.readouterr().out
