@@ -34,6 +34,9 @@ _GPU = {
     "wgrad": dict(BLOCK_M=32, BLOCK_C=64, num_warps=4, num_stages=2),
     "mask": dict(BLOCK_M=32, BLOCK_K=128, num_warps=4, num_stages=1),
 }
+# fp32 x / W (an fp32 base; its dots on FMA units at ``precision()`` "ieee", operands in registers) spill the shrink
+# (8 B on sm_80) and the dropout dgrad (8-16 B) at the tiles above: half their K or N side there.
+_GPU_FP32 = {"shrink": dict(_GPU["shrink"], BLOCK_K=32), "bwd_dx_dropout": dict(_GPU["bwd_dx_dropout"], BLOCK_N=32)}
 # The interpreter runs each program as numpy ops: small tiles still exercise every mask and loop.
 _SMALL = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 _INTERPRET = {
@@ -42,12 +45,10 @@ _INTERPRET = {
 }
 
 
-def _configs() -> dict:
-    return block_config(_GPU, _INTERPRET)
-
-
-def _cfg(name: str) -> dict:
-    return _configs()[name]
+def _cfg(name: str, dtype: torch.dtype | None = None) -> dict:
+    """The configuration of kernel ``name`` whose x or W (the larger operand) is of ``dtype``."""
+    gpu = _GPU_FP32.get(name, _GPU[name]) if dtype == torch.float32 else _GPU[name]
+    return block_config(gpu, _INTERPRET[name])
 
 
 # ------------------------------------------------------------------------------------------------ launchers
@@ -58,7 +59,7 @@ def shrink(x, lora_A, dropout_p: float, seed, *, out=None) -> torch.Tensor:
     N, K = x.shape
     R = lora_A.shape[0]
     h = out_buffer(out, (N, R), torch_impl.lora_dtype(x, lora_A), x.device)
-    cfg = _cfg("shrink")
+    cfg = _cfg("shrink", x.dtype)
     block_r, block_m, block_k = lora_rank_tile(R, h.dtype, cfg["BLOCK_M"], cfg["BLOCK_K"])
     seed_, threshold, keep_scale, dropout = dropout_args(dropout_p, seed)
     grid = (triton.cdiv(N, block_m), triton.cdiv(R, block_r))
@@ -164,7 +165,7 @@ def bwd_dx(grad_y, weight, dh, lora_A, lora_dtype: torch.dtype, dropout_p: float
     R = lora_A.shape[0]
     dx = out_buffer(out, (N, K), weight.dtype, grad_y.device)
     seed_, threshold, keep_scale, dropout = dropout_args(dropout_p, seed)
-    cfg = _cfg("bwd_dx_dropout" if dropout else "bwd_dx")
+    cfg = _cfg("bwd_dx_dropout" if dropout else "bwd_dx", weight.dtype)
     grid = (triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]),)
     dx_buf = staged(dx)
     lora_bwd_dx_kernel[grid](
@@ -227,12 +228,13 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling: flo
 # ------------------------------------------------------------------------------------ ahead-of-time listing
 
 
-def _aot_step(lora_dtype: torch.dtype, r: int, dropout_p: float, rank_scale: bool) -> None:
-    """Forward and backward (dx too) of a LoRA layer over a bf16 4096 x 4096 base with bias, 1024 tokens; the
-    dropout mask's own kernel where dropout is on."""
+def _aot_step(lora_dtype: torch.dtype, r: int, dropout_p: float, rank_scale: bool,
+              dtype: torch.dtype = torch.bfloat16) -> None:
+    """Forward and backward (dx too) of a LoRA layer over a 4096 x 4096 base in ``dtype`` with bias, 1024 tokens;
+    the dropout mask's own kernel where dropout is on."""
     N, K = 1024, 4096
-    x, g = (torch.empty(N, K, dtype=torch.bfloat16) for _ in range(2))
-    weight, bias = torch.empty(K, K, dtype=torch.bfloat16), torch.empty(K, dtype=torch.bfloat16)
+    x, g = (torch.empty(N, K, dtype=dtype) for _ in range(2))
+    weight, bias = torch.empty(K, K, dtype=dtype), torch.empty(K, dtype=dtype)
     lora_A, lora_B = torch.empty(r, K, dtype=lora_dtype), torch.empty(K, r, dtype=lora_dtype)
     e = torch.empty(r, dtype=lora_dtype) if rank_scale else None
     seed = 12345  # dropout seeds are random 31-bit ints: most are not multiples of 16
@@ -243,9 +245,11 @@ def _aot_step(lora_dtype: torch.dtype, r: int, dropout_p: float, rank_scale: boo
 
 
 # representative launches for peftkern._aot: PEFT's defaults (fp32 adapters, r = 8: h's rows are not 16-aligned)
-# with dropout (and the dropout tile configs), and bf16 adapters at the largest rank chunk with AdaLoRA's rank
-# scale; QLoRA's scenario (nf4) launches the rank kernels at r = 16
+# with dropout (and the dropout tile configs), bf16 adapters at the largest rank chunk with AdaLoRA's rank
+# scale, and an fp32 model (its own tiles, _GPU_FP32); QLoRA's scenario (nf4) launches the rank kernels at r = 16
 AOT_SCENARIOS = {
     "bf16 base, fp32 adapters r8, dropout": functools.partial(_aot_step, torch.float32, 8, 0.1, False),
     "bf16 base, bf16 adapters r64, rank scale": functools.partial(_aot_step, torch.bfloat16, 64, 0.0, True),
+    "fp32 base, fp32 adapters r16, dropout": functools.partial(_aot_step, torch.float32, 16, 0.1, False,
+                                                               torch.float32),
 }

@@ -42,6 +42,9 @@ _GPU = {
     "gemv": dict(BLOCK_C=16, BLOCK_R=256, num_warps=4, num_stages=2),
     "gemv_rows": 4,
 }
+# fp32 activations (the dots on FMA units at ``precision()`` "ieee", operands in registers): the dgrad with QLoRA's
+# LoRA term spills 52-100 B at 2 warps on sm_80/sm_90; 4 warps hold it in 128 registers.
+_GPU_FP32 = {"matmul_dgrad": dict(_GPU["matmul_dgrad"], num_warps=4)}
 # The interpreter runs each program as numpy ops: small tiles still exercise every mask and loop (64-wide tiles
 # of W's columns span two 32-blocks, so both absmax paths of nf4_tile run).
 _INTERPRET = {
@@ -51,8 +54,9 @@ _INTERPRET = {
 }
 
 
-def _cfg(name: str):
-    return block_config(_GPU, _INTERPRET)[name]
+def _cfg(name: str, dtype: torch.dtype | None = None):
+    """The configuration ``name`` for activations of ``dtype``."""
+    return block_config(dict(_GPU, **_GPU_FP32) if dtype == torch.float32 else _GPU, _INTERPRET)[name]
 
 
 def quantize_absmax_blocks(w, blocksize: int, code, *, out=None, out_absmax=None):
@@ -167,7 +171,7 @@ def matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype, transpo
         lora_args = (lora.lhs, lora.scale if lora.scale is not None else lora.lhs, lora.rhs, rl, lora.lhs.stride(0),
                      lora.stride_r, lora.stride_c, float(lora.alpha))
         seed, threshold, keep_scale, dropout = dropout_args(lora.dropout_p, lora.seed)
-    cfg = _cfg("matmul" if transpose_w else "matmul_dgrad")
+    cfg = _cfg("matmul" if transpose_w else "matmul_dgrad", a.dtype)
     block_m = min(max(16, triton.next_power_of_2(M)), _cfg("matmul_rows"))
     block_rl = min(lora_rank_chunk(rl, lora_dt), 32)  # 64-rank chunks spill the 2-warp programs
     grid = (triton.cdiv(M, block_m) * triton.cdiv(C, cfg["BLOCK_C"]),)
@@ -241,7 +245,7 @@ def _aot_step() -> None:
     (in-register, the LoRA epilogue) and 1024 tokens (the weight dequantized, the LoRA family's kernels)."""
     from .function import NF4Tensor
 
-    K, r, seed = 4096, 16, 12345
+    K = 4096
     code, code8 = nf4_code(), dynamic_code()
     w = torch.empty(K, K, dtype=torch.bfloat16)
     packed, absmax = quantize(w, 64, code)
@@ -255,11 +259,25 @@ def _aot_step() -> None:
     nf4_matmul(x, *nf4, True, bias)
     nf4_matmul(g, *nf4, False)
     nf4_matmul(x[:3], *nf4, True, bias)
-    lora_A, lora_B = torch.empty(r, K), torch.empty(K, r)
     for n in (DEQUANTIZE_ROWS, 1024):
-        x, g = torch.empty(n, K, dtype=w.dtype), torch.empty(n, K, dtype=w.dtype)
-        _, h = qlora_forward(x, *nf4, None, lora_A, lora_B, None, 2.0, 0.1, seed)
-        qlora_backward(g, x, *nf4, lora_A, lora_B, None, h, 2.0, 0.1, seed, True)
+        _aot_qlora(nf4, n)
 
 
-AOT_SCENARIOS = {"bf16 weight, blocksize 64, double quant; QLoRA fp32 r16, dropout": _aot_step}  # peftkern._aot
+def _aot_qlora(nf4: tuple, n: int) -> None:
+    """A QLoRA step on ``n`` tokens in the weight's dtype over ``nf4`` (packed, absmax, code, blocksize, shape,
+    weight dtype), fp32 adapters of rank 16 and dropout."""
+    K, r, seed = nf4[4][1], 16, 12345
+    lora_A, lora_B = torch.empty(r, K), torch.empty(nf4[4][0], r)
+    x, g = torch.empty(n, K, dtype=nf4[5]), torch.empty(n, nf4[4][0], dtype=nf4[5])
+    _, h = qlora_forward(x, *nf4, None, lora_A, lora_B, None, 2.0, 0.1, seed)
+    qlora_backward(g, x, *nf4, lora_A, lora_B, None, h, 2.0, 0.1, seed, True)
+
+
+def _aot_fp32_step() -> None:
+    """An fp32 model's QLoRA step at 128 tokens (in-register, fp32 activations: _GPU_FP32's tiles)."""
+    w, code = torch.empty(4096, 4096), nf4_code()
+    _aot_qlora((*quantize(w, 64, code), code, 64, tuple(w.shape), w.dtype), DEQUANTIZE_ROWS)
+
+
+AOT_SCENARIOS = {"bf16 weight, blocksize 64, double quant; QLoRA fp32 r16, dropout": _aot_step,  # peftkern._aot
+                 "fp32 weight and activations, QLoRA fp32 r16, dropout": _aot_fp32_step}
