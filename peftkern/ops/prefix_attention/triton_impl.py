@@ -37,12 +37,13 @@ _GPU = {"fwd": [(64, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)),
                   (128, dict(BLOCK_M=32, num_warps=4, num_stages=1))]}
 # fp32 inputs (the dots on FMA units, ``precision()`` "ieee" by default, their operands in registers): the tiles
 # above spill 1-60 KB there, so smaller ones, one stage but for the D = 64 forward. Spill-free on sm_80/sm_90 at
-# 74-231 registers. The prefix's dk/dv at D = 128: 16 queries by 64 keys, 8 warps (32x32 spills 0.2-1.7 KB).
+# 68-231 registers, also for MHA, per-batch prefixes, no padding, non-causal (some 16-32 wide tiles spill 8-16 B
+# there). The prefix's dk/dv at D = 128: 16 queries by 64 keys, 8 warps (32x32 spills 0.2-1.7 KB).
 _GPU_FP32 = {"fwd": [(64, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)),
                      (128, dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1))],
-             "dq": [(64, dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)),
-                    (128, dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1))],
-             "dkdv": [(64, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+             "dq": [(64, dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1)),
+                    (128, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1))],
+             "dkdv": [(64, dict(BLOCK_M=16, BLOCK_N=32, num_warps=8, num_stages=1)),
                       (128, dict(BLOCK_M=32, BLOCK_N=16, num_warps=8, num_stages=1))],
              "dkdv_prefix": [(64, dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)),
                              (128, dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1))],
