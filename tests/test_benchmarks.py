@@ -56,3 +56,47 @@ def test_overhead_benchmark_runs_every_family(tmp_path):
     for r in res["rows"]:
         assert r["ratio"] > 0 and r["ours_us"] > 0 and r["peer_us"] > 0 and r["met"] in ("yes", "no")
     assert len(json.loads((tmp_path / "o.json").read_text())["rows"]) == len(res["rows"])
+
+
+def test_bf16_probe_tells_an_emulated_bf16_matmul():
+    """``measure.bf16_matmul_speed``: consistent with its own timings, measured once a process; with oneDNN and ATen
+    capped at AVX2 (no bf16 instructions, as on an AVX2-only CPU) it finds bf16 slow and says why."""
+    import os
+    import subprocess
+    import sys
+
+    from peftkern import measure
+
+    probe = measure.bf16_matmul_speed()
+    assert probe["fast"] == (probe["bf16_over_fp32"] <= 2.0) and probe["bf16_ms"] > 0 and probe["fp32_ms"] > 0
+    assert measure.bf16_matmul_speed() == probe and measure.bf16_matmul_speed("cuda")["fast"] is True
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    code = "import json; from peftkern import measure; print(json.dumps(measure.bf16_matmul_speed()))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    capped = json.loads(done.stdout.splitlines()[-1])
+    assert capped["fast"] is False and capped["bf16_over_fp32"] > 2.0 and "emulated" in capped["why"]
+
+
+def test_lora_benchmark_sizes_bf16_rows_for_a_cpu_that_emulates_them(tmp_path, monkeypatch):
+    """Where bf16 matmuls are slow, ``bench lora`` runs its bf16 rows at the small shapes, the fp32 rows at the usual
+    ones, says so with the probe's reason, and records the probe in the JSON."""
+    from peftkern.benchmarks import bench_lora
+
+    slow = {"fast": False, "bf16_over_fp32": 30.0, "why": "bf16 is emulated here (test)"}
+    monkeypatch.setattr(bench_lora, "bf16_matmul_speed", lambda device: slow)
+    monkeypatch.setattr(bench_lora, "QUICK_SHAPES", [(32, 64, 64)])
+    monkeypatch.setattr(bench_lora, "SLOW_BF16_QUICK_SHAPES", [(16, 32, 32)])
+    monkeypatch.setattr(bench_lora, "QUICK_QKV", (32, 64))
+    lines = []
+    res = bench_lora.run(quick=True, reps=1, dtypes=["fp32", "bf16"], model=False, r=4,
+                         json_path=str(tmp_path / "l.json"), log=lines.append)
+    shapes = {(r["dtype"], r["shape"]) for r in res["layers"]}
+    assert shapes == {("fp32", "32x64x64"), ("bf16", "16x32x32")}
+    assert "# bf16 rows at 16x32x32: bf16 is emulated here (test); --shapes runs them at any shape" in lines
+    assert {(q["dtype"], q["tokens"], q["d"]) for q in res["qkv_memory"]} == {("fp32", 32, 64), ("bf16+fp32A", 16, 32)}
+    assert json.loads((tmp_path / "l.json").read_text())["bf16_matmul"] == slow
+    monkeypatch.setattr(bench_lora, "bf16_matmul_speed", lambda device: {**slow, "fast": True})
+    res = bench_lora.run(quick=True, reps=1, dtypes=["bf16"], model=False, r=4, json_path=str(tmp_path / "f.json"),
+                         log=lambda s: None)
+    assert {r["shape"] for r in res["layers"]} == {"32x64x64"}

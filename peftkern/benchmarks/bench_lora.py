@@ -44,6 +44,7 @@ QUICK_SHAPES = [(512, 1024, 1024), (2048, 1024, 1024)]
 # took 1.4-5.7 s a step on an AVX2-only EPYC, about 10 minutes for --quick; these take ~0.15 s
 SLOW_BF16_FULL_SHAPES = [(128, 512, 512), (512, 1024, 1024)]
 SLOW_BF16_QUICK_SHAPES = [(128, 512, 512)]
+QUICK_QKV, FULL_QKV = (512, 1024), (2048, 1024)  # tokens, d of the three projections' memory table
 DROPOUTS = (0.0, 0.1)
 
 
@@ -258,7 +259,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
 
     qkv = []
     for dtype in ("fp32", "bf16+fp32A"):
-        n_tok, d = SLOW_BF16_QUICK_SHAPES[0][:2] if slow_bf16 and dtype != "fp32" else (512 if quick else 2048, 1024)
+        n_tok, d = SLOW_BF16_QUICK_SHAPES[0][:2] if slow_bf16 and dtype != "fp32" else QUICK_QKV if quick else FULL_QKV
         for p in DROPOUTS:
             qkv.append(qkv_memory(n_tok, d, r, p, dtype, device))
     log("\n# three adapted projections on one x (query/key/value), all unique saved storages incl. x:")

@@ -154,8 +154,8 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
         plot: Optional[str] = None, log=print, methods: Optional[list[str]] = None, archs=("bert", "llama"),
         minilm: Optional[bool] = None, threads: int = 1) -> dict:
     """The tiny models train on ``threads`` torch threads (default 1: their tensors are too small to split, and a
-    second thread waiting for a core another process holds stalls every op; measured on 2 busy cores: 127 s of CPU
-    for the quick run on 2 threads); the real MiniLM on torch's default."""
+    second thread waiting for a core another process holds stalls every op; measured on 2 busy cores, the quick run:
+    127 s of CPU on 2 threads, 14 s on 1); the real MiniLM on torch's default."""
     steps = 12 if quick else 30
     methods = methods or METHODS
     log(f"# {len(methods)} methods x {len(archs)} tiny models, {steps} steps each (AdamW, lr 1e-2; 5e-2 for the "
