@@ -102,10 +102,14 @@ def _grads(leaves, loss_fn, backward):
 
 
 def _in_thread(fn):
+    """``fn`` on a new thread with the caller's intra-op thread count (OpenMP's is per thread: a new one starts at the
+    machine's default, and CPU reductions split by thread count round differently)."""
     errors = []
+    threads = torch.get_num_threads()
 
     def target():
         try:
+            torch.set_num_threads(threads)
             fn()
         except BaseException as e:  # re-raised on the caller's thread
             errors.append(e)
