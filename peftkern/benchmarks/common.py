@@ -106,6 +106,10 @@ def machine_info() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cpu_bf16": "avx512_bf16" in flags or "amx_bf16" in flags,
+        # what torch uses of those flags: ATen's kernels, and the caps that emulate a smaller CPU
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_caps": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                                                "MKL_ENABLE_INSTRUCTIONS") if k in os.environ},
         "load_average_at_start": load,
         "gpu": torch.cuda.get_device_name(0) if cuda else None,
         "versions": {"torch": torch.__version__, "peft": _version("peft"), "transformers": _version("transformers"),
