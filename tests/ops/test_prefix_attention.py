@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import peftkern as pk
 from peftkern.backend import registered
 from peftkern.measure import SavedBytes
-from peftkern.ops.prefix_attention import torch_impl
+from peftkern.ops.prefix_attention import function as prefix_fn, torch_impl
 from peftkern.ops.prefix_attention.reference import prefix_attention_reference
 from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, shape_id, torch_variant_or_backend
 
@@ -135,6 +135,42 @@ def test_cpu_path_at_its_own_block_sizes(causal, monkeypatch):
     ref = _run(prefix_attention_reference, c, to=torch.float64, causal=causal)
     for name, o, r in zip(NAMES, out, ref):
         assert_close(o, r, name=name)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached-mask", "built-mask"])
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+def test_cpu_concatenated_path_causal_mask(cached, padding, monkeypatch):
+    """The small problems' path (prefix concatenated before the keys) with its causal mask cached and built per call
+    (both sides of MASK_CACHE_MAX); the cached one first made under inference mode, then used to train: values and
+    every gradient against fp64."""
+    monkeypatch.setattr(torch_impl, "MASK_CACHE_MAX", 1 << 16 if cached else 0)
+    torch_impl._cached_causal_mask.cache_clear()
+    c = _case(2, 4, 2, 11, 6, 16, shared=False, padding=padding)
+    args = [c[n] for n in ("q", "k", "v", "pk", "pv")]
+    with pk.use_backend("torch"):
+        assert torch_impl._concatenates(c["q"], 6)
+        with torch.inference_mode():
+            pk.prefix_attention(*args, key_padding_mask=c["kpm"])
+        out = _run(pk.prefix_attention, c)
+    assert torch_impl._cached_causal_mask.cache_info().currsize == (1 if cached else 0)
+    ref = _run(prefix_attention_reference, c, to=torch.float64)
+    for name, o, r in zip(NAMES, out, ref):
+        assert_close(o, r, name=name)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-row"])
+def test_registered_backward_outputs_own_their_storage(shared):
+    """B 1, one KV head: the slices of the concatenated keys' gradient are contiguous views of one tensor there; the
+    registered op (which refuses outputs that alias one another) gets contiguous copies, equal to the eager call's."""
+    c = _case(1, 2, 1, 6, 3, 16, shared=shared)
+    args = [c[n] for n in ("q", "k", "v", "pk", "pv")]
+    o, lse = torch.ops.peftkern.prefix_attention_forward(*args, None, True, 0.25, "torch")
+    grads = torch.ops.peftkern.prefix_attention_backward(c["g"], *args, None, o, lse, True, 0.25, "torch")
+    eager = prefix_fn.prefix_attention_backward(c["g"], *args, None, o, lse, True, 0.25, "torch")
+    assert all(g.is_contiguous() for g in grads)
+    assert len({g.untyped_storage().data_ptr() for g in grads}) == 5
+    for name, g, e in zip(NAMES[1:], grads, eager):
+        torch.testing.assert_close(g, e, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.triton

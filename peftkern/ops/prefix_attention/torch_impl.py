@@ -16,6 +16,7 @@ q, k, v, the prefix, o and lse: O(B H S D).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -26,6 +27,7 @@ CHUNK = 256  # query rows per step: bounds the transient [B, H, CHUNK, P + S] sc
 USE_CPU_FLASH = True  # tests switch it off to check the chunked path on the CPU
 BLOCK_ROWS, MAX_BLOCKS = 64, 8  # the causal CPU path's query blocks (query_blocks)
 CONCAT_MAX_WORK = 1 << 24  # the CPU path concatenates the prefix up to this B Hq S^2 D (_concatenates)
+MASK_CACHE_MAX = 1 << 16  # S (P + S) up to which the concatenated path's causal mask is cached (_causal_mask)
 
 
 def _cpu_flash(q: torch.Tensor) -> bool:
@@ -33,13 +35,15 @@ def _cpu_flash(q: torch.Tensor) -> bool:
 
 
 def _flash(q, k, v, causal, mask, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
-                                                                      scale=scale)
+    """The CPU flash kernel through its ``torch`` binding (~2 us a call less than ``torch.ops.aten``'s)."""
+    return torch._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+
+
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
 def _flash_backward(grad_o, q, k, v, o, lse, causal, mask, scale):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad_o, q, k, v, o, lse, 0.0, causal,
-                                                                               attn_mask=mask, scale=scale)
+    return _FLASH_BACKWARD(grad_o, q, k, v, o, lse, 0.0, causal, attn_mask=mask, scale=scale)
 
 
 def query_blocks(S: int, causal: bool) -> list[tuple[int, int]]:
@@ -136,21 +140,94 @@ def _concatenates(q: torch.Tensor, P: int) -> bool:
     return 0 < P and B * Hq * S * S * D <= CONCAT_MAX_WORK
 
 
-def _concatenated(q, k, v, prefix_k, prefix_v, key_padding_mask, causal):
-    """(keys, values [B, Hkv, P + S, D] in q's dtype, additive mask [B or 1, 1, S, P + S] or None)."""
-    B, _, S, _ = q.shape
-    P = prefix_k.shape[-2]
-    batch = (lambda t: t.expand(B, *t.shape) if t.dim() == 3 else t)  # noqa: E731
-    keys = torch.cat([batch(prefix_k).to(q.dtype), k.to(q.dtype)], 2)
-    values = torch.cat([batch(prefix_v).to(q.dtype), v.to(q.dtype)], 2)
-    if not causal and key_padding_mask is None:
-        return keys, values, None
-    hidden = torch.zeros(1, 1, S, P + S, dtype=torch.bool, device=q.device)
+def _concat_keys(q, k, v, prefix_k, prefix_v, f):
+    """(keys, values) [B, Hkv, P + S, D] in the compute dtype ``f``: the prefix (a shared one broadcast over the
+    batch, not copied) before the sequence keys. The op's inputs share one dtype (its check; autocast casts them
+    all)."""
+    if prefix_k.dim() == 3:
+        B = q.shape[0]
+        prefix_k, prefix_v = ((t.unsqueeze(0) if B == 1 else t.expand(B, -1, -1, -1)) for t in (prefix_k, prefix_v))
+    return _as(torch.cat([prefix_k, k], 2), f), _as(torch.cat([prefix_v, v], 2), f)
+
+
+def _as(t: torch.Tensor, dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without its call where ``t`` has the dtype (~0.7 us of a no-op call, several a step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _causal_mask(S: int, P: int, dtype, device) -> torch.Tensor:
+    """Additive [1, 1, S, P + S] mask, -inf where sequence key j > query i (bottom-right causal over the P + S keys);
+    cached up to MASK_CACHE_MAX elements: built from scratch it is 5 small ops, as much as the kernel at the sizes
+    that concatenate."""
+    if S * (P + S) <= MASK_CACHE_MAX:
+        return _cached_causal_mask(S, P, dtype, device)
+    return _build_causal_mask(S, P, dtype, device)
+
+
+def _build_causal_mask(S: int, P: int, dtype, device) -> torch.Tensor:
+    hidden = torch.ones(S, P + S, dtype=torch.bool, device=device).triu(P + 1)
+    return torch.zeros(1, 1, S, P + S, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_causal_mask(S: int, P: int, dtype, device) -> torch.Tensor:
+    """The kernels only read it; an ordinary tensor even when first asked for under ``torch.inference_mode``."""
+    with torch.inference_mode(False):
+        return _build_causal_mask(S, P, dtype, device)
+
+
+def _concat_mask(q, P: int, key_padding_mask, causal: bool, f):
+    """The additive mask of the concatenated keys in ``f``: [1, 1, S, P + S] (causal), with padding [B, 1, S or 1,
+    P + S], or None."""
+    S = q.shape[2]
+    if key_padding_mask is None:
+        return _causal_mask(S, P, f, q.device) if causal else None
+    hidden = torch.nn.functional.pad(key_padding_mask, (P, 0))[:, None, None, :]
     if causal:
-        hidden[..., P:] = torch.ones(S, S, dtype=torch.bool, device=q.device).triu(1)
-    if key_padding_mask is not None:
-        hidden = hidden | torch.nn.functional.pad(key_padding_mask, (P, 0))[:, None, None, :]
-    return keys, values, torch.zeros(hidden.shape, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+        return _causal_mask(S, P, f, q.device).masked_fill(hidden, float("-inf"))
+    return torch.zeros(hidden.shape, dtype=f, device=q.device).masked_fill_(hidden, float("-inf"))
+
+
+def _concat_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+    """The CPU forward of small problems (:func:`_concatenates`): one kernel call over the prefix concatenated
+    before the keys."""
+    f = compute_dtype(q)
+    keys, values = _concat_keys(q, k, v, prefix_k, prefix_v, f)
+    mask = _concat_mask(q, prefix_k.shape[-2], key_padding_mask, causal, f)
+    o, lse = _flash(_as(q, f), keys, values, False, mask, scale)
+    return _as(o, q.dtype), lse.contiguous()
+
+
+def _concat_backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, causal, scale):
+    """The backward of :func:`_concat_forward`: one flash backward; the keys' gradients split into the prefix's and
+    the sequence's. Each output is contiguous and owns its storage (a custom op's outputs may not alias one another):
+    the slices are copied, the kernel's dq and the batch sums of a shared prefix are new tensors already."""
+    f = compute_dtype(q)
+    P, S = prefix_k.shape[-2], q.shape[2]
+    keys, values = _concat_keys(q, k, v, prefix_k, prefix_v, f)
+    mask = _concat_mask(q, P, key_padding_mask, causal, f)
+    dq, dkeys, dvalues = _flash_backward(_as(grad_o, f), _as(q, f), keys, values, _as(o, f), lse, False, mask,
+                                         scale)
+    dpk, dk = dkeys.split_with_sizes([P, S], 2)
+    dpv, dv = dvalues.split_with_sizes([P, S], 2)
+    if prefix_k.dim() == 3:  # shared by the batch
+        dpk, dpv = _fresh(dpk.sum(0), prefix_k), _fresh(dpv.sum(0), prefix_v)
+    else:
+        dpk, dpv = _copy(dpk, prefix_k), _copy(dpv, prefix_v)
+    return _fresh(dq, q), _copy(dk, k), _copy(dv, v), dpk, dpv
+
+
+def _fresh(t, like):
+    """``t``, a tensor no other output shares, contiguous in ``like``'s dtype (``to`` with a memory format returns a
+    strided tensor of the right dtype as it is)."""
+    return t.contiguous() if t.dtype == like.dtype else t.to(like.dtype, memory_format=torch.contiguous_format)
+
+
+def _copy(t, like):
+    """A contiguous copy of ``t`` in ``like``'s dtype (``t`` a view of a tensor another output views too)."""
+    if t.dtype == like.dtype:
+        return t.clone(memory_format=torch.contiguous_format)
+    return t.to(like.dtype, memory_format=torch.contiguous_format)
 
 
 def _prefix_scores(q, prefix_k, scale):
@@ -165,10 +242,6 @@ def _split_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
     B, Hq, S, D = q.shape
     f = compute_dtype(q)
     qf = q.to(f)
-    if _concatenates(q, prefix_k.shape[-2]):
-        keys, values, mask = _concatenated(qf, k, v, prefix_k, prefix_v, key_padding_mask, causal)
-        o, lse = _flash(qf, keys, values, False, mask, scale)
-        return o.to(q.dtype), lse.contiguous()
     parts = _sequence_parts(qf, k.to(f), v.to(f), key_padding_mask, causal, scale)
     lse = parts[0][1].clone()
     for _, lse_i, r0 in parts[1:]:
@@ -192,17 +265,6 @@ def _split_backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, ls
     B, Hq, S, D = q.shape
     f = compute_dtype(q)
     qf, do, of = q.to(f), grad_o.to(f), o.to(f)
-    P = prefix_k.shape[-2]
-    if _concatenates(q, P):
-        keys, values, mask = _concatenated(qf, k, v, prefix_k, prefix_v, key_padding_mask, causal)
-        dq, dkeys, dvalues = _flash_backward(do, qf, keys, values, of, lse, False, mask, scale)
-        dpk, dpv = dkeys[:, :, :P], dvalues[:, :, :P]
-        if prefix_k.dim() == 3:  # shared by the batch
-            dpk, dpv = dpk.sum(0), dpv.sum(0)
-        # copies: a custom op's outputs may not alias one another
-        own = lambda t, like: t.to(like.dtype, copy=True, memory_format=torch.contiguous_format)  # noqa: E731
-        return (own(dq, q), own(dkeys[:, :, P:], k), own(dvalues[:, :, P:], v), own(dpk, prefix_k),
-                own(dpv, prefix_v))
     if prefix_k.shape[-2] == 0:  # rows that see no key (lse +inf) have no gradient; a finite lse keeps their p at 0
         empty = torch.isinf(lse)[..., None]
         do, lse = do.masked_fill(empty, 0.0), lse.masked_fill(empty[..., 0], 0.0)
@@ -273,7 +335,8 @@ def _key_sum(t: torch.Tensor, over_batch: bool) -> torch.Tensor:
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float):
     """(o [B, Hq, S, D] in q's dtype, lse [B, Hq, S] in the compute dtype; +inf for a query with no visible key)."""
     if _cpu_flash(q):
-        return _split_forward(q, k, v, prefix_k, prefix_v, _hiding(key_padding_mask), causal, scale)
+        cpu = _concat_forward if _concatenates(q, prefix_k.shape[-2]) else _split_forward
+        return cpu(q, k, v, prefix_k, prefix_v, _hiding(key_padding_mask), causal, scale)
     B, Hq, S, D = q.shape
     qg, kk, vv, pk, pv = _prep(q, k, v, prefix_k, prefix_v)
     o = torch.empty_like(qg)
@@ -308,8 +371,8 @@ def _backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, cau
     B, Hq, S, D = q.shape
     hkv = k.shape[1]
     if _cpu_flash(q):
-        return _split_backward(grad_o, q, k, v, prefix_k, prefix_v, _hiding(key_padding_mask), o, lse, causal,
-                               scale)
+        cpu = _concat_backward if _concatenates(q, prefix_k.shape[-2]) else _split_backward
+        return cpu(grad_o, q, k, v, prefix_k, prefix_v, _hiding(key_padding_mask), o, lse, causal, scale)
     qg, kk, vv, pk, pv = _prep(q, k, v, prefix_k, prefix_v)
     do = _grouped(grad_o, hkv).to(qg.dtype)
     lse_g = lse.view(qg.shape[:-1]).unsqueeze(-1).to(qg.dtype)
