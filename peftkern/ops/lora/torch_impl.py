@@ -62,11 +62,12 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
 
     y is in x's dtype, or in the LoRA dtype promote(x, A) when ``promote_output`` (DoRA rescales it there).
     """
-    ldt = lora_dtype(x, lora_A)
-    keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device) if dropout_p else None
-    h = F.linear(_masked(x, keep, ldt), lora_A)
+    ldt = x.dtype if x.dtype == lora_A.dtype else torch.promote_types(x.dtype, lora_A.dtype)  # lora_dtype, inline
     if dropout_p:
-        h.mul_(1.0 / (1.0 - dropout_p))  # the dropout scale on [N, r], not on [N, in]
+        keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device)
+        h = F.linear(_masked(x, keep, ldt), lora_A).mul_(1.0 / (1.0 - dropout_p))  # the scale on [N, r], not [N, in]
+    else:
+        h = F.linear(_to(x, ldt), lora_A)
     he = h if rank_scale is None else h * rank_scale
     y = F.linear(x, weight, bias)  # addmm(bias, x, W^T) or x @ W^T, the transpose taken in C++
     if ldt == x.dtype:
