@@ -82,6 +82,33 @@ def test_torch_path_with_b_up_folded_into_the_gemms(monkeypatch, residual, bias,
         assert_close(o, r, eager=e)
 
 
+GELU_SHAPES = [(1, 16, 6), (37, 24, 5), (5, 16, 1)]  # one row (broadcast to two), transposed, M = 1 (contiguous)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["aten-kernel", "onednn"])
+@pytest.mark.parametrize("N,D,M", GELU_SHAPES, ids=[shape_id(N=n, D=d, M=m) for n, d, m in GELU_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_path_gelu_on_strided_views(monkeypatch, native, N, D, M, dtype):
+    """Below NATIVE_GELU_MAX elements of z the torch path runs GELU and its derivative on strided views (ATen's own
+    kernel, not oneDNN's), from it on as they are (both sides of the switch): forward and every gradient against
+    fp64 (bf16: within 2x eager's error)."""
+    monkeypatch.setattr(torch_impl, "NATIVE_GELU_MAX", 1 << 14 if native else 0)
+    calls = []
+    strided = torch_impl._strided
+    monkeypatch.setattr(torch_impl, "_strided", lambda *a: calls.append(a[0]) or strided(*a))
+    params = _params(N, D, M, dtype)
+    grad = torch.randn(N, D, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    with pk.use_backend("torch"):
+        out = _run(pk.bottleneck_adapter, params, "gelu", True, 0.5, grad)
+    assert len(calls) == (3 if native and M > 1 and DEVICE == "cpu" else 0)  # forward; backward: a and its derivative
+    p64 = [p.detach().double().requires_grad_() for p in params]
+    ref = _run(bottleneck_adapter_reference, p64, "gelu", True, 0.5, grad.double())
+    eager = _run(bottleneck_adapter_reference, params, "gelu", True, 0.5, grad)
+    for name, o, r, e in zip(("y", "dh", "dW_d", "db_d", "dW_u", "db_u"), out, ref, eager):
+        assert o.dtype == dtype
+        assert_close(o, r, eager=e, name=name)
+
+
 @pytest.mark.parametrize("backend", backends())
 def test_3d_and_non_contiguous(backend):
     h, wd, bd, wu, bu = _params(2 * 7 * 2, 24, 6, torch.float32)
