@@ -8,7 +8,7 @@ from torch import nn
 
 from ..ops.sparse import merge, sparse_diff_linear, unmerge
 from ..ops.sparse.function import check_indices
-from .lora import _check_linear, is_conv1d, linear_features, out_in
+from .lora import _check_linear, _member, is_conv1d, linear_features, out_in
 
 
 class SparseDiffLinear(nn.Module):
@@ -56,9 +56,11 @@ class SparseDiffLinear(nn.Module):
         return self._previous is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return nn.functional.linear(x, self.base_weight, self.bias)
-        return sparse_diff_linear(x, self.base_weight, self.bias, self.indices, self.values)
+        weight, bias = self._parameters["weight"], _member(self, "bias")
+        weight = weight.t() if self.fan_in_fan_out else weight
+        if self._previous is not None:
+            return nn.functional.linear(x, weight, bias)
+        return sparse_diff_linear(x, weight, bias, self._buffers["indices"], self._parameters["values"])
 
     def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat positions of the indices in ``weight`` as stored, the values in that order)."""

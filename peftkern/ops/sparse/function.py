@@ -9,7 +9,9 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, resolve, run
+from .. import custom_op as custom_ops
 from ..custom_op import custom_op, rows, unrows
+from . import torch_impl
 
 
 @custom_op("peftkern::sparse_diff_forward")
@@ -106,7 +108,7 @@ def check_indices(indices, numel: int, name: str = "indices") -> None:
     check_index_values(indices, numel, name)
 
 
-def _check(x, weight, bias, indices, values) -> None:
+def _check(x, weight, bias, indices, values) -> Optional[str]:
     V.tensor("x", x, min_ndim=1)
     V.tensor("weight", weight, ndim=2)
     if x.shape[-1] != weight.shape[1]:
@@ -125,13 +127,59 @@ def _check(x, weight, bias, indices, values) -> None:
     V.same_device("x", x, weight=weight, bias=bias, indices=indices, values=values)
     if torch.is_grad_enabled() and weight.requires_grad:
         raise ValueError("weight must be frozen (requires_grad=False): only values get a gradient")
+    return _cpu_path(x, weight, indices, values)
 
 
 def sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor) -> Tensor:
     """``y = x (W + scatter(values at indices))^T + b`` with W frozen; gradients reach x, values (only at the indices:
     an SDDMM, never a dense dW) and a trainable bias. ``indices`` are sorted unique flat int64/int32 positions."""
-    V.checked(_check, x, weight, bias, indices, values)
-    return sparse_diff_forward(x, weight, bias, indices, values, get_backend())
+    path = V.checked(_check, x, weight, bias, indices, values)
+    backend = get_backend()
+    if path is not None and backend == "auto" and custom_ops.eager(x):
+        plan = _valid_plan(indices, tuple(weight.shape))
+        if path == "composite":
+            merged = weight.reshape(-1).index_add(0, plan.flat, values).view(weight.shape)
+            return torch.nn.functional.linear(x, merged, bias)
+        return unrows(torch_impl.forward_as(path, rows(x), weight, bias, plan, values), x)
+    return sparse_diff_forward(x, weight, bias, indices, values, backend)
+
+
+_valid_plans: dict[int, tuple] = {}
+
+
+def _valid_plan(indices: Tensor, shape: tuple[int, int]) -> "torch_impl.Plan":
+    """:func:`check_index_values` and the indices' :class:`torch_impl.Plan` in one cached lookup (once per tensor and
+    version, as each alone)."""
+    return torch_impl.cached(_valid_plans, indices, shape, _check_and_plan)
+
+
+def _check_and_plan(indices: Tensor, shape: tuple[int, int]) -> "torch_impl.Plan":
+    check_index_values(indices, shape[0] * shape[1])
+    return torch_impl.plan(indices, shape)
+
+
+def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Optional[str]:
+    """The shortest path of an eager call on the CPU under "auto" (whose backend there is torch), from what
+    :func:`V.checked` keys on (shapes, dtypes, device, grad and autocast modes), so it is chosen once per signature:
+
+    * the torch forward's form ("merged", "gather", "csr") without grad: that form itself (no autograd node, no
+      backend lookup);
+    * ``"composite"`` for a small layer in one precision: ``F.linear(x, W + scatter(values))`` under PyTorch's own
+      autograd, which computes what the registered op's torch forms compute there (:func:`torch_impl.small`), bit for
+      bit, without a Python backward;
+    * None: the registered op.
+
+    Why: at decode and 16-token sizes the Python around the arithmetic was most of a call (a Python autograd node
+    alone costs about as much as a small GEMM)."""
+    if x.device.type != "cpu" or torch._C._is_any_autocast_enabled():
+        return None
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if not torch.is_grad_enabled():
+        return torch_impl.correction_form(tokens, indices.numel(), tuple(weight.shape), weight.element_size())
+    if values.dtype == weight.dtype in (torch.float32, torch.float64) and torch_impl.small(
+            tokens, indices.numel(), tuple(weight.shape), weight.element_size()):
+        return "composite"
+    return None
 
 
 def masked_weight_grad(grad_out: Tensor, x: Tensor, indices: Tensor) -> Tensor:

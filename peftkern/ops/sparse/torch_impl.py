@@ -1,21 +1,31 @@
 """Eager PyTorch implementation of the sparse diff ops: the CPU path, and any device without Triton.
 
-Very sparse diffs (nnz at most min(out, in): about one entry per row or column) gather the columns they touch:
-``y[:, r_e] += x[:, c_e] v_e`` and ``dx[:, c_e] += g[:, r_e] v_e`` by ``index_add_``, ``d v_e = sum_n g[n, r_e]
-x[n, c_e]``, with [N, nnz] temporaries no larger than an activation. Denser ones use CSR matrices: the corrections
-are sparse x dense products (``delta @ x^T`` for y, ``delta^T @ g^T`` for dx) and the values' gradient is PyTorch's
-SDDMM (``torch.sparse.sampled_addmm``). Work and memory scale with nnz, never a dense [out, in] matrix. Sparse math
-runs in the values' dtype promoted to fp32.
+Each product picks its form per call from the sizes (measured crossovers on a CPU, :func:`correction_form` and
+:func:`sddmm_form`):
 
-What the indices imply (rows, columns, the column and tile orders, the groupings' bounds: :class:`Structure`) is
-built once per indices tensor and kept while it lives (:func:`structure`): a layer's indices are a fixed buffer, and
-rebuilding it every call (sorts and searches over nnz) cost as much as the sparse products themselves.
+* ``gather`` (few products ``N nnz``): the columns the entries touch, ``y[:, r_e] += x[:, c_e] v_e`` and ``dx[:, c_e]
+  += g[:, r_e] v_e`` by ``index_add_``, ``d v_e = sum_n g[n, r_e] x[n, c_e]``: a handful of small ops, no CSR built,
+  [N, nnz] temporaries of at most ``GATHER_PRODUCTS`` elements;
+* ``dense`` (the values' gradient of a small layer in fp32 or fp64): ``g^T x``, one small GEMM, gathered at the
+  indices;
+* ``merged`` (y and dx where W is small next to ``N nnz``): the values added into a copy of W, block by block, and
+  one dense GEMM a block, in W's dtype (where bf16 GEMMs are fast, as fast as the peer's): a copy of W costs less
+  than the sparse products once each entry meets enough tokens. The copies are transient (at most
+  ``BLOCK_BYTES`` a block, rows for y and columns for dx so the blocks' outputs never overlap) and nothing W-sized is
+  kept for backward;
+* ``csr`` (otherwise): the corrections as sparse x dense products (``delta @ x^T`` for y, ``delta^T @ g^T`` for dx)
+  and the values' gradient as PyTorch's SDDMM (``torch.sparse.sampled_addmm``), work and memory scaling with nnz.
+
+Sparse math runs in the values' dtype promoted to fp32. What the indices imply (rows, columns, the column and tile
+orders, the groupings' bounds: :class:`Structure`; their int64 forms and the merged blocks: :class:`Plan`) is built
+once per indices tensor and kept while it lives: a layer's indices are a fixed buffer, and rebuilding it every call
+(sorts and searches over nnz) cost as much as the sparse products themselves.
 """
 from __future__ import annotations
 
 import warnings
 import weakref
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -60,32 +70,126 @@ class Structure(NamedTuple):
     tile_bounds: torch.Tensor  # [tiles + 1]: tile t's entries are by_tile[tile_bounds[t]:tile_bounds[t + 1]]
 
 
+def cached(table: dict, indices: torch.Tensor, shape: tuple[int, int], build: Callable):
+    """``build(indices, shape)``, kept in ``table`` while ``indices`` lives; rebuilt when they change in place (their
+    version), move or the shape differs (inference tensors, which keep no version, every call). The lookup reads
+    Python-side metadata only."""
+    keep = not indices.is_inference()  # an inference tensor has no version counter to tell a change
+    stamp = (indices._version, indices.data_ptr(), *shape) if keep else None
+    key = id(indices)
+    seen = table.get(key)
+    if keep and seen is not None and seen[0]() is indices and seen[1] == stamp:
+        return seen[2]
+    found = build(indices, shape)
+    if keep:
+        table[key] = (weakref.ref(indices, lambda _, key=key: table.pop(key, None)), stamp, found)
+    return found
+
+
+def _build_structure(indices: torch.Tensor, shape: tuple[int, int]) -> Structure:
+    out_f, in_f = shape
+    rows, cols = rows_cols(indices, in_f)
+    by_col = torch.argsort(cols, stable=True).int()
+    tile = (rows // TILE) * tiles(shape)[1] + cols // TILE
+    by_tile = torch.argsort(tile, stable=True).int()
+    return Structure(rows, cols, segment_bounds(rows, out_f), by_col, rows[by_col], segment_bounds(cols[by_col], in_f),
+                     by_tile, ((rows % TILE) * TILE + cols % TILE)[by_tile],
+                     segment_bounds(tile[by_tile], tiles(shape)[0] * tiles(shape)[1]))
+
+
 _structures: dict[int, tuple] = {}  # id(indices) -> (weak reference, (version, address, shape), Structure)
 
 
 def structure(indices: torch.Tensor, shape: tuple[int, int]) -> Structure:
     """The :class:`Structure` of sorted unique flat ``indices`` into an [out, in] weight, built on first use and
-    kept while ``indices`` lives; rebuilt when they change in place (their version), move or the shape differs
-    (inference tensors, which keep no version, every call). The Triton launchers share it.
+    kept while ``indices`` lives (:func:`cached`). The Triton launchers share it. No host sync: a sort and binary
+    searches."""
+    return cached(_structures, indices, shape, _build_structure)
 
-    No host sync: the lookup reads Python-side metadata only, the build is a sort and binary searches."""
-    out_f, in_f = shape
-    cached = not indices.is_inference()  # an inference tensor has no version counter to tell a change
-    stamp = (indices._version, indices.data_ptr(), out_f, in_f) if cached else None
-    key = id(indices)
-    seen = _structures.get(key)
-    if cached and seen is not None and seen[0]() is indices and seen[1] == stamp:
-        return seen[2]
-    rows, cols = rows_cols(indices, in_f)
-    by_col = torch.argsort(cols, stable=True).int()
-    tile = (rows // TILE) * tiles(shape)[1] + cols // TILE
-    by_tile = torch.argsort(tile, stable=True).int()
-    found = Structure(rows, cols, segment_bounds(rows, out_f), by_col, rows[by_col],
-                      segment_bounds(cols[by_col], in_f), by_tile, ((rows % TILE) * TILE + cols % TILE)[by_tile],
-                      segment_bounds(tile[by_tile], tiles(shape)[0] * tiles(shape)[1]))
-    if cached:
-        _structures[key] = (weakref.ref(indices, lambda _, key=key: _structures.pop(key, None)), stamp, found)
-    return found
+
+BLOCK_BYTES = 8 << 20  # the merged form's copies of W: blocks a heap allocation reuses (no fresh pages a call)
+
+
+class Plan:
+    """The torch paths' view of a :class:`Structure`: int64 indices (``index_add_`` / ``index_select`` with int32
+    ones ran ~10x slower on this CPU) and, built on first use per block size, the merged form's blocks."""
+
+    def __init__(self, indices: torch.Tensor, shape: tuple[int, int]):
+        self.shape = shape
+        self.structure = s = structure(indices, shape)
+        self.flat, self.rows, self.cols = indices.long(), s.rows.long(), s.cols.long()
+        self._blocks: dict[tuple, list] = {}
+
+    def row_blocks(self, rows_per_block: int) -> list[tuple[int, int, torch.Tensor, Optional[slice]]]:
+        """[(r0, r1, flat positions of the entries in rows [r0, r1) inside that block, their slice of the entries)]:
+        one block (all of W, the indices as they are) where it fits, else the bounds read once to the host."""
+        out_f, in_f = self.shape
+        if rows_per_block >= out_f:
+            return [(0, out_f, self.flat, None)]
+        key = ("rows", rows_per_block)
+        if key not in self._blocks:
+            starts = list(range(0, out_f, rows_per_block)) + [out_f]
+            bounds = self.structure.row_bounds[starts].tolist()
+            self._blocks[key] = [(r0, r1, self.flat[e0:e1] - r0 * in_f, slice(e0, e1))
+                                 for r0, r1, e0, e1 in zip(starts, starts[1:], bounds, bounds[1:])]
+        return self._blocks[key]
+
+    def col_blocks(self, cols_per_block: int) -> list[tuple[int, int, torch.Tensor, Optional[torch.Tensor]]]:
+        """[(c0, c1, flat positions of the entries in columns [c0, c1) inside that [out, c1 - c0] block, the
+        entries)]: one block where it fits (entries in index order), else the bounds read once to the host."""
+        out_f, in_f = self.shape
+        if cols_per_block >= in_f:
+            return [(0, in_f, self.flat, None)]
+        key = ("cols", cols_per_block)
+        if key not in self._blocks:
+            s = self.structure
+            starts = list(range(0, in_f, cols_per_block)) + [in_f]
+            bounds = s.col_bounds[starts].tolist()
+            blocks = []
+            for c0, c1, e0, e1 in zip(starts, starts[1:], bounds, bounds[1:]):
+                entries = s.by_col[e0:e1].long()
+                blocks.append((c0, c1, self.rows[entries] * (c1 - c0) + self.cols[entries] - c0, entries))
+            self._blocks[key] = blocks
+        return self._blocks[key]
+
+
+_plans: dict[int, tuple] = {}
+
+
+def plan(indices: torch.Tensor, shape: tuple[int, int]) -> Plan:
+    """The :class:`Plan` of ``indices`` over an [out, in] weight, kept as :func:`structure` keeps its Structure."""
+    return cached(_plans, indices, shape, Plan)
+
+
+# Crossovers measured on a 2-vCPU AMD EPYC (Zen 4, AVX-512 bf16), one and two threads, fp32 and bf16
+GATHER_PRODUCTS = 1 << 14  # gather below N nnz products: no CSR's fixed cost, temporaries in cache
+MERGE_BYTES_PER_PRODUCT = 32  # merged where W's bytes <= this x N nnz: the copy costs less than the sparse products
+DENSE_SDDMM_MACS = 1 << 17  # the values' gradient from the dense g^T x below N out in multiply-adds
+
+
+def correction_form(tokens: int, nnz: int, shape: tuple[int, int], weight_bytes: int) -> str:
+    """How y's and dx's sparse terms are formed: "merged", "gather" or "csr" (module docstring)."""
+    products = tokens * nnz
+    if shape[0] * shape[1] * weight_bytes <= MERGE_BYTES_PER_PRODUCT * products:
+        return "merged"
+    return "gather" if products <= GATHER_PRODUCTS else "csr"
+
+
+def sddmm_form(tokens: int, nnz: int, shape: tuple[int, int]) -> str:
+    """How the values' gradient is formed: "dense" (g^T x, one small GEMM, its entries gathered), "gather" or "csr"
+    (module docstring)."""
+    if tokens * shape[0] * shape[1] <= DENSE_SDDMM_MACS:
+        return "dense"
+    return "gather" if tokens * nnz <= GATHER_PRODUCTS else "csr"
+
+
+def small(tokens: int, nnz: int, shape: tuple[int, int], weight_bytes: int) -> bool:
+    """Whether y and dx take the merged form in one block and the values' gradient the dense one: then the whole
+    layer is ``F.linear(x, W + scatter(values))`` under PyTorch's own autograd, which computes exactly these (the
+    forward GEMM on the merged copy, dx = g W_eff, dW_eff = g^T x gathered at the indices) with no Python
+    backward."""
+    return (correction_form(tokens, nnz, shape, weight_bytes) == "merged" and sddmm_form(tokens, nnz, shape) == "dense"
+            and shape[0] * shape[1] * weight_bytes <= BLOCK_BYTES)
 
 
 def _csr(bounds: torch.Tensor, minor: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -95,13 +199,11 @@ def _csr(bounds: torch.Tensor, minor: torch.Tensor, values: torch.Tensor, shape:
         return torch.sparse_csr_tensor(bounds, minor, values, shape)
 
 
+_WIDE = (torch.float32, torch.float64)
+
+
 def _math_dtype(values: torch.Tensor) -> torch.dtype:
     return torch.promote_types(values.dtype, torch.float32)
-
-
-def _gathered(nnz: int, shape: tuple[int, int]) -> bool:
-    """The gather path: [N, nnz] temporaries no larger than x or y, and no CSR built or transposed operand copied."""
-    return nnz <= min(shape)
 
 
 def _transposed(t: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
@@ -117,39 +219,92 @@ def _add_transposed(dense: torch.Tensor, corr_t: torch.Tensor) -> torch.Tensor:
     return dense.to(corr_t.dtype).add_(corr_t.t()).to(dense.dtype)
 
 
+def _add_at(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """flat[idx] += values in place (int64 ``idx``), the sum formed in fp32 or wider and rounded once to flat's dtype."""
+    dt = torch.promote_types(torch.promote_types(flat.dtype, values.dtype), torch.float32)
+    if flat.dtype == dt == values.dtype:
+        return flat.index_add_(0, idx, values)
+    return flat.index_put_((idx,), flat.index_select(0, idx).to(dt).add_(values.to(dt)).to(flat.dtype))
+
+
+def _merged(weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``weight`` with ``values`` added at its flat positions ``idx``."""
+    w = weight.clone(memory_format=torch.contiguous_format)
+    _add_at(w.view(-1), idx, values)
+    return w
+
+
+def _gather_add(out: torch.Tensor, to: torch.Tensor, src: torch.Tensor, frm: torch.Tensor,
+                values: torch.Tensor) -> torch.Tensor:
+    """``out[:, to_e] += src[:, frm_e] v_e`` summed in the values' math dtype; ``out`` in place where it is that."""
+    if out.dtype == src.dtype == values.dtype in _WIDE:
+        if out.shape[0] == 1:  # one token as 1-D: index_add_ along a 1-D tensor ran ~2x faster here
+            out.view(-1).index_add_(0, to, src.view(-1).index_select(0, frm).mul_(values))
+            return out
+        return out.index_add_(1, to, src.index_select(1, frm).mul_(values))
+    dt = _math_dtype(values)
+    return out.to(dt).index_add_(1, to, src.index_select(1, frm).to(dt).mul_(values)).to(out.dtype)
+
+
 @register("sparse_diff_forward", "torch")
 def forward(x, weight, bias, indices, values):
-    """y [N, out] = x W^T + b + (delta x^T)^T."""
-    O, I = weight.shape
-    s = structure(indices, (O, I))
-    y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
-    dt = _math_dtype(values)
-    if _gathered(indices.numel(), (O, I)):
-        return y.to(dt).index_add_(1, s.rows, x.index_select(1, s.cols).to(dt).mul_(values)).to(y.dtype)
-    return _add_transposed(y, _csr(s.row_bounds, s.cols, values.to(dt), (O, I)) @ _transposed(x, dt))  # [out, N]
+    """y [N, out] = x W^T + b + the sparse term (module docstring: merged, gather or csr)."""
+    form = correction_form(x.shape[0], indices.numel(), tuple(weight.shape), weight.element_size())
+    return forward_as(form, x, weight, bias, plan(indices, tuple(weight.shape)), values)
+
+
+def forward_as(form: str, x, weight, bias, p: Plan, values):
+    """:func:`forward` in the given form, with the indices' :class:`Plan`."""
+    if form == "merged":
+        O, I = weight.shape
+        y = x.new_empty(x.shape[0], O)
+        for r0, r1, idx, part in p.row_blocks(max(1, BLOCK_BYTES // (I * weight.element_size()))):
+            w = _merged(weight[r0:r1], idx, values if part is None else values[part])
+            if bias is None:
+                torch.mm(x, w.t(), out=y[:, r0:r1])
+            else:
+                torch.addmm(bias[r0:r1], x, w.t(), out=y[:, r0:r1])
+        return y
+    y = torch.nn.functional.linear(x, weight, bias)
+    if form == "gather":
+        return _gather_add(y, p.rows, x, p.cols, values)
+    s, dt = p.structure, _math_dtype(values)
+    return _add_transposed(y, _csr(s.row_bounds, s.cols, values.to(dt), p.shape) @ _transposed(x, dt))  # [out, N]
 
 
 @register("sparse_masked_grad", "torch")
 def masked_grad(grad_out, x, indices, in_features: int):
     """d values [nnz] = (g^T x) at indices (SDDMM), in promote(g, fp32)."""
     O = grad_out.shape[1]
-    s = structure(indices, (O, in_features))
+    p = plan(indices, (O, in_features))
     dt = torch.promote_types(grad_out.dtype, torch.float32)
-    if _gathered(indices.numel(), (O, in_features)):
-        return grad_out.index_select(1, s.rows).to(dt).mul_(x.index_select(1, s.cols)).sum(0)
+    form = sddmm_form(x.shape[0], indices.numel(), (O, in_features))
+    if form == "dense" and grad_out.dtype == x.dtype == dt and not torch._C._is_any_autocast_enabled():
+        return grad_out.t().mm(x).view(-1).index_select(0, p.flat)  # (autocast would run the mm in half precision)
+    if form != "csr":
+        return grad_out.index_select(1, p.rows).to(dt).mul_(x.index_select(1, p.cols)).sum(0)
+    s = p.structure
     pattern = _csr(s.row_bounds, s.cols, torch.zeros(indices.numel(), dtype=dt, device=x.device), (O, in_features))
     return torch.sparse.sampled_addmm(pattern, _transposed(grad_out, dt), x.to(dt), beta=0.0).values()
 
 
 @register("sparse_diff_dgrad", "torch")
 def dgrad(grad_out, weight, indices, values):
-    """dx [N, in] = g W + (delta^T g^T)^T, delta^T as a CSR of the entries in column order."""
+    """dx [N, in] = g W + the sparse term (gather, merged by column blocks, or delta^T g^T with delta^T as a CSR of
+    the entries in column order)."""
     O, I = weight.shape
-    s = structure(indices, (O, I))
-    dt = _math_dtype(values)
+    p = plan(indices, (O, I))
+    form = correction_form(grad_out.shape[0], indices.numel(), (O, I), weight.element_size())
+    if form == "merged":
+        dx = grad_out.new_empty(grad_out.shape[0], I)
+        for c0, c1, idx, entries in p.col_blocks(max(1, BLOCK_BYTES // (O * weight.element_size()))):
+            w = _merged(weight[:, c0:c1], idx, values if entries is None else values.index_select(0, entries))
+            torch.mm(grad_out, w, out=dx[:, c0:c1])
+        return dx
     dx = grad_out @ weight
-    if _gathered(indices.numel(), (O, I)):
-        return dx.to(dt).index_add_(1, s.cols, grad_out.index_select(1, s.rows).to(dt).mul_(values)).to(dx.dtype)
+    if form == "gather":
+        return _gather_add(dx, p.cols, grad_out, p.rows, values)
+    s, dt = p.structure, _math_dtype(values)
     delta_t = _csr(s.col_bounds, s.col_rows, values.index_select(0, s.by_col).to(dt), (I, O))
     return _add_transposed(dx, delta_t @ _transposed(grad_out, dt))  # [in, N]
 
@@ -157,9 +312,7 @@ def dgrad(grad_out, weight, indices, values):
 @register("sparse_scatter_add", "torch")
 def scatter_add_(flat: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float) -> None:
     """flat[indices] += alpha * values, in place; the sum formed in fp32 (or fp64) and rounded once to flat's dtype."""
-    idx = indices.long()
-    dt = torch.promote_types(torch.promote_types(flat.dtype, values.dtype), torch.float32)
-    flat[idx] = (flat[idx].to(dt) + alpha * values.to(dt)).to(flat.dtype)
+    _add_at(flat, indices.long(), values if alpha == 1.0 else alpha * values.to(_math_dtype(values)))
 
 
 @register("sparse_gather", "torch")
