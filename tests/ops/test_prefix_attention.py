@@ -158,18 +158,22 @@ def test_cpu_concatenated_path_causal_mask(cached, padding, monkeypatch):
         assert_close(o, r, name=name)
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "bshd"])
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-row"])
-def test_registered_backward_outputs_own_their_storage(shared):
+def test_registered_backward_outputs_own_their_storage(shared, transposed):
     """B 1, one KV head: the slices of the concatenated keys' gradient are contiguous views of one tensor there; the
-    registered op (which refuses outputs that alias one another) gets contiguous copies, equal to the eager call's."""
+    registered op (which refuses outputs that alias one another) gets copies, equal to the eager call's, each in the
+    layout the op's fake tensors give (``empty_like`` of its input; q, k, v also as transformers lays them out)."""
     c = _case(1, 2, 1, 6, 3, 16, shared=shared)
+    if transposed:
+        c.update({n: c[n].transpose(1, 2).contiguous().transpose(1, 2) for n in ("q", "k", "v")})
     args = [c[n] for n in ("q", "k", "v", "pk", "pv")]
     o, lse = torch.ops.peftkern.prefix_attention_forward(*args, None, True, 0.25, "torch")
     grads = torch.ops.peftkern.prefix_attention_backward(c["g"], *args, None, o, lse, True, 0.25, "torch")
     eager = prefix_fn.prefix_attention_backward(c["g"], *args, None, o, lse, True, 0.25, "torch")
-    assert all(g.is_contiguous() for g in grads)
     assert len({g.untyped_storage().data_ptr() for g in grads}) == 5
-    for name, g, e in zip(NAMES[1:], grads, eager):
+    for name, g, e, a in zip(NAMES[1:], grads, eager, args):
+        assert g.stride() == torch.empty_like(a).stride(), name
         torch.testing.assert_close(g, e, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 

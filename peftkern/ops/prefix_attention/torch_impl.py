@@ -200,8 +200,10 @@ def _concat_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale
 
 def _concat_backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, lse, causal, scale):
     """The backward of :func:`_concat_forward`: one flash backward; the keys' gradients split into the prefix's and
-    the sequence's. Each output is contiguous and owns its storage (a custom op's outputs may not alias one another):
-    the slices are copied, the kernel's dq and the batch sums of a shared prefix are new tensors already."""
+    the sequence's. Each output owns its storage (a custom op's outputs may not alias one another) and has the layout
+    of ``torch.empty_like`` of its input, as the op's fake tensors say: the slices are copied, the kernel's dq and the
+    batch sums of a shared prefix kept where they have it (transformers' q, k, v are [B, S, H, D] transposed, as the
+    kernel lays out its gradients: then a contiguous copy is one the model's backward undoes with another)."""
     f = compute_dtype(q)
     P, S = prefix_k.shape[-2], q.shape[2]
     keys, values = _concat_keys(q, k, v, prefix_k, prefix_v, f)
@@ -218,16 +220,14 @@ def _concat_backward(grad_o, q, k, v, prefix_k, prefix_v, key_padding_mask, o, l
 
 
 def _fresh(t, like):
-    """``t``, a tensor no other output shares, contiguous in ``like``'s dtype (``to`` with a memory format returns a
-    strided tensor of the right dtype as it is)."""
-    return t.contiguous() if t.dtype == like.dtype else t.to(like.dtype, memory_format=torch.contiguous_format)
+    """``t``, a tensor no other output shares, in the dtype and layout of ``torch.empty_like(like)``: itself where it
+    has them (``like`` dense), else a copy."""
+    return t if t.dtype == like.dtype and t.stride() == like.stride() else _copy(t, like)
 
 
 def _copy(t, like):
-    """A contiguous copy of ``t`` in ``like``'s dtype (``t`` a view of a tensor another output views too)."""
-    if t.dtype == like.dtype:
-        return t.clone(memory_format=torch.contiguous_format)
-    return t.to(like.dtype, memory_format=torch.contiguous_format)
+    """A copy of ``t`` in the dtype and layout of ``torch.empty_like(like)``."""
+    return torch.empty_like(like).copy_(t)
 
 
 def _prefix_scores(q, prefix_k, scale):
