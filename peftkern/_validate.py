@@ -98,6 +98,7 @@ def one_of(name: str, v, choices: tuple):
 # ------------------------------------------------------------------------------------------- checks run once
 _accepted: dict = {}
 _ACCEPTED_MAX = 4096
+_ACCEPTED_PER_MODULE = 64  # input shapes a module remembers (sequence lengths vary)
 _MISSING = object()
 _VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device, torch.Size)
 
@@ -161,3 +162,41 @@ def checked(check: Callable, *args):
         _accepted.clear()
     _accepted[key] = result
     return result
+
+
+class ChecksPerState:
+    """A module mixin: :meth:`checked` runs a check of the module's call once per signature of its input and weight
+    for the module's current state.
+
+    Why: what ``checked`` keys a decode-sized LoRA call by (five tensors, three numbers) costs ~3 us of Python, a
+    third of the call's matmuls. The rest of what the check reads is the module's own (adapters, scalings, bias): it
+    changes through setattr (a parameter replaced, ``load_state_dict(assign=True)``, ``train()``) or ``_apply``
+    (``.to()``, ``.half()``), and both forget what was accepted. Not seen: ``p.data = t`` on an adapter (a weight's
+    is: it is in the key), after which torch's own errors name no argument.
+    """
+
+    def checked(self, check: Callable, x, weight, *state):
+        """``check(x, weight, *state)`` unless it passed for this state with x and weight of the same signature."""
+        if torch.compiler.is_compiling():
+            return check(x, weight, *state)
+        grad = torch.is_grad_enabled()
+        keys = _KEYS_GRAD if grad else _KEYS
+        try:
+            key = (check, grad, torch._C._is_any_autocast_enabled() and _autocast_mode(),
+                   keys.get(type(x), _signature)(x), keys.get(type(weight), _signature)(weight))
+        except _Unkeyed:
+            return check(x, weight, *state)
+        accepted = self.__dict__.get("_accepted_calls", ())
+        if key not in accepted:
+            check(x, weight, *state)
+            if not accepted or len(accepted) >= _ACCEPTED_PER_MODULE:
+                accepted = self.__dict__["_accepted_calls"] = set()
+            accepted.add(key)
+
+    def __setattr__(self, name, value):
+        self.__dict__.pop("_accepted_calls", None)
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_accepted_calls", None)
+        return super()._apply(fn, recurse)

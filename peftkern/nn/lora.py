@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .. import _validate as V
-from ..ops.lora import dora_linear, dora_weight_norm, lora_linear
+from ..ops.lora import dora_linear, dora_weight_norm
+from ..ops.lora.function import _check_lora_args, _lora_linear
 from ..ops.multi_lora import multi_lora_linear
 
 
@@ -91,7 +92,7 @@ class LoRAAdapter(nn.Module):
         return AdapterTensors(self.lora_A, self.lora_B, self.scaling, self.lora_dropout, self.lora_magnitude, None)
 
 
-class NamedAdapters:
+class NamedAdapters(V.ChecksPerState):
     """Several adapters on one LoRA layer, PEFT's way: the layer's own tensors are adapter ``"default"`` (their names
     and layouts unchanged), the others :class:`LoRAAdapter` s in ``lora_adapters`` (made with the first).
     ``active_adapter`` serves a call; ``adapter_names`` (set for each model call by ``pk.patch``'s hook: one name per
@@ -265,8 +266,11 @@ class LoRALinear(NamedAdapters, nn.Module):
         if a.lora_magnitude is not None:
             return dora_linear(x, weight, bias, a.lora_A, a.lora_B, a.scaling, a.lora_magnitude,
                                dropout_p=a.lora_dropout, training=self.training)
-        return lora_linear(x, weight, bias, a.lora_A, a.lora_B, a.scaling, dropout_p=a.lora_dropout,
-                           training=self.training, rank_scale=a.rank_scale)
+        # the layer's own adapter is checked once per state (ChecksPerState); a named one's tensors live elsewhere
+        check = self.checked if self.active_adapter == "default" else V.checked
+        check(_check_lora_args, x, weight, bias, a.lora_A, a.lora_B, a.scaling, a.lora_dropout, a.rank_scale)
+        return _lora_linear(x, weight, bias, a.lora_A, a.lora_B, a.scaling, a.lora_dropout, self.training,
+                            a.rank_scale, False)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

@@ -224,3 +224,58 @@ def test_dora_norm_without_materializing():
     torch.manual_seed(0)
     W, A, B = (torch.randn(*shape, dtype=torch.float64, device=DEVICE) for shape in ((29, 37), (5, 37), (29, 5)))
     torch.testing.assert_close(pk.ops.lora.dora_weight_norm(W, A, B, 0.7), dora_weight_norm_reference(W, A, B, 0.7))
+
+
+def test_checks_once_per_state(monkeypatch):
+    """A layer's call checks its arguments once per signature of x and the weight for the layer's state: replacing a
+    parameter, a scaling, train()/eval() or .to() make the next call check again; a bad x raises every time."""
+    from peftkern.nn import lora as lora_module
+
+    calls = []
+    check = lora_module._check_lora_args
+    monkeypatch.setattr(lora_module, "_check_lora_args", lambda *args: calls.append(1) or check(*args))
+    torch.manual_seed(0)
+    m = pk.nn.LoRALinear(24, 20, r=4).to(DEVICE)
+    x = torch.randn(3, 24, device=DEVICE)
+    for _ in range(3):
+        m(x)
+    assert len(calls) == 1
+    m(torch.randn(2, 5, 24, device=DEVICE))
+    with torch.no_grad():
+        m(x)
+    assert len(calls) == 3
+    for _ in range(2):
+        with pytest.raises(ValueError, match="x has 23 features"):
+            m(x[:, :23])
+    m.eval()
+    m(x)
+    assert len(calls) == 6
+    m.scaling = True
+    with pytest.raises(TypeError, match="scaling must be a number"):
+        m(x)
+    m.scaling = 1.0
+    m.lora_A = nn.Parameter(torch.randn(5, 24, device=DEVICE))
+    with pytest.raises(ValueError, match="lora_B must have shape"):
+        m(x)
+    m.lora_A = nn.Parameter(torch.randn(4, 24, device=DEVICE))
+    m(x)
+    m.to(torch.float64)
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        m(x)
+    assert m(x.double()).dtype == torch.float64
+    m.weight.data = m.weight.data.float()  # not seen by the layer's state, but the weight is in the key
+    with pytest.raises(TypeError, match="weight has dtype torch.float32"):
+        m(x.double())
+
+
+def test_named_adapter_is_checked_by_signature():
+    """A named adapter's tensors live in its own module: the layer checks them by their signature on every call."""
+    torch.manual_seed(0)
+    m = pk.nn.LoRALinear(24, 20, r=4).to(DEVICE)
+    m.add_adapter("other", r=2, lora_alpha=2)
+    m.active_adapter = "other"
+    x = torch.randn(3, 24, device=DEVICE)
+    m(x)
+    m.lora_adapters["other"].lora_A = nn.Parameter(torch.randn(3, 24, device=DEVICE))
+    with pytest.raises(ValueError, match="lora_B must have shape"):
+        m(x)

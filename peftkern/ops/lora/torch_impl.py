@@ -62,7 +62,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
 
     y is in x's dtype, or in the LoRA dtype promote(x, A) when ``promote_output`` (DoRA rescales it there).
     """
-    ldt = x.dtype if x.dtype == lora_A.dtype else torch.promote_types(x.dtype, lora_A.dtype)  # lora_dtype, inline
+    xdt = x.dtype
+    ldt = xdt if xdt == lora_A.dtype else torch.promote_types(xdt, lora_A.dtype)  # lora_dtype(x, lora_A)
     if dropout_p:
         keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device)
         h = F.linear(_masked(x, keep, ldt), lora_A).mul_(1.0 / (1.0 - dropout_p))  # the scale on [N, r], not [N, in]
@@ -70,7 +71,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
         h = F.linear(_to(x, ldt), lora_A)
     he = h if rank_scale is None else h * rank_scale
     y = F.linear(x, weight, bias)  # addmm(bias, x, W^T) or x @ W^T, the transpose taken in C++
-    if ldt == x.dtype:
+    if ldt == xdt:
         return y.addmm_(he, lora_B.t(), alpha=scaling), h
     # fp32 adapters over a half base: the sum is formed in ldt and rounded once to x's dtype. (An in-place
     # mixed-dtype y.add_(fp32) would save the ldt copy of y but runs a scalar casting loop on a CPU, ~5x slower.)
