@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from . import _validate as V
 from .measure import compare_step_time, fmt_bytes, param_counts
 from .peers import (apply_lora, apply_peft, bnb_quantize, compare_saved_bytes, copy_lora_to_peft, load_classifier,
                     load_into_peft, load_tokenizer, lora_target_names)
@@ -338,9 +339,13 @@ def add_arguments(ap) -> None:
     ap.add_argument("--out", default=None, help="directory for the adapter (default: a temp directory)")
     ap.add_argument("--no-peft", action="store_true", help="skip the PEFT + bitsandbytes comparisons")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: one per core; on cores other jobs keep busy, 1 is faster)")
 
 
 def run_from_args(args) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(V.integer("--threads", args.threads))
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     cfg.seed, cfg.out_dir, cfg.compare_peft = args.seed, args.out, not args.no_peft
     for name in ("epochs", "n_train", "n_eval"):

@@ -114,7 +114,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     """``peftkern demo --quick`` through the CLI on a smaller set: the loss falls, the adapter reloads (ours, PEFT)."""
     out_json = tmp_path / "demo.json"
     rc = cli.main(["demo", "--quick", "--n-train", "160", "--n-eval", "32", "--out", str(tmp_path / "adapter"),
-                   "--json", str(out_json)])
+                   "--json", str(out_json), "--threads", "1"])
     assert rc == 0
     log = capsys.readouterr().out
     res = json.loads(out_json.read_text())
@@ -142,9 +142,14 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert adapter.exists() and (adapter.parent / "adapter_config.json").exists()
     assert res["reload_max_diff"] == 0.0
     assert res["peft_reload_max_diff"] < 0.05 and res["peft_reload_agreement"] >= 0.95
-    for phrase in ("trainable parameters", "loss", "eval accuracy before", "eval accuracy after",
+    for phrase in ("1 CPU threads", "trainable parameters", "loss", "eval accuracy before", "eval accuracy after",
                    "bytes saved for backward", "adapter saved"):
         assert phrase in log
+
+
+def test_demo_threads_must_be_positive():
+    with pytest.raises(ValueError, match="--threads must be a positive int"):
+        cli.main(["demo", "--threads", "0"])
 
 
 def test_demo_is_deterministic_and_adapter_is_not_a_noop(tmp_path):
