@@ -143,7 +143,7 @@ def test_cpu_concatenated_path_causal_mask(cached, padding, monkeypatch):
     """The small problems' path (prefix concatenated before the keys) with its causal mask cached and built per call
     (both sides of MASK_CACHE_MAX); the cached one first made under inference mode, then used to train: values and
     every gradient against fp64."""
-    monkeypatch.setattr(torch_impl, "MASK_CACHE_MAX", 1 << 16 if cached else 0)
+    monkeypatch.setattr(torch_impl, "MASK_CACHE_MAX", 1 << 14 if cached else 0)
     torch_impl._cached_causal_mask.cache_clear()
     c = _case(2, 4, 2, 11, 6, 16, shared=False, padding=padding)
     args = [c[n] for n in ("q", "k", "v", "pk", "pv")]

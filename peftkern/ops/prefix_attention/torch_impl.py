@@ -7,9 +7,11 @@ dtype (fp32 for fp16/bf16: the kernel's bf16 backward costs more than fp32 here,
 bf16 instructions). Causal attention is split into query blocks (:func:`query_blocks`): each block reads the keys
 before it in full and its own causally, so the work above the diagonal is skipped. Nothing is concatenated and no
 [S, P + S] mask is built, except for small problems (:func:`_concatenates`), where one kernel call over the prefix
-concatenated before the keys costs less than the split's more calls. The backward needs no merge of its own: given the merged o and lse, each flash backward's
-probabilities exp(s - lse) and row terms dO . o are those of the whole softmax, so its dq, dk, dv are its keys'
-exact share; the prefix's share is the same formula on the [S, P] scores.
+concatenated before the keys costs less than the split's more calls (there a call is mostly per-op overhead: the
+causal mask is cached, and nothing is converted or copied that need not be). The backward needs no merge of its own:
+given the merged o and lse, each flash backward's probabilities exp(s - lse) and row terms dO . o are those of the
+whole softmax, so its dq, dk, dv are its keys' exact share; the prefix's share is the same formula on the [S, P]
+scores.
 Elsewhere (or with ``USE_CPU_FLASH`` off): queries in chunks of CHUNK rows, the prefix and the sequence keys scored
 separately (no concatenation) and combined in one softmax, GQA broadcast without copies. Either way autograd keeps
 q, k, v, the prefix, o and lse: O(B H S D).
@@ -27,7 +29,7 @@ CHUNK = 256  # query rows per step: bounds the transient [B, H, CHUNK, P + S] sc
 USE_CPU_FLASH = True  # tests switch it off to check the chunked path on the CPU
 BLOCK_ROWS, MAX_BLOCKS = 64, 8  # the causal CPU path's query blocks (query_blocks)
 CONCAT_MAX_WORK = 1 << 24  # the CPU path concatenates the prefix up to this B Hq S^2 D (_concatenates)
-MASK_CACHE_MAX = 1 << 16  # S (P + S) up to which the concatenated path's causal mask is cached (_causal_mask)
+MASK_CACHE_MAX = 1 << 14  # S (P + S) up to which the concatenated path's causal mask is cached (_causal_mask)
 
 
 def _cpu_flash(q: torch.Tensor) -> bool:
@@ -156,9 +158,9 @@ def _as(t: torch.Tensor, dtype) -> torch.Tensor:
 
 
 def _causal_mask(S: int, P: int, dtype, device) -> torch.Tensor:
-    """Additive [1, 1, S, P + S] mask, -inf where sequence key j > query i (bottom-right causal over the P + S keys);
-    cached up to MASK_CACHE_MAX elements: built from scratch it is 5 small ops, as much as the kernel at the sizes
-    that concatenate."""
+    """Additive [1, 1, S, P + S] mask, -inf where sequence key j > query i (bottom-right causal over the P + S keys).
+    Cached up to MASK_CACHE_MAX elements (64 KB in fp32, 64 masks at most): built, it takes half the kernel call's
+    time at S 16, P 8 (B 1, 4 heads, D 16; 6.7 vs 13.5 us here) and a quarter at S 80, P 16."""
     if S * (P + S) <= MASK_CACHE_MAX:
         return _cached_causal_mask(S, P, dtype, device)
     return _build_causal_mask(S, P, dtype, device)
