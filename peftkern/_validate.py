@@ -176,7 +176,8 @@ class ChecksPerState:
     """
 
     def checked(self, check: Callable, x, weight, *state):
-        """``check(x, weight, *state)`` unless it passed for this state with x and weight of the same signature."""
+        """``check(x, weight, *state)``, or its result from an earlier call for this state with x and weight of the same
+        signature."""
         if torch.compiler.is_compiling():
             return check(x, weight, *state)
         grad = torch.is_grad_enabled()
@@ -186,12 +187,14 @@ class ChecksPerState:
                    keys.get(type(x), _signature)(x), keys.get(type(weight), _signature)(weight))
         except _Unkeyed:
             return check(x, weight, *state)
-        accepted = self.__dict__.get("_accepted_calls", ())
-        if key not in accepted:
-            check(x, weight, *state)
-            if not accepted or len(accepted) >= _ACCEPTED_PER_MODULE:
-                accepted = self.__dict__["_accepted_calls"] = set()
-            accepted.add(key)
+        accepted = self.__dict__.get("_accepted_calls")
+        result = _MISSING if accepted is None else accepted.get(key, _MISSING)
+        if result is _MISSING:
+            result = check(x, weight, *state)
+            if accepted is None or len(accepted) >= _ACCEPTED_PER_MODULE:
+                accepted = self.__dict__["_accepted_calls"] = {}
+            accepted[key] = result
+        return result
 
     def __setattr__(self, name, value):
         self.__dict__.pop("_accepted_calls", None)

@@ -268,9 +268,10 @@ class LoRALinear(NamedAdapters, nn.Module):
                                dropout_p=a.lora_dropout, training=self.training)
         # the layer's own adapter is checked once per state (ChecksPerState); a named one's tensors live elsewhere
         check = self.checked if self.active_adapter == "default" else V.checked
-        check(_check_lora_args, x, weight, bias, a.lora_A, a.lora_B, a.scaling, a.lora_dropout, a.rank_scale)
+        direct = check(_check_lora_args, x, weight, bias, a.lora_A, a.lora_B, a.scaling, a.lora_dropout,
+                       a.rank_scale)
         return _lora_linear(x, weight, bias, a.lora_A, a.lora_B, a.scaling, a.lora_dropout, self.training,
-                            a.rank_scale, False)
+                            a.rank_scale, False, direct)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

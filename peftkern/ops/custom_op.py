@@ -43,6 +43,14 @@ def eager(first) -> bool:
             and not torch._C._are_functorch_transforms_active())
 
 
+def cpu_inference(x: torch.Tensor) -> bool:
+    """True where a call on x needs neither autograd nor autocast and x is on the CPU, whose backend under "auto" is
+    torch: an eager call there (:func:`eager`, backend "auto") can run the torch implementation itself, with no
+    autograd node, op or backend lookup around it (a third of a decode-sized LoRA call). Checks return it, so
+    :func:`peftkern._validate.checked` decides it once per signature (grad and autocast modes are in its key)."""
+    return not torch.is_grad_enabled() and not torch._C._is_any_autocast_enabled() and x.device.type == "cpu"
+
+
 def rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` [..., k] as [N, k] (the ops take any leading dims and flatten them inside: as an eager call's own
     reshape and view, each would be an autograd node forward and backward, ~5 us a layer at decode sizes)."""

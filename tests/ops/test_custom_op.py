@@ -94,6 +94,32 @@ def test_any_leading_dims(dims, monkeypatch):
     torch.testing.assert_close(dx, dx_op, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dims", [(24,), (2, 7, 24)])
+def test_cpu_inference_runs_the_torch_implementation(dims, monkeypatch):
+    """A LoRA call with neither autograd nor autocast, eager, under "auto", on the CPU runs torch's implementation
+    itself (no op, no autograd node; through the function and the layer): the registered op's y bit for bit. With
+    grad, with a backend named, on CUDA: the op."""
+    torch.manual_seed(0)
+    layer = pk.nn.LoRALinear(24, 20, r=4).to(DEVICE)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(*dims, device=DEVICE)
+    args = (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, 0.5)
+    entered = []
+    op = lora_fn.lora_forward
+    monkeypatch.setattr(lora_fn, "lora_forward", lambda *a: entered.append(a[-1]) or op(*a))
+    with torch.no_grad():
+        y, y_layer = pk.lora_linear(*args), layer(x)
+        assert entered == ([] if DEVICE_TYPE == "cpu" else ["auto", "auto"])
+        with pk.use_backend("torch"):
+            y_op, y_layer_op = pk.lora_linear(*args), layer(x)
+    assert entered[-2:] == ["torch", "torch"]
+    torch.testing.assert_close(y, y_op, rtol=0, atol=0)
+    torch.testing.assert_close(y_layer, y_layer_op, rtol=0, atol=0)
+    assert y.shape == (*dims[:-1], 20)
+    pk.lora_linear(*args)
+    assert entered[-1] == "auto"
+
+
 def _lora_args():
     torch.manual_seed(0)
     return (torch.randn(3, 24), torch.randn(20, 24), None, torch.randn(4, 24, requires_grad=True),

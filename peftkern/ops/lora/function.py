@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, run
-from ..custom_op import custom_op, rows, unrows
+from ..custom_op import cpu_inference, custom_op, eager, rows, unrows
 from . import torch_impl
 
 
@@ -84,6 +84,7 @@ def _check_lora_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_s
     if torch.is_grad_enabled() and weight.requires_grad:
         raise ValueError("weight must be frozen (requires_grad=False): the fused LoRA op computes no weight gradient")
     check_adapter_args(x, tuple(weight.shape), bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
+    return cpu_inference(x)
 
 
 def check_adapter_args(x, weight_shape, bias, lora_A, lora_B, scaling, dropout_p, rank_scale):
@@ -122,15 +123,22 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     x has any leading shape; W is frozen; dropout applies only when ``training``; ``rank_scale`` [r] is
     AdaLoRA's per-rank scale and gets a gradient.
     """
-    V.checked(_check_lora_args, x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
-    return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, rank_scale, False)
+    direct = V.checked(_check_lora_args, x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
+    return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, rank_scale, False, direct)
 
 
-def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, rank_scale, promote_output):
+def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, rank_scale, promote_output,
+                 direct=False):
+    """The op's output y; ``direct``: what :func:`cpu_inference` said of x's signature."""
     p = float(dropout_p) if training else 0.0
     seed = new_seed() if p > 0.0 else None
+    backend = get_backend()
+    if direct and backend == "auto" and eager(x):
+        y = torch_impl.lora_forward(rows(x), weight, bias, lora_A, lora_B, rank_scale, float(scaling), p,
+                                    seed_int(seed), promote_output)[0]
+        return unrows(y, x)
     return lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, float(scaling), p, seed, promote_output,
-                        get_backend())[0]
+                        backend)[0]
 
 
 def _check_dora_args(x, weight, lora_A, lora_B, scaling, magnitude, dropout_p) -> None:
