@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 import peftkern as pk
-from peftkern.benchmarks.common import add_standard_arguments, format_table, machine_info, write_results
+from peftkern.benchmarks.common import format_table, machine_info, standard_cli, write_results
 from peftkern.measure import param_counts
 
 METHODS = sorted(pk.patching.METHODS)
@@ -182,23 +182,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
     return {"rows": rows, "minilm": minilm_rows}
 
 
-def add_arguments(ap) -> None:
-    add_standard_arguments(ap)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads of the tiny models (default 1)")
-
-
-def run_from_args(args) -> dict:
-    return run(quick=args.quick, json_path=args.json, reps=args.reps, malloc=args.malloc, plot=args.plot,
-               threads=args.threads or 1)
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    run_from_args(ap.parse_args(argv))
-    return 0
+add_arguments, run_from_args, main = standard_cli(run, __doc__, threads="torch threads of the tiny models (default 1)")
 
 
 if __name__ == "__main__":

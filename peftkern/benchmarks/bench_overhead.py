@@ -38,7 +38,7 @@ from torch import nn
 import peftkern as pk
 from peftkern.benchmarks.bench_adapter import Unfused
 from peftkern.benchmarks.bench_prefix import sdpa_concat
-from peftkern.benchmarks.common import add_standard_arguments, format_table, run_context, write_results
+from peftkern.benchmarks.common import format_table, run_context, standard_cli, write_results
 from peftkern.measure import interleaved_times, paired_ratio, summarize
 from peftkern.peers import bnb_linear4bit, peft_on_layer
 
@@ -328,23 +328,8 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
     return {"rows": rows}
 
 
-def add_arguments(ap) -> None:
-    add_standard_arguments(ap)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default 1, see the module docstring)")
-
-
-def run_from_args(args) -> dict:
-    return run(quick=args.quick, json_path=args.json, reps=args.reps, malloc=args.malloc, plot=args.plot,
-               threads=args.threads or 1)
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(ap)
-    run_from_args(ap.parse_args(argv))
-    return 0
+add_arguments, run_from_args, main = standard_cli(run, __doc__,
+                                                  threads="torch threads (default 1, see the module docstring)")
 
 
 if __name__ == "__main__":

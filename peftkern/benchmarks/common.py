@@ -227,17 +227,26 @@ def run_context(malloc: str) -> tuple[str, str, dict, str]:
     return device, malloc, info, info["cpu"] if device == "cpu" else info["gpu"]
 
 
-def standard_cli(run: Callable, doc: str) -> tuple[Callable, Callable, Callable]:
-    """(add_arguments, run_from_args, main) of a benchmark taking the standard options only."""
+def standard_cli(run: Callable, doc: str, threads: Optional[str] = None) -> tuple[Callable, Callable, Callable]:
+    """(add_arguments, run_from_args, main) of a benchmark taking the standard options; with ``threads`` (its help
+    text) also ``--threads``, handed to ``run`` as ``threads`` (default 1) instead of set for the whole process."""
     import argparse
 
+    def add_arguments(ap) -> None:
+        add_standard_arguments(ap)
+        if threads is not None:
+            ap.add_argument("--threads", type=int, default=None, help=threads)
+
     def run_from_args(args) -> dict:
-        return run_standard(run, args)
+        if threads is None:
+            return run_standard(run, args)
+        return run(quick=args.quick, json_path=args.json, reps=args.reps, malloc=args.malloc, plot=args.plot,
+                   threads=args.threads or 1)
 
     def main(argv=None) -> int:
         ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-        add_standard_arguments(ap)
+        add_arguments(ap)
         run_from_args(ap.parse_args(argv))
         return 0
 
-    return add_standard_arguments, run_from_args, main
+    return add_arguments, run_from_args, main
