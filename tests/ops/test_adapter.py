@@ -8,7 +8,7 @@ import torch
 
 import peftkern as pk
 from peftkern.measure import SavedBytes
-from peftkern.ops.adapter import torch_impl
+from peftkern.ops.adapter import function as adapter_fn, torch_impl
 from peftkern.ops.adapter.reference import ACTIVATIONS, bottleneck_adapter_reference
 from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, poison_, shape_id
 
@@ -107,6 +107,32 @@ def test_torch_path_gelu_on_strided_views(monkeypatch, native, N, D, M, dtype):
     for name, o, r, e in zip(("y", "dh", "dW_d", "db_d", "dW_u", "db_u"), out, ref, eager):
         assert o.dtype == dtype
         assert_close(o, r, eager=e, name=name)
+
+
+@pytest.mark.parametrize("dims", [(24,), (2, 7, 24)])
+def test_cpu_inference_runs_the_torch_implementation(dims, monkeypatch):
+    """A call with neither autograd nor autocast, eager, under "auto", on the CPU runs torch's implementation itself
+    (no op, no autograd node; through the function and the module): the registered op's y bit for bit. With grad,
+    with a backend named, on CUDA: the op."""
+    torch.manual_seed(0)
+    module = pk.nn.BottleneckAdapter(24, bottleneck_size=6, non_linearity="gelu", device=DEVICE)
+    torch.nn.init.normal_(module.up.weight)
+    h = torch.randn(*dims, device=DEVICE)
+    args = (h, module.down.weight, module.down.bias, module.up.weight, module.up.bias, "gelu", True, 0.5)
+    entered = []
+    op = adapter_fn.adapter_forward
+    monkeypatch.setattr(adapter_fn, "adapter_forward", lambda *a: entered.append(a[-1]) or op(*a))
+    with torch.no_grad():
+        y, y_module = pk.bottleneck_adapter(*args), module(h)
+        assert entered == ([] if DEVICE == "cpu" else ["auto", "auto"])
+        with pk.use_backend("torch"):
+            y_op, y_module_op = pk.bottleneck_adapter(*args), module(h)
+    assert entered[-2:] == ["torch", "torch"]
+    torch.testing.assert_close(y, y_op, rtol=0, atol=0)
+    torch.testing.assert_close(y_module, y_module_op, rtol=0, atol=0)
+    assert y.shape == dims
+    pk.bottleneck_adapter(*args)
+    assert entered[-1] == "auto"
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -177,6 +177,26 @@ def test_registered_backward_outputs_own_their_storage(shared, transposed):
         torch.testing.assert_close(g, e, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+def test_cpu_inference_runs_the_torch_implementation(padding, monkeypatch):
+    """A call with neither autograd nor autocast, eager, under "auto", on the CPU runs torch's implementation itself
+    (no op, no autograd node): the registered op's o bit for bit. With grad, with a backend named, on CUDA: the op."""
+    c = _case(2, 4, 2, 7, 3, 16, padding=padding)
+    args = [c[n] for n in ("q", "k", "v", "pk", "pv")]
+    entered = []
+    op = prefix_fn.prefix_attention_forward
+    monkeypatch.setattr(prefix_fn, "prefix_attention_forward", lambda *a: entered.append(a[-1]) or op(*a))
+    with torch.inference_mode():
+        o = pk.prefix_attention(*args, key_padding_mask=c["kpm"])
+        assert entered == ([] if DEVICE == "cpu" else ["auto"])
+        with pk.use_backend("torch"):
+            o_op = pk.prefix_attention(*args, key_padding_mask=c["kpm"])
+    assert entered[-1] == "torch"
+    torch.testing.assert_close(o, o_op, rtol=0, atol=0)
+    pk.prefix_attention(*args, key_padding_mask=c["kpm"])
+    assert entered[-1] == "auto"
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-row"])
 def test_triton_prefix_grad_split_equals_unsplit(shared, monkeypatch):

@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, run
-from ..custom_op import custom_op, rows, unrows
+from ..custom_op import cpu_inference, custom_op, eager, rows, unrows
+from . import torch_impl
 from .reference import ACTIVATIONS
 
 ALIASES = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -75,13 +76,21 @@ def activation_name(activation: str) -> str:
 def bottleneck_adapter(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up: Tensor, b_up: Optional[Tensor],
                        activation: str = "relu", residual: bool = True, scale: float = 1.0) -> Tensor:
     """``[h +] scale * (act(h W_d^T + b_d) W_u^T + b_u)``: W_d [M, D], W_u [D, M], h [..., D]; one fused op whose
-    autograd keeps only z = h W_d^T + b_d [..., M] beside h (README.md)."""
-    name = V.checked(_check, h, w_down, b_down, w_up, b_up, activation, residual, scale)
-    return adapter_forward(h, w_down, b_down, w_up, b_up, name, residual, float(scale), get_backend())[0]
+    autograd keeps only z = h W_d^T + b_d [..., M] beside h (README.md).
+
+    An eager call on the CPU under "auto" with neither autograd nor autocast runs torch's implementation itself
+    (:func:`peftkern.ops.custom_op.cpu_inference`): the op's y, without its op and backend lookup."""
+    name, direct = V.checked(_check, h, w_down, b_down, w_up, b_up, activation, residual, scale)
+    backend = get_backend()
+    if direct and backend == "auto" and eager(h):
+        y = torch_impl.forward(rows(h), w_down, b_down, w_up, b_up, name, residual, float(scale))[0]
+        return unrows(y, h)
+    return adapter_forward(h, w_down, b_down, w_up, b_up, name, residual, float(scale), backend)[0]
 
 
-def _check(h, w_down, b_down, w_up, b_up, activation, residual, scale) -> str:
-    """The checks of :func:`bottleneck_adapter`; the activation's canonical name."""
+def _check(h, w_down, b_down, w_up, b_up, activation, residual, scale) -> tuple[str, bool]:
+    """The checks of :func:`bottleneck_adapter`; the activation's canonical name and whether the call may run torch's
+    implementation directly (:func:`cpu_inference`)."""
     V.tensor("h", h, min_ndim=1)
     V.tensor("w_down", w_down, ndim=2)
     V.tensor("w_up", w_up, ndim=2)
@@ -100,4 +109,4 @@ def _check(h, w_down, b_down, w_up, b_up, activation, residual, scale) -> str:
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
     V.number("scale", scale)
-    return activation_name(activation)
+    return activation_name(activation), cpu_inference(h)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, run
-from ..custom_op import custom_op
+from ..custom_op import cpu_inference, custom_op, eager
 from . import torch_impl
 
 
@@ -57,7 +57,9 @@ prefix_attention_forward.register_autograd(_backward, setup_context=_setup_conte
 prefix_attention_forward.register_autocast(("q", "k", "v", "prefix_k", "prefix_v"))
 
 
-def _check(q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale) -> float:
+def _check(q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale) -> tuple[float, bool]:
+    """The checks of :func:`prefix_attention`; the softmax scale and whether the call may run torch's implementation
+    directly (:func:`cpu_inference`)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         V.tensor(name, t, ndim=4)
     B, Hq, S, D = q.shape
@@ -83,9 +85,9 @@ def _check(q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale) -> floa
             raise TypeError(f"key_padding_mask must be a bool tensor [B, S] (True = padding), got "
                             f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
         V.shape("key_padding_mask", key_padding_mask, (B, S), "[B, S], True = padding")
-    if softmax_scale is None:
-        return D ** -0.5
-    return V.number("softmax_scale", softmax_scale, low=0.0, low_open=True, high=None)
+    if softmax_scale is not None:
+        softmax_scale = V.number("softmax_scale", softmax_scale, low=0.0, low_open=True, high=None)
+    return (D ** -0.5 if softmax_scale is None else softmax_scale), cpu_inference(q)
 
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, *, causal: bool = True,
@@ -96,10 +98,14 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     batch or [B, Hkv, P, D]. Query i sees every prefix key and, when ``causal``, the sequence keys j <= i;
     ``key_padding_mask`` [B, S] (True = padding) hides sequence keys. Gradients reach q, k, v and the prefix (a shared
     prefix's summed over the batch). What autograd keeps is O(B H S D): never the [S, P + S] attention matrix.
+    An eager call on the CPU under "auto" with neither autograd nor autocast runs torch's implementation itself
+    (:func:`peftkern.ops.custom_op.cpu_inference`): the op's o, without its op and backend lookup.
     """
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    scale = V.checked(_check, q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale)
-    o, _ = prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, float(scale),
-                                    get_backend())
+    scale, direct = V.checked(_check, q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale)
+    backend = get_backend()
+    if direct and backend == "auto" and eager(q):
+        return torch_impl.forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)[0]
+    o, _ = prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend)
     return o
