@@ -17,6 +17,20 @@ from ..triton_blocks import offsets, tile_offsets
 
 
 @triton.jit
+def _block(table_ptr, pid):
+    """(start, end, adapter) of row block ``pid`` of the plan."""
+    return tl.load(table_ptr + pid * 3), tl.load(table_ptr + pid * 3 + 1), tl.load(table_ptr + pid * 3 + 2)
+
+
+@triton.jit
+def _block_rows(perm_ptr, start, end, BLOCK_M: tl.constexpr):
+    """(rows [BM] of x / y at sorted positions start.., their mask: positions before end)."""
+    offs_m = start + tl.arange(0, BLOCK_M)  # [BM] sorted positions
+    m_mask = offs_m < end
+    return tl.load(perm_ptr + offs_m, mask=m_mask, other=0), m_mask
+
+
+@triton.jit
 def _multi_lora_mma(acc, a, b, DT: tl.constexpr, PRECISION: tl.constexpr):
     """acc + a @ b with both operands cast to DT (the launcher's dot dtype)."""
     return tl.dot(a.to(DT), b.to(DT), acc, input_precision=PRECISION)
@@ -33,14 +47,10 @@ def multi_lora_shrink_kernel(
     """h[rows, r-tile] = x[rows] A_a^T for one row block (zeros for adapter -1). Grid (blocks, r tiles)."""
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
-    row_start = tl.load(table_ptr + pid * 3)
-    row_end = tl.load(table_ptr + pid * 3 + 1)
-    adapter = tl.load(table_ptr + pid * 3 + 2)
+    row_start, row_end, adapter = _block(table_ptr, pid)
     if row_start >= row_end:
         return
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < row_end
-    rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0)
+    rows, m_mask = _block_rows(perm_ptr, row_start, row_end, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -78,14 +88,10 @@ def multi_lora_gemm_kernel(
     """
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
-    row_start = tl.load(table_ptr + pid * 3)
-    row_end = tl.load(table_ptr + pid * 3 + 1)
-    adapter = tl.load(table_ptr + pid * 3 + 2)
+    row_start, row_end, adapter = _block(table_ptr, pid)
     if row_start >= row_end:
         return
-    offs_m = row_start + tl.arange(0, BLOCK_M)  # [BM] sorted positions
-    m_mask = offs_m < row_end
-    rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0)
+    rows, m_mask = _block_rows(perm_ptr, row_start, row_end, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BC]
     c_mask = offs_c < C
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -127,14 +133,10 @@ def multi_lora_grad_shrink_kernel(
     """dh[rows, r-tile] = s_a g[rows] B_a for one row block (nothing for adapter -1). Grid (blocks, r tiles)."""
     pid = tl.program_id(0)
     pid_r = tl.program_id(1)
-    row_start = tl.load(table_ptr + pid * 3)
-    row_end = tl.load(table_ptr + pid * 3 + 1)
-    adapter = tl.load(table_ptr + pid * 3 + 2)
+    row_start, row_end, adapter = _block(table_ptr, pid)
     if (row_start >= row_end) | (adapter < 0):
         return
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < row_end
-    rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0)
+    rows, m_mask = _block_rows(perm_ptr, row_start, row_end, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < R
     b_base = b_ptr + offsets(adapter, stride_bad)
@@ -182,9 +184,7 @@ def multi_lora_segment_grad_kernel(
     r_mask = offs_r < R
     acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
     for m0 in range(seg_start + split * BLOCK_M, seg_end, SPLIT * BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)  # [BM] sorted positions
-        m_mask = offs_m < seg_end
-        rows = tl.load(perm_ptr + offs_m, mask=m_mask, other=0)
+        rows, m_mask = _block_rows(perm_ptr, m0, seg_end, BLOCK_M)
         lhs_t = tl.load(lhs_ptr + tile_offsets(offs_c, rows, stride_lc, stride_lm),
                         mask=c_mask[:, None] & m_mask[None, :], other=0.0)  # [BC, BM]
         rhs = tl.load(rhs_ptr + tile_offsets(rows, offs_r, stride_rm, stride_rr),
