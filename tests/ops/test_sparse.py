@@ -75,6 +75,67 @@ def test_masked_weight_grad_is_the_sampled_dense_grad(backend):
     assert_close(got, ref, name="masked_weight_grad")
 
 
+# ------------------------------------------------------------------------------ torch forms, eager CPU paths
+FORMS = [("merged", "dense"), ("merged", "csr"), ("gather", "gather"), ("csr", "csr"), ("gather", "dense")]
+
+
+def _noncontiguous(x):
+    """``x`` as a strided view (every other element of a wider tensor), differentiable back to ``x``."""
+    return torch.stack([x, x], -1)[..., 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("forms", FORMS, ids=lambda f: "-".join(f))
+def test_torch_forms_against_dense_math(forms, dtype, monkeypatch):
+    """Each form of the torch path forced (y and dx: merged, gather, csr; d values: dense, gather, csr), the merged
+    copies in several row and column blocks with a partial last one, on one token (the 1-D gathers) and on 3-D and
+    non-contiguous inputs, through the op (torch) and without grad through the eager CPU path (auto)."""
+    from peftkern.ops.sparse import torch_impl
+
+    monkeypatch.setattr(torch_impl, "correction_form", lambda *args: forms[0])
+    monkeypatch.setattr(torch_impl, "sddmm_form", lambda *args: forms[1])
+    monkeypatch.setattr(torch_impl, "BLOCK_BYTES", 1000)  # fp32 29 x 37: 5 blocks of rows, 5 of columns
+    values_dtype = torch.float32 if dtype == torch.bfloat16 else None
+    for N, lead in ((1, None), (6, (2, 3))):
+        c = _case(N, 37, 29, 0.1, dtype=dtype, values_dtype=values_dtype, seed=N, lead=lead)
+        ref = _run(sparse_diff_linear_reference, c, to=torch.float64)
+        eager = _run(sparse_diff_linear_reference, c)
+        fn = lambda x, *args: pk.sparse_diff_linear(_noncontiguous(x), *args)  # noqa: E731
+        with pk.use_backend("torch"):
+            out = _run(fn, c)
+        with torch.no_grad():
+            y_auto = fn(c["x"], c["weight"], c["bias"], c["indices"], c["values"])
+        for name, o, r, e in zip(("y auto",) + NAMES, (y_auto,) + out, ref[:1] + ref, eager[:1] + eager):
+            assert_close(o, r, eager=e.to(o.dtype), name=f"{name} N={N}")
+
+
+@pytest.mark.parametrize("case", [(16, 64, 64, 0.01, torch.float32, True), (2 * 5, 37, 29, 0.05, torch.float64, True),
+                                  (16, 512, 384, 0.001, torch.float32, False),
+                                  (16, 64, 64, 0.01, torch.bfloat16, False)],
+                         ids=["small", "small-fp64", "larger", "bf16"])
+def test_eager_cpu_path_both_sides_of_the_small_switch(case):
+    """Under auto on the CPU a small layer in one precision runs as F.linear on the merged weight under PyTorch's
+    autograd (no node of ours), bit-equal to the op through the torch backend; a larger one, or bf16, is the op.
+    Both right against fp64, 3-D and non-contiguous inputs."""
+    N, I, O, density, dtype, small = case
+    values_dtype = torch.float32 if dtype == torch.bfloat16 else None
+    c = {k: v.cpu() for k, v in _case(N, I, O, density, dtype=dtype, values_dtype=values_dtype, lead=(2, N // 2)).items()}
+    fn = lambda x, *args: pk.sparse_diff_linear(_noncontiguous(x), *args)  # noqa: E731
+    x = c["x"].detach().requires_grad_()
+    y = fn(x, c["weight"], c["bias"], c["indices"], c["values"].requires_grad_())
+    ours = getattr(getattr(y.grad_fn, "_forward_cls", None), "__name__", None) == "sparse_diff_forward_eager"
+    assert ours != small
+    with pk.use_backend("torch"):
+        out_op = _run(fn, c)
+    out = _run(fn, c)
+    ref = _run(sparse_diff_linear_reference, c, to=torch.float64)
+    eager = _run(sparse_diff_linear_reference, c)
+    for name, o, o_op, r, e in zip(NAMES, out, out_op, ref, eager):
+        assert_close(o, r, eager=e.to(o.dtype), name=name)
+        if small:
+            torch.testing.assert_close(o, o_op, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.triton
 def test_triton_kernels_write_every_output():
     from peftkern.ops.sparse import triton_impl
@@ -123,15 +184,48 @@ def test_merge_unmerge_exact(dtype, backend):
     assert torch.equal(w, c["weight"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_keeps_nothing_weight_sized_for_backward(backend):
-    O, I, N = 512, 384, 16
+@pytest.mark.parametrize("backend,N", [pytest.param(*getattr(b, "values", (b,)), 16, marks=getattr(b, "marks", ()))
+                                       for b in BACKENDS] + [pytest.param("torch", 256, id="torch-256-merged")])
+def test_keeps_nothing_weight_sized_for_backward(backend, N):
+    O, I = 512, 384
     c = _case(N, I, O, 0.001)
     x, v = c["x"].requires_grad_(), c["values"].requires_grad_()
-    with pk.use_backend(backend), SavedBytes(exclude=[c["weight"], v]) as saved:
+    with pk.use_backend(backend), SavedBytes(exclude=[c["weight"], v, x]) as saved:
         y = pk.sparse_diff_linear(x, c["weight"], None, c["indices"], v)
-    assert max(saved.sizes) < O * I * 4 // 4  # x and the indices only
+    assert max(saved.sizes) < O * I * 4 // 4  # the indices only (and x)
     y.sum().backward()
+
+
+def test_merged_form_copies_at_most_a_block(monkeypatch):
+    """At 256 tokens the torch path merges (a copy of W, one GEMM): in blocks of rows (y) and columns (dx) of at most
+    BLOCK_BYTES, so no tensor of a training step is W-sized (here W is larger than every activation)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from peftkern.ops.sparse import torch_impl
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and func is not torch.ops.aten.view.default:
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    O, I, N = 512, 384, 256
+    assert torch_impl.correction_form(N, O * I // 100, (O, I), 4) == "merged"
+    monkeypatch.setattr(torch_impl, "BLOCK_BYTES", 64 << 10)
+    c = _case(N, I, O, 0.01)
+    x, v = c["x"].requires_grad_(), c["values"].requires_grad_()
+    with pk.use_backend("torch"), Largest():
+        y = pk.sparse_diff_linear(x, c["weight"], None, c["indices"], v)
+        y.backward(c["g"])
+    assert 0 < Largest.largest <= max(N * O, N * I) < O * I
+    ref = _run(sparse_diff_linear_reference, {**c, "bias": torch.zeros(O, dtype=torch.float64)}, to=torch.float64)
+    assert_close(y, ref[0], name="y")
+    assert_close(x.grad, ref[1], name="dx")
+    assert_close(v.grad, ref[3], name="dvalues")
 
 
 def test_torch_compile_fullgraph_same_numbers():

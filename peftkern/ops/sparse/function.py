@@ -139,7 +139,7 @@ def sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indice
         plan = _valid_plan(indices, tuple(weight.shape))
         if path == "composite":
             merged = weight.reshape(-1).index_add(0, plan.flat, values).view(weight.shape)
-            return torch.nn.functional.linear(x, merged, bias)
+            return unrows(torch.nn.functional.linear(rows(x), merged, bias), x)  # 2-D: addmm, as the op
         return unrows(torch_impl.forward_as(path, rows(x), weight, bias, plan, values), x)
     return sparse_diff_forward(x, weight, bias, indices, values, backend)
 

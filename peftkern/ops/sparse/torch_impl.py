@@ -5,7 +5,7 @@ Each product picks its form per call from the sizes (measured crossovers on a CP
 
 * ``gather`` (few products ``N nnz``): the columns the entries touch, ``y[:, r_e] += x[:, c_e] v_e`` and ``dx[:, c_e]
   += g[:, r_e] v_e`` by ``index_add_``, ``d v_e = sum_n g[n, r_e] x[n, c_e]``: a handful of small ops, no CSR built,
-  [N, nnz] temporaries of at most ``GATHER_PRODUCTS`` elements;
+  [N, nnz] temporaries of at most ``GATHER_PRODUCTS`` (``GATHER_SDDMM_PRODUCTS``) elements;
 * ``dense`` (the values' gradient of a small layer in fp32 or fp64): ``g^T x``, one small GEMM, gathered at the
   indices;
 * ``merged`` (y and dx where W is small next to ``N nnz``): the values added into a copy of W, block by block, and
@@ -161,16 +161,21 @@ def plan(indices: torch.Tensor, shape: tuple[int, int]) -> Plan:
     return cached(_plans, indices, shape, Plan)
 
 
-# Crossovers measured on a 2-vCPU AMD EPYC (Zen 4, AVX-512 bf16), one and two threads, fp32 and bf16
-GATHER_PRODUCTS = 1 << 14  # gather below N nnz products: no CSR's fixed cost, temporaries in cache
-MERGE_BYTES_PER_PRODUCT = 32  # merged where W's bytes <= this x N nnz: the copy costs less than the sparse products
-DENSE_SDDMM_MACS = 1 << 17  # the values' gradient from the dense g^T x below N out in multiply-adds
+# Crossovers measured on a 2-vCPU AMD EPYC (Zen 4, AVX-512 bf16), fp32 and bf16, 1 to 256 tokens, 64^2 to 4096^2
+GATHER_PRODUCTS = 1 << 15  # y's and dx's terms by gather up to N nnz products (no CSR's fixed cost, transposes)
+GATHER_SDDMM_PRODUCTS = 1 << 17  # the values' gradient by gather up to N nnz products (temporaries in cache)
+DENSE_SDDMM_MACS = 1 << 17  # the values' gradient from the dense g^T x up to N out in multiply-adds
 
 
 def correction_form(tokens: int, nnz: int, shape: tuple[int, int], weight_bytes: int) -> str:
-    """How y's and dx's sparse terms are formed: "merged", "gather" or "csr" (module docstring)."""
+    """How y's and dx's sparse terms are formed: "merged", "gather" or "csr" (module docstring).
+
+    Merged where copying W costs less than the CSR form's extra work: its products (~2 bytes of copy each) and the
+    transposing copies of the activations and their cache misses (~32 bytes a token and feature), as measured here.
+    So at 256 tokens merged at any density at 1024^2 and 4096^2; at 16 tokens and 1024^2 from ~9% in fp32 (~3% in
+    bf16)."""
     products = tokens * nnz
-    if shape[0] * shape[1] * weight_bytes <= MERGE_BYTES_PER_PRODUCT * products:
+    if shape[0] * shape[1] * weight_bytes <= 2 * products + 32 * tokens * (shape[0] + shape[1]):
         return "merged"
     return "gather" if products <= GATHER_PRODUCTS else "csr"
 
@@ -180,7 +185,7 @@ def sddmm_form(tokens: int, nnz: int, shape: tuple[int, int]) -> str:
     (module docstring)."""
     if tokens * shape[0] * shape[1] <= DENSE_SDDMM_MACS:
         return "dense"
-    return "gather" if tokens * nnz <= GATHER_PRODUCTS else "csr"
+    return "gather" if tokens * nnz <= GATHER_SDDMM_PRODUCTS else "csr"
 
 
 def small(tokens: int, nnz: int, shape: tuple[int, int], weight_bytes: int) -> bool:
