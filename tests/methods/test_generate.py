@@ -97,15 +97,24 @@ PEFT_CONFIGS = {"prompt_tuning": lambda: peft.PromptTuningConfig(task_type="CAUS
                 "prefix_tuning": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)}
 
 
-@pytest.mark.parametrize("kind", list(PEFT_CONFIGS))
-def test_peft_adapter_generates_what_peft_generates(kind, tmp_path):
-    base = tiny_llama(**INIT)
+def _saved_peft_adapter(base, kind: str, path):
+    """PEFT's ``kind`` adapter over a copy of ``base`` (which then generates until max_new_tokens), its table random,
+    saved to ``path``: the PeftModel."""
     base.generation_config.eos_token_id = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[kind]())
         torch.nn.init.normal_(pm.prompt_encoder["default"].embedding.weight)
-        pm.save_pretrained(str(tmp_path))
+        pm.save_pretrained(str(path))
+    return pm
+
+
+@pytest.mark.parametrize("kind", list(PEFT_CONFIGS))
+def test_peft_adapter_generates_what_peft_generates(kind, tmp_path):
+    base = tiny_llama(**INIT)
+    _saved_peft_adapter(base, kind, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path)).eval()
         ours = pk.load_adapter(copy.deepcopy(base), tmp_path).eval()
         ids = _ids(seed=4, batch=3)
@@ -123,12 +132,9 @@ def test_other_decoders_generate_what_peft_generates_with_and_without_cache(fami
     a PEFT adapter loaded with pk.load_adapter generates PEFT's tokens, with the cache and without, and the argmax
     of its own forward."""
     base = tiny_model(family, **INIT)
-    base.generation_config.eos_token_id = None
+    pm = _saved_peft_adapter(base, kind, tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base), PEFT_CONFIGS[kind]())
-        torch.nn.init.normal_(pm.prompt_encoder["default"].embedding.weight)
-        pm.save_pretrained(str(tmp_path))
         ids = _ids(seed=5)
         theirs = pm.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), **GREEDY)
     ours = pk.load_adapter(copy.deepcopy(base), tmp_path).eval()
