@@ -11,6 +11,15 @@ from ..ops.adapter import activation_name, bottleneck_adapter
 from .lora import _member
 
 
+def _weight_and_bias(linear: nn.Module) -> tuple:
+    """(weight, bias) of an nn.Linear from its parameter dict (~1 us a decode-sized call less than four
+    :func:`_member` reads), through :func:`_member` where they are not there (a parametrized weight)."""
+    params = linear._parameters
+    if "weight" in params and "bias" in params:
+        return params["weight"], params["bias"]
+    return _member(linear, "weight"), _member(linear, "bias")
+
+
 class BottleneckAdapter(nn.Module):
     """``y = [h +] scale * up(act(down(LN(h))))`` with ``down`` [D / reduction_factor, D] and ``up`` [D, that].
 
@@ -41,9 +50,8 @@ class BottleneckAdapter(nn.Module):
         self.gate = nn.Linear(hidden_size, 1, **kw) if gated else None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        down, up = _member(self, "down"), _member(self, "up")
-        w_down, b_down, w_up, b_up = (_member(down, "weight"), _member(down, "bias"), _member(up, "weight"),
-                                      _member(up, "bias"))
+        modules = self._modules
+        (w_down, b_down), (w_up, b_up) = _weight_and_bias(modules["down"]), _weight_and_bias(modules["up"])
         x = h if h.dtype == w_down.dtype else h.to(w_down.dtype)
         if self.layer_norm is None and self.gate is None:
             y = bottleneck_adapter(x, w_down, b_down, w_up, b_up, self.non_linearity, self.residual, self.scale)

@@ -53,6 +53,27 @@ def test_fp32_adapter_over_bf16_activations():
     torch.testing.assert_close(y, a(h.float()).to(torch.bfloat16), rtol=0, atol=0)
 
 
+def test_parametrized_weight_is_read_through_the_module():
+    """A weight under torch.nn.utils.parametrize lives outside the parameter dict: the adapter reads it through the
+    module, so the output and the gradient of the original follow the parametrization."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    a = _randomized(pk.nn.BottleneckAdapter(16, 4, "gelu"))
+    parametrize.register_parametrization(a.up, "weight", Doubled())
+    h = torch.randn(3, 16, device=DEVICE)
+    y = a(h)
+    d = a.double()
+    ref = bottleneck_adapter_reference(h.double(), d.down.weight, d.down.bias, d.up.weight, d.up.bias, "gelu")
+    assert_close(y, ref.detach())
+    a.float()(h).sum().backward()
+    original = a.up.parametrizations.weight.original
+    assert original.grad is not None and torch.count_nonzero(original.grad) > 0
+
+
 def test_torch_compile_fullgraph():
     a = _randomized(pk.nn.BottleneckAdapter(16, 4, "relu", gated=True))
     h = torch.randn(3, 16, device=DEVICE)
