@@ -217,6 +217,20 @@ def tiny_batch(model, seed: int = 1, batch: int = 2, seq: int = 8) -> dict:
     return out
 
 
+def seq2seq_losses_agree(ours, peft_model, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """ours and PEFT's encoder-decoder on one batch (labels: the first 4 ids, rows swapped; a padded decoder mask):
+    the same logits and loss, then each loss's backward."""
+    labels = ids[:, :4].flip(0)
+    decoder_mask = torch.ones_like(labels)
+    decoder_mask[0, 3] = 0
+    out_p = peft_model(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_mask)
+    out_o = ours(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=decoder_mask)
+    torch.testing.assert_close(out_o.logits, out_p.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_o.loss, out_p.loss)
+    out_p.loss.backward()
+    out_o.loss.backward()
+
+
 @contextlib.contextmanager
 def torch_variant_or_backend(name: str, variant: str, monkeypatch, module, flag: str):
     """Enter backend ``name``; ``variant`` means the torch backend with ``module.<flag>`` turned off (its fallback
