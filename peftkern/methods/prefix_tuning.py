@@ -256,7 +256,8 @@ def _hand_out(prefix: PrefixTuning, indices, bias_source: Optional[nn.Module], c
     the prefix keys (at positions 0 .. P-1), [1, H, Sq, P], for the self-attentions of a model with one (T5), else
     None. Returns how many tokens the call's cache holds."""
     seen = cached_tokens(call.get("past_key_values"))
-    kv = prefix.layer_prefixes()
+    # unbind: one backward node stacking the layers' gradients (a select per layer materializes a zero table each)
+    kv = prefix.layer_prefixes().unbind(0)
     bias = None
     ref = call.get("input_ids") if call.get("inputs_embeds") is None else call["inputs_embeds"]
     if bias_source is not None and ref is not None:
