@@ -136,7 +136,9 @@ def sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indice
     path = V.checked(_check, x, weight, bias, indices, values)
     backend = get_backend()
     if path is not None and backend == "auto" and custom_ops.eager(x):
-        plan = _valid_plan(indices, tuple(weight.shape))
+        plan = torch_impl.cached(_valid_plans, indices, weight.shape, _check_and_plan)
+        if path == "token":
+            return torch_impl.add_token_(torch.nn.functional.linear(x, weight, bias), plan.rows, x, plan.cols, values)
         if path == "composite":
             merged = weight.reshape(-1).index_add(0, plan.flat, values).view(weight.shape)
             return unrows(torch.nn.functional.linear(rows(x), merged, bias), x)  # 2-D: addmm, as the op
@@ -144,18 +146,14 @@ def sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indice
     return sparse_diff_forward(x, weight, bias, indices, values, backend)
 
 
-_valid_plans: dict[int, tuple] = {}
-
-
-def _valid_plan(indices: Tensor, shape: tuple[int, int]) -> "torch_impl.Plan":
-    """:func:`check_index_values` and the indices' :class:`torch_impl.Plan` in one cached lookup (once per tensor and
-    version, as each alone)."""
-    return torch_impl.cached(_valid_plans, indices, shape, _check_and_plan)
+_valid_plans: dict[int, tuple] = {}  # the eager CPU path's index check and plan, in one cached lookup
 
 
 def _check_and_plan(indices: Tensor, shape: tuple[int, int]) -> "torch_impl.Plan":
+    """:func:`check_index_values` and the indices' :class:`torch_impl.Plan` (kept in ``_valid_plans`` once per tensor
+    and version, as each alone)."""
     check_index_values(indices, shape[0] * shape[1])
-    return torch_impl.plan(indices, shape)
+    return torch_impl.plan(indices, tuple(shape))
 
 
 def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Optional[str]:
@@ -163,7 +161,7 @@ def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Opt
     :func:`V.checked` keys on (shapes, dtypes, device, grad and autocast modes), so it is chosen once per signature:
 
     * the torch forward's form ("merged", "gather", "csr") without grad: that form itself (no autograd node, no
-      backend lookup);
+      backend lookup); ``"token"`` for the gather of one token (decode) in one precision, inline;
     * ``"composite"`` for a small layer in one precision: ``F.linear(x, W + scatter(values))`` under PyTorch's own
       autograd, which computes what the registered op's torch forms compute there (:func:`torch_impl.small`), bit for
       bit, without a Python backward;
@@ -175,7 +173,9 @@ def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Opt
         return None
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if not torch.is_grad_enabled():
-        return torch_impl.correction_form(tokens, indices.numel(), tuple(weight.shape), weight.element_size())
+        form = torch_impl.correction_form(tokens, indices.numel(), tuple(weight.shape), weight.element_size())
+        one_precision = x.dtype == values.dtype in (torch.float32, torch.float64)
+        return "token" if form == "gather" and tokens == 1 and one_precision else form
     if values.dtype == weight.dtype in (torch.float32, torch.float64) and torch_impl.small(
             tokens, indices.numel(), tuple(weight.shape), weight.element_size()):
         return "composite"

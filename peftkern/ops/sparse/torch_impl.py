@@ -239,13 +239,20 @@ def _merged(weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> to
     return w
 
 
+def add_token_(out: torch.Tensor, to: torch.Tensor, src: torch.Tensor, frm: torch.Tensor,
+               values: torch.Tensor) -> torch.Tensor:
+    """:func:`_gather_add` for one token in one precision (``out``, ``src`` of any leading dims of size 1): as 1-D
+    tensors, along which ``index_add_`` ran ~2x faster here than along a row's dim 1."""
+    out.view(-1).index_add_(0, to, src.view(-1).index_select(0, frm).mul_(values))
+    return out
+
+
 def _gather_add(out: torch.Tensor, to: torch.Tensor, src: torch.Tensor, frm: torch.Tensor,
                 values: torch.Tensor) -> torch.Tensor:
     """``out[:, to_e] += src[:, frm_e] v_e`` summed in the values' math dtype; ``out`` in place where it is that."""
     if out.dtype == src.dtype == values.dtype in _WIDE:
-        if out.shape[0] == 1:  # one token as 1-D: index_add_ along a 1-D tensor ran ~2x faster here
-            out.view(-1).index_add_(0, to, src.view(-1).index_select(0, frm).mul_(values))
-            return out
+        if out.shape[0] == 1:
+            return add_token_(out, to, src, frm, values)
         return out.index_add_(1, to, src.index_select(1, frm).mul_(values))
     dt = _math_dtype(values)
     return out.to(dt).index_add_(1, to, src.index_select(1, frm).to(dt).mul_(values)).to(out.dtype)
