@@ -5,7 +5,8 @@
 The peer is what public Diff Pruning / FISH Mask code does: the whole weight trains, its gradient (a dense
 [out, in] dW) is multiplied by a 0/1 mask in a hook. Ours: ``SparseDiffLinear`` (values at the indices, an SDDMM
 for their gradient). A step is forward + backward with dx (a layer inside a network). Also reported: the bytes of
-trainable state (parameters + AdamW moments) each keeps.
+trainable state (parameters + AdamW moments) each keeps, and the forms the CPU path took (y and dx / d values:
+``peftkern.ops.sparse.torch_impl``).
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ import peftkern as pk
 from peftkern.benchmarks.common import (add_roofline, format_table, peer_faster, run_context, standard_cli,
                                        write_results)
 from peftkern.measure import fmt_bytes, interleaved_times, paired_ratio, summarize
+from peftkern.ops.sparse import torch_impl
 
 DENSITIES = (0.001, 0.01, 0.1)
-WHY = ("ours replaces the dense dW GEMM by two sparse x dense products and an SDDMM over the nnz entries, in fp32 "
-       "(MKL's sparse kernels take no bf16): past ~1% density they cost more than the GEMM they save; where bf16 "
-       "GEMMs are fast (AVX-512 bf16) the peer's three are cheap next to our fp32 sparse work and conversions; and "
-       "with more torch threads than free cores each of our more calls waits for a preempted thread")
+WHY = ("ours runs y and dx as one GEMM each like the peer (on a copy of W with the values added, where W is small "
+       "next to tokens x entries) and replaces the peer's dW GEMM by an SDDMM over the entries in fp32 (MKL's sparse "
+       "kernels take no bf16): past a few % density that SDDMM costs about the GEMM it saves, and the copies of W "
+       "(memory-bound) are left over; with more torch threads than free cores each of our more calls also waits "
+       "for a preempted thread")
 
 
 def bench(tokens: int, in_f: int, out_f: int, density: float, dtype, reps: int, device: str) -> dict:
@@ -51,8 +54,10 @@ def bench(tokens: int, in_f: int, out_f: int, density: float, dtype, reps: int, 
     state = lambda params: sum(3 * p.numel() * 4 for p in params)  # noqa: E731  (fp32 param-sized AdamW moments x2)
     # ours: the forward and dgrad GEMMs plus nnz-sized work per token (two corrections and the SDDMM)
     flops = 4 * tokens * in_f * out_f + 6 * tokens * nnz
+    forms = (f"{torch_impl.correction_form(tokens, nnz, (out_f, in_f), ours.weight.element_size())} / "
+             f"{torch_impl.sddmm_form(tokens, nnz, (out_f, in_f))}")
     return add_roofline({"shape": f"{tokens}x{in_f}x{out_f}", "density": density,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(dtype).removeprefix("torch."), "forms": forms,
             "ratio": so["median_ms"] / sd["median_ms"], "ratio_paired": paired_ratio(times["ours"], times["dense"]),
             "ours_ms": so["median_ms"], "dense_ms": sd["median_ms"],
             "state": f"{fmt_bytes(state([ours.values]))} / {fmt_bytes(state([dense.weight]))}"},
@@ -70,7 +75,7 @@ def run(quick: bool = False, json_path: Optional[str] = None, reps: Optional[int
             for d in DENSITIES]
     log(format_table(rows, [("shape", "tokens x in x out"), ("dtype", "dtype"), ("density", "density"),
                             ("ratio", "ours/dense"), ("ratio_paired", "paired"), ("ours_ms", "ours ms"),
-                            ("dense_ms", "dense ms"), ("TFLOPs", "ours TFLOP/s"),
+                            ("dense_ms", "dense ms"), ("TFLOPs", "ours TFLOP/s"), ("forms", "CPU forms"),
                             ("state", "trainable state ours / dense")]))
     log(peer_faster(rows, lambda r: f"{r['shape']} {r['dtype']} {100 * r['density']:g}%", "dense", WHY))
     path = write_results({"machine": info, "malloc": malloc, "reps": reps, "rows": rows}, rows, json_path,
