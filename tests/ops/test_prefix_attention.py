@@ -180,7 +180,8 @@ def test_registered_backward_outputs_own_their_storage(shared, transposed):
 @pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
 def test_cpu_inference_runs_the_torch_implementation(padding, monkeypatch):
     """A call with neither autograd nor autocast, eager, under "auto", on the CPU runs torch's implementation itself
-    (no op, no autograd node): the registered op's o bit for bit. With grad, with a backend named, on CUDA: the op."""
+    (no op, no autograd node): the registered op's o bit for bit. With a backend named, under autocast, on CUDA: the
+    op."""
     c = _case(2, 4, 2, 7, 3, 16, padding=padding)
     args = [c[n] for n in ("q", "k", "v", "pk", "pv")]
     entered = []
@@ -193,8 +194,51 @@ def test_cpu_inference_runs_the_torch_implementation(padding, monkeypatch):
             o_op = pk.prefix_attention(*args, key_padding_mask=c["kpm"])
     assert entered[-1] == "torch"
     torch.testing.assert_close(o, o_op, rtol=0, atol=0)
-    pk.prefix_attention(*args, key_padding_mask=c["kpm"])
+    with torch.inference_mode(), torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
+        pk.prefix_attention(*args, key_padding_mask=c["kpm"])
     assert entered[-1] == "auto"
+
+
+COMPOSITE = [(2, 4, 2, 7, 3, 16), (1, 4, 2, 16, 8, 16), (2, 2, 1, 5, 9, 32)]  # B, Hq, Hkv, S, P, D
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "bshd"])
+@pytest.mark.parametrize("padding", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per-row"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dims", COMPOSITE, ids=lambda d: shape_id(B=d[0], H=d[1], KV=d[2], S=d[3], P=d[4], D=d[5]))
+def test_cpu_composite_is_the_op_under_torch_autograd(dims, causal, shared, padding, layout, monkeypatch):
+    """An eager fp32 call with grad on the CPU under "auto", at the sizes that concatenate, runs the op's small-problem
+    path as PyTorch ops under PyTorch's own autograd (torch_impl.composite; q, k, v also as transformers lays them
+    out): o and every gradient the registered op's bit for bit and fp64's within tolerance, the op never entered;
+    autograd keeps the concatenated keys and values and the cached mask beside o. Above the size switch
+    (CONCAT_MAX_WORK) and with a backend named: the op."""
+    if DEVICE != "cpu":
+        pytest.skip("the composite path is the CPU's")
+    c = _case(*dims, shared=shared, padding=padding)
+    if layout == "bshd":
+        c.update({n: c[n].transpose(1, 2).contiguous().transpose(1, 2) for n in ("q", "k", "v")})
+    entered = []
+    op = prefix_fn.prefix_attention_forward
+    monkeypatch.setattr(prefix_fn, "prefix_attention_forward", lambda *a: entered.append(a[-1]) or op(*a))
+    leaves = [c[n].detach().requires_grad_() for n in ("q", "k", "v", "pk", "pv")]
+    with SavedBytes(exclude=leaves) as saved:
+        o = pk.prefix_attention(*leaves, causal=causal, key_padding_mask=c["kpm"])
+    out = (o.detach(), *torch.autograd.grad(o, leaves, c["g"]))
+    assert entered == []
+    B, Hq, Hkv, S, P, D = dims
+    keys = B * Hkv * (P + S) * D * 4
+    mask = [(B if padding else 1) * (S if causal else 1) * (P + S) * 4] if causal or padding else []
+    assert sorted(saved.sizes) == sorted([B * Hq * S * D * 4, B * Hq * S * 4, keys, keys, *mask])  # o, lse
+    with pk.use_backend("torch"):
+        out_op = _run(pk.prefix_attention, c, causal=causal)
+    ref = _run(prefix_attention_reference, c, to=torch.float64, causal=causal)
+    for name, a, b, r in zip(NAMES, out, out_op, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        assert_close(a, r, name=name)
+    monkeypatch.setattr(torch_impl, "CONCAT_MAX_WORK", 0)
+    _run(pk.prefix_attention, c, causal=causal)
+    assert entered == ["torch", "auto"]
 
 
 @pytest.mark.triton
