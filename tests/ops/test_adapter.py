@@ -3,6 +3,8 @@ odd shapes, 3-D and non-contiguous inputs, without biases / residual, both backe
 the memory it keeps; bad input."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -133,6 +135,46 @@ def test_cpu_inference_runs_the_torch_implementation(dims, monkeypatch):
     assert y.shape == dims
     pk.bottleneck_adapter(*args)
     assert entered[-1] == "auto"
+
+
+COMPOSITE_SHAPES = [((1, 24), 6), ((37, 24), 5), ((2, 7, 24), 6), ((64, 128), 1)]  # h's shape, M
+
+
+@pytest.mark.parametrize("residual,bias", [(True, True), (True, False), (False, True)],
+                         ids=["residual", "no-bias", "no-residual"])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape,M", COMPOSITE_SHAPES, ids=["x".join(map(str, (*s, m))) for s, m in COMPOSITE_SHAPES])
+def test_cpu_composite_is_the_op_under_torch_autograd(shape, M, act, residual, bias, monkeypatch):
+    """An eager fp32 call with grad on the CPU under "auto" with scale 1, up to COMPOSITE_MAX elements of h, runs
+    torch's implementation under PyTorch's own autograd: y and every gradient the registered op's bit for bit and
+    fp64's within tolerance, the op never entered; autograd keeps at most z and a = act(z) beside h and the weights.
+    Above the size switch, with another scale or a backend named: the op."""
+    if DEVICE != "cpu":
+        pytest.skip("the composite path is the CPU's")
+    N, D = math.prod(shape[:-1]), shape[-1]
+    params = _params(N, D, M, torch.float32, bias=bias)
+    params[0] = params[0].detach().view(shape).requires_grad_()
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    entered = []
+    op = adapter_fn.adapter_forward
+    monkeypatch.setattr(adapter_fn, "adapter_forward", lambda *a: entered.append(a[-1]) or op(*a))
+    with SavedBytes(exclude=[p for p in params if p is not None]) as saved:
+        y = pk.bottleneck_adapter(*params, act, residual, 1.0)
+    live = [p for p in params if p is not None]
+    out = [y, *torch.autograd.grad(y, live, grad)]
+    assert entered == [] and len(saved.sizes) <= 2  # one row: a is the first of a two-row GELU result
+    assert all(N * M * 4 <= n <= 2 * N * M * 4 for n in saved.sizes)
+    with pk.use_backend("torch"):
+        out_op = _run(pk.bottleneck_adapter, params, act, residual, 1.0, grad)
+    p64 = [p if p is None else p.detach().double().requires_grad_() for p in params]
+    ref = _run(bottleneck_adapter_reference, p64, act, residual, 1.0, grad.double())
+    for name, o, o_op, r in zip(("y", "dh", "dW_d", "db_d", "dW_u", "db_u"), out, out_op, ref):
+        torch.testing.assert_close(o, o_op, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        assert_close(o, r, name=name)
+    _run(pk.bottleneck_adapter, params, act, residual, 0.5, grad)
+    monkeypatch.setattr(torch_impl, "COMPOSITE_MAX", N * D - 1)
+    _run(pk.bottleneck_adapter, params, act, residual, 1.0, grad)
+    assert entered == ["torch", "auto", "auto"]
 
 
 @pytest.mark.parametrize("backend", backends())

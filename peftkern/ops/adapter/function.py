@@ -9,7 +9,8 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, run
-from ..custom_op import cpu_inference, custom_op, eager, rows, unrows
+from .. import custom_op as custom_ops
+from ..custom_op import cpu_inference, custom_op, rows, unrows
 from . import torch_impl
 from .reference import ACTIVATIONS
 
@@ -78,19 +79,34 @@ def bottleneck_adapter(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
     """``[h +] scale * (act(h W_d^T + b_d) W_u^T + b_u)``: W_d [M, D], W_u [D, M], h [..., D]; one fused op whose
     autograd keeps only z = h W_d^T + b_d [..., M] beside h (README.md).
 
-    An eager call on the CPU under "auto" with neither autograd nor autocast runs torch's implementation itself
-    (:func:`peftkern.ops.custom_op.cpu_inference`): the op's y, without its op and backend lookup."""
-    name, direct = V.checked(_check, h, w_down, b_down, w_up, b_up, activation, residual, scale)
+    An eager call on the CPU under "auto" takes the shortest path that computes the op's y and gradients bit for bit
+    (:func:`_cpu_form`): with neither autograd nor autocast torch's implementation itself; with autograd at small
+    sizes, that implementation under PyTorch's own autograd (:func:`torch_impl.composes`)."""
+    name, form = V.checked(_check, h, w_down, b_down, w_up, b_up, activation, residual, scale)
     backend = get_backend()
-    if direct and backend == "auto" and eager(h):
+    if form is not None and backend == "auto" and custom_ops.eager(h) and (form == "direct" or
+                                                                          torch_impl.composes(h)):
         y = torch_impl.forward(rows(h), w_down, b_down, w_up, b_up, name, residual, float(scale))[0]
         return unrows(y, h)
     return adapter_forward(h, w_down, b_down, w_up, b_up, name, residual, float(scale), backend)[0]
 
 
-def _check(h, w_down, b_down, w_up, b_up, activation, residual, scale) -> tuple[str, bool]:
-    """The checks of :func:`bottleneck_adapter`; the activation's canonical name and whether the call may run torch's
-    implementation directly (:func:`cpu_inference`)."""
+def _cpu_form(h: Tensor, scale) -> Optional[str]:
+    """What an eager call on the CPU under "auto" (whose backend there is torch) may run instead of the op:
+    ``"direct"`` with neither autograd nor autocast (:func:`cpu_inference`), ``"composite"`` with autograd in fp32 /
+    fp64 without autocast and a scale of 1 (scaling a gradient before or after a product rounds differently), else
+    None. From what :func:`V.checked` keys on, so decided once per signature."""
+    if cpu_inference(h):
+        return "direct"
+    if (h.device.type == "cpu" and not torch._C._is_any_autocast_enabled() and h.dtype in (torch.float32, torch.float64)
+            and scale == 1.0):
+        return "composite"
+    return None
+
+
+def _check(h, w_down, b_down, w_up, b_up, activation, residual, scale) -> tuple[str, Optional[str]]:
+    """The checks of :func:`bottleneck_adapter`; the activation's canonical name and the eager CPU form of the call's
+    signature (:func:`_cpu_form`)."""
     V.tensor("h", h, min_ndim=1)
     V.tensor("w_down", w_down, ndim=2)
     V.tensor("w_up", w_up, ndim=2)
@@ -109,4 +125,4 @@ def _check(h, w_down, b_down, w_up, b_up, activation, residual, scale) -> tuple[
     if not isinstance(residual, bool):
         raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
     V.number("scale", scale)
-    return activation_name(activation), cpu_inference(h)
+    return activation_name(activation), _cpu_form(h, scale)
