@@ -142,19 +142,23 @@ COMPOSITE_SHAPES = [((1, 24), 6), ((37, 24), 5), ((2, 7, 24), 6), ((64, 128), 1)
 
 @pytest.mark.parametrize("residual,bias", [(True, True), (True, False), (False, True)],
                          ids=["residual", "no-bias", "no-residual"])
+@pytest.mark.parametrize("strided", [False, True], ids=["grad", "strided-grad"])
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("shape,M", COMPOSITE_SHAPES, ids=["x".join(map(str, (*s, m))) for s, m in COMPOSITE_SHAPES])
-def test_cpu_composite_is_the_op_under_torch_autograd(shape, M, act, residual, bias, monkeypatch):
+def test_cpu_composite_is_the_op_under_torch_autograd(shape, M, act, residual, bias, strided, monkeypatch):
     """An eager fp32 call with grad on the CPU under "auto" with scale 1, up to COMPOSITE_MAX elements of h, runs
-    torch's implementation under PyTorch's own autograd: y and every gradient the registered op's bit for bit and
-    fp64's within tolerance, the op never entered; autograd keeps at most z and a = act(z) beside h and the weights.
-    Above the size switch, with another scale or a backend named: the op."""
+    torch's implementation under PyTorch's own autograd: y and every gradient (also for an upstream gradient with its
+    first two dims swapped in memory) the registered op's bit for bit and fp64's within tolerance, the op never
+    entered; autograd keeps at most z and a = act(z) beside h and the weights.
+    Above the size switch, with another scale, a column-major weight or a backend named: the op."""
     if DEVICE != "cpu":
         pytest.skip("the composite path is the CPU's")
     N, D = math.prod(shape[:-1]), shape[-1]
     params = _params(N, D, M, torch.float32, bias=bias)
     params[0] = params[0].detach().view(shape).requires_grad_()
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    if strided:
+        grad = grad.transpose(0, 1).contiguous().transpose(0, 1)
     entered = []
     op = adapter_fn.adapter_forward
     monkeypatch.setattr(adapter_fn, "adapter_forward", lambda *a: entered.append(a[-1]) or op(*a))
@@ -172,9 +176,13 @@ def test_cpu_composite_is_the_op_under_torch_autograd(shape, M, act, residual, b
         torch.testing.assert_close(o, o_op, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
         assert_close(o, r, name=name)
     _run(pk.bottleneck_adapter, params, act, residual, 0.5, grad)
+    w_up = params[3].detach()
+    w_up = torch.empty_strided(w_up.shape, (1, w_up.shape[0]), device=DEVICE).copy_(w_up).requires_grad_()
+    column_major = [w_up if i == 3 else p for i, p in enumerate(params)]
+    _run(pk.bottleneck_adapter, column_major, act, residual, 1.0, grad)
     monkeypatch.setattr(torch_impl, "COMPOSITE_MAX", N * D - 1)
     _run(pk.bottleneck_adapter, params, act, residual, 1.0, grad)
-    assert entered == ["torch", "auto", "auto"]
+    assert entered == ["torch", "auto", "auto", "auto"]
 
 
 @pytest.mark.parametrize("backend", backends())

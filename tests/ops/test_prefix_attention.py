@@ -209,15 +209,15 @@ COMPOSITE = [(2, 4, 2, 7, 3, 16), (1, 4, 2, 16, 8, 16), (2, 2, 1, 5, 9, 32)]  # 
 @pytest.mark.parametrize("dims", COMPOSITE, ids=lambda d: shape_id(B=d[0], H=d[1], KV=d[2], S=d[3], P=d[4], D=d[5]))
 def test_cpu_composite_is_the_op_under_torch_autograd(dims, causal, shared, padding, layout, monkeypatch):
     """An eager fp32 call with grad on the CPU under "auto", at the sizes that concatenate, runs the op's small-problem
-    path as PyTorch ops under PyTorch's own autograd (torch_impl.composite; q, k, v also as transformers lays them
-    out): o and every gradient the registered op's bit for bit and fp64's within tolerance, the op never entered;
-    autograd keeps the concatenated keys and values and the cached mask beside o. Above the size switch
-    (CONCAT_MAX_WORK) and with a backend named: the op."""
+    path as PyTorch ops under PyTorch's own autograd (torch_impl.composite; q, k, v and o's gradient also as
+    transformers lays them out): o and every gradient the registered op's bit for bit and fp64's within tolerance,
+    the op never entered; autograd keeps the concatenated keys and values and the cached mask beside o. Above the size
+    switch (CONCAT_MAX_WORK) and with a backend named: the op."""
     if DEVICE != "cpu":
         pytest.skip("the composite path is the CPU's")
     c = _case(*dims, shared=shared, padding=padding)
     if layout == "bshd":
-        c.update({n: c[n].transpose(1, 2).contiguous().transpose(1, 2) for n in ("q", "k", "v")})
+        c.update({n: c[n].transpose(1, 2).contiguous().transpose(1, 2) for n in ("q", "k", "v", "g")})
     entered = []
     op = prefix_fn.prefix_attention_forward
     monkeypatch.setattr(prefix_fn, "prefix_attention_forward", lambda *a: entered.append(a[-1]) or op(*a))

@@ -34,8 +34,9 @@ def _(h, w_down, b_down, w_up, b_up, activation, residual, scale, backend):
 @custom_op("peftkern::adapter_backward")
 def adapter_backward(grad_y: Tensor, h: Tensor, z: Tensor, w_down: Tensor, w_up: Tensor, activation: str,
                      residual: bool, scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dh, *grads = run("adapter_backward", backend, h.device, rows(grad_y).contiguous(), rows(h), z, w_down, w_up,
-                     activation, residual, scale)
+    # grad_y in its own layout, as autograd hands it to the eager composite path (Triton's makes it contiguous)
+    dh, *grads = run("adapter_backward", backend, h.device, rows(grad_y), rows(h), z, w_down, w_up, activation,
+                     residual, scale)
     return unrows(dh, h), *grads
 
 
@@ -85,7 +86,7 @@ def bottleneck_adapter(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
     name, form = V.checked(_check, h, w_down, b_down, w_up, b_up, activation, residual, scale)
     backend = get_backend()
     if form is not None and backend == "auto" and custom_ops.eager(h) and (form == "direct" or
-                                                                          torch_impl.composes(h)):
+                                                                          torch_impl.composes(h, w_down, w_up)):
         y = torch_impl.forward(rows(h), w_down, b_down, w_up, b_up, name, residual, float(scale))[0]
         return unrows(y, h)
     return adapter_forward(h, w_down, b_down, w_up, b_up, name, residual, float(scale), backend)[0]

@@ -85,22 +85,29 @@ def _act_backward(da: Tensor, z: Tensor, a: Tensor, activation: str) -> Tensor:
     return torch.ops.aten.tanh_backward(da, a)
 
 
-def composes(h: Tensor) -> bool:
-    """Whether an eager fp32 / fp64 CPU call on h [N, D] with grad, scale 1 and no autocast under "auto" runs
-    :func:`forward` under PyTorch's own autograd instead of the op: its backward nodes call the kernels
+def composes(h: Tensor, w_down: Tensor, w_up: Tensor) -> bool:
+    """Whether an eager fp32 / fp64 CPU call on h [..., D] with grad, scale 1 and no autocast under "auto" runs
+    :func:`forward` under PyTorch's own autograd instead of the op: its backward nodes then call the kernels
     :func:`backward` calls on the same tensors (mm, the activation's backward, sums), so the gradients are the op's
     bit for bit, without a Python autograd node (a layer's fwd + bwd at 16 x 64, M 8: 119 vs 158 us here). Autograd
-    then keeps a = act(z) [N, M] too; up to COMPOSITE_MAX elements of h, where that is little and the call's overhead
-    much."""
+    then keeps a = act(z) [N, M] too: up to COMPOSITE_MAX elements of h (:func:`_small`), where that is little and
+    the call's overhead much. Contiguous h and row-major weights only (strides exactly (in, 1): a [D, 1] weight is
+    contiguous in either layout): autograd's matmul backwards choose their products by the operands' layouts, and
+    for column-major weights choose others than the op's."""
+    return (_small(h) and h.is_contiguous() and w_down.stride() == (w_down.shape[1], 1)
+            and w_up.stride() == (w_up.shape[1], 1))
+
+
+def _small(h: Tensor) -> bool:
     return h.numel() <= COMPOSITE_MAX
 
 
 def _dgrad(g: Tensor, dz: Tensor, w_down: Tensor, h: Tensor, residual: bool) -> Tensor:
-    """dh = [g +] dz W_d: where :func:`composes`, the product and then the sum, as autograd adds the residual's
-    gradient (one addmm may round differently); above, one addmm."""
+    """dh = [g +] dz W_d: at the sizes :func:`composes` serves, the product and then the sum, as autograd adds the
+    residual's gradient (one addmm may round differently); above, one addmm."""
     if not residual:
         return torch.mm(dz, w_down)
-    return torch.mm(dz, w_down).add_(g) if composes(h) else torch.addmm(g, dz, w_down)
+    return torch.mm(dz, w_down).add_(g) if _small(h) else torch.addmm(g, dz, w_down)
 
 
 @register("adapter_backward", "torch")
