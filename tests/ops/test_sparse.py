@@ -119,7 +119,8 @@ def test_eager_cpu_path_both_sides_of_the_small_switch(case):
     Both right against fp64, 3-D and non-contiguous inputs."""
     N, I, O, density, dtype, small = case
     values_dtype = torch.float32 if dtype == torch.bfloat16 else None
-    c = {k: v.cpu() for k, v in _case(N, I, O, density, dtype=dtype, values_dtype=values_dtype, lead=(2, N // 2)).items()}
+    c = _case(N, I, O, density, dtype=dtype, values_dtype=values_dtype, lead=(2, N // 2))
+    c = {k: v.cpu() for k, v in c.items()}
     fn = lambda x, *args: pk.sparse_diff_linear(_noncontiguous(x), *args)  # noqa: E731
     x = c["x"].detach().requires_grad_()
     y = fn(x, c["weight"], c["bias"], c["indices"], c["values"].requires_grad_())

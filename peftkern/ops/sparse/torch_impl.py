@@ -225,7 +225,7 @@ def _add_transposed(dense: torch.Tensor, corr_t: torch.Tensor) -> torch.Tensor:
 
 
 def _add_at(flat: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """flat[idx] += values in place (int64 ``idx``), the sum formed in fp32 or wider and rounded once to flat's dtype."""
+    """flat[idx] += values in place (int64 ``idx``), the sum formed in fp32 or wider, rounded once to flat's dtype."""
     dt = torch.promote_types(torch.promote_types(flat.dtype, values.dtype), torch.float32)
     if flat.dtype == dt == values.dtype:
         return flat.index_add_(0, idx, values)
