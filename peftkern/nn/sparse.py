@@ -6,12 +6,13 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.sparse import merge, sparse_diff_linear, unmerge
-from ..ops.sparse.function import check_indices
-from .lora import _check_linear, _member, is_conv1d, linear_features, out_in
+from .. import _validate as V
+from ..ops.sparse import merge, unmerge
+from ..ops.sparse.function import _check, _sparse_diff_linear, check_indices
+from .lora import _check_linear, is_conv1d, linear_features, out_in
 
 
-class SparseDiffLinear(nn.Module):
+class SparseDiffLinear(V.ChecksPerState, nn.Module):
     """``y = x (W + scatter(values at indices))^T + b``; only ``values`` [nnz] train (fp32 by default, as PEFT keeps
     adapters over a half base). :meth:`diff_state_dict` holds what a task adds: indices, values and the shape.
 
@@ -27,7 +28,7 @@ class SparseDiffLinear(nn.Module):
         self.out_features, self.in_features = weight.shape[::-1] if self.fan_in_fan_out else weight.shape
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.weight.requires_grad_(False)
-        self.bias = bias
+        self.register_parameter("bias", bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias))
         if bias is not None:
             self.bias.requires_grad_(False)
         self.register_buffer("indices", indices.to(device=weight.device, dtype=torch.int64))
@@ -56,11 +57,14 @@ class SparseDiffLinear(nn.Module):
         return self._previous is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._parameters["weight"], _member(self, "bias")
+        params = self._parameters
+        weight, bias, values = params["weight"], params["bias"], params["values"]
         weight = weight.t() if self.fan_in_fan_out else weight
         if self._previous is not None:
             return nn.functional.linear(x, weight, bias)
-        return sparse_diff_linear(x, weight, bias, self._buffers["indices"], self._parameters["values"])
+        indices = self._buffers["indices"]
+        return _sparse_diff_linear(x, weight, bias, indices, values, self.checked(_check, x, weight, bias, indices,
+                                                                                   values))
 
     def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat positions of the indices in ``weight`` as stored, the values in that order)."""

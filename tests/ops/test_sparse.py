@@ -408,6 +408,36 @@ def test_layer_built_in_inference_mode():
     assert_close(y, ref, name="y")
 
 
+def test_layer_checks_once_per_state(monkeypatch):
+    """The layer checks its call once per signature of x and the weight for its state (V.ChecksPerState): a bad x
+    raises every time; values or indices replaced, or .to(), are checked again."""
+    from peftkern.nn import sparse as sparse_module
+
+    calls = []
+    check = sparse_module._check
+    monkeypatch.setattr(sparse_module, "_check", lambda *args: calls.append(1) or check(*args))
+    c = _case(9, 40, 29, 0.1)
+    layer = pk.nn.SparseDiffLinear(torch.nn.Parameter(c["weight"], requires_grad=False), c["bias"],
+                                   c["indices"], c["values"])
+    for _ in range(3):
+        layer(c["x"])
+    assert len(calls) == 1
+    for _ in range(2):
+        with pytest.raises(ValueError, match="x has 28 features"):
+            layer(c["x"][..., :28])
+    layer.values = torch.nn.Parameter(c["values"][:-1].clone())
+    with pytest.raises(ValueError, match="values has"):
+        layer(c["x"])
+    layer.values = torch.nn.Parameter(c["values"].clone())
+    layer.indices = c["indices"].to(torch.float32)
+    with pytest.raises(TypeError, match="indices"):
+        layer(c["x"])
+    layer.indices = c["indices"]
+    layer.to(torch.float64)
+    with pytest.raises(TypeError, match="weight has dtype torch.float64"):
+        layer(c["x"])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("density", [0.005, 0.1], ids=["nnz-le-out", "nnz-gt-out"])
 def test_training_steps_never_rebuild_the_structure(backend, density):

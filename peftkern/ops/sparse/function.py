@@ -133,7 +133,12 @@ def _check(x, weight, bias, indices, values) -> Optional[str]:
 def sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor) -> Tensor:
     """``y = x (W + scatter(values at indices))^T + b`` with W frozen; gradients reach x, values (only at the indices:
     an SDDMM, never a dense dW) and a trainable bias. ``indices`` are sorted unique flat int64/int32 positions."""
-    path = V.checked(_check, x, weight, bias, indices, values)
+    return _sparse_diff_linear(x, weight, bias, indices, values, V.checked(_check, x, weight, bias, indices, values))
+
+
+def _sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor,
+                        path: Optional[str]) -> Tensor:
+    """y of checked arguments, ``path`` what their check returned."""
     backend = get_backend()
     if path is not None and backend == "auto" and custom_ops.eager(x):
         plan = torch_impl.cached(_valid_plans, indices, weight.shape, _check_and_plan)
