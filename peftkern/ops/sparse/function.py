@@ -145,7 +145,7 @@ def _sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indic
         if path == "token":
             return torch_impl.add_token_(torch.nn.functional.linear(x, weight, bias), plan.rows, x, plan.cols, values)
         if path == "composite":
-            merged = weight.reshape(-1).index_add(0, plan.flat, values).view(weight.shape)
+            merged = weight.put(plan.flat, values, accumulate=True)  # one autograd node (take in its backward)
             return unrows(torch.nn.functional.linear(rows(x), merged, bias), x)  # 2-D: addmm, as the op
         return unrows(torch_impl.forward_as(path, rows(x), weight, bias, plan, values), x)
     return sparse_diff_forward(x, weight, bias, indices, values, backend)
