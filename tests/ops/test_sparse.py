@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftkern as pk
 from peftkern.backend import registered, run
@@ -197,32 +198,35 @@ def test_keeps_nothing_weight_sized_for_backward(backend, N):
     y.sum().backward()
 
 
+class Largest(TorchDispatchMode):
+    """``largest``: the most elements of a tensor any op (but a view) made while it was on."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and func is not torch.ops.aten.view.default:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
 def test_merged_form_copies_at_most_a_block(monkeypatch):
     """At 256 tokens the torch path merges (a copy of W, one GEMM): in blocks of rows (y) and columns (dx) of at most
     BLOCK_BYTES, so no tensor of a training step is W-sized (here W is larger than every activation)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from peftkern.ops.sparse import torch_impl
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and func is not torch.ops.aten.view.default:
-                    Largest.largest = max(Largest.largest, t.numel())
-            return out
 
     O, I, N = 512, 384, 256
     assert torch_impl.correction_form(N, O * I // 100, (O, I), 4) == "merged"
     monkeypatch.setattr(torch_impl, "BLOCK_BYTES", 64 << 10)
     c = _case(N, I, O, 0.01)
     x, v = c["x"].requires_grad_(), c["values"].requires_grad_()
-    with pk.use_backend("torch"), Largest():
+    with pk.use_backend("torch"), Largest() as seen:
         y = pk.sparse_diff_linear(x, c["weight"], None, c["indices"], v)
         y.backward(c["g"])
-    assert 0 < Largest.largest <= max(N * O, N * I) < O * I
+    assert 0 < seen.largest <= max(N * O, N * I) < O * I
     ref = _run(sparse_diff_linear_reference, {**c, "bias": torch.zeros(O, dtype=torch.float64)}, to=torch.float64)
     assert_close(y, ref[0], name="y")
     assert_close(x.grad, ref[1], name="dx")
@@ -293,27 +297,15 @@ def test_sparse_diff_linear_module_trains_only_values_and_merges_exactly():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_dense_weight_sized_tensor_in_a_training_step(backend):
     """Every tensor an op creates during forward + backward + optimizer step is far smaller than [out, in]."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and func is not torch.ops.aten.view.default:
-                    Largest.largest = max(Largest.largest, t.numel())
-            return out
-
     O, I, N = 512, 384, 16
     idx = torch.randperm(O * I)[: O * I // 1000].sort().values
     layer = pk.nn.SparseDiffLinear.from_linear(torch.nn.Linear(I, O, device=DEVICE), idx)
     opt = torch.optim.AdamW([layer.values], lr=1e-3)
     x = torch.randn(N, I, device=DEVICE, requires_grad=True)
-    with pk.use_backend(backend), Largest():
+    with pk.use_backend(backend), Largest() as seen:
         layer(x).square().mean().backward()
         opt.step()
-    assert 0 < Largest.largest <= max(N * O, N * I)  # activations at most, never O * I
+    assert 0 < seen.largest <= max(N * O, N * I)  # activations at most, never O * I
 
 
 def test_indices_checked_once_per_version():
