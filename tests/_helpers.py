@@ -217,6 +217,15 @@ def tiny_batch(model, seed: int = 1, batch: int = 2, seq: int = 8) -> dict:
     return out
 
 
+def op_backends(monkeypatch, module, name: str) -> list:
+    """The backend argument (an op's last) of every call of ``module.name`` (a custom op the functional API calls),
+    recorded from now on."""
+    entered = []
+    op = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: entered.append(a[-1]) or op(*a))
+    return entered
+
+
 def seq2seq_losses_agree(ours, peft_model, ids: torch.Tensor, mask: torch.Tensor) -> None:
     """ours and PEFT's encoder-decoder on one batch (labels: the first 4 ids, rows swapped; a padded decoder mask):
     the same logits and loss, then each loss's backward."""

@@ -12,7 +12,7 @@ import peftkern as pk
 from peftkern.measure import SavedBytes
 from peftkern.ops.adapter import function as adapter_fn, torch_impl
 from peftkern.ops.adapter.reference import ACTIVATIONS, bottleneck_adapter_reference
-from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, poison_, shape_id
+from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, op_backends, poison_, shape_id
 
 ACTS = sorted(ACTIVATIONS)
 SHAPES = [(1, 8, 1), (37, 24, 5), (64, 48, 20), (29, 40, 33)]  # N, D, M
@@ -121,9 +121,7 @@ def test_cpu_inference_runs_the_torch_implementation(dims, monkeypatch):
     torch.nn.init.normal_(module.up.weight)
     h = torch.randn(*dims, device=DEVICE)
     args = (h, module.down.weight, module.down.bias, module.up.weight, module.up.bias, "gelu", True, 0.5)
-    entered = []
-    op = adapter_fn.adapter_forward
-    monkeypatch.setattr(adapter_fn, "adapter_forward", lambda *a: entered.append(a[-1]) or op(*a))
+    entered = op_backends(monkeypatch, adapter_fn, "adapter_forward")
     with torch.no_grad():
         y, y_module = pk.bottleneck_adapter(*args), module(h)
         assert entered == ([] if DEVICE == "cpu" else ["auto", "auto"])
@@ -159,9 +157,7 @@ def test_cpu_composite_is_the_op_under_torch_autograd(shape, M, act, residual, b
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     if strided:
         grad = grad.transpose(0, 1).contiguous().transpose(0, 1)
-    entered = []
-    op = adapter_fn.adapter_forward
-    monkeypatch.setattr(adapter_fn, "adapter_forward", lambda *a: entered.append(a[-1]) or op(*a))
+    entered = op_backends(monkeypatch, adapter_fn, "adapter_forward")
     with SavedBytes(exclude=[p for p in params if p is not None]) as saved:
         y = pk.bottleneck_adapter(*params, act, residual, 1.0)
     live = [p for p in params if p is not None]

@@ -15,7 +15,7 @@ from peftkern.ops.nf4 import function as nf4_fn
 from peftkern.ops.prefix_attention import function as prefix_fn
 from peftkern.ops.sparse import function as sparse_fn
 
-from .._helpers import DEVICE
+from .._helpers import DEVICE, op_backends
 from .test_backward_backend import CASES
 
 DEVICE_TYPE = torch.device(DEVICE).type
@@ -105,9 +105,7 @@ def test_cpu_inference_runs_the_torch_implementation(dims, monkeypatch):
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(*dims, device=DEVICE)
     args = (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, 0.5)
-    entered = []
-    op = lora_fn.lora_forward
-    monkeypatch.setattr(lora_fn, "lora_forward", lambda *a: entered.append(a[-1]) or op(*a))
+    entered = op_backends(monkeypatch, lora_fn, "lora_forward")
     with torch.no_grad():
         y, y_layer = pk.lora_linear(*args), layer(x)
         assert entered == ([] if DEVICE_TYPE == "cpu" else ["auto", "auto"])

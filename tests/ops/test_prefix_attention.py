@@ -12,7 +12,8 @@ from peftkern.backend import registered
 from peftkern.measure import SavedBytes
 from peftkern.ops.prefix_attention import function as prefix_fn, torch_impl
 from peftkern.ops.prefix_attention.reference import prefix_attention_reference
-from tests._helpers import DEVICE, assert_close, assert_within_eager, backends, shape_id, torch_variant_or_backend
+from tests._helpers import (DEVICE, assert_close, assert_within_eager, backends, op_backends, shape_id,
+                            torch_variant_or_backend)
 
 # the torch backend runs PyTorch's CPU flash kernel on a CPU (at test sizes over the prefix concatenated before the
 # keys); "torch-chunked" switches it off; "torch-blocked" takes the prefix apart and splits causal queries into
@@ -184,9 +185,7 @@ def test_cpu_inference_runs_the_torch_implementation(padding, monkeypatch):
     op."""
     c = _case(2, 4, 2, 7, 3, 16, padding=padding)
     args = [c[n] for n in ("q", "k", "v", "pk", "pv")]
-    entered = []
-    op = prefix_fn.prefix_attention_forward
-    monkeypatch.setattr(prefix_fn, "prefix_attention_forward", lambda *a: entered.append(a[-1]) or op(*a))
+    entered = op_backends(monkeypatch, prefix_fn, "prefix_attention_forward")
     with torch.inference_mode():
         o = pk.prefix_attention(*args, key_padding_mask=c["kpm"])
         assert entered == ([] if DEVICE == "cpu" else ["auto"])
@@ -218,9 +217,7 @@ def test_cpu_composite_is_the_op_under_torch_autograd(dims, causal, shared, padd
     c = _case(*dims, shared=shared, padding=padding)
     if layout == "bshd":
         c.update({n: c[n].transpose(1, 2).contiguous().transpose(1, 2) for n in ("q", "k", "v", "g")})
-    entered = []
-    op = prefix_fn.prefix_attention_forward
-    monkeypatch.setattr(prefix_fn, "prefix_attention_forward", lambda *a: entered.append(a[-1]) or op(*a))
+    entered = op_backends(monkeypatch, prefix_fn, "prefix_attention_forward")
     leaves = [c[n].detach().requires_grad_() for n in ("q", "k", "v", "pk", "pv")]
     with SavedBytes(exclude=leaves) as saved:
         o = pk.prefix_attention(*leaves, causal=causal, key_padding_mask=c["kpm"])
