@@ -10,7 +10,8 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, run
-from ..custom_op import cpu_inference, custom_op, eager, rows, unrows
+from .. import custom_op as custom_ops
+from ..custom_op import cpu_inference, custom_op, rows, unrows
 from . import torch_impl
 
 
@@ -133,7 +134,7 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
     p = float(dropout_p) if training else 0.0
     seed = new_seed() if p > 0.0 else None
     backend = get_backend()
-    if direct and backend == "auto" and eager(x):
+    if direct and backend == "auto" and custom_ops.eager(x):
         y = torch_impl.lora_forward(rows(x), weight, bias, lora_A, lora_B, rank_scale, float(scaling), p,
                                     seed_int(seed), promote_output)[0]
         return unrows(y, x)
