@@ -51,6 +51,19 @@ def cpu_inference(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and not torch._C._is_any_autocast_enabled() and x.device.type == "cpu"
 
 
+def cpu_form(x: torch.Tensor) -> Optional[str]:
+    """What an eager call on x under "auto" may run instead of its op on the CPU: ``"direct"`` where
+    :func:`cpu_inference`; ``"composite"`` with autograd in fp32 / fp64 without autocast (a family's own PyTorch-op
+    form of the call under PyTorch's autograd, where it gives the op's bits: C++ autograd nodes instead of the op's
+    Python backward); else None. Returned by checks, as :func:`cpu_inference`."""
+    if cpu_inference(x):
+        return "direct"
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not torch._C._is_any_autocast_enabled()):
+        return "composite"
+    return None
+
+
 def rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` [..., k] as [N, k] (the ops take any leading dims and flatten them inside: as an eager call's own
     reshape and view, each would be an autograd node forward and backward, ~5 us a layer at decode sizes)."""

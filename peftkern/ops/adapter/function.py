@@ -10,7 +10,7 @@ from torch import Tensor
 from ... import _validate as V
 from ...backend import get_backend, run
 from .. import custom_op as custom_ops
-from ..custom_op import cpu_inference, custom_op, rows, unrows
+from ..custom_op import cpu_form, custom_op, rows, unrows
 from . import torch_impl
 from .reference import ACTIVATIONS
 
@@ -93,16 +93,10 @@ def bottleneck_adapter(h: Tensor, w_down: Tensor, b_down: Optional[Tensor], w_up
 
 
 def _cpu_form(h: Tensor, scale) -> Optional[str]:
-    """What an eager call on the CPU under "auto" (whose backend there is torch) may run instead of the op:
-    ``"direct"`` with neither autograd nor autocast (:func:`cpu_inference`), ``"composite"`` with autograd in fp32 /
-    fp64 without autocast and a scale of 1 (scaling a gradient before or after a product rounds differently), else
-    None. From what :func:`V.checked` keys on, so decided once per signature."""
-    if cpu_inference(h):
-        return "direct"
-    if (h.device.type == "cpu" and not torch._C._is_any_autocast_enabled() and h.dtype in (torch.float32, torch.float64)
-            and scale == 1.0):
-        return "composite"
-    return None
+    """:func:`cpu_form`, without ``"composite"`` where the scale is not 1 (scaling a gradient before or after a product
+    rounds differently). From what :func:`V.checked` keys on, so decided once per signature."""
+    form = cpu_form(h)
+    return None if form == "composite" and scale != 1.0 else form
 
 
 def _check(h, w_down, b_down, w_up, b_up, activation, residual, scale) -> tuple[str, Optional[str]]:

@@ -9,7 +9,7 @@ from torch import Tensor
 from ... import _validate as V
 from ...backend import get_backend, run
 from .. import custom_op as custom_ops
-from ..custom_op import cpu_inference, custom_op
+from ..custom_op import cpu_form, custom_op
 from . import torch_impl
 
 
@@ -60,7 +60,7 @@ prefix_attention_forward.register_autocast(("q", "k", "v", "prefix_k", "prefix_v
 
 def _check(q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale) -> tuple[float, Optional[str]]:
     """The checks of :func:`prefix_attention`; the softmax scale and the eager CPU form of the call's signature
-    (:func:`_cpu_form`)."""
+    (:func:`cpu_form`; its composite is :func:`torch_impl.composite`, where :func:`torch_impl.composes`)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         V.tensor(name, t, ndim=4)
     B, Hq, S, D = q.shape
@@ -88,20 +88,7 @@ def _check(q, k, v, prefix_k, prefix_v, key_padding_mask, softmax_scale) -> tupl
         V.shape("key_padding_mask", key_padding_mask, (B, S), "[B, S], True = padding")
     if softmax_scale is not None:
         softmax_scale = V.number("softmax_scale", softmax_scale, low=0.0, low_open=True, high=None)
-    return (D ** -0.5 if softmax_scale is None else softmax_scale), _cpu_form(q)
-
-
-def _cpu_form(q: Tensor) -> Optional[str]:
-    """What an eager call on the CPU under "auto" (whose backend there is torch) may run instead of the op:
-    ``"direct"`` with neither autograd nor autocast (:func:`cpu_inference`: torch's implementation itself),
-    ``"composite"`` with autograd in fp32 / fp64 without autocast (:func:`torch_impl.composite`, where
-    :func:`torch_impl.composes`), else None. From what :func:`V.checked` keys on, so decided once per signature."""
-    if cpu_inference(q):
-        return "direct"
-    if q.device.type == "cpu" and not torch._C._is_any_autocast_enabled() and q.dtype in (torch.float32,
-                                                                                          torch.float64):
-        return "composite"
-    return None
+    return (D ** -0.5 if softmax_scale is None else softmax_scale), cpu_form(q)
 
 
 def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor, *, causal: bool = True,
@@ -113,7 +100,7 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     ``key_padding_mask`` [B, S] (True = padding) hides sequence keys. Gradients reach q, k, v and the prefix (a shared
     prefix's summed over the batch). What autograd keeps is O(B H S D): never the [S, P + S] attention matrix.
     An eager call on the CPU under "auto" takes the shortest path that computes the op's o and gradients bit for bit
-    (:func:`_cpu_form`): with neither autograd nor autocast torch's implementation itself; with autograd, at the
+    (:func:`cpu_form`): with neither autograd nor autocast torch's implementation itself; with autograd, at the
     sizes that concatenate, that path as PyTorch ops under PyTorch's own autograd (:func:`torch_impl.composite`).
     """
     if not isinstance(causal, bool):
