@@ -174,16 +174,17 @@ def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Opt
 
     Why: at decode and 16-token sizes the Python around the arithmetic was most of a call (a Python autograd node
     alone costs about as much as a small GEMM)."""
-    if x.device.type != "cpu" or torch._C._is_any_autocast_enabled():
+    cpu = custom_ops.cpu_form(x)
+    if cpu is None:
         return None
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if not torch.is_grad_enabled():
+    if cpu == "direct":
         form = torch_impl.correction_form(tokens, indices.numel(), tuple(weight.shape), weight.element_size())
         one_precision = x.dtype == values.dtype in (torch.float32, torch.float64)
         return "token" if form == "gather" and tokens == 1 and one_precision else form
-    if values.dtype == weight.dtype in (torch.float32, torch.float64) and torch_impl.small(
-            tokens, indices.numel(), tuple(weight.shape), weight.element_size()):
-        return "composite"
+    if values.dtype == weight.dtype and torch_impl.small(tokens, indices.numel(), tuple(weight.shape),
+                                                         weight.element_size()):
+        return "composite"  # x in fp32 / fp64 (cpu_form), weight and values in x's dtype
     return None
 
 
