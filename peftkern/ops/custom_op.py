@@ -64,6 +64,12 @@ def cpu_form(x: torch.Tensor) -> Optional[str]:
     return None
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call where ``t`` has that dtype already (a no-op ``.to`` costs ~1 us; decode-sized
+    calls count several)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` [..., k] as [N, k] (the ops take any leading dims and flatten them inside: as an eager call's own
     reshape and view, each would be an autograd node forward and backward, ~5 us a layer at decode sizes)."""

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ...backend import register
+from ..custom_op import as_dtype
 
 _LEVELS = 1 << 16  # the mask compares uniform 16-bit integers with round(p * 2^16)
 
@@ -33,14 +34,8 @@ def _masked(x: torch.Tensor, keep: torch.Tensor | None, dtype: torch.dtype) -> t
     TensorIterator casts mixed-dtype inputs into temporaries), about 1.5-4x slower on this CPU.
     """
     if keep is None:
-        return _to(x, dtype)
-    return _to(torch.where(keep, x, 0), dtype)
-
-
-def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)`` without the call where it is one already (a no-op ``.to`` costs ~1 us: decode-sized calls
-    count them)."""
-    return t if t.dtype == dtype else t.to(dtype)
+        return as_dtype(x, dtype)
+    return as_dtype(torch.where(keep, x, 0), dtype)
 
 
 def _dropped(x: torch.Tensor, p: float, seed: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -68,7 +63,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
         keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device)
         h = F.linear(_masked(x, keep, ldt), lora_A).mul_(1.0 / (1.0 - dropout_p))  # the scale on [N, r], not [N, in]
     else:
-        h = F.linear(_to(x, ldt), lora_A)
+        h = F.linear(as_dtype(x, ldt), lora_A)
     he = h if rank_scale is None else h * rank_scale
     y = F.linear(x, weight, bias)  # addmm(bias, x, W^T) or x @ W^T, the transpose taken in C++
     if ldt == xdt:
@@ -89,10 +84,10 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling: flo
     are not read): a scalar ``mul_`` after an ``mm`` costs as much as the small mm itself on a CPU.
     """
     ldt = h.dtype
-    g = _to(grad_y, ldt)
+    g = as_dtype(grad_y, ldt)
     he = h if rank_scale is None else h * rank_scale
-    B = _to(lora_B, ldt)
-    dB = _to(torch.addmm(B, g.t(), he, beta=0, alpha=scaling), lora_B.dtype)
+    B = as_dtype(lora_B, ldt)
+    dB = as_dtype(torch.addmm(B, g.t(), he, beta=0, alpha=scaling), lora_B.dtype)
     dhe = torch.addmm(h, g, B, beta=0, alpha=scaling)
     d_rank_scale = None if rank_scale is None else (dhe * h).sum(0).to(rank_scale.dtype)
     dh = dhe if rank_scale is None else dhe.mul_(rank_scale)
@@ -100,10 +95,10 @@ def lora_backward(grad_y, x, weight, lora_A, lora_B, rank_scale, h, scaling: flo
     if dropout_p:
         keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device)
         dh.mul_(1.0 / (1.0 - dropout_p))
-    dA = _to(torch.mm(dh.t(), _masked(x, keep, ldt)), lora_A.dtype)
+    dA = as_dtype(torch.mm(dh.t(), _masked(x, keep, ldt)), lora_A.dtype)
     dx = None
     if compute_dx:
-        t = dh @ _to(lora_A, ldt)
+        t = dh @ as_dtype(lora_A, ldt)
         if keep is not None:
             t = torch.where(keep, t, 0)
         if ldt == x.dtype:
