@@ -115,7 +115,7 @@ def test_torch_forms_against_dense_math(forms, dtype, monkeypatch):
                                   (16, 64, 64, 0.01, torch.bfloat16, False)],
                          ids=["small", "small-fp64", "larger", "bf16"])
 def test_eager_cpu_path_both_sides_of_the_small_switch(case):
-    """Under auto on the CPU a small layer in one precision runs as F.linear on the merged weight under PyTorch's
+    """Under auto on the CPU a small layer in one precision runs as addmm on the merged weight under PyTorch's
     autograd (no node of ours), bit-equal to the op through the torch backend; a larger one, or bf16, is the op.
     Both right against fp64, 3-D and non-contiguous inputs."""
     N, I, O, density, dtype, small = case

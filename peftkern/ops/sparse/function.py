@@ -145,8 +145,11 @@ def _sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indic
         if path == "token":
             return torch_impl.add_token_(torch.nn.functional.linear(x, weight, bias), plan.rows, x, plan.cols, values)
         if path == "composite":
-            merged = weight.put(plan.flat, values, accumulate=True)  # one autograd node (take in its backward)
-            return unrows(torch.nn.functional.linear(rows(x), merged, bias), x)  # 2-D: addmm, as the op
+            # W^T + scatter(values) [in, out] as addmm takes it (F.linear's transpose would be one more autograd node);
+            # put is one node (take in its backward)
+            merged_t = weight.t().put(plan.flat_t, values, accumulate=True)
+            x2 = rows(x)
+            return unrows(torch.mm(x2, merged_t) if bias is None else torch.addmm(bias, x2, merged_t), x)
         return unrows(torch_impl.forward_as(path, rows(x), weight, bias, plan, values), x)
     return sparse_diff_forward(x, weight, bias, indices, values, backend)
 

@@ -119,6 +119,14 @@ class Plan:
         self.structure = s = structure(indices, shape)
         self.flat, self.rows, self.cols = indices.long(), s.rows.long(), s.cols.long()
         self._blocks: dict[tuple, list] = {}
+        self._flat_t: Optional[torch.Tensor] = None
+
+    @property
+    def flat_t(self) -> torch.Tensor:
+        """The entries' flat positions in the [in, out] transpose of W (index order, so not sorted)."""
+        if self._flat_t is None:
+            self._flat_t = self.cols * self.shape[0] + self.rows
+        return self._flat_t
 
     def row_blocks(self, rows_per_block: int) -> list[tuple[int, int, torch.Tensor, Optional[slice]]]:
         """[(r0, r1, flat positions of the entries in rows [r0, r1) inside that block, their slice of the entries)]:
