@@ -1,7 +1,8 @@
 """Builds the native libraries of csrc/ next to the package (peftkern/_lib/), loaded with ctypes at run time.
 
-* csrc/cpu  -> libpeftkern_cpu (C++, OpenMP): an optional extension; without a C++ compiler the install still
-  succeeds and the torch backend runs its pure-PyTorch path. It also carries the CUDA launchers' index math
+* csrc/cpu  -> libpeftkern_cpu (C++, OpenMP): NF4 quantize / dequantize and the one-token LoRA and sparse-diff
+  forwards; an optional extension: without a C++ compiler the install still succeeds and the torch backend runs its
+  pure-PyTorch paths. It also carries the CUDA launchers' index math
   (csrc/cuda/index_math.cuh) behind a tracer the tests run on the CPU.
 * csrc/cuda -> libpeftkern_cuda.so (nvcc; extern "C" launchers, no torch headers) for sm_80/86/89/90 + PTX, built
   wherever nvcc is found (PEFTKERN_SKIP_CUDA_BUILD=1 skips it); ptxas' register/spill report is kept beside it
@@ -53,7 +54,7 @@ class BuildNative(build_ext):
 
 os.makedirs(os.path.join(ROOT, "peftkern", "_lib"), exist_ok=True)
 ext_modules = [] if _flag("PEFTKERN_SKIP_CPU_BUILD") else [
-    Extension("peftkern._lib.libpeftkern_cpu", sources=["csrc/cpu/nf4_cpu.cpp", "csrc/cpu/cuda_index.cpp"],
+    Extension("peftkern._lib.libpeftkern_cpu", sources=["csrc/cpu/nf4_cpu.cpp", "csrc/cpu/token_cpu.cpp", "csrc/cpu/cuda_index.cpp"],
               depends=["csrc/cuda/index_math.cuh"], language="c++",
               extra_compile_args=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"], extra_link_args=["-fopenmp"],
               libraries=["m"], optional=True),

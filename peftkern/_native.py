@@ -1,6 +1,6 @@
 """Lazy ctypes loaders of the native libraries built from csrc/ into peftkern/_lib/ by setup.py.
 
-``CPU``: csrc/cpu (C++ with OpenMP, built by the machine's C++ compiler), the torch backend's fast path on a CPU.
+``CPU``: csrc/cpu (C++ with OpenMP, built by the machine's C++ compiler), the torch backend's fast paths on a CPU.
 ``CUDA``: csrc/cuda (built by nvcc), the "cuda" backend. Either may be missing; callers fall back or report why.
 """
 from __future__ import annotations
@@ -44,7 +44,19 @@ class Library:
 
 
 CPU = Library("libpeftkern_cpu", "pip install -e . builds it with the machine's C++ compiler")
+USE_CPU_LIBRARY = True  # tests switch it off to check the pure PyTorch paths
 CUDA = Library("libpeftkern_cuda", "build with nvcc via setup.py")
+
+
+def cpu_function(t, name: str, argtypes: list):
+    """Entry point ``name`` of the CPU library (its ctypes argtypes set on first use; it returns an int status) for a
+    CPU tensor ``t``, or None: not built, switched off, or ``t`` on another device."""
+    if not USE_CPU_LIBRARY or t.device.type != "cpu" or CPU.load_error() is not None:
+        return None
+    fn = getattr(CPU.handle(), name)
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
 
 
 def cuda_call(name: str, argtypes: list, *args) -> None:

@@ -8,6 +8,7 @@ import bitsandbytes.backends.default.ops as default_ops
 import bitsandbytes.functional as bnbF
 
 import peftkern as pk
+from peftkern import _native
 from peftkern.ops.nf4 import torch_impl
 from peftkern.ops.nf4.reference import (blockwise8_quantize_reference, nf4_dequantize_reference,
                                         nf4_quantize_reference)
@@ -28,14 +29,12 @@ def _weight(shape, dtype, seed=0):
 @pytest.fixture
 def impl(request, monkeypatch):
     """Runs the test body under the backend (or torch path) named by the ``backend`` parameter."""
-    with torch_variant_or_backend(request.node.callspec.params["backend"], "torch-pure", monkeypatch, torch_impl,
+    with torch_variant_or_backend(request.node.callspec.params["backend"], "torch-pure", monkeypatch, _native,
                                   "USE_CPU_LIBRARY") as name:
         yield name
 
 
 def test_cpu_library_is_built():
-    from peftkern import _native
-
     assert _native.CPU.load_error() is None  # setup.py builds it wherever a C++ compiler exists (CI included)
 
 

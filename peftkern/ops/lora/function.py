@@ -136,7 +136,7 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, 
     backend = get_backend()
     if direct and backend == "auto" and custom_ops.eager(x):
         y = torch_impl.lora_forward(rows(x), weight, bias, lora_A, lora_B, rank_scale, float(scaling), p,
-                                    seed_int(seed), promote_output)[0]
+                                    seed_int(seed), promote_output, need_h=False)[0]
         return unrows(y, x)
     return lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, float(scaling), p, seed, promote_output,
                         backend)[0]

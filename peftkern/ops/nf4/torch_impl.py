@@ -21,13 +21,12 @@ NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
               0.7229568362236023, 1.0)
 NESTED_BLOCKSIZE = 256
-USE_CPU_LIBRARY = True  # tests switch it off to check the pure PyTorch code
 _CPU_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _cpu_library(t: torch.Tensor):
     """The csrc/cpu kernels for a CPU tensor, or None (not built, switched off, or another device)."""
-    if not USE_CPU_LIBRARY or t.device.type != "cpu" or _native.CPU.load_error() is not None:
+    if not _native.USE_CPU_LIBRARY or t.device.type != "cpu" or _native.CPU.load_error() is not None:
         return None
     lib = _native.CPU.handle()
     if lib.pk_nf4_quantize_cpu.argtypes is None:
