@@ -10,6 +10,8 @@ import functools
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 LIB_DIR = Path(__file__).parent / "_lib"
 
 
@@ -59,11 +61,33 @@ def cpu_function(t, name: str, argtypes: list):
     return fn
 
 
+TOKEN_MAX_WEIGHT = 1 << 20  # W elements up to which one fp32 token takes the CPU library's kernels (0.6x torch's ops'
+# time here from 256^2 to 2048^2, one thread or two, as fast at 4096^2: larger weights keep torch's threaded GEMV)
+
+
+def ptr(t) -> Optional[int]:
+    """``t.data_ptr()``, None for None (a null pointer)."""
+    return None if t is None else t.data_ptr()
+
+
+def packed_fp32(t) -> bool:
+    """None, or fp32 with its elements packed in row-major order (what the CPU kernels read)."""
+    return t is None or (t.dtype == torch.float32 and t.is_contiguous())
+
+
+def token_weight_layout(weight) -> Optional[int]:
+    """How the CPU token kernels read an fp32 [out, in] weight of at most ``TOKEN_MAX_WEIGHT`` elements: 0 row-major,
+    1 the transpose of a row-major [in, out] one (a transformers Conv1D's, as layers pass it); None: neither."""
+    if weight.dtype != torch.float32 or weight.numel() > TOKEN_MAX_WEIGHT:
+        return None
+    if weight.is_contiguous():
+        return 0
+    return 1 if weight.t().is_contiguous() else None
+
+
 def cuda_call(name: str, argtypes: list, *args) -> None:
     """Run launcher ``name`` of the CUDA library on torch's current stream (``argtypes`` without the trailing
     stream); a non-zero cudaError_t raises."""
-    import torch
-
     fn = getattr(CUDA.handle(), name)
     if fn.argtypes is None:
         fn.argtypes, fn.restype = [*argtypes, ctypes.c_void_p], ctypes.c_int

@@ -391,7 +391,7 @@ def test_cpu_token_kernel_declines(why, monkeypatch):
     if why == "no-library":
         monkeypatch.setattr(_native, "USE_CPU_LIBRARY", False)
     if why == "large-weight":
-        monkeypatch.setattr(torch_impl, "TOKEN_MAX_WEIGHT", 37 * 29 - 1)
+        monkeypatch.setattr(_native, "TOKEN_MAX_WEIGHT", 37 * 29 - 1)
     if why == "A-transposed":
         case.lora_A = case.lora_A.t().contiguous().t()
     t = case.tensors()

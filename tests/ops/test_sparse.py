@@ -110,6 +110,52 @@ def test_torch_forms_against_dense_math(forms, dtype, monkeypatch):
             assert_close(o, r, eager=e.to(o.dtype), name=f"{name} N={N}")
 
 
+TOKEN_CASES = [(13, 7, 0.0), (37, 29, 0.05), (64, 96, 0.5)]  # (in, out, density): in below / past 16-wide chunks
+
+
+@pytest.mark.parametrize("layout", ["rows", "conv1d"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("case", TOKEN_CASES, ids=[shape_id(I=i, O=o, d=d) for i, o, d in TOKEN_CASES])
+def test_cpu_token_kernel(case, bias, layout):
+    """One fp32 token through csrc/cpu's kernel (a CPU decode step) against fp64: every element written
+    (NaN-poisoned), rows without entries and with many, the weight as a layer passes a Conv1D's; an inference call
+    under auto runs the same kernel (the same bits)."""
+    from peftkern.ops.sparse import torch_impl
+
+    I, O, density = case
+    c = _case(1, I, O, density)
+    w = c["weight"] if layout == "rows" else c["weight"].t().contiguous().t()
+    b = c["bias"] if bias else None
+    y = poison_(torch.empty(1, O))
+    assert torch_impl.token_forward(c["x"], w, b, torch_impl.plan(c["indices"], (O, I)), c["values"], out=y) is y
+    ref = sparse_diff_linear_reference(c["x"].double(), w.double(), None if b is None else b.double(), c["indices"],
+                                       c["values"].double())
+    assert_close(y, ref, name="y")
+    with torch.inference_mode():
+        torch.testing.assert_close(pk.sparse_diff_linear(c["x"], w, b, c["indices"], c["values"]), y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("why", ["no-library", "large-weight", "strided-x", "fp64"])
+def test_cpu_token_kernel_declines(why, monkeypatch):
+    """Where the kernel does not apply, the torch gather computes the token (as right)."""
+    from peftkern import _native
+    from peftkern.ops.sparse import torch_impl
+
+    c = _case(1, 37, 29, 0.05, dtype=torch.float64 if why == "fp64" else torch.float32)
+    if why == "no-library":
+        monkeypatch.setattr(_native, "USE_CPU_LIBRARY", False)
+    if why == "large-weight":
+        monkeypatch.setattr(_native, "TOKEN_MAX_WEIGHT", 37 * 29 - 1)
+    x = _noncontiguous(c["x"]) if why == "strided-x" else c["x"]
+    y = poison_(torch.empty(1, 29, dtype=x.dtype))
+    plan = torch_impl.plan(c["indices"], (29, 37))
+    got = torch_impl.token_forward(x, c["weight"], c["bias"], plan, c["values"], out=y)
+    assert got is not y
+    ref = sparse_diff_linear_reference(*(c[k].double() for k in ("x", "weight", "bias")), c["indices"],
+                                       c["values"].double())
+    assert_close(got, ref, name=why)
+
+
 @pytest.mark.parametrize("case", [(16, 64, 64, 0.01, torch.float32, True), (2 * 5, 37, 29, 0.05, torch.float64, True),
                                   (16, 512, 384, 0.001, torch.float32, False),
                                   (16, 64, 64, 0.01, torch.bfloat16, False)],

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,44 +81,25 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
     return (y if promote_output else y.to(x.dtype)), h
 
 
-TOKEN_MAX_WEIGHT = 1 << 20  # W elements up to which one fp32 token runs csrc/cpu's kernel (0.6x torch's three ops'
-# time here from 256^2 to 2048^2, one thread or two, as fast at 4096^2: larger weights keep torch's threaded GEMV)
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _LORA_TOKEN = [_P, _P, ctypes.c_int, _P, _P, _P, _P, ctypes.c_float, _I64, _I64, _I64, _P, _P]
-
-
-def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
-    return None if t is None else t.data_ptr()
-
-
-def _fp32(t: Optional[torch.Tensor]) -> bool:
-    """None, or fp32 with its elements packed in row-major order (what csrc/cpu's kernels read)."""
-    return t is None or (t.dtype == torch.float32 and t.is_contiguous())
-
-
-def weight_layout(weight: torch.Tensor) -> Optional[int]:
-    """0 for an fp32 [out, in] row-major weight, 1 for the transpose of a row-major [in, out] one (a transformers
-    Conv1D's, as layers pass it), None for any other (the kernels read neither)."""
-    if weight.dtype != torch.float32 or weight.numel() > TOKEN_MAX_WEIGHT:
-        return None
-    if weight.is_contiguous():
-        return 0
-    return 1 if weight.t().is_contiguous() else None
 
 
 def lora_token(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, need_h: bool = True, out=None):
     """(y [1, out], h [1, r] or None without ``need_h``) of one fp32 token without dropout by csrc/cpu's kernel
     (README.md's forward in one call), or None where it does not apply: the library missing, a weight over
-    ``TOKEN_MAX_WEIGHT`` or in another layout, tensors not fp32 or not packed. ``out``: the (y, h) to write (tests
-    poison them)."""
+    ``_native.TOKEN_MAX_WEIGHT`` or in another layout, tensors not fp32 or not packed. ``out``: the (y, h) to write
+    (tests poison them)."""
     fn = _native.cpu_function(x, "pk_lora_token_f32", _LORA_TOKEN)
-    layout = None if fn is None else weight_layout(weight)
-    if layout is None or not (_fp32(x) and _fp32(lora_A) and _fp32(lora_B) and _fp32(bias) and _fp32(rank_scale)):
+    layout = None if fn is None else _native.token_weight_layout(weight)
+    fp32 = _native.packed_fp32
+    if layout is None or not (fp32(x) and fp32(lora_A) and fp32(lora_B) and fp32(bias) and fp32(rank_scale)):
         return None
     (o, i), r = weight.shape, lora_A.shape[0]
     y, h = out if out is not None else (x.new_empty(1, o), x.new_empty(1, r) if need_h else None)
-    if fn(x.data_ptr(), weight.data_ptr(), layout, _ptr(bias), lora_A.data_ptr(), lora_B.data_ptr(), _ptr(rank_scale),
-          scaling, i, o, r, y.data_ptr(), _ptr(h)) != 0:
+    ptr = _native.ptr
+    if fn(x.data_ptr(), weight.data_ptr(), layout, ptr(bias), lora_A.data_ptr(), lora_B.data_ptr(), ptr(rank_scale),
+          scaling, i, o, r, y.data_ptr(), ptr(h)) != 0:
         raise RuntimeError("pk_lora_token_f32 refused its arguments")
     return y, h
 

@@ -143,7 +143,7 @@ def _sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indic
     if path is not None and backend == "auto" and custom_ops.eager(x):
         plan = torch_impl.cached(_valid_plans, indices, weight.shape, _check_and_plan)
         if path == "token":
-            return torch_impl.add_token_(torch.nn.functional.linear(x, weight, bias), plan.rows, x, plan.cols, values)
+            return torch_impl.token_forward(x, weight, bias, plan, values)
         if path == "composite":
             # W^T + scatter(values) [in, out] as addmm takes it (F.linear's transpose would be one more autograd node);
             # put is one node (take in its backward)
@@ -169,7 +169,7 @@ def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Opt
     :func:`V.checked` keys on (shapes, dtypes, device, grad and autocast modes), so it is chosen once per signature:
 
     * the torch forward's form ("merged", "gather", "csr") without grad: that form itself (no autograd node, no
-      backend lookup); ``"token"`` for the gather of one token (decode) in one precision, inline;
+      backend lookup); ``"token"`` for one token (decode) in one precision: :func:`torch_impl.token_forward`;
     * ``"composite"`` for a small layer in one precision: ``F.linear(x, W + scatter(values))`` under PyTorch's own
       autograd, which computes what the registered op's torch forms compute there (:func:`torch_impl.small`), bit for
       bit, without a Python backward;
@@ -182,9 +182,9 @@ def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Opt
         return None
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if cpu == "direct":
-        form = torch_impl.correction_form(tokens, indices.numel(), tuple(weight.shape), weight.element_size())
-        one_precision = x.dtype == values.dtype in (torch.float32, torch.float64)
-        return "token" if form == "gather" and tokens == 1 and one_precision else form
+        if tokens == 1 and x.dtype == values.dtype in (torch.float32, torch.float64):
+            return "token"
+        return torch_impl.correction_form(tokens, indices.numel(), tuple(weight.shape), weight.element_size())
     if values.dtype == weight.dtype and torch_impl.small(tokens, indices.numel(), tuple(weight.shape),
                                                          weight.element_size()):
         return "composite"  # x in fp32 / fp64 (cpu_form), weight and values in x's dtype

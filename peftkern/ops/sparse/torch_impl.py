@@ -23,12 +23,14 @@ once per indices tensor and kept while it lives: a layer's indices are a fixed b
 """
 from __future__ import annotations
 
+import ctypes
 import warnings
 import weakref
 from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from ... import _native
 from ...backend import register
 
 
@@ -247,6 +249,29 @@ def _merged(weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> to
     return w
 
 
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SPARSE_TOKEN = [_P, _P, ctypes.c_int, _P, _P, _P, _P, _I64, _I64, _P]
+
+
+def token_forward(x, weight, bias, p: Plan, values, out=None) -> torch.Tensor:
+    """y [..., out] of one token (x [..., in], leading dims of size 1) in one precision: csrc/cpu's kernel (the base
+    GEMV, bias and each row's entries in one call) where it applies (fp32 packed tensors, a weight of at most
+    ``_native.TOKEN_MAX_WEIGHT`` elements in either layout), else :func:`add_token_` after ``F.linear``. ``out``:
+    the y to write (tests poison it)."""
+    fn = _native.cpu_function(x, "pk_sparse_token_f32", _SPARSE_TOKEN)
+    layout = None if fn is None else _native.token_weight_layout(weight)
+    fp32 = _native.packed_fp32
+    if layout is None or not (fp32(x) and fp32(bias) and fp32(values)):
+        return add_token_(torch.nn.functional.linear(x, weight, bias), p.rows, x, p.cols, values)
+    O, I = weight.shape
+    y = out if out is not None else x.new_empty(*x.shape[:-1], O)
+    s = p.structure
+    if fn(x.data_ptr(), weight.data_ptr(), layout, _native.ptr(bias), s.row_bounds.data_ptr(), s.cols.data_ptr(),
+          values.data_ptr(), I, O, y.data_ptr()) != 0:
+        raise RuntimeError("pk_sparse_token_f32 refused its arguments")
+    return y
+
+
 def add_token_(out: torch.Tensor, to: torch.Tensor, src: torch.Tensor, frm: torch.Tensor,
                values: torch.Tensor) -> torch.Tensor:
     """:func:`_gather_add` for one token in one precision (``out``, ``src`` of any leading dims of size 1): as 1-D
@@ -268,9 +293,13 @@ def _gather_add(out: torch.Tensor, to: torch.Tensor, src: torch.Tensor, frm: tor
 
 @register("sparse_diff_forward", "torch")
 def forward(x, weight, bias, indices, values):
-    """y [N, out] = x W^T + b + the sparse term (module docstring: merged, gather or csr)."""
-    form = correction_form(x.shape[0], indices.numel(), tuple(weight.shape), weight.element_size())
-    return forward_as(form, x, weight, bias, plan(indices, tuple(weight.shape)), values)
+    """y [N, out] = x W^T + b + the sparse term (module docstring: merged, gather or csr; one token in one precision
+    by :func:`token_forward`)."""
+    p = plan(indices, tuple(weight.shape))
+    if x.shape[0] == 1 and x.dtype == values.dtype in _WIDE:
+        return token_forward(x, weight, bias, p, values)
+    return forward_as(correction_form(x.shape[0], indices.numel(), tuple(weight.shape), weight.element_size()), x,
+                      weight, bias, p, values)
 
 
 def forward_as(form: str, x, weight, bias, p: Plan, values):
