@@ -55,7 +55,7 @@ class BuildNative(build_ext):
 os.makedirs(os.path.join(ROOT, "peftkern", "_lib"), exist_ok=True)
 ext_modules = [] if _flag("PEFTKERN_SKIP_CPU_BUILD") else [
     Extension("peftkern._lib.libpeftkern_cpu", sources=["csrc/cpu/nf4_cpu.cpp", "csrc/cpu/token_cpu.cpp", "csrc/cpu/cuda_index.cpp"],
-              depends=["csrc/cuda/index_math.cuh"], language="c++",
+              depends=["csrc/cuda/index_math.cuh", "csrc/cpu/token.h"], language="c++",
               extra_compile_args=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"], extra_link_args=["-fopenmp"],
               libraries=["m"], optional=True),
 ]

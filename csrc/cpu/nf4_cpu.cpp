@@ -11,6 +11,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "token.h"
+
 namespace {
 
 inline float bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
@@ -173,6 +175,67 @@ __attribute__((target("avx2"))) void lookup16_avx2(const uint8_t* packed, int64_
 }
 #endif
 
+// fp32 outputs of packed bytes [t0, t1) from a 16-entry table, element 2t first: out[2 (t - t0)] onwards.
+void lookup32_scalar(const uint8_t* packed, int64_t t0, int64_t t1, const float* table, float* out) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t b = packed[t];
+    out[2 * (t - t0)] = table[b >> 4];
+    out[2 * (t - t0) + 1] = table[b & 0xF];
+  }
+}
+
+#if defined(__x86_64__)
+// AVX2: 4 bytes (8 outputs) a step; each byte's two nibbles in adjacent 32-bit lanes, looked up in the table's two
+// 8-entry halves and blended on the index's bit 3.
+__attribute__((target("avx2"))) void lookup32_avx2(const uint8_t* packed, int64_t t0, int64_t t1, const float* table,
+                                                   float* out) {
+  const __m256 lo_t = _mm256_loadu_ps(table), hi_t = _mm256_loadu_ps(table + 8);
+  const __m256i shifts = _mm256_set_epi32(0, 4, 0, 4, 0, 4, 0, 4), nibble = _mm256_set1_epi32(0xF);
+  int64_t t = t0;
+  for (; t + 4 <= t1; t += 4) {
+    int32_t word;
+    std::memcpy(&word, packed + t, 4);
+    const __m128i b = _mm_cvtsi32_si128(word);
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), shifts),
+                                         nibble);
+    const __m256 v = _mm256_blendv_ps(_mm256_permutevar8x32_ps(lo_t, idx), _mm256_permutevar8x32_ps(hi_t, idx),
+                                      _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    _mm256_storeu_ps(out + 2 * (t - t0), v);
+  }
+  lookup32_scalar(packed, t, t1, table, out + 2 * (t - t0));
+}
+
+// AVX-512: 8 bytes (16 outputs) a step, one 16-entry permute.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's own avx512fintrin.h (_mm512_undefined_*)
+__attribute__((target("avx512f"))) void lookup32_avx512(const uint8_t* packed, int64_t t0, int64_t t1,
+                                                        const float* table, float* out) {
+  const __m512 tab = _mm512_loadu_ps(table);
+  const __m512i shifts = _mm512_set_epi32(0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4);
+  const __m512i nibble = _mm512_set1_epi32(0xF);
+  int64_t t = t0;
+  for (; t + 8 <= t1; t += 8) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + t));
+    const __m512i idx = _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(b, b)), shifts),
+                                         nibble);
+    _mm512_storeu_ps(out + 2 * (t - t0), _mm512_permutexvar_ps(idx, tab));
+  }
+  lookup32_scalar(packed, t, t1, table, out + 2 * (t - t0));
+}
+#pragma GCC diagnostic pop
+#endif
+
+using Lookup32 = void (*)(const uint8_t*, int64_t, int64_t, const float*, float*);
+
+// The widest lookup32 this CPU runs (the same outputs from each).
+Lookup32 lookup32() {
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx512f")) return lookup32_avx512;
+  if (__builtin_cpu_supports("avx2")) return lookup32_avx2;
+#endif
+  return lookup32_scalar;
+}
+
 // out [n] 16-bit: each block's 16 possible values computed once, then looked up.
 void dequantize_16bit(const uint8_t* packed, const BlockScale& scale, const float* code, int64_t n, int64_t blocksize,
                       uint16_t* out, int dtype) {
@@ -230,9 +293,59 @@ void advise_huge_pages(void* p, int64_t bytes) {
 #endif
 }
 
+// w [n] fp32: elements [e0, e0 + n) of the weight, each fp32(dtype(fp32(code[q] * absmax_j))): the values the
+// dequantized weight holds, read back in fp32.
+PK_INLINE void decode_run(const uint8_t* packed, const BlockScale& scale, const float* code, int64_t blocksize,
+                          int dtype, Lookup32 lookup, int64_t e0, int64_t n, float* w) {
+  for (int64_t e = e0, end = e0 + n; e < end;) {
+    const int64_t j = e / blocksize, stop = (j + 1) * blocksize < end ? (j + 1) * blocksize : end;
+    const float am = scale(j);
+    float table[16];
+    for (int k = 0; k < 16; ++k) table[k] = code[k] * am;
+    if (dtype == 1)
+      for (int k = 0; k < 16; ++k) table[k] = fp16_to_float(float_to_fp16(table[k]));
+    else if (dtype == 2)
+      for (int k = 0; k < 16; ++k) table[k] = bf16_to_float(float_to_bf16(table[k]));
+    if (e & 1) w[e - e0] = table[packed[e >> 1] & 0xF], ++e;
+    const int64_t pairs = (stop - e) / 2;
+    lookup(packed, e >> 1, (e >> 1) + pairs, table, w + (e - e0));
+    e += 2 * pairs;
+    if (e < stop) w[e - e0] = table[packed[e >> 1] >> 4], ++e;
+  }
+}
+
 }  // namespace
 
 extern "C" {
+
+// One fp32 token x [in] through an NF4 weight [out, in] (its state as pk_nf4_dequantize_cpu takes it, the weight's
+// dtype as dtype) and a LoRA term (a null: none): y [out] = (deq(W) x + bias) + scaling * B ((A x) * rank_scale),
+// h = A x where h is not null. The same sums, in the same order, as pk_lora_token_f32 over the dequantized weight;
+// each row is decoded next to its dot product (no dequantized weight: 1/8 of its bytes are read). Rows are split
+// over `threads` OpenMP threads from 2^18 elements. Returns 0 on success.
+PK_CLONES int pk_nf4_token_f32(const float* x, const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+                               const float* absmax2, const float* code8, float offset, int64_t nested_blocksize,
+                               const float* code, int64_t blocksize, int dtype, const float* bias, const float* a,
+                               const float* b, const float* rank_scale, float scaling, int64_t in, int64_t out,
+                               int64_t r, int threads, float* y, float* h) {
+  if (in < 0 || out < 0 || blocksize <= 0 || (blocksize & 1) || dtype < 0 || dtype > 2 || (a && r < 1)) return 1;
+  if (!absmax && (!qabsmax || !absmax2 || !code8 || nested_blocksize <= 0)) return 1;
+  const BlockScale scale{absmax, qabsmax, absmax2, code8, offset, nested_blocksize};
+  const std::vector<float> he = a ? peftkern::token::shrink(x, a, rank_scale, in, r, h) : std::vector<float>();
+  const Lookup32 lookup = lookup32();
+#pragma omp parallel num_threads(threads) if (threads > 1 && in * out >= (int64_t(1) << 18))
+  {
+    std::vector<float> w(in);
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < out; ++o) {
+      decode_run(packed, scale, code, blocksize, dtype, lookup, o * in, in, w.data());
+      y[o] = peftkern::token::dot(w.data(), x, in);
+      if (bias != nullptr) y[o] += bias[o];
+      if (a != nullptr) y[o] += scaling * peftkern::token::dot(b + o * r, he.data(), r);
+    }
+  }
+  return 0;
+}
 
 // packed [ceil(n/2)] (high nibble first, an odd n pads code 7), absmax [ceil(n/blocksize)]; returns 0 on success.
 int pk_nf4_quantize_cpu(const void* w, int dtype, int64_t n, int64_t blocksize, const float* code, uint8_t* packed,

@@ -3,34 +3,16 @@
 // Why: at decode sizes a torch op costs ~2-3 us of dispatch before its arithmetic and such a layer needs three to
 // five of them; this is one ctypes call (peftkern/_native.py). Single-threaded: the torch paths take larger weights.
 // Sums run in a fixed order on any x86-64 (16 partial sums a dot product, no FMA contraction): the same bits from
-// every clone below.
-#include <cstdint>
-#include <vector>
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define PK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define PK_CLONES
-#endif
+// every clone below (token.h).
+#include "token.h"
 
 namespace {
 
-constexpr int kLanes = 16;
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
+using peftkern::token::dot;
 
 // y [out] = W x + bias; W [out, in] row-major, or stored [in, out] (a transformers Conv1D's weight) when in_major.
-inline void base(const float* x, const float* w, bool in_major, const float* bias, int64_t in, int64_t out,
-                 float* y) {
+PK_INLINE void base(const float* x, const float* w, bool in_major, const float* bias, int64_t in, int64_t out,
+                    float* y) {
   if (in_major) {
     for (int64_t o = 0; o < out; ++o) y[o] = 0.f;
     for (int64_t i = 0; i < in; ++i) {
@@ -55,14 +37,9 @@ PK_CLONES int pk_lora_token_f32(const float* x, const float* w, int w_in_major, 
                                 const float* b, const float* rank_scale, float scaling, int64_t in, int64_t out,
                                 int64_t r, float* y, float* h) {
   if (in < 0 || out < 0 || r < 1) return 1;
-  std::vector<float> he(r);
-  for (int64_t k = 0; k < r; ++k) {
-    const float hk = dot(a + k * in, x, in);
-    if (h != nullptr) h[k] = hk;
-    he[k] = rank_scale != nullptr ? hk * rank_scale[k] : hk;
-  }
+  const std::vector<float> he = peftkern::token::shrink(x, a, rank_scale, in, r, h);
   base(x, w, w_in_major != 0, bias, in, out, y);
-  for (int64_t o = 0; o < out; ++o) y[o] += scaling * dot(b + o * r, he.data(), r);
+  peftkern::token::expand(b, he.data(), scaling, out, r, y);
   return 0;
 }
 

@@ -8,7 +8,7 @@ import torch
 import peftkern as pk
 from peftkern.measure import SavedBytes
 from peftkern.ops.lora.reference import lora_linear_reference
-from tests._helpers import DEVICE, assert_close, backends, shape_id
+from tests._helpers import DEVICE, assert_close, backends, poison_, shape_id
 
 SCALING = 0.75
 # (N, in, out, r); 160 rows: past the Triton path's DEQUANTIZE_ROWS, where it dequantizes W for the LoRA kernels
@@ -119,6 +119,62 @@ def test_qlora_is_lora_on_the_dequantized_weight(p, rows, backend):
             assert torch.equal(a, b), name
         else:
             torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * b.abs().max().item(), msg=name)
+
+
+# (in, out, blocksize): blocks spanning rows and rows starting mid-byte (odd in), one block a row, several
+TOKEN_SHAPES = [(37, 29, 64), (64, 96, 64), (130, 29, 32)]
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain-absmax"])
+@pytest.mark.parametrize("lora", [True, False], ids=["qlora", "nf4"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("dims", TOKEN_SHAPES, ids=[shape_id(I=i, O=o, B=b) for i, o, b in TOKEN_SHAPES])
+def test_cpu_token_kernel(dims, dtype, lora, nested):
+    """One fp32 token through csrc/cpu's NF4 kernel (a CPU decode step of a 4-bit model): the bits of the LoRA
+    kernel over the dequantized weight (each value decoded exactly, in the weight's dtype), every output written
+    (NaN-poisoned), right against fp64; an inference call under auto runs it on the weight's own state."""
+    from peftkern.ops.lora import torch_impl as lora_impl
+    from peftkern.ops.nf4 import torch_impl
+
+    I, O, blocksize = dims
+    g = torch.Generator().manual_seed(I)
+    q = pk.nf4.quantize((torch.randn(O, I, generator=g) * I ** -0.5).to(dtype), blocksize, double_quant=nested)
+    x, bias, A, B, e = (torch.randn(*s, generator=g) for s in ((1, I), (O,), (3, I), (O, 3), (3,)))
+    adapter = (A, B, e, SCALING) if lora else None
+    y, h = (poison_(torch.empty(1, n)) for n in (O, 3))
+    state = (q.packed, q.block_absmax(), q.code, blocksize, q.shape, q.dtype, bias)
+    out = torch_impl.nf4_token(x, *state, adapter, out=(y, h) if lora else y)
+    assert (out[0] if lora else out) is y
+    w = q.dequantize().float()
+    if lora:
+        expect = lora_impl.lora_token(x, w, bias, A, B, e, SCALING)
+        assert torch.equal(y, expect[0]) and torch.equal(h, expect[1])
+        ref = lora_linear_reference(x.double(), w.double(), bias.double(), A.double(), B.double(), SCALING,
+                                    rank_scale=e.double())
+    else:
+        ref = x.double() @ w.double().t() + bias.double()
+    assert_close(y, ref, name="y")
+    with torch.inference_mode():
+        direct = (pk.qlora_linear(x[None], q, bias, A, B, SCALING, rank_scale=e) if lora
+                  else pk.nf4_linear(x[None], q, bias))
+    assert torch.equal(direct, y[None])
+
+
+def test_cpu_token_kernel_threads_give_the_same_bits():
+    """From 2^18 weight elements the rows are split over torch's thread count: the same bits as one thread."""
+    from peftkern.ops.nf4 import torch_impl
+
+    q = pk.nf4.quantize(torch.randn(512, 512) / 23)
+    x = torch.randn(1, 512)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(torch_impl.nf4_token(x, q.packed, q.block_absmax(), q.code, 64, q.shape, q.dtype, None))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*outs)
 
 
 def test_qlora_keeps_no_dequantized_weight_for_backward():

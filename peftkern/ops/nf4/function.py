@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ... import _validate as V
 from ...backend import get_backend, resolve, run
+from .. import custom_op as custom_ops
 from ..custom_op import custom_op, rows, unrows
 from ..lora.function import check_adapter_args, new_seed, seed_int
 from . import torch_impl
@@ -271,20 +272,34 @@ def _state(q: NF4Tensor) -> tuple:
     return q.packed, q.block_absmax(), q.code, q.blocksize, list(q.shape), q.dtype
 
 
+def _token(direct: bool, x: Tensor, q: NF4Tensor, bias: Optional[Tensor], lora=None):
+    """An eager CPU inference call of one fp32 token under "auto" (``direct``: what the check said of x's signature)
+    by :func:`torch_impl.nf4_token` on the weight's own (nested) state: no op, no decoded block scales. None where
+    that does not apply."""
+    if not (direct and x.numel() == x.shape[-1] > 0 and x.dtype == torch.float32 and get_backend() == "auto"
+            and custom_ops.eager(x)):
+        return None
+    nested = (q.qabsmax, q.absmax2, q.offset, q.code8, q.nested_blocksize) if q.double_quant else None
+    out = torch_impl.nf4_token(rows(x), q.packed, q.absmax, q.code, q.blocksize, q.shape, q.dtype, bias, lora,
+                               nested=nested, need_h=False)
+    return None if out is None else unrows(out if lora is None else out[0], x)
+
+
 def nf4_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``y = x dequant(weight)^T + bias`` with ``weight`` an NF4Tensor [out, in]; x has any leading shape. Gradients
     reach x (``dx = dy dequant(weight)``) and a trainable bias; the 4-bit weight is frozen."""
-    V.checked(_check_nf4_linear, x, weight, bias)
-    return nf4_matmul(x, *_state(weight), True, bias, get_backend())
+    y = _token(V.checked(_check_nf4_linear, x, weight, bias), x, weight, bias)
+    return y if y is not None else nf4_matmul(x, *_state(weight), True, bias, get_backend())
 
 
-def _check_nf4_linear(x, weight, bias) -> None:
+def _check_nf4_linear(x, weight, bias) -> bool:
     _check_nf4_weight(weight, x)
     if bias is not None:
         V.tensor("bias", bias, ndim=1)
         V.shape("bias", bias, (weight.shape[0],), "[out]")
         V.same_dtype("x", x, autocast=True, bias=bias)
         V.same_device("x", x, bias=bias)
+    return custom_ops.cpu_inference(x)
 
 
 @custom_op("peftkern::qlora_forward")
@@ -356,15 +371,19 @@ def qlora_linear(x: Tensor, weight: NF4Tensor, bias: Optional[Tensor], lora_A: T
     As :func:`peftkern.lora_linear`, with ``weight`` an NF4Tensor [out, in]: what autograd keeps for backward is x,
     the rank-sized h, a dropout seed and the 4-bit state, never a dequantized weight.
     """
-    V.checked(_check_qlora, x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
+    direct = V.checked(_check_qlora, x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
     p = float(dropout_p) if training else 0.0
+    y = _token(direct, x, weight, bias, (lora_A, lora_B, rank_scale, float(scaling))) if p == 0.0 else None
+    if y is not None:
+        return y
     return qlora_forward(x, *_state(weight), bias, lora_A, lora_B, rank_scale, float(scaling), p,
                          new_seed() if p > 0.0 else None, get_backend())[0]
 
 
-def _check_qlora(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale) -> None:
+def _check_qlora(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rank_scale) -> bool:
     _check_nf4_weight(weight, x)
     check_adapter_args(x, tuple(weight.shape), bias, lora_A, lora_B, scaling, dropout_p, rank_scale)
+    return custom_ops.cpu_inference(x)
 
 
 __all__ = ["NF4Tensor", "quantize", "dequantize", "nf4_linear", "qlora_linear", "BLOCKSIZES"]

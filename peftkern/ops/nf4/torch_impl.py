@@ -164,11 +164,58 @@ def _weight(packed, absmax, code, blocksize: int, shape, weight_dtype: torch.dty
     return dequantize(packed, absmax, blocksize, code, tuple(shape), weight_dtype).to(dtype)
 
 
+_P, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_NF4_TOKEN = [_P, _P, _P, _P, _P, _P, _FLOAT, _I64, _P, _I64, _INT, _P, _P, _P, _P, _FLOAT, _I64, _I64, _I64, _INT,
+              _P, _P]
+
+
+def nf4_token(x, packed, absmax, code, blocksize: int, shape, weight_dtype: torch.dtype, bias, lora=None, *,
+              nested=None, need_h: bool = True, out=None):
+    """One fp32 token x [1, in] through the NF4 weight and, given ``lora`` = (A, B, rank_scale, scaling), its LoRA
+    term, by csrc/cpu's kernel: y [1, out] (without ``lora``) or (y, h [1, r] or None without ``need_h``); None
+    where it does not apply (the library missing, tensors not fp32 / not packed). Each row is decoded beside its dot
+    product: the dequantized weight is never formed, and y's bits are those of :func:`peftkern.ops.lora.torch_impl.
+    lora_token` over it. ``nested`` = (qabsmax, absmax2, offset, code8, nested_blocksize) instead of ``absmax``: the
+    block scales decoded inside. ``out``: the y (with ``lora``: the (y, h)) to write (tests poison them)."""
+    fn = _native.cpu_function(x, "pk_nf4_token_f32", _NF4_TOKEN)
+    fp32 = _native.packed_fp32
+    A, B, rank_scale, scaling = lora if lora is not None else (None, None, None, 0.0)
+    if (fn is None or not (fp32(x) and fp32(bias) and fp32(A) and fp32(B) and fp32(rank_scale) and fp32(code))
+            or not packed.is_contiguous()):
+        return None
+    if nested is None:
+        if not fp32(absmax):
+            return None
+        qabsmax = absmax2 = code8 = None
+        offset, nested_bs = 0.0, 0
+    else:
+        qabsmax, absmax2, offset, code8, nested_bs = nested
+        if not (qabsmax.is_contiguous() and fp32(absmax2) and fp32(code8)):
+            return None
+        offset = float(offset)
+    (o, i), r = shape, 0 if A is None else A.shape[0]
+    if out is None:
+        y, h = x.new_empty(1, o), x.new_empty(1, r) if A is not None and need_h else None
+    else:
+        y, h = (out, None) if lora is None else out
+    ptr = _native.ptr
+    if fn(x.data_ptr(), packed.data_ptr(), ptr(absmax), ptr(qabsmax), ptr(absmax2), ptr(code8), offset, nested_bs,
+          code.data_ptr(), blocksize, _CPU_DTYPES[weight_dtype], ptr(bias), ptr(A), ptr(B), ptr(rank_scale), scaling,
+          i, o, r, torch.get_num_threads(), y.data_ptr(), ptr(h)) != 0:
+        raise RuntimeError("pk_nf4_token_f32 refused its arguments")
+    return y if lora is None else (y, h)
+
+
 @register("nf4_matmul", "torch")
 def nf4_matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype: torch.dtype, transpose_w: bool,
                bias=None):
     """``a deq(W)^T + bias`` ([N, in] -> [N, out]) when ``transpose_w``, else ``a deq(W)`` ([N, out] -> [N, in]);
-    W [out, in] dequantized transiently (the CPU path: one dense GEMM beats dequantizing per tile here)."""
+    W [out, in] dequantized transiently (the CPU path: one dense GEMM beats dequantizing per tile here; one fp32
+    token: :func:`nf4_token`)."""
+    if transpose_w and a.shape[0] == 1 and a.dtype == torch.float32:
+        y = nf4_token(a, packed, absmax, code, blocksize, shape, weight_dtype, bias)
+        if y is not None:
+            return y
     w = _weight(packed, absmax, code, blocksize, shape, weight_dtype, a.dtype)
     if not transpose_w:
         return a @ w
@@ -178,7 +225,13 @@ def nf4_matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype: tor
 @register("qlora_forward", "torch")
 def qlora_forward(x, packed, absmax, code, blocksize: int, shape, weight_dtype, bias, lora_A, lora_B, rank_scale,
                   scaling: float, dropout_p: float, seed):
-    """(y, h) of LoRA over the NF4 base: the LoRA family's torch path on the transiently dequantized weight."""
+    """(y, h) of LoRA over the NF4 base: the LoRA family's torch path on the transiently dequantized weight (one
+    fp32 token without dropout: :func:`nf4_token`)."""
+    if x.shape[0] == 1 and x.dtype == torch.float32 and not dropout_p:
+        out = nf4_token(x, packed, absmax, code, blocksize, shape, weight_dtype, bias,
+                        (lora_A, lora_B, rank_scale, scaling))
+        if out is not None:
+            return out
     w = _weight(packed, absmax, code, blocksize, shape, weight_dtype, x.dtype)
     return lora_torch.lora_forward(x, w, bias, lora_A, lora_B, rank_scale, scaling, dropout_p, seed)
 
