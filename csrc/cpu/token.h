@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)  // ifunc: ELF and glibc
 #define PK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define PK_CLONES
