@@ -52,7 +52,7 @@ def test_overhead_benchmark_runs_every_family(tmp_path):
     assert {r["family"] for r in res["rows"]} == set(bench_overhead.FAMILIES)
     assert rows["lora", "decode", "nn.Linear"]["target"] == 2.0
     assert {("lora", "model step", "PEFT"), ("lora", "generate 16 tokens", "PEFT"), ("qlora", "model step", "PEFT"),
-            ("prefix", "model step", "PEFT prefix tuning")} <= set(rows)
+            ("qlora", "generate 16 tokens", "PEFT"), ("prefix", "model step", "PEFT prefix tuning")} <= set(rows)
     for r in res["rows"]:
         assert r["ratio"] > 0 and r["ours_us"] > 0 and r["peer_us"] > 0 and r["met"] in ("yes", "no")
     assert len(json.loads((tmp_path / "o.json").read_text())["rows"]) == len(res["rows"])

@@ -18,7 +18,7 @@ another process holds stalls them by milliseconds.
 * ``model``: a training step (forward, loss, backward) of a tiny Llama (2 layers, hidden 32; 64 for QLoRA, whose
   bitsandbytes peer needs rows of whole 64-value blocks) patched by ``pk.patch`` vs ``peft.get_peft_model`` on
   all its linear layers (prefix attention: ``p_tuning_v2`` vs PEFT's prefix tuning); ``generate``: greedy decoding
-  of 16 tokens with a KV cache through the LoRA model (target: at or below: more tokens per second).
+  of 16 tokens with a KV cache through the LoRA and QLoRA models (target: at or below: more tokens per second).
 
 Peers: PEFT's ``lora.Linear`` (LoRA, DoRA), over bitsandbytes' ``Linear4bit`` for QLoRA (the model loaded in 4 bits
 by transformers, as users load it); the eager adapter ``nn.Linear -> GELU -> nn.Linear + h`` (PEFT has no bottleneck
@@ -204,7 +204,7 @@ def bench_lora_family(family: str, reps: int, seconds: float, device: str) -> li
     batch = _batch(device)
     rows.append(compare(family, "model step", f"llama h{hidden} 2x16", _train_step(ours_model, batch),
                         _train_step(peer_model, batch), "PEFT", 1.0, reps, seconds * 4, device))
-    if family == "lora":
+    if family in ("lora", "qlora"):
         prompt = batch["input_ids"][:1, :4]
 
         def generate(model):
@@ -212,7 +212,7 @@ def bench_lora_family(family: str, reps: int, seconds: float, device: str) -> li
             model.generation_config.eos_token_id = None
             return lambda: model.generate(input_ids=prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)
 
-        rows.append(compare(family, "generate 16 tokens", "llama h32 1x4", generate(ours_model),
+        rows.append(compare(family, "generate 16 tokens", f"llama h{hidden} 1x4", generate(ours_model),
                             generate(peer_model), "PEFT", 1.0, reps, seconds * 4, device, inference=True))
     return rows
 
