@@ -75,10 +75,13 @@ def packed_fp32(t) -> bool:
     return t is None or (t.dtype == torch.float32 and t.is_contiguous())
 
 
+CPU_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the CPU kernels' dtype codes
+
+
 def token_weight_layout(weight) -> Optional[int]:
-    """How the CPU token kernels read an fp32 [out, in] weight of at most ``TOKEN_MAX_WEIGHT`` elements: 0 row-major,
-    1 the transpose of a row-major [in, out] one (a transformers Conv1D's, as layers pass it); None: neither."""
-    if weight.dtype != torch.float32 or weight.numel() > TOKEN_MAX_WEIGHT:
+    """How the CPU token kernels read an [out, in] weight of at most ``TOKEN_MAX_WEIGHT`` elements: 0 row-major, 1 the
+    transpose of a row-major [in, out] one (a transformers Conv1D's, as layers pass it); None: neither."""
+    if weight.numel() > TOKEN_MAX_WEIGHT:
         return None
     if weight.is_contiguous():
         return 0

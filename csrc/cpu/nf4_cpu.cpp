@@ -1,7 +1,6 @@
 // NF4 quantize / dequantize on the CPU (peftkern/ops/nf4/README.md has the math), bit-exact with bitsandbytes.
 // Plain C++ with OpenMP over blocks, extern "C" entry points called through ctypes (peftkern/_cpu_lib.py).
 // dtype codes: 0 = float32, 1 = float16, 2 = bfloat16.
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #if defined(__x86_64__)
@@ -15,36 +14,7 @@
 
 namespace {
 
-inline float bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
-inline uint32_t float_to_bits(float f) { uint32_t b; std::memcpy(&b, &f, 4); return b; }
-
-inline float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even (finite inputs)
-  uint32_t b = float_to_bits(f);
-  return uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-
-inline float fp16_to_float(uint16_t h) {
-  uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-  if (exp == 0x1F) return bits_to_float(sign | 0x7F800000u | (man << 13));
-  if (exp == 0) {  // zero or subnormal: man * 2^-24
-    float v = float(man) * 5.9604644775390625e-08f;
-    return sign ? -v : v;
-  }
-  return bits_to_float(sign | ((exp + 112) << 23) | (man << 13));
-}
-
-inline uint16_t float_to_fp16(float f) {  // round to nearest even (finite inputs; overflow gives inf)
-  uint32_t b = float_to_bits(f), sign = (b >> 16) & 0x8000u;
-  uint32_t a = b & 0x7FFFFFFFu;
-  if (a >= 0x477FF000u) return uint16_t(sign | 0x7C00u);  // rounds to >= 65520: inf
-  if (a < 0x38800000u) {  // below 2^-14: a subnormal half, the count of 2^-24 steps rounded to nearest even
-    return uint16_t(sign | uint32_t(std::nearbyint(bits_to_float(a) * 16777216.0f)));  // the scale is exact
-  }
-  uint32_t r = a + 0x0FFFu + ((a >> 13) & 1u);  // round the 13 dropped mantissa bits
-  return uint16_t(sign | ((r - 0x38000000u) >> 13));
-}
+using namespace peftkern::token;  // the fp16 / bf16 conversions
 
 template <int DT> inline float load(const void* p, int64_t i) {
   if (DT == 0) return static_cast<const float*>(p)[i];
@@ -293,10 +263,10 @@ void advise_huge_pages(void* p, int64_t bytes) {
 #endif
 }
 
-// w [n] fp32: elements [e0, e0 + n) of the weight, each fp32(dtype(fp32(code[q] * absmax_j))): the values the
-// dequantized weight holds, read back in fp32.
+// w [n] fp32: elements [e0, e0 + n) of the weight, each fp32(dtype(fp32(code[q] * absmax_j))) (the values the
+// dequantized weight holds), cast to x's dtype xdtype as the torch path casts that weight, read back in fp32.
 PK_INLINE void decode_run(const uint8_t* packed, const BlockScale& scale, const float* code, int64_t blocksize,
-                          int dtype, Lookup32 lookup, int64_t e0, int64_t n, float* w) {
+                          int dtype, int xdtype, Lookup32 lookup, int64_t e0, int64_t n, float* w) {
   for (int64_t e = e0, end = e0 + n; e < end;) {
     const int64_t j = e / blocksize, stop = (j + 1) * blocksize < end ? (j + 1) * blocksize : end;
     const float am = scale(j);
@@ -306,6 +276,8 @@ PK_INLINE void decode_run(const uint8_t* packed, const BlockScale& scale, const 
       for (int k = 0; k < 16; ++k) table[k] = fp16_to_float(float_to_fp16(table[k]));
     else if (dtype == 2)
       for (int k = 0; k < 16; ++k) table[k] = bf16_to_float(float_to_bf16(table[k]));
+    if (xdtype != 0 && xdtype != dtype)
+      for (int k = 0; k < 16; ++k) table[k] = round_to(xdtype, table[k]);
     if (e & 1) w[e - e0] = table[packed[e >> 1] & 0xF], ++e;
     const int64_t pairs = (stop - e) / 2;
     lookup(packed, e >> 1, (e >> 1) + pairs, table, w + (e - e0));
@@ -318,30 +290,33 @@ PK_INLINE void decode_run(const uint8_t* packed, const BlockScale& scale, const 
 
 extern "C" {
 
-// One fp32 token x [in] through an NF4 weight [out, in] (its state as pk_nf4_dequantize_cpu takes it, the weight's
-// dtype as dtype) and a LoRA term (a null: none): y [out] = (deq(W) x + bias) + scaling * B ((A x) * rank_scale),
-// h = A x where h is not null. The same sums, in the same order, as pk_lora_token_f32 over the dequantized weight;
-// each row is decoded next to its dot product (no dequantized weight: 1/8 of its bytes are read). Rows are split
-// over `threads` OpenMP threads from 2^18 elements. Returns 0 on success.
-PK_CLONES int pk_nf4_token_f32(const float* x, const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
-                               const float* absmax2, const float* code8, float offset, int64_t nested_blocksize,
-                               const float* code, int64_t blocksize, int dtype, const float* bias, const float* a,
-                               const float* b, const float* rank_scale, float scaling, int64_t in, int64_t out,
-                               int64_t r, int threads, float* y, float* h) {
-  if (in < 0 || out < 0 || blocksize <= 0 || (blocksize & 1) || dtype < 0 || dtype > 2 || (a && r < 1)) return 1;
+// One token x [in] through an NF4 weight [out, in] (its state as pk_nf4_dequantize_cpu takes it, the weight's dtype
+// as dtype) and a LoRA term (a null: none): y [out] = round(round(deq(W) x + bias) + scaling * B ((A x) *
+// rank_scale)) (token.h's finish), h = A x where h is not null. x, bias and y in xdtype (0 fp32, 1 fp16, 2 bf16), the
+// adapters fp32. The same sums, in the same order, as pk_lora_token over the dequantized weight cast to x's dtype;
+// each row is decoded next to its dot product (no dequantized weight: 1/8 of its bytes are read). Rows are split over
+// `threads` OpenMP threads from 2^18 elements. Returns 0 on success.
+PK_CLONES int pk_nf4_token(const void* x, const uint8_t* packed, const float* absmax, const uint8_t* qabsmax,
+                           const float* absmax2, const float* code8, float offset, int64_t nested_blocksize,
+                           const float* code, int64_t blocksize, int dtype, int xdtype, const void* bias,
+                           const float* a, const float* b, const float* rank_scale, float scaling, int64_t in,
+                           int64_t out, int64_t r, int threads, void* y, float* h) {
+  if (in < 0 || out < 0 || blocksize <= 0 || (blocksize & 1) || dtype < 0 || dtype > 2 || xdtype < 0 || xdtype > 2 ||
+      (a && r < 1))
+    return 1;
   if (!absmax && (!qabsmax || !absmax2 || !code8 || nested_blocksize <= 0)) return 1;
   const BlockScale scale{absmax, qabsmax, absmax2, code8, offset, nested_blocksize};
-  const std::vector<float> he = a ? peftkern::token::shrink(x, a, rank_scale, in, r, h) : std::vector<float>();
+  std::vector<float> xbuf;
+  const float* xf = as_f32(x, xdtype, in, xbuf);
+  const std::vector<float> he = a ? shrink(xf, a, rank_scale, in, r, h) : std::vector<float>();
   const Lookup32 lookup = lookup32();
 #pragma omp parallel num_threads(threads) if (threads > 1 && in * out >= (int64_t(1) << 18))
   {
     std::vector<float> w(in);
 #pragma omp for schedule(static)
     for (int64_t o = 0; o < out; ++o) {
-      decode_run(packed, scale, code, blocksize, dtype, lookup, o * in, in, w.data());
-      y[o] = peftkern::token::dot(w.data(), x, in);
-      if (bias != nullptr) y[o] += bias[o];
-      if (a != nullptr) y[o] += scaling * peftkern::token::dot(b + o * r, he.data(), r);
+      decode_run(packed, scale, code, blocksize, dtype, xdtype, lookup, o * in, in, w.data());
+      finish_row(o, dot(w.data(), xf, in), bias, b, a ? he.data() : nullptr, scaling, r, xdtype, y);
     }
   }
   return 0;

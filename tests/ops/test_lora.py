@@ -350,44 +350,54 @@ def test_promote_output_keeps_the_lora_dtype(backend):
 TOKEN_SHAPES = [(13, 7, 1), (37, 29, 3), (64, 96, 16), (130, 29, 40)]  # in below, at, past 16-wide chunks
 
 
-def _token_case(I, O, R, bias, layout):
-    """A one-token fp32 case; the weight as LoRALinear passes a Conv1D's (the transpose of a row-major [in, out])."""
-    case = make_case(1, I, O, R, bias=bias, rank_scale=bias, seed=I)
+TOKEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _token_case(I, O, R, bias, layout, dtype=torch.float32):
+    """A one-token case (half x, W and b under fp32 adapters, as PEFT keeps them); the weight as LoRALinear passes a
+    Conv1D's (the transpose of a row-major [in, out])."""
+    case = make_case(1, I, O, R, dtype=dtype, adapter_dtype=torch.float32, bias=bias, rank_scale=bias, seed=I)
     if layout == "conv1d":
         case.weight = case.weight.t().contiguous().t()
     return case
 
 
+@pytest.mark.parametrize("dtype", TOKEN_DTYPES.values(), ids=TOKEN_DTYPES.keys())
 @pytest.mark.parametrize("layout", ["rows", "conv1d"])
 @pytest.mark.parametrize("extras", [True, False], ids=["bias+rank_scale", "plain"])
 @pytest.mark.parametrize("shape", TOKEN_SHAPES, ids=[shape_id(I=i, O=o, R=r) for i, o, r in TOKEN_SHAPES])
-def test_cpu_token_kernel(shape, extras, layout):
-    """One fp32 token through csrc/cpu's kernel (a CPU decode step): y and h against fp64, every element written
-    (NaN-poisoned outputs), and the op (forward and gradients) at one row as right as at any other."""
+def test_cpu_token_kernel(shape, extras, layout, dtype):
+    """One token through csrc/cpu's kernel (a CPU decode step): y (x's dtype) and h (fp32) against fp64, a half y
+    within twice eager's error, every element written (NaN-poisoned outputs), an eager inference call the same bits,
+    and the op (forward and gradients) at one row as right as at any other."""
     from peftkern.ops.lora import torch_impl
 
-    case = _token_case(*shape, extras, layout)
+    case = _token_case(*shape, extras, layout, dtype)
     t = case.tensors()
-    y, h = poison_(torch.empty(1, shape[1])), poison_(torch.empty(1, shape[2]))
+    y, h = poison_(torch.empty(1, shape[1], dtype=dtype)), poison_(torch.empty(1, shape[2]))
     args = (t["x"], t["weight"], t["bias"], t["lora_A"], t["lora_B"], t["rank_scale"], SCALING)
     assert torch_impl.lora_token(*args, out=(y, h)) is not None
-    ref = run_reference(case)[0]
-    assert_close(y, ref, name="y")
+    ref, eager = run_reference(case), run_eager(case)
+    assert_close(y, ref[0], eager=eager[0], name="y")
     h_ref = t["x"].double() @ t["lora_A"].double().t()
     assert_close(h, h_ref, name="h")
     assert torch_impl.lora_token(*args, need_h=False)[1] is None
+    with torch.inference_mode():
+        direct = pk.lora_linear(t["x"][None], t["weight"], t["bias"], t["lora_A"], t["lora_B"], SCALING,
+                                rank_scale=t["rank_scale"])
+    assert torch.equal(direct, y[None])
     with pk.use_backend("torch"):
-        check_all(run_op("torch", case), run_reference(case), what="op")
+        check_all(run_op("torch", case), ref, eager, what="op")
 
 
-@pytest.mark.parametrize("why", ["no-library", "large-weight", "A-transposed", "fp64", "bf16-base"])
+@pytest.mark.parametrize("why", ["no-library", "large-weight", "A-transposed", "fp64", "bf16-adapters"])
 def test_cpu_token_kernel_declines(why, monkeypatch):
     """Where the kernel does not apply, the torch path computes the token (as right)."""
     from peftkern import _native
     from peftkern.ops.lora import torch_impl
 
-    dtype = {"fp64": torch.float64, "bf16-base": torch.bfloat16}.get(why, torch.float32)
-    case = make_case(1, 37, 29, 3, dtype=dtype, adapter_dtype=torch.float32 if why == "bf16-base" else None)
+    dtype = {"fp64": torch.float64, "bf16-adapters": torch.bfloat16}.get(why, torch.float32)
+    case = make_case(1, 37, 29, 3, dtype=dtype)
     if why == "no-library":
         monkeypatch.setattr(_native, "USE_CPU_LIBRARY", False)
     if why == "large-weight":

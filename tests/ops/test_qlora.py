@@ -125,14 +125,16 @@ def test_qlora_is_lora_on_the_dequantized_weight(p, rows, backend):
 TOKEN_SHAPES = [(37, 29, 64), (64, 96, 64), (130, 29, 32)]
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["x-fp32", "x-bf16"])
 @pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "plain-absmax"])
 @pytest.mark.parametrize("lora", [True, False], ids=["qlora", "nf4"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("dims", TOKEN_SHAPES, ids=[shape_id(I=i, O=o, B=b) for i, o, b in TOKEN_SHAPES])
-def test_cpu_token_kernel(dims, dtype, lora, nested):
-    """One fp32 token through csrc/cpu's NF4 kernel (a CPU decode step of a 4-bit model): the bits of the LoRA
-    kernel over the dequantized weight (each value decoded exactly, in the weight's dtype), every output written
-    (NaN-poisoned), right against fp64; an inference call under auto runs it on the weight's own state."""
+def test_cpu_token_kernel(dims, dtype, lora, nested, x_dtype):
+    """One token through csrc/cpu's NF4 kernel (a CPU decode step of a 4-bit model; x and its bias fp32 or bf16, the
+    adapters fp32): the bits of the LoRA kernel over the dequantized weight cast to x's dtype (each value decoded
+    exactly), every output written (NaN-poisoned), right against fp64 (bf16: within twice eager's error); an
+    inference call under auto runs it on the weight's own state."""
     from peftkern.ops.lora import torch_impl as lora_impl
     from peftkern.ops.nf4 import torch_impl
 
@@ -140,20 +142,23 @@ def test_cpu_token_kernel(dims, dtype, lora, nested):
     g = torch.Generator().manual_seed(I)
     q = pk.nf4.quantize((torch.randn(O, I, generator=g) * I ** -0.5).to(dtype), blocksize, double_quant=nested)
     x, bias, A, B, e = (torch.randn(*s, generator=g) for s in ((1, I), (O,), (3, I), (O, 3), (3,)))
+    x, bias = x.to(x_dtype), bias.to(x_dtype)
     adapter = (A, B, e, SCALING) if lora else None
-    y, h = (poison_(torch.empty(1, n)) for n in (O, 3))
+    y, h = poison_(torch.empty(1, O, dtype=x_dtype)), poison_(torch.empty(1, 3))
     state = (q.packed, q.block_absmax(), q.code, blocksize, q.shape, q.dtype, bias)
     out = torch_impl.nf4_token(x, *state, adapter, out=(y, h) if lora else y)
     assert (out[0] if lora else out) is y
-    w = q.dequantize().float()
+    w = q.dequantize().to(x_dtype)
     if lora:
         expect = lora_impl.lora_token(x, w, bias, A, B, e, SCALING)
         assert torch.equal(y, expect[0]) and torch.equal(h, expect[1])
         ref = lora_linear_reference(x.double(), w.double(), bias.double(), A.double(), B.double(), SCALING,
                                     rank_scale=e.double())
+        eager = (torch.nn.functional.linear(x, w, bias).float() + SCALING * ((x.float() @ A.t()) * e) @ B.t())
     else:
         ref = x.double() @ w.double().t() + bias.double()
-    assert_close(y, ref, name="y")
+        eager = torch.nn.functional.linear(x, w, bias)
+    assert_close(y, ref, eager=eager.to(x_dtype), name="y")
     with torch.inference_mode():
         direct = (pk.qlora_linear(x[None], q, bias, A, B, SCALING, rank_scale=e) if lora
                   else pk.nf4_linear(x[None], q, bias))

@@ -62,7 +62,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
     """
     xdt = x.dtype
     ldt = xdt if xdt == lora_A.dtype else torch.promote_types(xdt, lora_A.dtype)  # lora_dtype(x, lora_A)
-    if x.shape[0] == 1 and xdt == torch.float32 and not dropout_p:
+    if x.shape[0] == 1 and not dropout_p and (xdt == torch.float32 or not promote_output):
         out = lora_token(x, weight, bias, lora_A, lora_B, rank_scale, scaling, need_h)
         if out is not None:
             return out
@@ -82,25 +82,30 @@ def lora_forward(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, dr
 
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_LORA_TOKEN = [_P, _P, ctypes.c_int, _P, _P, _P, _P, ctypes.c_float, _I64, _I64, _I64, _P, _P]
+_LORA_TOKEN = [_P, _P, ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, ctypes.c_float, _I64, _I64, _I64, _P, _P]
 
 
 def lora_token(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, need_h: bool = True, out=None):
-    """(y [1, out], h [1, r] or None without ``need_h``) of one fp32 token without dropout by csrc/cpu's kernel
-    (README.md's forward in one call), or None where it does not apply: the library missing, a weight over
-    ``_native.TOKEN_MAX_WEIGHT`` or in another layout, tensors not fp32 or not packed. ``out``: the (y, h) to write
+    """(y [1, out] in x's dtype, h [1, r] fp32 or None without ``need_h``) of one token without dropout by csrc/cpu's
+    kernel (README.md's forward in one call; x, W and b in fp32, fp16 or bf16, the adapters in fp32, as PEFT keeps
+    them over a half base: the torch path's roundings, its base rounded to x's dtype then the fp32 LoRA term added
+    and rounded once), or None where it does not apply: the library missing, a weight over
+    ``_native.TOKEN_MAX_WEIGHT`` or in another layout, other dtypes, tensors not packed. ``out``: the (y, h) to write
     (tests poison them)."""
-    fn = _native.cpu_function(x, "pk_lora_token_f32", _LORA_TOKEN)
-    layout = None if fn is None else _native.token_weight_layout(weight)
+    fn = _native.cpu_function(x, "pk_lora_token", _LORA_TOKEN)
+    dtype = _native.CPU_DTYPES.get(x.dtype)
+    layout = None if fn is None or dtype is None else _native.token_weight_layout(weight)
     fp32 = _native.packed_fp32
-    if layout is None or not (fp32(x) and fp32(lora_A) and fp32(lora_B) and fp32(bias) and fp32(rank_scale)):
+    if (layout is None or weight.dtype != x.dtype or not x.is_contiguous()
+            or not (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+            or not (fp32(lora_A) and fp32(lora_B) and fp32(rank_scale))):
         return None
     (o, i), r = weight.shape, lora_A.shape[0]
-    y, h = out if out is not None else (x.new_empty(1, o), x.new_empty(1, r) if need_h else None)
+    y, h = out if out is not None else (x.new_empty(1, o), lora_A.new_empty(1, r) if need_h else None)
     ptr = _native.ptr
-    if fn(x.data_ptr(), weight.data_ptr(), layout, ptr(bias), lora_A.data_ptr(), lora_B.data_ptr(), ptr(rank_scale),
-          scaling, i, o, r, y.data_ptr(), ptr(h)) != 0:
-        raise RuntimeError("pk_lora_token_f32 refused its arguments")
+    if fn(x.data_ptr(), weight.data_ptr(), layout, ptr(bias), dtype, lora_A.data_ptr(), lora_B.data_ptr(),
+          ptr(rank_scale), scaling, i, o, r, y.data_ptr(), ptr(h)) != 0:
+        raise RuntimeError("pk_lora_token refused its arguments")
     return y, h
 
 

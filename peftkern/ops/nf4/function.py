@@ -273,10 +273,10 @@ def _state(q: NF4Tensor) -> tuple:
 
 
 def _token(direct: bool, x: Tensor, q: NF4Tensor, bias: Optional[Tensor], lora=None):
-    """An eager CPU inference call of one fp32 token under "auto" (``direct``: what the check said of x's signature)
+    """An eager CPU inference call of one token under "auto" (``direct``: what the check said of x's signature)
     by :func:`torch_impl.nf4_token` on the weight's own (nested) state: no op, no decoded block scales. None where
     that does not apply."""
-    if not (direct and x.numel() == x.shape[-1] > 0 and x.dtype == torch.float32 and get_backend() == "auto"
+    if not (direct and x.numel() == x.shape[-1] > 0 and get_backend() == "auto"
             and custom_ops.eager(x)):
         return None
     nested = (q.qabsmax, q.absmax2, q.offset, q.code8, q.nested_blocksize) if q.double_quant else None

@@ -21,7 +21,6 @@ NF4_VALUES = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
               0.7229568362236023, 1.0)
 NESTED_BLOCKSIZE = 256
-_CPU_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _cpu_library(t: torch.Tensor):
@@ -73,7 +72,7 @@ def quantize(w: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch
         packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
         absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
         code = code.contiguous()
-        if lib.pk_nf4_quantize_cpu(w.data_ptr(), _CPU_DTYPES[w.dtype], n, blocksize, code.data_ptr(),
+        if lib.pk_nf4_quantize_cpu(w.data_ptr(), _native.CPU_DTYPES[w.dtype], n, blocksize, code.data_ptr(),
                                    packed.data_ptr(), absmax.data_ptr()) != 0:
             raise RuntimeError("pk_nf4_quantize_cpu refused its arguments")
         return packed, absmax
@@ -136,7 +135,7 @@ def dequantize(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, code:
         out = torch.empty(shape, dtype=dtype)
         packed, absmax, code = packed.contiguous(), absmax.contiguous(), code.contiguous()
         if lib.pk_nf4_dequantize_cpu(packed.data_ptr(), absmax.data_ptr(), None, None, None, 0.0, 0, code.data_ptr(),
-                                     n, blocksize, out.data_ptr(), _CPU_DTYPES[dtype]) != 0:
+                                     n, blocksize, out.data_ptr(), _native.CPU_DTYPES[dtype]) != 0:
             raise RuntimeError("pk_nf4_dequantize_cpu refused its arguments")
         return out
     table = _byte_table(code.to(packed.device))
@@ -154,7 +153,7 @@ def dequantize_nf4(q) -> torch.Tensor:
     t = [x.contiguous() for x in (q.packed, q.qabsmax, q.absmax2, q.code8, q.code)]
     if lib.pk_nf4_dequantize_cpu(t[0].data_ptr(), None, t[1].data_ptr(), t[2].data_ptr(), t[3].data_ptr(),
                                  float(q.offset), q.nested_blocksize, t[4].data_ptr(), q.numel(), q.blocksize,
-                                 out.data_ptr(), _CPU_DTYPES[q.dtype]) != 0:
+                                 out.data_ptr(), _native.CPU_DTYPES[q.dtype]) != 0:
         raise RuntimeError("pk_nf4_dequantize_cpu refused its arguments")
     return out
 
@@ -165,23 +164,26 @@ def _weight(packed, absmax, code, blocksize: int, shape, weight_dtype: torch.dty
 
 
 _P, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-_NF4_TOKEN = [_P, _P, _P, _P, _P, _P, _FLOAT, _I64, _P, _I64, _INT, _P, _P, _P, _P, _FLOAT, _I64, _I64, _I64, _INT,
-              _P, _P]
+_NF4_TOKEN = [_P, _P, _P, _P, _P, _P, _FLOAT, _I64, _P, _I64, _INT, _INT, _P, _P, _P, _P, _FLOAT, _I64, _I64, _I64,
+              _INT, _P, _P]
 
 
 def nf4_token(x, packed, absmax, code, blocksize: int, shape, weight_dtype: torch.dtype, bias, lora=None, *,
               nested=None, need_h: bool = True, out=None):
-    """One fp32 token x [1, in] through the NF4 weight and, given ``lora`` = (A, B, rank_scale, scaling), its LoRA
-    term, by csrc/cpu's kernel: y [1, out] (without ``lora``) or (y, h [1, r] or None without ``need_h``); None
-    where it does not apply (the library missing, tensors not fp32 / not packed). Each row is decoded beside its dot
-    product: the dequantized weight is never formed, and y's bits are those of :func:`peftkern.ops.lora.torch_impl.
-    lora_token` over it. ``nested`` = (qabsmax, absmax2, offset, code8, nested_blocksize) instead of ``absmax``: the
-    block scales decoded inside. ``out``: the y (with ``lora``: the (y, h)) to write (tests poison them)."""
-    fn = _native.cpu_function(x, "pk_nf4_token_f32", _NF4_TOKEN)
+    """One token x [1, in] (fp32, fp16 or bf16, as its bias) through the NF4 weight and, given ``lora`` = (A, B,
+    rank_scale, scaling) in fp32, its LoRA term, by csrc/cpu's kernel: y [1, out] in x's dtype (without ``lora``) or
+    (y, h [1, r] fp32 or None without ``need_h``); None where it does not apply (the library missing, other dtypes,
+    tensors not packed). Each row is decoded beside its dot product: the dequantized weight is never formed, and y's
+    bits are those of :func:`peftkern.ops.lora.torch_impl.lora_token` over it (cast to x's dtype). ``nested`` =
+    (qabsmax, absmax2, offset, code8, nested_blocksize) instead of ``absmax``: the block scales decoded inside.
+    ``out``: the y (with ``lora``: the (y, h)) to write (tests poison them)."""
+    fn = _native.cpu_function(x, "pk_nf4_token", _NF4_TOKEN)
+    xdtype = _native.CPU_DTYPES.get(x.dtype)
     fp32 = _native.packed_fp32
     A, B, rank_scale, scaling = lora if lora is not None else (None, None, None, 0.0)
-    if (fn is None or not (fp32(x) and fp32(bias) and fp32(A) and fp32(B) and fp32(rank_scale) and fp32(code))
-            or not packed.is_contiguous()):
+    if (fn is None or xdtype is None or not x.is_contiguous() or not packed.is_contiguous()
+            or not (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+            or not (fp32(A) and fp32(B) and fp32(rank_scale) and fp32(code))):
         return None
     if nested is None:
         if not fp32(absmax):
@@ -195,14 +197,14 @@ def nf4_token(x, packed, absmax, code, blocksize: int, shape, weight_dtype: torc
         offset = float(offset)
     (o, i), r = shape, 0 if A is None else A.shape[0]
     if out is None:
-        y, h = x.new_empty(1, o), x.new_empty(1, r) if A is not None and need_h else None
+        y, h = x.new_empty(1, o), A.new_empty(1, r) if A is not None and need_h else None
     else:
         y, h = (out, None) if lora is None else out
     ptr = _native.ptr
     if fn(x.data_ptr(), packed.data_ptr(), ptr(absmax), ptr(qabsmax), ptr(absmax2), ptr(code8), offset, nested_bs,
-          code.data_ptr(), blocksize, _CPU_DTYPES[weight_dtype], ptr(bias), ptr(A), ptr(B), ptr(rank_scale), scaling,
-          i, o, r, torch.get_num_threads(), y.data_ptr(), ptr(h)) != 0:
-        raise RuntimeError("pk_nf4_token_f32 refused its arguments")
+          code.data_ptr(), blocksize, _native.CPU_DTYPES[weight_dtype], xdtype, ptr(bias), ptr(A), ptr(B),
+          ptr(rank_scale), scaling, i, o, r, torch.get_num_threads(), y.data_ptr(), ptr(h)) != 0:
+        raise RuntimeError("pk_nf4_token refused its arguments")
     return y if lora is None else (y, h)
 
 
@@ -210,9 +212,9 @@ def nf4_token(x, packed, absmax, code, blocksize: int, shape, weight_dtype: torc
 def nf4_matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype: torch.dtype, transpose_w: bool,
                bias=None):
     """``a deq(W)^T + bias`` ([N, in] -> [N, out]) when ``transpose_w``, else ``a deq(W)`` ([N, out] -> [N, in]);
-    W [out, in] dequantized transiently (the CPU path: one dense GEMM beats dequantizing per tile here; one fp32
+    W [out, in] dequantized transiently (the CPU path: one dense GEMM beats dequantizing per tile here; one
     token: :func:`nf4_token`)."""
-    if transpose_w and a.shape[0] == 1 and a.dtype == torch.float32:
+    if transpose_w and a.shape[0] == 1:
         y = nf4_token(a, packed, absmax, code, blocksize, shape, weight_dtype, bias)
         if y is not None:
             return y
@@ -226,8 +228,8 @@ def nf4_matmul(a, packed, absmax, code, blocksize: int, shape, weight_dtype: tor
 def qlora_forward(x, packed, absmax, code, blocksize: int, shape, weight_dtype, bias, lora_A, lora_B, rank_scale,
                   scaling: float, dropout_p: float, seed):
     """(y, h) of LoRA over the NF4 base: the LoRA family's torch path on the transiently dequantized weight (one
-    fp32 token without dropout: :func:`nf4_token`)."""
-    if x.shape[0] == 1 and x.dtype == torch.float32 and not dropout_p:
+    token without dropout: :func:`nf4_token`)."""
+    if x.shape[0] == 1 and not dropout_p:
         out = nf4_token(x, packed, absmax, code, blocksize, shape, weight_dtype, bias,
                         (lora_A, lora_B, rank_scale, scaling))
         if out is not None:

@@ -261,7 +261,7 @@ def token_forward(x, weight, bias, p: Plan, values, out=None) -> torch.Tensor:
     fn = _native.cpu_function(x, "pk_sparse_token_f32", _SPARSE_TOKEN)
     layout = None if fn is None else _native.token_weight_layout(weight)
     fp32 = _native.packed_fp32
-    if layout is None or not (fp32(x) and fp32(bias) and fp32(values)):
+    if layout is None or weight.dtype != torch.float32 or not (fp32(x) and fp32(bias) and fp32(values)):
         return add_token_(torch.nn.functional.linear(x, weight, bias), p.rows, x, p.cols, values)
     O, I = weight.shape
     y = out if out is not None else x.new_empty(*x.shape[:-1], O)
