@@ -61,7 +61,7 @@ def cpu_function(t, name: str, argtypes: list):
     return fn
 
 
-TOKEN_MAX_WEIGHT = 1 << 20  # W elements up to which one fp32 token takes the CPU library's kernels (0.6x torch's ops'
+TOKEN_MAX_WEIGHT = 1 << 20  # W elements up to which one token takes the CPU library's kernels (fp32: 0.6x torch's ops'
 # time here from 256^2 to 2048^2, one thread or two, as fast at 4096^2: larger weights keep torch's threaded GEMV)
 
 
