@@ -121,8 +121,9 @@ def test_qlora_is_lora_on_the_dequantized_weight(p, rows, backend):
             torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5 * b.abs().max().item(), msg=name)
 
 
-# (in, out, blocksize): blocks spanning rows and rows starting mid-byte (odd in), one block a row, several
-TOKEN_SHAPES = [(37, 29, 64), (64, 96, 64), (130, 29, 32)]
+# (in, out, blocksize): blocks spanning rows and rows starting mid-byte (odd in), one block a row, several, and blocks
+# spanning rows of whole 16-element runs (the AVX-512 path that decodes beside the sums)
+TOKEN_SHAPES = [(37, 29, 64), (64, 96, 64), (130, 29, 32), (48, 33, 32)]
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=["x-fp32", "x-bf16"])
