@@ -18,7 +18,7 @@ from tests._helpers import requires_cuda
 def test_cpu_library_built_and_exports():
     lib = _native.CPU.handle()
     for name in ("pk_nf4_quantize_cpu", "pk_nf4_dequantize_cpu", "pk_nf4_token", "pk_lora_token",
-                 "pk_sparse_token_f32", "pk_cuda_index_launch", "pk_cuda_index_trace"):
+                 "pk_sparse_token", "pk_cuda_index_launch", "pk_cuda_index_trace"):
         assert hasattr(lib, name), name
 
 

@@ -57,17 +57,20 @@ PK_CLONES int pk_lora_token(const void* x, const void* w, int w_in_major, const 
   return 0;
 }
 
-// Sparse diff, fp32: y [out] = (W x + bias) + sum over row o's entries e of values[e] x[cols[e]], entries e in
-// [row_bounds[o], row_bounds[o + 1]) in index order. bias may be null.
-PK_CLONES int pk_sparse_token_f32(const float* x, const float* w, int w_in_major, const float* bias,
-                                  const int32_t* row_bounds, const int32_t* cols, const float* values, int64_t in,
-                                  int64_t out, float* y) {
-  if (in < 0 || out < 0) return 1;
-  base(x, w, w_in_major != 0, 0, in, out, y);
+// Sparse diff: y [out] = round(round(W x + bias) + sum over row o's entries e of values[e] x[cols[e]]), entries e in
+// [row_bounds[o], row_bounds[o + 1]) in index order, the sum in fp32 (the torch gather's roundings). x, W, bias and y
+// in dtype (0 fp32, 1 fp16, 2 bf16), values fp32; bias may be null.
+PK_CLONES int pk_sparse_token(const void* x, const void* w, int w_in_major, const void* bias, int dtype,
+                              const int32_t* row_bounds, const int32_t* cols, const float* values, int64_t in,
+                              int64_t out, void* y) {
+  if (in < 0 || out < 0 || dtype < 0 || dtype > 2) return 1;
+  std::vector<float> xbuf, acc(out);
+  const float* xf = as_f32(x, dtype, in, xbuf);
+  base(xf, w, w_in_major != 0, dtype, in, out, acc.data());
   for (int64_t o = 0; o < out; ++o) {
-    float acc = bias != nullptr ? y[o] + bias[o] : y[o];
-    for (int32_t e = row_bounds[o]; e < row_bounds[o + 1]; ++e) acc += values[e] * x[cols[e]];
-    y[o] = acc;
+    float v = round_to(dtype, bias != nullptr ? acc[o] + load(bias, dtype, o) : acc[o]);
+    for (int32_t e = row_bounds[o]; e < row_bounds[o + 1]; ++e) v += values[e] * xf[cols[e]];
+    store(y, dtype, o, v);
   }
   return 0;
 }

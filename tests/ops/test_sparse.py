@@ -113,35 +113,42 @@ def test_torch_forms_against_dense_math(forms, dtype, monkeypatch):
 TOKEN_CASES = [(13, 7, 0.0), (37, 29, 0.05), (64, 96, 0.5)]  # (in, out, density): in below / past 16-wide chunks
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16+fp32-values"])
 @pytest.mark.parametrize("layout", ["rows", "conv1d"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("case", TOKEN_CASES, ids=[shape_id(I=i, O=o, d=d) for i, o, d in TOKEN_CASES])
-def test_cpu_token_kernel(case, bias, layout):
-    """One fp32 token through csrc/cpu's kernel (a CPU decode step) against fp64: every element written
-    (NaN-poisoned), rows without entries and with many, the weight as a layer passes a Conv1D's; an inference call
-    under auto runs the same kernel (the same bits)."""
+def test_cpu_token_kernel(case, bias, layout, dtype):
+    """One token through csrc/cpu's kernel (a CPU decode step; bf16 under fp32 values, as a layer keeps them) against
+    fp64 (bf16: within twice the dense approach's error in the inputs' dtypes): every element written (NaN-poisoned),
+    rows without entries and with many, the weight as a layer passes a Conv1D's; an inference call under auto and
+    the op run the same kernel (the same bits)."""
     from peftkern.ops.sparse import torch_impl
 
     I, O, density = case
-    c = _case(1, I, O, density)
+    c = _case(1, I, O, density, dtype=dtype, values_dtype=torch.float32)
     w = c["weight"] if layout == "rows" else c["weight"].t().contiguous().t()
     b = c["bias"] if bias else None
-    y = poison_(torch.empty(1, O))
+    y = poison_(torch.empty(1, O, dtype=dtype))
     assert torch_impl.token_forward(c["x"], w, b, torch_impl.plan(c["indices"], (O, I)), c["values"], out=y) is y
     ref = sparse_diff_linear_reference(c["x"].double(), w.double(), None if b is None else b.double(), c["indices"],
                                        c["values"].double())
-    assert_close(y, ref, name="y")
+    eager = sparse_diff_linear_reference(c["x"], w, b, c["indices"], c["values"])
+    assert_close(y, ref, eager=eager, name="y")
     with torch.inference_mode():
         torch.testing.assert_close(pk.sparse_diff_linear(c["x"], w, b, c["indices"], c["values"]), y, rtol=0, atol=0)
+        with pk.use_backend("torch"):
+            torch.testing.assert_close(pk.sparse_diff_linear(c["x"], w, b, c["indices"], c["values"]), y, rtol=0,
+                                       atol=0)
 
 
-@pytest.mark.parametrize("why", ["no-library", "large-weight", "strided-x", "fp64"])
+@pytest.mark.parametrize("why", ["no-library", "large-weight", "strided-x", "fp64", "bf16-values"])
 def test_cpu_token_kernel_declines(why, monkeypatch):
     """Where the kernel does not apply, the torch gather computes the token (as right)."""
     from peftkern import _native
     from peftkern.ops.sparse import torch_impl
 
-    c = _case(1, 37, 29, 0.05, dtype=torch.float64 if why == "fp64" else torch.float32)
+    dtype = {"fp64": torch.float64, "bf16-values": torch.bfloat16}.get(why, torch.float32)
+    c = _case(1, 37, 29, 0.05, dtype=dtype)
     if why == "no-library":
         monkeypatch.setattr(_native, "USE_CPU_LIBRARY", False)
     if why == "large-weight":
@@ -153,7 +160,8 @@ def test_cpu_token_kernel_declines(why, monkeypatch):
     assert got is not y
     ref = sparse_diff_linear_reference(*(c[k].double() for k in ("x", "weight", "bias")), c["indices"],
                                        c["values"].double())
-    assert_close(got, ref, name=why)
+    eager = sparse_diff_linear_reference(c["x"], c["weight"], c["bias"], c["indices"], c["values"])
+    assert_close(got, ref, eager=eager, name=why)
 
 
 @pytest.mark.parametrize("case", [(16, 64, 64, 0.01, torch.float32, True), (2 * 5, 37, 29, 0.05, torch.float64, True),

@@ -169,7 +169,8 @@ def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Opt
     :func:`V.checked` keys on (shapes, dtypes, device, grad and autocast modes), so it is chosen once per signature:
 
     * the torch forward's form ("merged", "gather", "csr") without grad: that form itself (no autograd node, no
-      backend lookup); ``"token"`` for one token (decode) in one precision: :func:`torch_impl.token_forward`;
+      backend lookup); ``"token"`` for one token (decode) in one precision or under fp32 values:
+      :func:`torch_impl.token_forward`;
     * ``"composite"`` for a small layer in one precision: ``F.linear(x, W + scatter(values))`` under PyTorch's own
       autograd, which computes what the registered op's torch forms compute there (:func:`torch_impl.small`), bit for
       bit, without a Python backward;
@@ -182,7 +183,7 @@ def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Opt
         return None
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if cpu == "direct":
-        if tokens == 1 and x.dtype == values.dtype in (torch.float32, torch.float64):
+        if tokens == 1 and (x.dtype == values.dtype in (torch.float32, torch.float64) or values.dtype == torch.float32):
             return "token"
         return torch_impl.correction_form(tokens, indices.numel(), tuple(weight.shape), weight.element_size())
     if values.dtype == weight.dtype and torch_impl.small(tokens, indices.numel(), tuple(weight.shape),

@@ -250,25 +250,28 @@ def _merged(weight: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> to
 
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
-_SPARSE_TOKEN = [_P, _P, ctypes.c_int, _P, _P, _P, _P, _I64, _I64, _P]
+_SPARSE_TOKEN = [_P, _P, ctypes.c_int, _P, ctypes.c_int, _P, _P, _P, _I64, _I64, _P]
 
 
 def token_forward(x, weight, bias, p: Plan, values, out=None) -> torch.Tensor:
-    """y [..., out] of one token (x [..., in], leading dims of size 1) in one precision: csrc/cpu's kernel (the base
-    GEMV, bias and each row's entries in one call) where it applies (fp32 packed tensors, a weight of at most
-    ``_native.TOKEN_MAX_WEIGHT`` elements in either layout), else :func:`add_token_` after ``F.linear``. ``out``:
-    the y to write (tests poison it)."""
-    fn = _native.cpu_function(x, "pk_sparse_token_f32", _SPARSE_TOKEN)
-    layout = None if fn is None else _native.token_weight_layout(weight)
-    fp32 = _native.packed_fp32
-    if layout is None or weight.dtype != torch.float32 or not (fp32(x) and fp32(bias) and fp32(values)):
-        return add_token_(torch.nn.functional.linear(x, weight, bias), p.rows, x, p.cols, values)
+    """y [..., out] of one token (x [..., in], leading dims of size 1): csrc/cpu's kernel (the base GEMV, bias and
+    each row's entries in one call; x, W and b in fp32, fp16 or bf16, the values in fp32 or x's dtype when that is
+    fp32: the torch gather's roundings) where it applies (packed tensors, a weight of at most
+    ``_native.TOKEN_MAX_WEIGHT`` elements in either layout), else ``F.linear`` and the gather (:func:`_gather_add`).
+    ``out``: the y to write (tests poison it)."""
+    fn = _native.cpu_function(x, "pk_sparse_token", _SPARSE_TOKEN)
+    dtype = _native.CPU_DTYPES.get(x.dtype)
+    layout = None if fn is None or dtype is None else _native.token_weight_layout(weight)
+    if (layout is None or weight.dtype != x.dtype or not x.is_contiguous() or not _native.packed_fp32(values)
+            or not (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))):
+        y = torch.nn.functional.linear(x, weight, bias)
+        return _gather_add(y.view(1, -1), p.rows, x.view(1, -1), p.cols, values).view(y.shape)
     O, I = weight.shape
     y = out if out is not None else x.new_empty(*x.shape[:-1], O)
     s = p.structure
-    if fn(x.data_ptr(), weight.data_ptr(), layout, _native.ptr(bias), s.row_bounds.data_ptr(), s.cols.data_ptr(),
-          values.data_ptr(), I, O, y.data_ptr()) != 0:
-        raise RuntimeError("pk_sparse_token_f32 refused its arguments")
+    if fn(x.data_ptr(), weight.data_ptr(), layout, _native.ptr(bias), dtype, s.row_bounds.data_ptr(),
+          s.cols.data_ptr(), values.data_ptr(), I, O, y.data_ptr()) != 0:
+        raise RuntimeError("pk_sparse_token refused its arguments")
     return y
 
 
@@ -296,7 +299,7 @@ def forward(x, weight, bias, indices, values):
     """y [N, out] = x W^T + b + the sparse term (module docstring: merged, gather or csr; one token in one precision
     by :func:`token_forward`)."""
     p = plan(indices, tuple(weight.shape))
-    if x.shape[0] == 1 and x.dtype == values.dtype in _WIDE:
+    if x.shape[0] == 1 and (x.dtype == values.dtype in _WIDE or values.dtype == torch.float32):
         return token_forward(x, weight, bias, p, values)
     return forward_as(correction_form(x.shape[0], indices.numel(), tuple(weight.shape), weight.element_size()), x,
                       weight, bias, p, values)
