@@ -49,11 +49,12 @@ PK_CLONES int pk_lora_token(const void* x, const void* w, int w_in_major, const 
                             const float* b, const float* rank_scale, float scaling, int64_t in, int64_t out,
                             int64_t r, void* y, float* h) {
   if (in < 0 || out < 0 || r < 1 || dtype < 0 || dtype > 2) return 1;
-  std::vector<float> xbuf, acc(out);
+  std::vector<float> xbuf, buf(dtype == 0 ? 0 : out);
+  float* acc = dtype == 0 ? static_cast<float*>(y) : buf.data();  // fp32: the sums in y itself, rounded in place
   const float* xf = as_f32(x, dtype, in, xbuf);
   const std::vector<float> he = shrink(xf, a, rank_scale, in, r, h);
-  base(xf, w, w_in_major != 0, dtype, in, out, acc.data());
-  finish(acc.data(), bias, b, he.data(), scaling, out, r, dtype, y);
+  base(xf, w, w_in_major != 0, dtype, in, out, acc);
+  finish(acc, bias, b, he.data(), scaling, out, r, dtype, y);
   return 0;
 }
 
@@ -64,9 +65,10 @@ PK_CLONES int pk_sparse_token(const void* x, const void* w, int w_in_major, cons
                               const int32_t* row_bounds, const int32_t* cols, const float* values, int64_t in,
                               int64_t out, void* y) {
   if (in < 0 || out < 0 || dtype < 0 || dtype > 2) return 1;
-  std::vector<float> xbuf, acc(out);
+  std::vector<float> xbuf, buf(dtype == 0 ? 0 : out);
+  float* acc = dtype == 0 ? static_cast<float*>(y) : buf.data();  // fp32: the sums in y itself, rounded in place
   const float* xf = as_f32(x, dtype, in, xbuf);
-  base(xf, w, w_in_major != 0, dtype, in, out, acc.data());
+  base(xf, w, w_in_major != 0, dtype, in, out, acc);
   for (int64_t o = 0; o < out; ++o) {
     float v = round_to(dtype, bias != nullptr ? acc[o] + load(bias, dtype, o) : acc[o]);
     for (int32_t e = row_bounds[o]; e < row_bounds[o + 1]; ++e) v += values[e] * xf[cols[e]];
