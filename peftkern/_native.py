@@ -70,9 +70,9 @@ def ptr(t) -> Optional[int]:
     return None if t is None else t.data_ptr()
 
 
-def packed_fp32(t) -> bool:
-    """None, or fp32 with its elements packed in row-major order (what the CPU kernels read)."""
-    return t is None or (t.dtype == torch.float32 and t.is_contiguous())
+def packed(t, dtype: torch.dtype = torch.float32) -> bool:
+    """None, or a tensor of ``dtype`` with its elements packed in row-major order (what the CPU kernels read)."""
+    return t is None or (t.dtype == dtype and t.is_contiguous())
 
 
 CPU_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # the CPU kernels' dtype codes

@@ -240,6 +240,17 @@ def seq2seq_losses_agree(ours, peft_model, ids: torch.Tensor, mask: torch.Tensor
     out_o.loss.backward()
 
 
+def token_kernel_declines(why: str, monkeypatch, numel: int) -> None:
+    """Turn csrc/cpu's one-token kernels away from a weight of ``numel`` elements as ``why`` says: "no-library" (the
+    library switched off) or "large-weight" (the size limit just below it); other reasons are the caller's own."""
+    from peftkern import _native
+
+    if why == "no-library":
+        monkeypatch.setattr(_native, "USE_CPU_LIBRARY", False)
+    if why == "large-weight":
+        monkeypatch.setattr(_native, "TOKEN_MAX_WEIGHT", numel - 1)
+
+
 @contextlib.contextmanager
 def torch_variant_or_backend(name: str, variant: str, monkeypatch, module, flag: str):
     """Enter backend ``name``; ``variant`` means the torch backend with ``module.<flag>`` turned off (its fallback

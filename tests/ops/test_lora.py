@@ -16,7 +16,7 @@ import peftkern as pk
 from peftkern.backend import interpret_mode, resolve
 from peftkern.ops.lora import function
 from peftkern.ops.lora.reference import lora_linear_reference
-from tests._helpers import DEVICE, assert_close, backends, max_err, poison_, shape_id
+from tests._helpers import DEVICE, assert_close, backends, max_err, poison_, shape_id, token_kernel_declines
 
 SCALING = 0.75
 GRAD_NAMES = ("x", "lora_A", "lora_B", "rank_scale", "bias")
@@ -393,15 +393,11 @@ def test_cpu_token_kernel(shape, extras, layout, dtype):
 @pytest.mark.parametrize("why", ["no-library", "large-weight", "A-transposed", "fp64", "bf16-adapters"])
 def test_cpu_token_kernel_declines(why, monkeypatch):
     """Where the kernel does not apply, the torch path computes the token (as right)."""
-    from peftkern import _native
     from peftkern.ops.lora import torch_impl
 
     dtype = {"fp64": torch.float64, "bf16-adapters": torch.bfloat16}.get(why, torch.float32)
     case = make_case(1, 37, 29, 3, dtype=dtype)
-    if why == "no-library":
-        monkeypatch.setattr(_native, "USE_CPU_LIBRARY", False)
-    if why == "large-weight":
-        monkeypatch.setattr(_native, "TOKEN_MAX_WEIGHT", 37 * 29 - 1)
+    token_kernel_declines(why, monkeypatch, 37 * 29)
     if why == "A-transposed":
         case.lora_A = case.lora_A.t().contiguous().t()
     t = case.tensors()

@@ -8,7 +8,7 @@ import torch
 import peftkern as pk
 from peftkern.measure import SavedBytes
 from peftkern.ops.lora.reference import lora_linear_reference
-from tests._helpers import DEVICE, assert_close, backends, poison_, shape_id
+from tests._helpers import DEVICE, assert_close, backends, poison_, shape_id, token_kernel_declines
 
 SCALING = 0.75
 # (N, in, out, r); 160 rows: past the Triton path's DEQUANTIZE_ROWS, where it dequantizes W for the LoRA kernels
@@ -164,6 +164,27 @@ def test_cpu_token_kernel(dims, dtype, lora, nested, x_dtype):
         direct = (pk.qlora_linear(x[None], q, bias, A, B, SCALING, rank_scale=e) if lora
                   else pk.nf4_linear(x[None], q, bias))
     assert torch.equal(direct, y[None])
+
+
+@pytest.mark.parametrize("why", ["no-library", "bf16-adapters", "strided-x"])
+def test_cpu_token_kernel_declines(why, monkeypatch):
+    """Where the NF4 kernel does not apply (the library off, adapters cast to half, a strided x) the op's torch path
+    computes the token, as right (within twice eager's error: an NF4 weight has no size limit)."""
+    from peftkern.ops.nf4 import torch_impl
+
+    c = _case(1, 64, 29, 4, torch.bfloat16)
+    token_kernel_declines(why, monkeypatch, 64 * 29)
+    if why == "bf16-adapters":
+        c.update({k: c[k].to(torch.bfloat16) for k in ("A", "B", "e")})
+    x = torch.stack([c["x"], c["x"]], -1)[..., 0] if why == "strided-x" else c["x"]
+    q = c["q"]
+    assert torch_impl.nf4_token(x, q.packed, q.block_absmax(), q.code, 64, q.shape, q.dtype, c["bias"],
+                                (c["A"], c["B"], c["e"], SCALING)) is None
+    out = _run(lambda t: _ours(t, c), c)
+    ref = _run(lambda t: _reference(t, c), c, to=torch.float64)
+    eager = _run(lambda t: _eager(t, c), c)
+    for name, o, r, e in zip(NAMES, out, ref, eager):
+        assert_close(o, r, eager=e, name=name)
 
 
 def test_cpu_token_kernel_threads_give_the_same_bits():

@@ -10,7 +10,8 @@ import peftkern as pk
 from peftkern.backend import registered, run
 from peftkern.measure import SavedBytes
 from peftkern.ops.sparse.reference import masked_weight_grad_reference, sparse_diff_linear_reference
-from tests._helpers import DEVICE, assert_close, backends, no_host_syncs, on_device, poison_, shape_id
+from tests._helpers import (DEVICE, assert_close, backends, no_host_syncs, on_device, poison_, shape_id,
+                            token_kernel_declines)
 
 BACKENDS = [b for b in backends() if getattr(b, "values", (b,))[0] in registered("sparse_diff_forward")]
 SHAPES = [(1, 37, 29), (37, 130, 29), (2 * 33, 64, 96)]  # (N, in, out)
@@ -144,15 +145,11 @@ def test_cpu_token_kernel(case, bias, layout, dtype):
 @pytest.mark.parametrize("why", ["no-library", "large-weight", "strided-x", "fp64", "bf16-values"])
 def test_cpu_token_kernel_declines(why, monkeypatch):
     """Where the kernel does not apply, the torch gather computes the token (as right)."""
-    from peftkern import _native
     from peftkern.ops.sparse import torch_impl
 
     dtype = {"fp64": torch.float64, "bf16-values": torch.bfloat16}.get(why, torch.float32)
     c = _case(1, 37, 29, 0.05, dtype=dtype)
-    if why == "no-library":
-        monkeypatch.setattr(_native, "USE_CPU_LIBRARY", False)
-    if why == "large-weight":
-        monkeypatch.setattr(_native, "TOKEN_MAX_WEIGHT", 37 * 29 - 1)
+    token_kernel_declines(why, monkeypatch, 37 * 29)
     x = _noncontiguous(c["x"]) if why == "strided-x" else c["x"]
     y = poison_(torch.empty(1, 29, dtype=x.dtype))
     plan = torch_impl.plan(c["indices"], (29, 37))

@@ -95,10 +95,9 @@ def lora_token(x, weight, bias, lora_A, lora_B, rank_scale, scaling: float, need
     fn = _native.cpu_function(x, "pk_lora_token", _LORA_TOKEN)
     dtype = _native.CPU_DTYPES.get(x.dtype)
     layout = None if fn is None or dtype is None else _native.token_weight_layout(weight)
-    fp32 = _native.packed_fp32
-    if (layout is None or weight.dtype != x.dtype or not x.is_contiguous()
-            or not (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
-            or not (fp32(lora_A) and fp32(lora_B) and fp32(rank_scale))):
+    packed = _native.packed
+    if (layout is None or weight.dtype != x.dtype or not (packed(x, x.dtype) and packed(bias, x.dtype))
+            or not (packed(lora_A) and packed(lora_B) and packed(rank_scale))):
         return None
     (o, i), r = weight.shape, lora_A.shape[0]
     y, h = out if out is not None else (x.new_empty(1, o), lora_A.new_empty(1, r) if need_h else None)

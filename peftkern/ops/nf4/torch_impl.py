@@ -179,20 +179,20 @@ def nf4_token(x, packed, absmax, code, blocksize: int, shape, weight_dtype: torc
     ``out``: the y (with ``lora``: the (y, h)) to write (tests poison them)."""
     fn = _native.cpu_function(x, "pk_nf4_token", _NF4_TOKEN)
     xdtype = _native.CPU_DTYPES.get(x.dtype)
-    fp32 = _native.packed_fp32
+    is_packed = _native.packed
     A, B, rank_scale, scaling = lora if lora is not None else (None, None, None, 0.0)
-    if (fn is None or xdtype is None or not x.is_contiguous() or not packed.is_contiguous()
-            or not (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
-            or not (fp32(A) and fp32(B) and fp32(rank_scale) and fp32(code))):
+    if (fn is None or xdtype is None or not packed.is_contiguous()
+            or not (is_packed(x, x.dtype) and is_packed(bias, x.dtype))
+            or not (is_packed(A) and is_packed(B) and is_packed(rank_scale) and is_packed(code))):
         return None
     if nested is None:
-        if not fp32(absmax):
+        if not is_packed(absmax):
             return None
         qabsmax = absmax2 = code8 = None
         offset, nested_bs = 0.0, 0
     else:
         qabsmax, absmax2, offset, code8, nested_bs = nested
-        if not (qabsmax.is_contiguous() and fp32(absmax2) and fp32(code8)):
+        if not (qabsmax.is_contiguous() and is_packed(absmax2) and is_packed(code8)):
             return None
         offset = float(offset)
     (o, i), r = shape, 0 if A is None else A.shape[0]

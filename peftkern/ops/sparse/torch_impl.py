@@ -262,8 +262,9 @@ def token_forward(x, weight, bias, p: Plan, values, out=None) -> torch.Tensor:
     fn = _native.cpu_function(x, "pk_sparse_token", _SPARSE_TOKEN)
     dtype = _native.CPU_DTYPES.get(x.dtype)
     layout = None if fn is None or dtype is None else _native.token_weight_layout(weight)
-    if (layout is None or weight.dtype != x.dtype or not x.is_contiguous() or not _native.packed_fp32(values)
-            or not (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))):
+    packed = _native.packed
+    if (layout is None or weight.dtype != x.dtype
+            or not (packed(x, x.dtype) and packed(bias, x.dtype) and packed(values))):
         y = torch.nn.functional.linear(x, weight, bias)
         return _gather_add(y.view(1, -1), p.rows, x.view(1, -1), p.cols, values).view(y.shape)
     O, I = weight.shape
@@ -297,7 +298,7 @@ def _gather_add(out: torch.Tensor, to: torch.Tensor, src: torch.Tensor, frm: tor
 @register("sparse_diff_forward", "torch")
 def forward(x, weight, bias, indices, values):
     """y [N, out] = x W^T + b + the sparse term (module docstring: merged, gather or csr; one token in one precision
-    by :func:`token_forward`)."""
+    or under fp32 values by :func:`token_forward`)."""
     p = plan(indices, tuple(weight.shape))
     if x.shape[0] == 1 and (x.dtype == values.dtype in _WIDE or values.dtype == torch.float32):
         return token_forward(x, weight, bias, p, values)
