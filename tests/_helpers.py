@@ -240,6 +240,28 @@ def seq2seq_losses_agree(ours, peft_model, ids: torch.Tensor, mask: torch.Tensor
     out_o.loss.backward()
 
 
+def next_token_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of one decode step: ``ids`` through ``model`` filling the KV cache, then ids[:, :1] fed alone."""
+    out = model(input_ids=ids, use_cache=True)
+    return model(input_ids=ids[:, :1], past_key_values=out.past_key_values).logits
+
+
+def token_kernel_calls(monkeypatch, module, name: str) -> list:
+    """The dtype of x of every call of ``module.name`` (a one-token kernel's wrapper) that ran the kernel (did not
+    return None), recorded from now on."""
+    taken = []
+    real = getattr(module, name)
+
+    def spy(x, *args, **kwargs):
+        out = real(x, *args, **kwargs)
+        if out is not None:
+            taken.append(x.dtype)
+        return out
+
+    monkeypatch.setattr(module, name, spy)
+    return taken
+
+
 def token_kernel_declines(why: str, monkeypatch, numel: int) -> None:
     """Turn csrc/cpu's one-token kernels away from a weight of ``numel`` elements as ``why`` says: "no-library" (the
     library switched off) or "large-weight" (the size limit just below it); other reasons are the caller's own."""

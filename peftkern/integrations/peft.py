@@ -24,6 +24,7 @@ from torch import nn
 from .. import _validate as V
 from ..ops.lora import dora_linear, lora_linear
 from ..ops.multi_lora import multi_lora_linear
+from ..nn.lora import is_conv1d
 from ..ops.nf4 import NF4Tensor, qlora_linear
 
 logger = logging.getLogger("peftkern")
@@ -55,6 +56,14 @@ def _dense(base: nn.Module) -> bool:
     return isinstance(base, nn.Linear) and _bnb_kind(base) is None
 
 
+def _dense_weight(base: nn.Module) -> torch.Tensor | None:
+    """The [out, in] weight of a dense base: an ``nn.Linear``'s, or the transposed view of a transformers ``Conv1D``'s
+    (GPT-2's projections, which PEFT adapts with ``fan_in_fan_out``); None for any other base."""
+    if _dense(base):
+        return base.weight
+    return base.weight.t() if is_conv1d(base) else None
+
+
 def _adapter_left(layer, adapter: str, quantized: bool) -> str | None:
     """Why adapter ``adapter`` of ``layer`` runs on PEFT's forward, or None when a kernel serves it."""
     if getattr(layer, "lora_bias", {}).get(adapter, False):
@@ -75,8 +84,8 @@ def _layer_left(layer, classes) -> str | None:
         return f"PEFT {type(layer).__module__.removeprefix('peft.tuners.')}.{type(layer).__name__} layer"
     if kind == "4bit" and getattr(base.weight, "quant_type", None) != "nf4":
         return f"4-bit {getattr(base.weight, 'quant_type', None)} base (only NF4 is fused)"
-    if kind is None and not isinstance(base, nn.Linear):
-        return f"{type(base).__name__} base (not an nn.Linear)"
+    if kind is None and not isinstance(base, nn.Linear) and not is_conv1d(base):
+        return f"{type(base).__name__} base (not an nn.Linear or Conv1D)"
     reasons = [_adapter_left(layer, a, kind == "4bit") for a in layer.lora_A]
     return None if None in reasons or not reasons else ", ".join(dict.fromkeys(reasons))
 
@@ -168,12 +177,13 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     A, B, s = self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a]
     p = _dropout_p(self.lora_dropout[a])
     base = self.get_base_layer()
+    weight = _dense_weight(base)
     # under autocast the op casts both, as PEFT's F.linear does (a layer norm hands an fp32 x to a bf16 layer)
-    if _dense(base) and V.cast_dtype(base.weight) == V.cast_dtype(x) and not base.weight.requires_grad:
+    if weight is not None and V.cast_dtype(weight) == V.cast_dtype(x) and not weight.requires_grad:
         if self.use_dora.get(a, False):
-            return dora_linear(x, base.weight, base.bias, A, B, s, self.lora_magnitude_vector[a].weight,
+            return dora_linear(x, weight, base.bias, A, B, s, self.lora_magnitude_vector[a].weight,
                                dropout_p=p, training=self.training)
-        return lora_linear(x, base.weight, base.bias, A, B, s, dropout_p=p, training=self.training)
+        return lora_linear(x, weight, base.bias, A, B, s, dropout_p=p, training=self.training)
     return self._peftkern_peft_forward(x, *args, **kwargs)
 
 

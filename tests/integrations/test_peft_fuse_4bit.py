@@ -16,7 +16,7 @@ import transformers
 import peftkern as pk
 from peftkern.integrations.peft import _nf4_base
 
-from .._helpers import DEVICE, assert_close, max_err, tiny_llama
+from .._helpers import DEVICE, assert_close, max_err, next_token_logits, tiny_llama, token_kernel_calls
 from .test_autocast_models import _assert_within_peers, _loss_and_grads
 
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
@@ -122,6 +122,33 @@ def test_qlora_recipe_runs_our_kernel(saved, compute_dtype, autocast, prepare, m
     for k in grads64:
         assert grads[k].dtype == grads_p[k].dtype
         assert max_err(grads[k], grads64[k]) <= 2 * max_err(grads_p[k], grads64[k]) + 1e-7, k
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_batch_one_generate_runs_the_token_kernel(saved, compute_dtype, monkeypatch):
+    """Decoding a 4-bit model on the CPU as users load it (``BitsAndBytesConfig`` NF4 + double quantization,
+    ``get_peft_model`` on every linear layer, fused): each one-token step of every layer goes through csrc/cpu's NF4
+    kernel on bitsandbytes' own codes and nested scales; a step's logits within twice PEFT + bitsandbytes' error
+    against the fp64 twin (exact NF4 decode), and in fp32 greedy generate gives the twin's tokens."""
+    from peftkern.ops.nf4 import torch_impl
+
+    pm = _peft(_load(saved, **NF4, bnb_4bit_compute_dtype=compute_dtype)).eval()
+    ref64 = _reference(saved, pm).eval()
+    ids = _batch()["input_ids"][:1, :5]
+    with torch.no_grad():
+        peer, ref = next_token_logits(pm, ids), next_token_logits(ref64, ids)
+    assert pk.integrations.peft.fuse(pm) == LAYERS
+    taken = token_kernel_calls(monkeypatch, torch_impl, "nf4_token")
+    with torch.no_grad():
+        ours = next_token_logits(pm, ids)
+    assert len(taken) == LAYERS  # every layer, in the activations' dtype
+    assert max_err(ours, ref) <= 2 * max_err(peer, ref) + 1e-6 * ref.abs().max().item()
+    if compute_dtype == torch.float32:
+        greedy = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        for m in (pm, ref64):
+            m.generation_config.eos_token_id = None
+        with torch.no_grad():
+            assert torch.equal(pm.generate(input_ids=ids, **greedy), ref64.generate(input_ids=ids, **greedy))
 
 
 def test_save_pretrained_unchanged(saved, tmp_path):
