@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*/*.cpp c
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps -e .
+	# no build isolation: csrc/torch (a torch extension) builds against the torch installed here
+	$(PY) -m pip install -q "setuptools>=64" wheel
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 test: venv

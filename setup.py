@@ -4,6 +4,9 @@
   forwards; an optional extension: without a C++ compiler the install still succeeds and the torch backend runs its
   pure-PyTorch paths. It also carries the CUDA launchers' index math
   (csrc/cuda/index_math.cuh) behind a tracer the tests run on the CPU.
+* csrc/torch -> _torch_nodes (a torch C++ extension, pybind11): C++ autograd nodes for small eager CPU layers, built
+  against the torch the build sees (``pip install --no-build-isolation``, as the Makefile installs; pip's isolated
+  build has no torch and skips it) and loaded only under that torch's version; optional, as libpeftkern_cpu.
 * csrc/cuda -> libpeftkern_cuda.so (nvcc; extern "C" launchers, no torch headers) for sm_80/86/89/90 + PTX, built
   wherever nvcc is found (PEFTKERN_SKIP_CUDA_BUILD=1 skips it); ptxas' register/spill report is kept beside it
   (libpeftkern_cuda.resource-usage.txt) and a failed compile fails the install.
@@ -52,8 +55,24 @@ class BuildNative(build_ext):
             f.write(done.stdout + done.stderr)
 
 
+def _torch_nodes() -> list:
+    """The csrc/torch extension, where torch can be imported here."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        print("peftkern: torch is not importable in this build environment (pip's build isolation): the C++ autograd "
+              "nodes are not built; pip install --no-build-isolation builds them", file=sys.stderr)
+        return []
+    flags = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-DTORCH_API_INCLUDE_EXTENSION_H",
+             "-DTORCH_EXTENSION_NAME=_torch_nodes", f'-DPK_TORCH_VERSION="{torch.__version__}"',
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-Wno-c++20-extensions"]
+    return [CppExtension("peftkern._lib._torch_nodes", ["csrc/torch/sparse_small.cpp"], extra_compile_args=flags,
+                         optional=True)]
+
+
 os.makedirs(os.path.join(ROOT, "peftkern", "_lib"), exist_ok=True)
-ext_modules = [] if _flag("PEFTKERN_SKIP_CPU_BUILD") else [
+ext_modules = [] if _flag("PEFTKERN_SKIP_CPU_BUILD") else _torch_nodes() + [
     Extension("peftkern._lib.libpeftkern_cpu", sources=["csrc/cpu/nf4_cpu.cpp", "csrc/cpu/token_cpu.cpp", "csrc/cpu/cuda_index.cpp"],
               depends=["csrc/cuda/index_math.cuh", "csrc/cpu/token.h"], language="c++",
               extra_compile_args=["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"], extra_link_args=["-fopenmp"],

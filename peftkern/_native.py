@@ -1,12 +1,14 @@
-"""Lazy ctypes loaders of the native libraries built from csrc/ into peftkern/_lib/ by setup.py.
+"""Lazy loaders of the native libraries built from csrc/ into peftkern/_lib/ by setup.py.
 
-``CPU``: csrc/cpu (C++ with OpenMP, built by the machine's C++ compiler), the torch backend's fast paths on a CPU.
-``CUDA``: csrc/cuda (built by nvcc), the "cuda" backend. Either may be missing; callers fall back or report why.
+``CPU``: csrc/cpu (C++ with OpenMP, built by the machine's C++ compiler; ctypes), the torch backend's fast paths on a
+CPU. ``TORCH_NODES``: csrc/torch (a torch extension), C++ autograd nodes for small eager CPU layers. ``CUDA``:
+csrc/cuda (built by nvcc; ctypes), the "cuda" backend. Any may be missing; callers fall back or report why.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +50,35 @@ class Library:
 CPU = Library("libpeftkern_cpu", "pip install -e . builds it with the machine's C++ compiler")
 USE_CPU_LIBRARY = True  # tests switch it off to check the pure PyTorch paths
 CUDA = Library("libpeftkern_cuda", "build with nvcc via setup.py")
+
+
+class TorchExtension:
+    """A torch C++ extension in peftkern/_lib, imported on first use and only under the torch it was built against
+    (its ``torch_version``): another torch's C++ ABI may differ."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @functools.cached_property
+    def _loaded(self) -> tuple[Optional[object], Optional[str]]:
+        try:
+            module = importlib.import_module(f"peftkern._lib.{self.name}")
+        except ImportError as e:
+            return None, (f"{self.name} not built or not loadable ({e}; pip install --no-build-isolation -e . builds it "
+                          "against the installed torch)")
+        if module.torch_version != torch.__version__:
+            return None, f"{self.name} was built for torch {module.torch_version}, this is {torch.__version__}: rebuild"
+        return module, None
+
+    def load_error(self) -> Optional[str]:
+        return self._loaded[1]
+
+    def module(self):
+        """The extension module, or None: not built, built for another torch, or switched off (``USE_CPU_LIBRARY``)."""
+        return self._loaded[0] if USE_CPU_LIBRARY else None
+
+
+TORCH_NODES = TorchExtension("_torch_nodes")
 
 
 def cpu_function(t, name: str, argtypes: list):

@@ -82,6 +82,7 @@ def collect_info() -> dict:
         "cuda_library": {"path": str(lib_path), "built": lib_path.exists(), "loaded": err is None, "error": err},
         "cpu_library": {"path": str(_native.CPU.path), "loaded": _native.CPU.load_error() is None,
                         "error": _native.CPU.load_error()},
+        "torch_nodes": {"loaded": _native.TORCH_NODES.load_error() is None, "error": _native.TORCH_NODES.load_error()},
         "cuda_archs": {
             "devices": [d["arch"] for d in devices],
             "torch_built_for": list(torch.cuda.get_arch_list()) if cuda else [],
@@ -115,6 +116,9 @@ def cmd_info(args) -> int:
     cpu = info["cpu_library"]
     print(f"CPU library: {'loaded' if cpu['loaded'] else 'not loaded'}: {cpu['path']}"
           + (f"\n  {cpu['error']}" if cpu["error"] else ""))
+    nodes = info["torch_nodes"]
+    print(f"C++ autograd nodes (csrc/torch): {'loaded' if nodes['loaded'] else 'not loaded'}"
+          + (f"\n  {nodes['error']}" if nodes["error"] else ""))
     archs = info["cuda_archs"]
     print(f"CUDA archs: devices {archs['devices'] or '-'}, library {archs['library'] or '-'}, "
           f"torch built for {archs['torch_built_for'] or '-'}, nvcc {archs['nvcc'] or 'not found'}")

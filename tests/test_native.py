@@ -22,6 +22,24 @@ def test_cpu_library_built_and_exports():
         assert hasattr(lib, name), name
 
 
+def test_torch_nodes_built_for_this_torch(monkeypatch):
+    """The project's install builds csrc/torch against its torch (no build isolation); the extension is used only
+    under the torch it was built for, and not at all with the CPU libraries switched off."""
+    nodes = _native.TORCH_NODES.module()
+    assert nodes is not None, _native.TORCH_NODES.load_error()
+    assert nodes.torch_version == torch.__version__
+    for name in ("sparse_small", "sparse_small_forward", "sparse_small_dgrad", "sparse_small_vgrad"):
+        assert hasattr(nodes, name), name
+    monkeypatch.setattr(_native, "USE_CPU_LIBRARY", False)
+    assert _native.TORCH_NODES.module() is None
+    monkeypatch.setattr(_native, "USE_CPU_LIBRARY", True)
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    other = _native.TorchExtension("_torch_nodes")
+    assert other.module() is None and "built for torch" in other.load_error()
+    missing = _native.TorchExtension("_not_built")
+    assert missing.module() is None and "not built" in missing.load_error()
+
+
 def test_cuda_library_built_for_every_arch_without_spills():
     """The project's machines (CI's included) have nvcc: setup.py must have built the library."""
     assert shutil.which("nvcc"), "nvcc not found: the CUDA library cannot be built"

@@ -8,7 +8,7 @@ from torch import nn
 
 from .. import _validate as V
 from ..ops.sparse import merge, unmerge
-from ..ops.sparse.function import _check, _sparse_diff_linear, check_indices
+from ..ops.sparse.function import _sparse_diff_linear, check_indices, check_layer
 from .lora import _check_linear, is_conv1d, linear_features, out_in
 
 
@@ -63,8 +63,8 @@ class SparseDiffLinear(V.ChecksPerState, nn.Module):
         if self._previous is not None:
             return nn.functional.linear(x, weight, bias)
         indices = self._buffers["indices"]
-        return _sparse_diff_linear(x, weight, bias, indices, values, self.checked(_check, x, weight, bias, indices,
-                                                                                   values))
+        path, planned = self.checked(check_layer, x, weight, bias, indices, values)
+        return _sparse_diff_linear(x, weight, bias, indices, values, path, planned)
 
     def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat positions of the indices in ``weight`` as stored, the values in that order)."""

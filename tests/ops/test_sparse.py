@@ -2,11 +2,14 @@
 every backend; the SDDMM alone; merge/unmerge exact; nothing [out, in] kept for backward; bad input."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftkern as pk
+from peftkern import _native
 from peftkern.backend import registered, run
 from peftkern.measure import SavedBytes
 from peftkern.ops.sparse.reference import masked_weight_grad_reference, sparse_diff_linear_reference
@@ -161,15 +164,19 @@ def test_cpu_token_kernel_declines(why, monkeypatch):
     assert_close(got, ref, eager=eager, name=why)
 
 
+@pytest.mark.parametrize("library", [True, False], ids=["nodes", "no-nodes"])
 @pytest.mark.parametrize("case", [(16, 64, 64, 0.01, torch.float32, True), (2 * 5, 37, 29, 0.05, torch.float64, True),
                                   (16, 512, 384, 0.001, torch.float32, False),
                                   (16, 64, 64, 0.01, torch.bfloat16, False)],
                          ids=["small", "small-fp64", "larger", "bf16"])
-def test_eager_cpu_path_both_sides_of_the_small_switch(case):
-    """Under auto on the CPU a small layer in one precision runs as addmm on the merged weight under PyTorch's
-    autograd (no node of ours), bit-equal to the op through the torch backend; a larger one, or bf16, is the op.
-    Both right against fp64, 3-D and non-contiguous inputs."""
+def test_eager_cpu_path_both_sides_of_the_small_switch(case, library, monkeypatch):
+    """Under auto on the CPU a small layer in one precision runs as csrc/torch's C++ autograd node (without that
+    extension: addmm on the merged weight under PyTorch's autograd), bit-equal to the op through the torch backend,
+    whose torch forms then compute the same; a larger one, or bf16, is the op. Both right against fp64, 3-D and
+    non-contiguous inputs."""
     N, I, O, density, dtype, small = case
+    if not library:
+        monkeypatch.setattr(_native, "USE_CPU_LIBRARY", False)
     values_dtype = torch.float32 if dtype == torch.bfloat16 else None
     c = _case(N, I, O, density, dtype=dtype, values_dtype=values_dtype, lead=(2, N // 2))
     c = {k: v.cpu() for k, v in c.items()}
@@ -178,6 +185,8 @@ def test_eager_cpu_path_both_sides_of_the_small_switch(case):
     y = fn(x, c["weight"], c["bias"], c["indices"], c["values"].requires_grad_())
     ours = getattr(getattr(y.grad_fn, "_forward_cls", None), "__name__", None) == "sparse_diff_forward_eager"
     assert ours != small
+    if small:
+        assert _ran_node(y) == library
     with pk.use_backend("torch"):
         out_op = _run(fn, c)
     out = _run(fn, c)
@@ -187,6 +196,86 @@ def test_eager_cpu_path_both_sides_of_the_small_switch(case):
         assert_close(o, r, eager=e.to(o.dtype), name=name)
         if small:
             torch.testing.assert_close(o, o_op, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+def _ran_node(y) -> bool:
+    """Whether y (or its grad_fn), or the tensor it is a view of, came out of csrc/torch's SparseSmall node."""
+    fn = y if not isinstance(y, torch.Tensor) else y.grad_fn
+    return any("SparseSmall" in f.name() for f in (fn, *(f for f, _ in fn.next_functions if f is not None)))
+
+
+SMALL_CASES = [(16, 64, 64, 0.01), (2 * 5, 37, 29, 0.05), (2 * 3, 5, 7, 0.3)]  # (N, in, out, density)
+
+
+def _small_layer_run(c, dtype, bias, layout):
+    """y, dx, (db), dvalues of a SparseDiffLinear (over an nn.Linear or its transposed, Conv1D-like weight) on
+    c's x in ``dtype`` as a 3-D non-contiguous input, and the layer."""
+    w = c["weight"].to(dtype)
+    weight = torch.nn.Parameter(w.t().contiguous() if layout == "conv1d" else w, requires_grad=False)
+    layer = pk.nn.SparseDiffLinear(weight, None if bias == "no-bias" else c["bias"].to(dtype), c["indices"],
+                                   c["values"].to(dtype), fan_in_fan_out=layout == "conv1d")
+    if bias == "bias":
+        layer.bias.requires_grad_(True)
+    x = c["x"].to(dtype).detach().requires_grad_()
+    y = layer(_noncontiguous(x))
+    wrt = (x, layer.bias, layer.values) if bias == "bias" else (x, layer.values)
+    return (y.detach(), *torch.autograd.grad(y, wrt, c["g"].to(dtype))), y.grad_fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("layout", ["rows", "conv1d"])
+@pytest.mark.parametrize("bias", ["bias", "frozen-bias", "no-bias"])
+@pytest.mark.parametrize("case", SMALL_CASES, ids=[shape_id(N=n, I=i, O=o, d=d) for n, i, o, d in SMALL_CASES])
+def test_cpu_small_layer_node(case, bias, layout, dtype):
+    """A small layer's training call on the CPU is csrc/torch's one C++ autograd node: y, dx, the bias' and the
+    values' gradients against fp64 (3-D, non-contiguous x; its weight as stored by nn.Linear or Conv1D), and the
+    same bits as the registered op through the torch backend (whose torch forms call the node's functions)."""
+    N, I, O, density = case
+    c = {k: v.cpu() for k, v in _case(N, I, O, density, dtype=torch.float64, lead=(2, N // 2)).items()}
+    out, grad_fn = _small_layer_run(c, dtype, bias, layout)
+    assert _ran_node(grad_fn)
+    with pk.use_backend("torch"):
+        out_op, grad_fn_op = _small_layer_run(c, dtype, bias, layout)
+    assert not _ran_node(grad_fn_op)
+    x, b, v = (c["x"].requires_grad_(), c["bias"].requires_grad_(), c["values"].requires_grad_())
+    y = sparse_diff_linear_reference(x, c["weight"], None if bias == "no-bias" else b, c["indices"], v)
+    ref = (y, *torch.autograd.grad(y, (x, b, v) if bias == "bias" else (x, v), c["g"]))
+    names = ("y", "dx", "db", "dvalues") if bias == "bias" else ("y", "dx", "dvalues")
+    for name, o, o_op, r in zip(names, out, out_op, ref):
+        assert_close(o, r.detach(), name=name)
+        torch.testing.assert_close(o, o_op, rtol=0, atol=0, msg=lambda m: f"{name} vs the op: {m}")
+
+
+def test_cpu_small_layer_node_double_backward_and_other_threads():
+    """The node's gradients are differentiable (create_graph: the same terms as ATen ops) and its backward runs on
+    any thread (everything it needs is in its context)."""
+    c = {k: v.cpu() for k, v in _case(6, 9, 7, 0.2, dtype=torch.float64).items()}
+    x, b, v = c["x"].requires_grad_(), c["bias"].requires_grad_(), c["values"].requires_grad_()
+    fn = lambda x, b, v: pk.sparse_diff_linear(x, c["weight"], b, c["indices"], v)  # noqa: E731
+    assert _ran_node(fn(x, b, v))
+    assert torch.autograd.gradcheck(fn, (x, b, v))
+    assert torch.autograd.gradgradcheck(fn, (x, b, v))
+    y = fn(x, b, v)
+    here = torch.autograd.grad(y, (x, b, v), c["g"], retain_graph=True)
+    there = []
+    worker = threading.Thread(target=lambda: there.extend(torch.autograd.grad(y, (x, b, v), c["g"])))
+    worker.start()
+    worker.join()
+    for a, t in zip(here, there, strict=True):
+        assert torch.equal(a, t)
+
+
+def test_cpu_small_layer_node_saves_nothing_weight_sized():
+    """What the node keeps for backward: x (contiguous), W, the values and the entries' rows and columns, the last two
+    its only storages of its own (as many bytes as the op's int64 indices); the composite it replaced kept a merged
+    copy of W."""
+    O, I, N = 64, 64, 16
+    c = {k: v.cpu() for k, v in _case(N, I, O, 0.01).items()}
+    x, v = c["x"].requires_grad_(), c["values"].requires_grad_()
+    with SavedBytes(exclude=[c["weight"], v, x]) as saved:
+        y = pk.sparse_diff_linear(x, c["weight"], None, c["indices"], v)
+    assert _ran_node(y)
+    assert saved.total == 2 * 4 * v.numel()  # the entries' rows and columns, int32
 
 
 @pytest.mark.triton
@@ -457,8 +546,8 @@ def test_layer_checks_once_per_state(monkeypatch):
     from peftkern.nn import sparse as sparse_module
 
     calls = []
-    check = sparse_module._check
-    monkeypatch.setattr(sparse_module, "_check", lambda *args: calls.append(1) or check(*args))
+    check = sparse_module.check_layer
+    monkeypatch.setattr(sparse_module, "check_layer", lambda *args: calls.append(1) or check(*args))
     c = _case(9, 40, 29, 0.1)
     layer = pk.nn.SparseDiffLinear(torch.nn.Parameter(c["weight"], requires_grad=False), c["bias"],
                                    c["indices"], c["values"])

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ... import _native
 from ... import _validate as V
 from ...backend import get_backend, resolve, run
 from .. import custom_op as custom_ops
@@ -137,24 +138,43 @@ def sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indice
 
 
 def _sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor,
-                        path: Optional[str]) -> Tensor:
-    """y of checked arguments, ``path`` what their check returned."""
+                        path: Optional[str], planned: Optional[tuple] = None) -> Tensor:
+    """y of checked arguments, ``path`` what their check returned; ``planned``: what :func:`check_layer` returned with
+    it, if that was the check."""
     backend = get_backend()
     if path is not None and backend == "auto" and custom_ops.eager(x):
-        plan = torch_impl.cached(_valid_plans, indices, weight.shape, _check_and_plan)
+        if planned is not None and planned[0] == (indices._version, indices.data_ptr()):
+            plan = planned[1]
+        else:
+            plan = torch_impl.cached(_valid_plans, indices, weight.shape, _check_and_plan)
         if path == "token":
             return torch_impl.token_forward(x, weight, bias, plan, values)
         if path == "composite":
+            x2 = rows(x)
+            nodes = _native.TORCH_NODES.module()
+            if nodes is not None:
+                return unrows(nodes.sparse_small(x2, weight, bias, plan.structure.rows, plan.structure.cols, values), x)
             # W^T + scatter(values) [in, out] as addmm takes it (F.linear's transpose would be one more autograd node);
             # put is one node (take in its backward)
             merged_t = weight.t().put(plan.flat_t, values, accumulate=True)
-            x2 = rows(x)
             return unrows(torch.mm(x2, merged_t) if bias is None else torch.addmm(bias, x2, merged_t), x)
         return unrows(torch_impl.forward_as(path, rows(x), weight, bias, plan, values), x)
     return sparse_diff_forward(x, weight, bias, indices, values, backend)
 
 
 _valid_plans: dict[int, tuple] = {}  # the eager CPU path's index check and plan, in one cached lookup
+
+
+def check_layer(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor,
+                values: Tensor) -> tuple[Optional[str], Optional[tuple]]:
+    """A layer's check, which it keeps per state (``V.ChecksPerState``): :func:`_check`'s path and, where that is an
+    eager CPU path, ((version, address) of ``indices``, their checked plan), so the layer's calls skip even the
+    plan's lookup (~2 us a call at 16 x 64) while its indices stay as they were."""
+    path = _check(x, weight, bias, indices, values)
+    if path is None or not custom_ops.eager(x) or indices.is_inference():
+        return path, None
+    plan = torch_impl.cached(_valid_plans, indices, weight.shape, _check_and_plan)
+    return path, ((indices._version, indices.data_ptr()), plan)
 
 
 def _check_and_plan(indices: Tensor, shape: tuple[int, int]) -> "torch_impl.Plan":
@@ -171,9 +191,10 @@ def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Opt
     * the torch forward's form ("merged", "gather", "csr") without grad: that form itself (no autograd node, no
       backend lookup); ``"token"`` for one token (decode) in one precision or under fp32 values:
       :func:`torch_impl.token_forward`;
-    * ``"composite"`` for a small layer in one precision: ``F.linear(x, W + scatter(values))`` under PyTorch's own
-      autograd, which computes what the registered op's torch forms compute there (:func:`torch_impl.small`), bit for
-      bit, without a Python backward;
+    * ``"composite"`` for a small layer in one precision (:func:`torch_impl.small`): csrc/torch's C++ autograd node,
+      whose forward and backward are the functions the registered op's torch implementation calls there; without
+      that extension ``addmm(b, x, W^T + scatter(values))`` under PyTorch's own autograd, which computes what the op's
+      torch forms then compute. Either way the op's bits, without a Python backward;
     * None: the registered op.
 
     Why: at decode and 16-token sizes the Python around the arithmetic was most of a call (a Python autograd node

@@ -15,6 +15,9 @@ Each product picks its form per call from the sizes (measured crossovers on a CP
   kept for backward;
 * ``csr`` (otherwise): the corrections as sparse x dense products (``delta @ x^T`` for y, ``delta^T @ g^T`` for dx)
   and the values' gradient as PyTorch's SDDMM (``torch.sparse.sampled_addmm``), work and memory scaling with nnz.
+* ``small`` (a :func:`small` layer in fp32 or fp64, where csrc/torch is built): y, dx and the values' gradient by
+  its C++ functions, one GEMM a direction and the N nnz products in loops (:func:`small_nodes`); the eager path runs
+  the same functions as one C++ autograd node, so both give the same bits.
 
 Sparse math runs in the values' dtype promoted to fp32. What the indices imply (rows, columns, the column and tile
 orders, the groupings' bounds: :class:`Structure`; their int64 forms and the merged blocks: :class:`Plan`) is built
@@ -207,6 +210,17 @@ def small(tokens: int, nnz: int, shape: tuple[int, int], weight_bytes: int) -> b
             and shape[0] * shape[1] * weight_bytes <= BLOCK_BYTES)
 
 
+def small_nodes(tokens: int, nnz: int, shape: tuple[int, int], *tensors: torch.Tensor):
+    """csrc/torch's extension (``sparse_small*``) for a :func:`small` layer whose ``tensors`` are CPU tensors of one
+    dtype, fp32 or fp64; None where it does not apply or is not built."""
+    nodes = _native.TORCH_NODES.module()
+    t0 = tensors[0]
+    if (nodes is None or t0.device.type != "cpu" or t0.dtype not in _WIDE
+            or any(t.dtype != t0.dtype for t in tensors[1:]) or not small(tokens, nnz, shape, t0.element_size())):
+        return None
+    return nodes
+
+
 def _csr(bounds: torch.Tensor, minor: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """CSR matrix of ``shape`` whose row j holds ``values`` [bounds[j], bounds[j + 1]) at columns ``minor``."""
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
@@ -297,11 +311,14 @@ def _gather_add(out: torch.Tensor, to: torch.Tensor, src: torch.Tensor, frm: tor
 
 @register("sparse_diff_forward", "torch")
 def forward(x, weight, bias, indices, values):
-    """y [N, out] = x W^T + b + the sparse term (module docstring: merged, gather or csr; one token in one precision
-    or under fp32 values by :func:`token_forward`)."""
+    """y [N, out] = x W^T + b + the sparse term (module docstring: merged, gather, csr or small; one token in one
+    precision or under fp32 values by :func:`token_forward`)."""
     p = plan(indices, tuple(weight.shape))
     if x.shape[0] == 1 and (x.dtype == values.dtype in _WIDE or values.dtype == torch.float32):
         return token_forward(x, weight, bias, p, values)
+    nodes = small_nodes(x.shape[0], indices.numel(), tuple(weight.shape), x, weight, values)
+    if nodes is not None:
+        return nodes.sparse_small_forward(x, weight, bias, p.structure.rows, p.structure.cols, values)
     return forward_as(correction_form(x.shape[0], indices.numel(), tuple(weight.shape), weight.element_size()), x,
                       weight, bias, p, values)
 
@@ -330,6 +347,9 @@ def masked_grad(grad_out, x, indices, in_features: int):
     """d values [nnz] = (g^T x) at indices (SDDMM), in promote(g, fp32)."""
     O = grad_out.shape[1]
     p = plan(indices, (O, in_features))
+    nodes = small_nodes(x.shape[0], indices.numel(), (O, in_features), grad_out, x)
+    if nodes is not None:
+        return nodes.sparse_small_vgrad(grad_out, x, p.structure.rows, p.structure.cols)
     dt = torch.promote_types(grad_out.dtype, torch.float32)
     form = sddmm_form(x.shape[0], indices.numel(), (O, in_features))
     if form == "dense" and grad_out.dtype == x.dtype == dt and not torch._C._is_any_autocast_enabled():
@@ -347,6 +367,9 @@ def dgrad(grad_out, weight, indices, values):
     the entries in column order)."""
     O, I = weight.shape
     p = plan(indices, (O, I))
+    nodes = small_nodes(grad_out.shape[0], indices.numel(), (O, I), grad_out, weight, values)
+    if nodes is not None:
+        return nodes.sparse_small_dgrad(grad_out, weight, p.structure.rows, p.structure.cols, values)
     form = correction_form(grad_out.shape[0], indices.numel(), (O, I), weight.element_size())
     if form == "merged":
         dx = grad_out.new_empty(grad_out.shape[0], I)
