@@ -196,10 +196,20 @@ class ChecksPerState:
             accepted[key] = result
         return result
 
+    _per_state: tuple[str, ...] = ("_accepted_calls",)  # what a module keeps for its state, forgotten with it
+
+    def _forget_state(self) -> None:
+        for name in self._per_state:
+            self.__dict__.pop(name, None)
+
     def __setattr__(self, name, value):
-        self.__dict__.pop("_accepted_calls", None)
+        self._forget_state()
         super().__setattr__(name, value)
 
+    def __getstate__(self):
+        """Pickled and deep-copied without what it keeps for its state (a C++ object there does not pickle)."""
+        return {k: v for k, v in self.__dict__.items() if k not in self._per_state}
+
     def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_accepted_calls", None)
+        self._forget_state()
         return super()._apply(fn, recurse)

@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from .. import _validate as V
+from ..backend import get_backend
+from ..ops import custom_op as custom_ops
 from ..ops.sparse import merge, unmerge
-from ..ops.sparse.function import _sparse_diff_linear, check_indices, check_layer
+from ..ops.sparse.function import _sparse_diff_linear, check_indices, check_layer, small_call
 from .lora import _check_linear, is_conv1d, linear_features, out_in
 
 
@@ -18,6 +20,8 @@ class SparseDiffLinear(V.ChecksPerState, nn.Module):
 
     ``fan_in_fan_out``: ``weight`` is stored [in, out] (a transformers ``Conv1D``'s own parameter); the ops read it
     through a transposed view and ``indices`` still count in the [out, in] layout."""
+
+    _per_state = (*V.ChecksPerState._per_state, "_small_call")
 
     def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], indices: torch.Tensor,
                  values: Optional[torch.Tensor] = None, values_dtype: Optional[torch.dtype] = None, *,
@@ -57,13 +61,20 @@ class SparseDiffLinear(V.ChecksPerState, nn.Module):
         return self._previous is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if custom_ops.eager(x) and get_backend() == "auto":
+            small = self.__dict__.get("_small_call")  # csrc/torch's SmallLayer for this state, if its calls run it
+            y = None if small is None else small(x)
+            if y is not None:
+                return y
         params = self._parameters
-        weight, bias, values = params["weight"], params["bias"], params["values"]
-        weight = weight.t() if self.fan_in_fan_out else weight
+        stored, bias, values = params["weight"], params["bias"], params["values"]
+        weight = stored.t() if self.fan_in_fan_out else stored
         if self._previous is not None:
             return nn.functional.linear(x, weight, bias)
         indices = self._buffers["indices"]
         path, planned = self.checked(check_layer, x, weight, bias, indices, values)
+        if path == "composite" and planned is not None:
+            self.__dict__["_small_call"] = small_call(stored, self.fan_in_fan_out, bias, indices, values, planned)
         return _sparse_diff_linear(x, weight, bias, indices, values, path, planned)
 
     def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,8 @@
 every backend; the SDDMM alone; merge/unmerge exact; nothing [out, in] kept for backward; bad input."""
 from __future__ import annotations
 
+import copy
+import io
 import threading
 
 import pytest
@@ -201,7 +203,7 @@ def test_eager_cpu_path_both_sides_of_the_small_switch(case, library, monkeypatc
 def _ran_node(y) -> bool:
     """Whether y (or its grad_fn), or the tensor it is a view of, came out of csrc/torch's SparseSmall node."""
     fn = y if not isinstance(y, torch.Tensor) else y.grad_fn
-    return any("SparseSmall" in f.name() for f in (fn, *(f for f, _ in fn.next_functions if f is not None)))
+    return fn is not None and any("SparseSmall" in f.name() for f in (fn, *(f for f, _ in fn.next_functions if f is not None)))
 
 
 SMALL_CASES = [(16, 64, 64, 0.01), (2 * 5, 37, 29, 0.05), (2 * 3, 5, 7, 0.3)]  # (N, in, out, density)
@@ -276,6 +278,83 @@ def test_cpu_small_layer_node_saves_nothing_weight_sized():
         y = pk.sparse_diff_linear(x, c["weight"], None, c["indices"], v)
     assert _ran_node(y)
     assert saved.total == 2 * 4 * v.numel()  # the entries' rows and columns, int32
+
+
+def test_small_tokens_is_where_the_forms_make_a_layer_small():
+    from peftkern.ops.sparse import torch_impl as T
+
+    for shape in [(64, 64), (37, 29), (5, 7), (1, 1), (512, 384), (128, 1024)]:
+        for nnz in (1, shape[0] * shape[1] // 100 + 1, shape[0] * shape[1] // 3 + 1):
+            for weight_bytes in (2, 4, 8):
+                got = T.small_tokens(nnz, shape, weight_bytes)
+                for tokens in range(0, 300):
+                    expect = (T.correction_form(tokens, nnz, shape, weight_bytes) == "merged"
+                              and T.sddmm_form(tokens, nnz, shape) == "dense"
+                              and shape[0] * shape[1] * weight_bytes <= T.BLOCK_BYTES)
+                    assert (tokens in got) == expect, (shape, nnz, weight_bytes, tokens)
+
+
+def test_layer_calls_take_the_node_straight_while_their_state_holds(monkeypatch):
+    """After a small layer's first training call (its Python check and path), its calls go straight to the node
+    (csrc/torch's SmallLayer: no check, same bits as the functional call); whatever that check read sends the next
+    call back through Python: grad mode off, autocast, another backend, a token count outside the small range, the
+    weight unfrozen, indices changed in place, a merge, .to(); a bad x raises every time. The layer deep-copies and
+    pickles (without its C++ object)."""
+    from peftkern.nn import sparse as sparse_module
+
+    calls = []
+    check = sparse_module.check_layer
+    monkeypatch.setattr(sparse_module, "check_layer", lambda *args: calls.append(1) or check(*args))
+    c = {k: v.cpu() for k, v in _case(16, 64, 64, 0.02).items()}
+    layer = pk.nn.SparseDiffLinear(torch.nn.Parameter(c["weight"], requires_grad=False), c["bias"],
+                                   c["indices"].clone(), c["values"])
+
+    def same_as_functional(x, indices=None):
+        x = x.detach().requires_grad_()
+        y = layer(x)
+        dx, dv = torch.autograd.grad(y, (x, layer.values), torch.ones_like(y))
+        x_f, v_f = x.detach().requires_grad_(), layer.values.detach().requires_grad_()
+        y_f = pk.sparse_diff_linear(x_f, layer.weight, layer.bias, layer.indices if indices is None else indices, v_f)
+        for got, want in zip((y, dx, dv), (y_f, *torch.autograd.grad(y_f, (x_f, v_f), torch.ones_like(y_f)))):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        return y
+
+    for x in (c["x"], c["x"].view(2, 8, 64), c["x"].t().contiguous().t()):
+        assert _ran_node(same_as_functional(x))
+    assert len(calls) == 1 and layer.__dict__.get("_small_call") is not None
+    with pytest.raises(ValueError, match="x has 63 features"):
+        layer(c["x"][:, :63])
+    with torch.no_grad():
+        y = layer(c["x"])
+    assert y.grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(c["x"]).dtype == torch.bfloat16
+    with pk.use_backend("torch"):
+        assert not _ran_node(layer(c["x"]))
+    assert not _ran_node(layer(torch.randn(512, 64)))  # past the dense SDDMM's tokens
+    calls.clear()
+    assert _ran_node(layer(c["x"])) and not calls
+    layer.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="weight must be frozen"):
+        layer(c["x"])
+    layer.weight.requires_grad_(False)
+    moved = torch.randperm(64 * 64)[: layer.indices.numel()].sort().values
+    layer.indices.copy_(moved)
+    assert _ran_node(same_as_functional(c["x"], moved))
+    unmerged = layer(c["x"]).detach()
+    layer.merge()
+    merged = layer(c["x"])
+    assert not _ran_node(merged)
+    torch.testing.assert_close(merged.detach(), unmerged, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert _ran_node(same_as_functional(c["x"]))
+    twin = copy.deepcopy(layer)
+    torch.save(layer, io.BytesIO())
+    torch.testing.assert_close(twin(c["x"]), layer(c["x"]), rtol=0, atol=0)
+    layer.to(torch.float64)
+    assert _ran_node(same_as_functional(c["x"].double()))
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(c["x"].double()), layer(c["x"].double()), rtol=0, atol=0)
 
 
 @pytest.mark.triton

@@ -177,6 +177,21 @@ def check_layer(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tens
     return path, ((indices._version, indices.data_ptr()), plan)
 
 
+def small_call(weight: Tensor, fan_in_fan_out: bool, bias: Optional[Tensor], indices: Tensor, values: Tensor,
+               planned: Optional[tuple]):
+    """csrc/torch's ``SmallLayer`` for a layer's state (``weight`` as stored, [in, out] where ``fan_in_fan_out``)
+    whose check chose the "composite" path with ``planned`` (:func:`check_layer`): the node straight from its later
+    calls while nothing the check read changes. None where the extension is not built or the plan is stale."""
+    nodes = _native.TORCH_NODES.module()
+    if nodes is None or planned is None or planned[0] != (indices._version, indices.data_ptr()):
+        return None
+    plan = planned[1]
+    s = plan.structure
+    tokens = torch_impl.small_tokens(indices.numel(), plan.shape, weight.element_size())
+    return nodes.SmallLayer(weight, fan_in_fan_out, bias, s.rows, s.cols, values, indices, tokens.start,
+                            tokens.stop - 1)
+
+
 def _check_and_plan(indices: Tensor, shape: tuple[int, int]) -> "torch_impl.Plan":
     """:func:`check_index_values` and the indices' :class:`torch_impl.Plan` (kept in ``_valid_plans`` once per tensor
     and version, as each alone)."""

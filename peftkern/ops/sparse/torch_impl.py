@@ -27,6 +27,7 @@ once per indices tensor and kept while it lives: a layer's indices are a fixed b
 from __future__ import annotations
 
 import ctypes
+import sys
 import warnings
 import weakref
 from typing import Callable, NamedTuple, Optional
@@ -187,10 +188,14 @@ def correction_form(tokens: int, nnz: int, shape: tuple[int, int], weight_bytes:
     transposing copies of the activations and their cache misses (~32 bytes a token and feature), as measured here.
     So at 256 tokens merged at any density at 1024^2 and 4096^2; at 16 tokens and 1024^2 from ~9% in fp32 (~3% in
     bf16)."""
-    products = tokens * nnz
-    if shape[0] * shape[1] * weight_bytes <= 2 * products + 32 * tokens * (shape[0] + shape[1]):
+    if tokens >= merged_from(nnz, shape, weight_bytes):
         return "merged"
-    return "gather" if products <= GATHER_PRODUCTS else "csr"
+    return "gather" if tokens * nnz <= GATHER_PRODUCTS else "csr"
+
+
+def merged_from(nnz: int, shape: tuple[int, int], weight_bytes: int) -> int:
+    """The fewest tokens at which :func:`correction_form` merges: W's bytes <= tokens (2 nnz + 32 (out + in))."""
+    return -(-(shape[0] * shape[1] * weight_bytes) // max(1, 2 * nnz + 32 * (shape[0] + shape[1])))
 
 
 def sddmm_form(tokens: int, nnz: int, shape: tuple[int, int]) -> str:
@@ -202,12 +207,20 @@ def sddmm_form(tokens: int, nnz: int, shape: tuple[int, int]) -> str:
 
 
 def small(tokens: int, nnz: int, shape: tuple[int, int], weight_bytes: int) -> bool:
-    """Whether y and dx take the merged form in one block and the values' gradient the dense one: then the whole
-    layer is ``F.linear(x, W + scatter(values))`` under PyTorch's own autograd, which computes exactly these (the
-    forward GEMM on the merged copy, dx = g W_eff, dW_eff = g^T x gathered at the indices) with no Python
-    backward."""
-    return (correction_form(tokens, nnz, shape, weight_bytes) == "merged" and sddmm_form(tokens, nnz, shape) == "dense"
-            and shape[0] * shape[1] * weight_bytes <= BLOCK_BYTES)
+    """Whether y and dx take the merged form in one block and the values' gradient the dense one: a layer whose
+    training call the eager path runs as one autograd node of PyTorch ops, or of csrc/torch's (:func:`small_nodes`),
+    without a Python backward."""
+    return tokens in small_tokens(nnz, shape, weight_bytes)
+
+
+def small_tokens(nnz: int, shape: tuple[int, int], weight_bytes: int) -> range:
+    """The token counts at which a layer is :func:`small`: merged (:func:`merged_from`) up to the most tokens of a
+    dense SDDMM (``tokens out in <= DENSE_SDDMM_MACS``: :func:`sddmm_form`), W in one block."""
+    out_f, in_f = shape
+    if out_f * in_f * weight_bytes > BLOCK_BYTES:
+        return range(0)
+    most = DENSE_SDDMM_MACS // (out_f * in_f) if out_f * in_f else sys.maxsize
+    return range(merged_from(nnz, shape, weight_bytes), most + 1)
 
 
 def small_nodes(tokens: int, nnz: int, shape: tuple[int, int], *tensors: torch.Tensor):
