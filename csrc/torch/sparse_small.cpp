@@ -12,8 +12,8 @@
 namespace {
 
 // ---------------------------------------------------------------------------------------------- kernels (no torch)
-// out [N, ld_out] (row-major): out[n, to_e] += src[n, from_e] * v_e, entries in index order, one product rounded
-// then added (built with -ffp-contract=off): the torch gather form's roundings.
+// out [N, ld_out] (row-major): out[n, to_e] += src[n, from_e] * v_e, entries in index order, each product rounded
+// then added (-ffp-contract=off): the same bits wherever it is built.
 template <typename T>
 void add_entries(T* out, int64_t ld_out, const T* src, int64_t ld_src, const int32_t* to, const int32_t* from,
                  const T* v, int64_t N, int64_t E) {
@@ -40,7 +40,8 @@ void entry_dots(T* dv, const T* g, int64_t O, const T* x, int64_t I, const int32
 using at::Tensor;
 
 // The operands as the kernels read them: CPU, x's dtype, packed (a copy only where they are not); rows and cols int32
-// (what the layer's Structure holds: 8 bytes an entry saved for backward, as the op's int64 flat indices).
+// (what the layer's Structure holds: 8 bytes an entry saved for backward, as the op's int64 flat indices), inside
+// [0, out) and [0, in): the Structure was built from indices checked against W's shape (not re-checked here).
 Tensor packed(const Tensor& t, const Tensor& like, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == like.scalar_type(), name, " must be a CPU tensor of ",
               like.scalar_type());

@@ -10,7 +10,7 @@ from .. import _validate as V
 from ..backend import get_backend
 from ..ops import custom_op as custom_ops
 from ..ops.sparse import merge, unmerge
-from ..ops.sparse.function import _sparse_diff_linear, check_indices, check_layer, small_call
+from ..ops.sparse.function import _check, _sparse_diff_linear, check_indices, small_call
 from .lora import _check_linear, is_conv1d, linear_features, out_in
 
 
@@ -72,10 +72,10 @@ class SparseDiffLinear(V.ChecksPerState, nn.Module):
         if self._previous is not None:
             return nn.functional.linear(x, weight, bias)
         indices = self._buffers["indices"]
-        path, planned = self.checked(check_layer, x, weight, bias, indices, values)
-        if path == "composite" and planned is not None:
-            self.__dict__["_small_call"] = small_call(stored, self.fan_in_fan_out, bias, indices, values, planned)
-        return _sparse_diff_linear(x, weight, bias, indices, values, path, planned)
+        path = self.checked(_check, x, weight, bias, indices, values)
+        if path == "composite" and custom_ops.eager(x):
+            self.__dict__["_small_call"] = small_call(stored, self.fan_in_fan_out, bias, indices, values)
+        return _sparse_diff_linear(x, weight, bias, indices, values, path)
 
     def _stored(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sorted flat positions of the indices in ``weight`` as stored, the values in that order)."""

@@ -303,8 +303,8 @@ def test_layer_calls_take_the_node_straight_while_their_state_holds(monkeypatch)
     from peftkern.nn import sparse as sparse_module
 
     calls = []
-    check = sparse_module.check_layer
-    monkeypatch.setattr(sparse_module, "check_layer", lambda *args: calls.append(1) or check(*args))
+    check = sparse_module._check
+    monkeypatch.setattr(sparse_module, "_check", lambda *args: calls.append(1) or check(*args))
     c = {k: v.cpu() for k, v in _case(16, 64, 64, 0.02).items()}
     layer = pk.nn.SparseDiffLinear(torch.nn.Parameter(c["weight"], requires_grad=False), c["bias"],
                                    c["indices"].clone(), c["values"])
@@ -625,8 +625,8 @@ def test_layer_checks_once_per_state(monkeypatch):
     from peftkern.nn import sparse as sparse_module
 
     calls = []
-    check = sparse_module.check_layer
-    monkeypatch.setattr(sparse_module, "check_layer", lambda *args: calls.append(1) or check(*args))
+    check = sparse_module._check
+    monkeypatch.setattr(sparse_module, "_check", lambda *args: calls.append(1) or check(*args))
     c = _case(9, 40, 29, 0.1)
     layer = pk.nn.SparseDiffLinear(torch.nn.Parameter(c["weight"], requires_grad=False), c["bias"],
                                    c["indices"], c["values"])

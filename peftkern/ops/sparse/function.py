@@ -138,15 +138,11 @@ def sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indice
 
 
 def _sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor, values: Tensor,
-                        path: Optional[str], planned: Optional[tuple] = None) -> Tensor:
-    """y of checked arguments, ``path`` what their check returned; ``planned``: what :func:`check_layer` returned with
-    it, if that was the check."""
+                        path: Optional[str]) -> Tensor:
+    """y of checked arguments, ``path`` what their check returned."""
     backend = get_backend()
     if path is not None and backend == "auto" and custom_ops.eager(x):
-        if planned is not None and planned[0] == (indices._version, indices.data_ptr()):
-            plan = planned[1]
-        else:
-            plan = torch_impl.cached(_valid_plans, indices, weight.shape, _check_and_plan)
+        plan = torch_impl.cached(_valid_plans, indices, weight.shape, _check_and_plan)
         if path == "token":
             return torch_impl.token_forward(x, weight, bias, plan, values)
         if path == "composite":
@@ -165,29 +161,18 @@ def _sparse_diff_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], indic
 _valid_plans: dict[int, tuple] = {}  # the eager CPU path's index check and plan, in one cached lookup
 
 
-def check_layer(x: Tensor, weight: Tensor, bias: Optional[Tensor], indices: Tensor,
-                values: Tensor) -> tuple[Optional[str], Optional[tuple]]:
-    """A layer's check, which it keeps per state (``V.ChecksPerState``): :func:`_check`'s path and, where that is an
-    eager CPU path, ((version, address) of ``indices``, their checked plan), so the layer's calls skip even the
-    plan's lookup (~2 us a call at 16 x 64) while its indices stay as they were."""
-    path = _check(x, weight, bias, indices, values)
-    if path is None or not custom_ops.eager(x) or indices.is_inference():
-        return path, None
-    plan = torch_impl.cached(_valid_plans, indices, weight.shape, _check_and_plan)
-    return path, ((indices._version, indices.data_ptr()), plan)
-
-
-def small_call(weight: Tensor, fan_in_fan_out: bool, bias: Optional[Tensor], indices: Tensor, values: Tensor,
-               planned: Optional[tuple]):
+def small_call(weight: Tensor, fan_in_fan_out: bool, bias: Optional[Tensor], indices: Tensor, values: Tensor):
     """csrc/torch's ``SmallLayer`` for a layer's state (``weight`` as stored, [in, out] where ``fan_in_fan_out``)
-    whose check chose the "composite" path with ``planned`` (:func:`check_layer`): the node straight from its later
-    calls while nothing the check read changes. None where the extension is not built or the plan is stale."""
+    whose check chose the "composite" path for an eager call: the node straight from its later calls while nothing
+    the check read changes. None where the extension is not built, or for inference-mode indices (no version to
+    watch)."""
     nodes = _native.TORCH_NODES.module()
-    if nodes is None or planned is None or planned[0] != (indices._version, indices.data_ptr()):
+    if nodes is None or indices.is_inference():
         return None
-    plan = planned[1]
+    shape = tuple(weight.shape[::-1] if fan_in_fan_out else weight.shape)
+    plan = torch_impl.cached(_valid_plans, indices, shape, _check_and_plan)
+    tokens = torch_impl.small_tokens(indices.numel(), shape, weight.element_size())
     s = plan.structure
-    tokens = torch_impl.small_tokens(indices.numel(), plan.shape, weight.element_size())
     return nodes.SmallLayer(weight, fan_in_fan_out, bias, s.rows, s.cols, values, indices, tokens.start,
                             tokens.stop - 1)
 
