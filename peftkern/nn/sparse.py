@@ -61,7 +61,7 @@ class SparseDiffLinear(V.ChecksPerState, nn.Module):
         return self._previous is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if custom_ops.eager(x) and get_backend() == "auto":
+        if torch.is_grad_enabled() and custom_ops.eager(x) and get_backend() == "auto":
             small = self.__dict__.get("_small_call")  # csrc/torch's SmallLayer for this state, if its calls run it
             y = None if small is None else small(x)
             if y is not None:
