@@ -64,9 +64,9 @@ def _torch_nodes() -> list:
         print("peftkern: torch is not importable in this build environment (pip's build isolation): the C++ autograd "
               "nodes are not built; pip install --no-build-isolation builds them", file=sys.stderr)
         return []
-    flags = ["-O3", "-g0", "-std=c++17", "-ffp-contract=off", "-DTORCH_API_INCLUDE_EXTENSION_H",
+    flags = ["-O3", "-g0", "-std=c++20", "-ffp-contract=off", "-DTORCH_API_INCLUDE_EXTENSION_H",
              "-DTORCH_EXTENSION_NAME=_torch_nodes", f'-DPK_TORCH_VERSION="{torch.__version__}"',
-             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-Wno-c++20-extensions"]
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
     return [CppExtension("peftkern._lib._torch_nodes", ["csrc/torch/sparse_small.cpp"], extra_compile_args=flags,
                          optional=True)]
 
