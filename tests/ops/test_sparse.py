@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftkern as pk
@@ -246,6 +247,32 @@ def test_cpu_small_layer_node(case, bias, layout, dtype):
     for name, o, o_op, r in zip(names, out, out_op, ref):
         assert_close(o, r.detach(), name=name)
         torch.testing.assert_close(o, o_op, rtol=0, atol=0, msg=lambda m: f"{name} vs the op: {m}")
+
+
+@pytest.mark.parametrize("library", [True, False], ids=["nodes", "no-nodes"])
+def test_small_layer_same_bits_with_and_without_grad(library, monkeypatch):
+    """A small layer gives the same y trained (the node), without grad, in inference mode and through the op; so a
+    reentrant checkpoint (no-grad forward, recomputed with grad) gives the plain call's gradients bit for bit."""
+    if not library:
+        monkeypatch.setattr(_native, "USE_CPU_LIBRARY", False)
+    c = {k: v.cpu() for k, v in _case(16, 64, 64, 0.02).items()}
+    layer = pk.nn.SparseDiffLinear(torch.nn.Parameter(c["weight"], requires_grad=False), c["bias"], c["indices"],
+                                   c["values"])
+    x = c["x"].detach().requires_grad_()
+    y = layer(x)
+    assert _ran_node(y) == library
+    y.square().sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y.detach(), rtol=0, atol=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(c["x"]), y.detach(), rtol=0, atol=0)
+    with pk.use_backend("torch"), torch.no_grad():
+        torch.testing.assert_close(layer(x), y.detach(), rtol=0, atol=0)
+    grads = x.grad, layer.values.grad
+    x.grad, layer.values.grad = None, None
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=True).square().sum().backward()
+    for got, want in zip((x.grad, layer.values.grad), grads):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_cpu_small_layer_node_double_backward_and_other_threads():

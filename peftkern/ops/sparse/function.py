@@ -188,8 +188,8 @@ def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Opt
     """The shortest path of an eager call on the CPU under "auto" (whose backend there is torch), from what
     :func:`V.checked` keys on (shapes, dtypes, device, grad and autocast modes), so it is chosen once per signature:
 
-    * the torch forward's form ("merged", "gather", "csr") without grad: that form itself (no autograd node, no
-      backend lookup); ``"token"`` for one token (decode) in one precision or under fp32 values:
+    * the torch forward's form ("small", "merged", "gather", "csr": :func:`torch_impl.forward_form`) without grad:
+      that form itself (no autograd node, no backend lookup); ``"token"`` for one token (decode) in one precision or under fp32 values:
       :func:`torch_impl.token_forward`;
     * ``"composite"`` for a small layer in one precision (:func:`torch_impl.small`): csrc/torch's C++ autograd node,
       whose forward and backward are the functions the registered op's torch implementation calls there; without
@@ -206,7 +206,7 @@ def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Opt
     if cpu == "direct":
         if tokens == 1 and (x.dtype == values.dtype in (torch.float32, torch.float64) or values.dtype == torch.float32):
             return "token"
-        return torch_impl.correction_form(tokens, indices.numel(), tuple(weight.shape), weight.element_size())
+        return torch_impl.forward_form(x, weight, values, indices.numel())
     if values.dtype == weight.dtype and torch_impl.small(tokens, indices.numel(), tuple(weight.shape),
                                                          weight.element_size()):
         return "composite"  # x in fp32 / fp64 (cpu_form), weight and values in x's dtype

@@ -329,15 +329,26 @@ def forward(x, weight, bias, indices, values):
     p = plan(indices, tuple(weight.shape))
     if x.shape[0] == 1 and (x.dtype == values.dtype in _WIDE or values.dtype == torch.float32):
         return token_forward(x, weight, bias, p, values)
-    nodes = small_nodes(x.shape[0], indices.numel(), tuple(weight.shape), x, weight, values)
-    if nodes is not None:
-        return nodes.sparse_small_forward(x, weight, bias, p.structure.rows, p.structure.cols, values)
-    return forward_as(correction_form(x.shape[0], indices.numel(), tuple(weight.shape), weight.element_size()), x,
-                      weight, bias, p, values)
+    return forward_as(forward_form(x, weight, values, indices.numel()), x, weight, bias, p, values)
+
+
+def forward_form(x, weight, values, nnz: int) -> str:
+    """How :func:`forward` forms y of x [..., in]: "small" for a :func:`small` layer in one precision, fp32 or fp64
+    (csrc/torch's function where it is built, else merged), else :func:`correction_form`'s form."""
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    shape, weight_bytes = tuple(weight.shape), weight.element_size()
+    if x.dtype == weight.dtype == values.dtype in _WIDE and small(tokens, nnz, shape, weight_bytes):
+        return "small"
+    return correction_form(tokens, nnz, shape, weight_bytes)
 
 
 def forward_as(form: str, x, weight, bias, p: Plan, values):
     """:func:`forward` in the given form, with the indices' :class:`Plan`."""
+    if form == "small":
+        nodes = small_nodes(x.shape[0], p.flat.numel(), p.shape, x, weight, values)
+        if nodes is not None:
+            return nodes.sparse_small_forward(x, weight, bias, p.structure.rows, p.structure.cols, values)
+        form = "merged"
     if form == "merged":
         O, I = weight.shape
         y = x.new_empty(x.shape[0], O)
