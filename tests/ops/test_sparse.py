@@ -211,8 +211,8 @@ SMALL_CASES = [(16, 64, 64, 0.01), (2 * 5, 37, 29, 0.05), (2 * 3, 5, 7, 0.3)]  #
 
 
 def _small_layer_run(c, dtype, bias, layout):
-    """y, dx, (db), dvalues of a SparseDiffLinear (over an nn.Linear or its transposed, Conv1D-like weight) on
-    c's x in ``dtype`` as a 3-D non-contiguous input, and the layer."""
+    """y, dx, (db), dvalues of a SparseDiffLinear's second call (over an nn.Linear or its transposed, Conv1D-like
+    weight) on c's x in ``dtype`` as a 3-D non-contiguous input, and y's grad_fn."""
     w = c["weight"].to(dtype)
     weight = torch.nn.Parameter(w.t().contiguous() if layout == "conv1d" else w, requires_grad=False)
     layer = pk.nn.SparseDiffLinear(weight, None if bias == "no-bias" else c["bias"].to(dtype), c["indices"],
@@ -220,7 +220,10 @@ def _small_layer_run(c, dtype, bias, layout):
     if bias == "bias":
         layer.bias.requires_grad_(True)
     x = c["x"].to(dtype).detach().requires_grad_()
+    first = layer(_noncontiguous(x))  # the Python path; from the second call on the layer's SmallLayer (csrc/torch)
+    assert layer.__dict__["_small_call"](_noncontiguous(x)) is not None  # its gate takes this call
     y = layer(_noncontiguous(x))
+    torch.testing.assert_close(y, first, rtol=0, atol=0)
     wrt = (x, layer.bias, layer.values) if bias == "bias" else (x, layer.values)
     return (y.detach(), *torch.autograd.grad(y, wrt, c["g"].to(dtype))), y.grad_fn
 
