@@ -189,8 +189,8 @@ def _cpu_path(x: Tensor, weight: Tensor, indices: Tensor, values: Tensor) -> Opt
     :func:`V.checked` keys on (shapes, dtypes, device, grad and autocast modes), so it is chosen once per signature:
 
     * the torch forward's form ("small", "merged", "gather", "csr": :func:`torch_impl.forward_form`) without grad:
-      that form itself (no autograd node, no backend lookup); ``"token"`` for one token (decode) in one precision or under fp32 values:
-      :func:`torch_impl.token_forward`;
+      that form itself (no autograd node, no backend lookup); ``"token"`` for one token (decode) in one precision or
+      under fp32 values: :func:`torch_impl.token_forward`;
     * ``"composite"`` for a small layer in one precision (:func:`torch_impl.small`): csrc/torch's C++ autograd node,
       whose forward and backward are the functions the registered op's torch implementation calls there; without
       that extension ``addmm(b, x, W^T + scatter(values))`` under PyTorch's own autograd, which computes what the op's

@@ -344,9 +344,9 @@ def forward_form(x, weight, values, nnz: int) -> str:
 
 def forward_as(form: str, x, weight, bias, p: Plan, values):
     """:func:`forward` in the given form, with the indices' :class:`Plan`."""
-    if form == "small":
-        nodes = small_nodes(x.shape[0], p.flat.numel(), p.shape, x, weight, values)
-        if nodes is not None:
+    if form == "small":  # forward_form checked the layer's size and dtypes
+        nodes = _native.TORCH_NODES.module()
+        if nodes is not None and x.device.type == "cpu":
             return nodes.sparse_small_forward(x, weight, bias, p.structure.rows, p.structure.cols, values)
         form = "merged"
     if form == "merged":
